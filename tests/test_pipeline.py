@@ -1,0 +1,126 @@
+"""The whole run on the tiny model: report contents, resume, partial reruns, interruption, kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from calq.cli import app
+
+runner = CliRunner()
+STAGES = ["samples", "ranges", "quantize/minmax-w8a8", "quantize/minmax-w4a16-g32", "eval_tokens",
+          "evaluate/baseline", "evaluate/minmax-w8a8", "evaluate/minmax-w4a16-g32"]
+
+
+def run(recipe_path, out):
+    result = runner.invoke(app, ["run", str(recipe_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+def markers(out) -> dict[str, float]:
+    return {s: (out / ".calq" / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES}
+
+
+def numbers(report) -> list:
+    return [{k: v[k] for k in ("variant", "ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier", "tokens", "size_bytes")}
+            for v in report["variants"]]
+
+
+def test_run_writes_checkpoints_and_report(tiny_recipe, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    report = run(write_recipe(tiny_recipe), out)
+    names = [v["variant"] for v in report["variants"]]
+    assert names == ["baseline", "minmax-w8a8", "minmax-w4a16-g32"]
+    for v in report["variants"]:
+        assert v["tokens"] == 2048 // 64 * 63
+        assert 0 <= v["ece"] <= 1 and 0 <= v["brier"] <= 1 and v["ppl"] > 1
+    sizes = {v["variant"]: v["size_bytes"] for v in report["variants"]}
+    assert sizes["minmax-w4a16-g32"] < sizes["minmax-w8a8"] < sizes["baseline"]
+    assert report["calibration"]["num_samples"] == 8 and report["calibration"]["seed"] == 0
+    assert report["versions"]["llmcompressor"] == "0.14.0.1"
+    assert len(report["outliers"]) == 10 and report["outliers"][0]["ratio"] >= report["outliers"][-1]["ratio"]
+    md = (out / "report.md").read_text()
+    assert "| minmax-w4a16-g32 |" in md and "## Activation outliers" in md
+
+    # compressed-tensors checkpoints that plain transformers reloads, in the format that was asked for
+    config = json.loads((out / "variants" / "minmax-w4a16-g32" / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    w8 = json.loads((out / "variants" / "minmax-w8a8" / "config.json").read_text())["quantization_config"]
+    acts = w8["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] is False and acts["strategy"] == "tensor"
+
+    # `calq report` rebuilds the same numbers from stored results
+    (out / "report.json").unlink()
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert numbers(json.loads((out / "report.json").read_text())) == numbers(report)
+
+
+def test_rerun_reuses_and_edits_rerun_only_dependents(tiny_recipe, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    first = run(write_recipe(tiny_recipe), out)
+    before = markers(out)
+    again = run(write_recipe(tiny_recipe), out)
+    assert markers(out) == before
+    assert numbers(again) == numbers(first)
+
+    tiny_recipe["variants"][1]["group_size"] = 16  # a new w4a16 variant; nothing else changes
+    run(write_recipe(tiny_recipe), out)
+    after = {s: (out / ".calq" / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES if "w4a16" not in s}
+    assert after == {s: t for s, t in before.items() if "w4a16" not in s}
+    assert (out / ".calq" / "stages" / "quantize" / "minmax-w4a16-g16.json").is_file()
+
+    tiny_recipe["evaluation"]["tokens"]["bins"] = 10  # evaluation only
+    run(write_recipe(tiny_recipe), out)
+    now = markers_for(out, ["samples", "ranges", "quantize/minmax-w8a8", "eval_tokens", "evaluate/baseline"])
+    assert now["samples"] == before["samples"] and now["quantize/minmax-w8a8"] == before["quantize/minmax-w8a8"]
+    assert now["evaluate/baseline"] != before["evaluate/baseline"]
+
+
+def markers_for(out, stages):
+    return {s: (out / ".calq" / "stages" / f"{s}.json").stat().st_mtime_ns for s in stages}
+
+
+def test_interrupted_stage_leaves_nothing_half_written(tiny_recipe, write_recipe, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "run"
+    reference = run(write_recipe(tiny_recipe, "a.yaml"), tmp_path / "reference")
+    original = PreTrainedModel.save_pretrained
+
+    def dies_half_way(self, folder, *args, **kwargs):
+        original(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt  # after the files are written, before the rename
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_half_way)
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 130
+    assert not (out / "variants").exists() or not any((out / "variants").iterdir())
+    assert not (out / ".calq" / "stages" / "quantize").exists()
+    assert (out / ".calq" / "stages" / "ranges.json").is_file()  # finished stages are kept
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", original)
+    assert numbers(run(write_recipe(tiny_recipe), out)) == numbers(reference)
+
+
+def test_kill_9_then_rerun_gives_the_same_report(tiny_recipe, write_recipe, tmp_path):
+    path = write_recipe(tiny_recipe)
+    reference = run(path, tmp_path / "reference")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "calq.cli", "run", str(path), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / ".calq" / "stages" / "quantize").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # somewhere inside quantization or the first evaluations
+    proc.wait()
+    assert numbers(run(path, out)) == numbers(reference)
+    assert list(out.rglob(".*.tmp-*")) == []  # temporary files of the killed run were swept
