@@ -95,6 +95,7 @@ def _quiet_libraries(debug: bool):
     if debug:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # compressed-tensors and llm-compressor bars
     import datasets
     import transformers
 

@@ -6,6 +6,7 @@ are rendered with the tokenizer's chat template when it has one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -100,11 +101,13 @@ def _hf_records(dataset_id: str, spec: DataSpec, where: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, spec.subset, split=spec.split or "train")
+        if spec.max_records:  # stream: read only the records needed, not the whole split
+            ds = datasets.load_dataset(dataset_id, spec.subset, split=spec.split or "train", streaming=True)
+            return list(itertools.islice(ds, spec.max_records))
+        return datasets.load_dataset(dataset_id, spec.subset, split=spec.split or "train")
     except Exception as exc:  # offline, unknown id, missing split: all mean "not readable here"
         raise SourceUnavailable(f"cannot load dataset '{dataset_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                                 where, "check the id, subset and split, or give a local file") from None
-    return ds
 
 
 def _records_to_docs(records, spec: DataSpec, where: str, tokenizer) -> list[str]:

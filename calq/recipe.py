@@ -62,8 +62,18 @@ class VariantSpec(Strict):
     group_size: int | None = Field(None, gt=0, description="int4 group size along the input dimension (w4a16); must divide every quantized layer's input width")
     symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
     dynamic_activations: bool = Field(False, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from calibration")
+    smoothing_strength: float = Field(0.8, description="smoothquant: how much of the activation outliers moves into the weights (alpha, 0 < x < 1)")
+    max_samples: int | None = Field(None, gt=0, description="calibrate this variant on at most this many of the calibration samples (default: all)")
+    max_seq_len: int | None = Field(None, gt=0, description="calibrate this variant on at most this many tokens of each sample (default: all)")
     ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized (names or 're:<regex>')")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
+
+    @field_validator("smoothing_strength")
+    @classmethod
+    def _strength(cls, v):
+        if not 0 < v < 1:
+            raise ValueError("smoothing_strength must lie strictly between 0 and 1 (SmoothQuant's alpha; 0.5-0.8 is usual)")
+        return v
 
     @property
     def label(self) -> str:

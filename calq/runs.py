@@ -11,6 +11,7 @@ written to a temporary name and renamed into place, so a killed run never leaves
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -155,6 +156,7 @@ class RunDir:
             start = time.perf_counter()
             with PeakRSS() as mem:
                 outputs, info = fn(*args, **kwargs)
+            gc.collect()  # the stage's model is unreachable now; free it before the next stage loads one
             rel = {k: str(Path(v).relative_to(self.root)) for k, v in outputs.items()}
             rec = StageRecord(stage, key, rel, round(time.perf_counter() - start, 2), round(mem.peak / 2**20, 1), info=info)
             write_json(self._marker(stage), {k: v for k, v in rec.__dict__.items() if k != "reused"})

@@ -43,6 +43,8 @@ def test_hf_datasets_loading_code_on_a_local_folder(tmp_path):
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
     texts = load_texts(DataSpec(source=f"hf:{folder}", split="train"), "w", None)
     assert texts.docs == [f"doc {i}" for i in range(5)]
+    streamed = load_texts(DataSpec(source=f"hf:{folder}", split="train", max_records=2), "w", None)
+    assert streamed.docs == ["doc 0", "doc 1"]
 
 
 def test_unreachable_hub_dataset_uses_the_fallback(monkeypatch):

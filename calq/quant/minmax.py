@@ -10,12 +10,16 @@ from __future__ import annotations
 import torch
 
 from calq.quant import llmc
-from calq.quant.schemes import config_groups, needs_calibration_data
+from calq.quant.schemes import config_groups
 from calq.recipe import VariantSpec
 
 
-def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
+def needs_data(v: VariantSpec) -> bool:
+    return v.scheme == "w8a8" and not v.dynamic_activations
+
+
+def quantize(model, samples: torch.Tensor | None, variant: VariantSpec, where: str):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     modifier = QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))
-    return llmc.run_oneshot(model, [modifier], samples if needs_calibration_data(variant) else None)
+    return llmc.run_oneshot(model, [modifier], samples)

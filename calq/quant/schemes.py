@@ -9,6 +9,10 @@ SCHEMES = ("w8a8", "w4a16")
 
 
 def config_groups(v: VariantSpec, where: str) -> dict:
+    """The variant's config groups; first checks that its method exists and can do its scheme."""
+    from calq.quant import methods  # methods imports the method modules, which import this one
+
+    methods.check(v, where)
     if v.scheme == "w8a8":
         if v.group_size:
             raise CalqError("w8a8 uses per-channel int8 weights and takes no group_size", where, "remove group_size")
@@ -24,7 +28,10 @@ def config_groups(v: VariantSpec, where: str) -> dict:
 
 
 def needs_calibration_data(v: VariantSpec) -> bool:
-    return v.scheme == "w8a8" and not v.dynamic_activations
+    """Whether the variant's method reads the calibration samples (the pipeline keys the quantize stage on them then)."""
+    from calq.quant import methods
+
+    return methods.needs_data(v)
 
 
 def check_group_size(v: VariantSpec, widths: dict[str, int], where: str) -> None:

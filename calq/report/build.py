@@ -36,7 +36,7 @@ def collect(ctx, plan) -> dict:
     from calq.pipeline import BASELINE, _base_source
 
     run, recipe = ctx.run, ctx.recipe
-    stages = {name: json.loads(p.read_text()) for name, p in _markers(run)}
+    stages = {name: json.loads(p.read_text()) for name in plan.keys if (p := run.meta / "stages" / f"{name}.json").is_file()}
     rows = []
     for name in plan.variants:
         result = json.loads(run.path("eval", f"{name}.json").read_text())
@@ -72,12 +72,6 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _markers(run):
-    folder = run.meta / "stages"
-    for p in sorted(folder.rglob("*.json")):
-        yield str(p.relative_to(folder).with_suffix("")), p
 
 
 def _mb(n: int | None) -> str:
