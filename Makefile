@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(abspath ../shared/data)
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all bench-kernels bench-decode clean
 
 $(BIN)/calq: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: install
 
 test-all: PYTEST_ARGS =
 test-all: test
+
+# GPU only (they say so and exit on a machine without CUDA)
+bench-kernels: install
+	$(BIN)/python benchmarks/bench_kernels.py
+
+bench-decode: install
+	$(BIN)/python benchmarks/bench_decode.py --compile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

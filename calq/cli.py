@@ -13,6 +13,10 @@ from rich.table import Table
 
 from calq.errors import CalqError
 
+if "--debug" not in sys.argv:
+    # The libraries' own tqdm bars interleave with ours; tqdm reads this when it is first imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
 HELP = """\
 calq: quantize a causal LM several ways and check that its probabilities stay calibrated.
 
@@ -95,10 +99,12 @@ def _quiet_libraries(debug: bool):
     if debug:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # compressed-tensors and llm-compressor bars
     import datasets
     import transformers
 
+    from calq.quant.llmc import quiet_logs
+
+    quiet_logs(None)  # the run folder's log file is set once the run starts
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()

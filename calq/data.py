@@ -12,11 +12,13 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from calq.errors import CalqError
-from calq.recipe import DataSpec
+if TYPE_CHECKING:  # recipe.py imports the calibrators, which import this module
+    from calq.recipe import DataSpec
 
 DATA_PREFIX = "@data/"
 
@@ -38,31 +40,38 @@ def data_dir(cli_value: str | None = None) -> Path | None:
 
 
 def load_texts(spec: DataSpec, where: str, data_root: Path | None, tokenizer=None) -> Texts:
+    """Documents (strings) from the source; records become text (Alpaca records through the chat template)."""
+    name, records, note = load_records(spec, where, data_root)
+    docs = [d for d in _records_to_docs(records, spec, where, tokenizer) if d.strip()]
+    if not docs:
+        raise CalqError(f"no text in {name}", where, "point the source at a file or dataset that holds text")
+    return Texts(name, docs, note)
+
+
+def load_records(spec: DataSpec, where: str, data_root: Path | None) -> tuple[str, list, str | None]:
+    """(source actually read, records: strings or dicts, note on a fallback used); `max_records` applied."""
     try:
-        return _load(spec.source, spec, where, data_root, tokenizer)
+        name, records = _load(spec.source, spec, where, data_root)
+        note = None
     except SourceUnavailable as exc:
         if not spec.fallback:
             raise
-        texts = _load(spec.fallback, spec, f"{where}.fallback", data_root, tokenizer)
-        texts.note = f"{spec.source} unavailable ({exc.what}); used fallback {texts.name}"
-        return texts
+        name, records = _load(spec.fallback, spec, f"{where}.fallback", data_root)
+        note = f"{spec.source} unavailable ({exc.what}); used fallback {name}"
+    if not records:
+        raise CalqError(f"no records in {name}", where, "point the source at a file or dataset that holds data")
+    return name, records, note
 
 
-def _load(source: str, spec: DataSpec, where: str, data_root: Path | None, tokenizer) -> Texts:
+def _load(source: str, spec: DataSpec, where: str, data_root: Path | None) -> tuple[str, list]:
     if source.startswith("builtin:"):
-        docs = _builtin(source, spec.split, where)
+        records = _builtin(source, spec.split, where)
     elif source.startswith("hf:"):
-        docs = _records_to_docs(_hf_records(source[3:], spec, where), spec, where, tokenizer)
+        records = list(_hf_records(source[3:], spec, where))
     else:
         path = _local_path(source, where, data_root)
-        docs = _read_file(path, spec, where, tokenizer)
-        source = str(path)
-    if spec.max_records:
-        docs = docs[: spec.max_records]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise CalqError(f"no text in {source}", where, "point the source at a file or dataset that holds text")
-    return Texts(source, docs)
+        records, source = _read_file(path, where), str(path)
+    return source, records[: spec.max_records] if spec.max_records else records
 
 
 def _local_path(source: str, where: str, data_root: Path | None) -> Path:
@@ -79,22 +88,21 @@ def _local_path(source: str, where: str, data_root: Path | None) -> Path:
     return path
 
 
-def _read_file(path: Path, spec: DataSpec, where: str, tokenizer) -> list[str]:
+def _read_file(path: Path, where: str) -> list:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".raw", ""):
         return [path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")]
     try:
         if suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif suffix == ".json":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if suffix == ".json":
             records = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(records, dict):
                 records = next((v for v in records.values() if isinstance(v, list)), [records])
-        else:
-            raise CalqError(f"unsupported file type '{suffix}'", where, "use .txt, .jsonl or .json")
+            return records
     except json.JSONDecodeError as exc:
         raise CalqError(f"malformed JSON in {path} (line {exc.lineno}: {exc.msg})", where, "fix the file") from None
-    return _records_to_docs(records, spec, where, tokenizer)
+    raise CalqError(f"unsupported file type '{suffix}'", where, "use .txt, .jsonl or .json")
 
 
 def _hf_records(dataset_id: str, spec: DataSpec, where: str):

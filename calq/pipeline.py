@@ -23,6 +23,7 @@ from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
 BASELINE = "baseline"
 CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
+EVALUATE_VERSION = 2  # the same, for the evaluation stages alone
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Plan:
     source: models.ModelSource
     keys: dict[str, str] = field(default_factory=dict)
     variants: list[str] = field(default_factory=list)  # variant names, baseline first
+    skipped: dict[str, str] = field(default_factory=dict)  # variant name -> why (an optional package is missing)
 
 
 def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
@@ -54,29 +56,34 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
     if {(ev.data.source, ev.data.split), (ev.data.fallback, ev.data.split)} & used_for_calibration - {(None, cal.data.split)}:
         raise CalqError("evaluation text is the calibration text", "evaluation.tokens.data",
                         "evaluate on held-out text: another file, or another split")
-    widths = None
+    config = models.load_config(source)
+    widths = models.linear_input_widths(config)
+    plan = Plan(source)
     for i, v in enumerate(recipe.variants):
         where = f"variants[{i}]"
         if v.label == BASELINE:
             raise CalqError("the name 'baseline' is reserved for the unquantized model", where, "give the variant another name")
-        methods.get(v.method, f"{where}.method")
+        try:
+            methods.check(v, where, config)
+        except methods.MethodUnavailable as exc:
+            plan.skipped[v.label] = exc.line()
+            continue
         schemes.config_groups(v, where)
-        if v.scheme == "w4a16":
-            widths = widths or models.linear_input_widths(models.load_config(source))
-            schemes.check_group_size(v, {k: w for k, w in widths.items() if not _ignored(k, v.ignore)}, where)
+        schemes.check_group_size(v, {k: w for k, w in widths.items() if not _ignored(k, v.ignore)}, where)
+    variants = [v for v in recipe.variants if v.label not in plan.skipped]
     model_key = stable_hash(CODE_VERSION, m.model_dump(), source.describe())
     samples_key = stable_hash(model_key, cal.model_dump(), data_mod.fingerprint(cal.data, data_root))
     eval_data_key = stable_hash(model_key, ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root))
-    eval_settings = (ev.seq_len, ev.bins)  # batch_size changes speed, not results
-    plan = Plan(source, variants=[BASELINE, *(v.label for v in recipe.variants)])
+    eval_settings = (ev.seq_len, ev.bins, EVALUATE_VERSION)  # batch_size changes speed, not results
+    plan.variants = [BASELINE, *(v.label for v in variants)]
     if source.gguf_file:
         plan.keys["base_model"] = model_key
     plan.keys["samples"] = samples_key
     plan.keys["ranges"] = stable_hash(samples_key, recipe.outliers_top_k)
     model_keys = {BASELINE: model_key}
-    for v in recipe.variants:
+    for v in variants:
         needs = samples_key if schemes.needs_calibration_data(v) else model_key
-        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(needs, v.model_dump())
+        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(needs, v.model_dump(exclude_defaults=True))
     plan.keys["eval_tokens"] = eval_data_key
     for name, key in model_keys.items():
         plan.keys[f"evaluate/{name}"] = stable_hash(key, eval_data_key, eval_settings)
@@ -165,16 +172,39 @@ def stage_ranges(ctx: Context, plan: Plan):
 def stage_quantize(ctx: Context, plan: Plan, variant: VariantSpec, index: int):
     model, tokenizer = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
     llmc.quiet_logs(str(ctx.run.path("logs", "llmcompressor.log")), console=ctx.debug)
-    quantize = methods.get(variant.method, f"variants[{index}].method")
+    samples = _samples(ctx)
     start = time.perf_counter()
-    quantize(model, _samples(ctx), variant, f"variants[{index}]")
+    methods.get(variant.method, f"variants[{index}].method")(model, samples, variant, f"variants[{index}]")
     seconds = time.perf_counter() - start
+    outputs = {}
+    if variant.method == "smoothquant":
+        outputs["smoothing"] = write_json(ctx.run.path("smoothing", f"{variant.label}.json"),
+                                          _smoothing_effect(ctx, plan, model, samples[:SPREAD_SAMPLES]))
     final = ctx.run.path("variants", variant.label)
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
-    return {"checkpoint": final}, {"calibration_seconds": round(seconds, 2), "size_bytes": _dir_size(final),
-                                   "method": variant.method, "scheme": variant.scheme, "group_size": variant.group_size}
+    used = schemes.calibration_samples(samples, variant).shape if schemes.needs_calibration_data(variant) else (0, 0)
+    return {"checkpoint": final, **outputs}, {
+        "calibration_seconds": round(seconds, 2), "size_bytes": _dir_size(final), "method": variant.method,
+        "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used)}
+
+
+SPREAD_SAMPLES = 32  # calibration samples on which SmoothQuant's effect on the activation spread is measured
+
+
+def _smoothing_effect(ctx: Context, plan: Plan, quantized, samples: torch.Tensor) -> list[dict]:
+    """Activation absmax spread per layer, unquantized model vs the smoothed and quantized one, same samples.
+
+    The hooks see each Linear's input before its activation quantizer, so the spread 'after' is what
+    SmoothQuant left for the int8 activation scale to cover.
+    """
+    from calq.quant.smoothquant import outlier_reduction
+
+    base, _ = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
+    before = ranges_mod.by_layer(ranges_mod.collect(base, samples))
+    after = ranges_mod.by_layer(ranges_mod.collect(quantized, samples))
+    return outlier_reduction(before, after)
 
 
 def stage_eval_tokens(ctx: Context, plan: Plan):
@@ -201,7 +231,8 @@ def stage_evaluate(ctx: Context, plan: Plan, name: str, source: models.ModelSour
     result = token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins,
                                  progress=_track(ctx, f"evaluate {name}", windows))
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
-    return {"result": out}, {"ece": result["ece"], "ppl": result["ppl"]}
+    none = result["calibrators"]["none"]
+    return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"]}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -213,7 +244,12 @@ def run(ctx: Context, plan: Plan) -> dict:
     r, run_dir = ctx.recipe, ctx.run
 
     def stage(name: str, fn, *args):
-        rec = run_dir.run_stage(name, plan.keys[name], fn, ctx, plan, *args)
+        task = ctx.progress.add_task(name, total=None) if ctx.progress else None  # elapsed time while it works
+        try:
+            rec = run_dir.run_stage(name, plan.keys[name], fn, ctx, plan, *args)
+        finally:
+            if task is not None:
+                ctx.progress.remove_task(task)
         state = "reused" if rec.reused else f"{rec.seconds:.1f} s, peak {rec.peak_rss_mb:,.0f} MB"
         ctx.log(f"[green]✓[/] {name} [dim]({state})[/]")
         return rec
@@ -222,10 +258,13 @@ def run(ctx: Context, plan: Plan) -> dict:
         stage("base_model", stage_base_model)
     stage("samples", stage_samples)
     stage("ranges", stage_ranges)
-    for i, v in enumerate(r.variants):
+    for label, why in plan.skipped.items():
+        ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
+    variants = [(i, v) for i, v in enumerate(r.variants) if v.label not in plan.skipped]
+    for i, v in variants:
         stage(f"quantize/{v.label}", stage_quantize, v, i)
     stage("eval_tokens", stage_eval_tokens)
     stage(f"evaluate/{BASELINE}", stage_evaluate, BASELINE, _base_source(ctx, plan))
-    for v in r.variants:
+    for _, v in variants:
         stage(f"evaluate/{v.label}", stage_evaluate, v.label, models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder"))
     return write_reports(ctx, plan)

@@ -15,6 +15,11 @@ QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 
 
 def test_quickstart_on_the_bundled_model(tmp_path):
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
     recipe = yaml.safe_load(QUICKSTART.read_text())
     recipe["evaluation"]["tokens"]["max_tokens"] = 8192
     path = tmp_path / "quickstart.yaml"

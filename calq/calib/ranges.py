@@ -77,13 +77,18 @@ def save(ranges: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) 
     save_file({k: v.contiguous() for k, v in ranges.items()}, str(path), metadata=metadata)
 
 
-def load(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer: {stat: tensor}} from a saved ranges file."""
+def by_layer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{'<layer>.<stat>': tensor} -> {layer: {stat: tensor}}."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in flat.items():
         layer, stat = key.rsplit(".", 1)
         layers.setdefault(layer, {})[stat] = value
     return layers
+
+
+def load(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {stat: tensor}} from a saved ranges file."""
+    return by_layer(load_file(str(path)))
 
 
 def outlier_summary(layers: dict[str, dict[str, torch.Tensor]], top_k: int = 10) -> list[dict]:

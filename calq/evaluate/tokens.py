@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import torch
 
+from calq.calib import identity
 from calq.evaluate.metrics import CalibrationStats
 
 
 @torch.no_grad()
-def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, bins: int = 15, progress=None) -> dict:
+def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, bins: int = 15,
+             calibrators: dict | None = None, progress=None) -> dict:
     """Non-overlapping windows of `seq_len` tokens; every position but the window's first is scored.
 
-    Memory is one batch of logits plus fixed-size histograms, whatever the number of tokens.
+    One forward pass per batch serves every calibrator (see calq.calib). Memory is one batch of logits
+    plus fixed-size histograms, whatever the number of tokens.
+    Returns {"windows", "seq_len", "calibrators": {name: metrics + reliability bins}}.
     """
+    calibrators = calibrators or {"none": identity}
+    needs_hidden = any(c is not identity for c in calibrators.values())
     windows = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
     if windows.shape[0] == 0:
         raise ValueError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {seq_len}")
-    stats = CalibrationStats(bins)
+    stats = {name: CalibrationStats(bins) for name in calibrators}
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
-        logits = model(input_ids=batch).logits
-        stats.update_from_logits(logits[:, :-1], batch[:, 1:])
+        out = model(input_ids=batch, output_hidden_states=needs_hidden)
+        logits = out.logits[:, :-1]
+        hidden = out.hidden_states[-1][:, :-1] if needs_hidden else None
+        for name, calibrate in calibrators.items():
+            stats[name].update_from_logits(calibrate(logits, hidden), batch[:, 1:])
         if progress:
             progress(min(start + batch_size, windows.shape[0]))
-    return {**stats.summary(), "windows": windows.shape[0], "seq_len": seq_len, "reliability": stats.reliability()}
+    return {"windows": windows.shape[0], "seq_len": seq_len,
+            "calibrators": {name: {**s.summary(), "reliability": s.reliability()} for name, s in stats.items()}}

@@ -14,7 +14,7 @@ import torch
 
 from calq.errors import CalqError
 from calq.quant import autoawq, awq, minmax, smoothquant
-from calq.quant.schemes import SCHEMES
+from calq.quant.schemes import SCHEMES, calibration_samples
 from calq.recipe import VariantSpec
 
 
@@ -66,11 +66,6 @@ def check(v: VariantSpec, where: str, config=None) -> None:
                         + ", ".join(m.name for m in others))
     if config is not None and method.check_model is not None:
         method.check_model(config, v, where)
-
-
-def calibration_samples(samples: torch.Tensor, v: VariantSpec) -> torch.Tensor:
-    """The shared calibration samples cut to this variant's `max_samples` and `max_seq_len` (the first ones)."""
-    return samples[: v.max_samples, : v.max_seq_len]
 
 
 def needs_data(v: VariantSpec) -> bool:

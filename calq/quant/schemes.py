@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from calq.errors import CalqError
 from calq.recipe import VariantSpec
 
@@ -32,6 +34,11 @@ def needs_calibration_data(v: VariantSpec) -> bool:
     from calq.quant import methods
 
     return methods.needs_data(v)
+
+
+def calibration_samples(samples: torch.Tensor, v: VariantSpec) -> torch.Tensor:
+    """The shared calibration samples cut to the variant's `max_samples` and `max_seq_len` (the first ones)."""
+    return samples[: v.max_samples, : v.max_seq_len]
 
 
 def check_group_size(v: VariantSpec, widths: dict[str, int], where: str) -> None:

@@ -39,7 +39,7 @@ def collect(ctx, plan) -> dict:
     stages = {name: json.loads(p.read_text()) for name in plan.keys if (p := run.meta / "stages" / f"{name}.json").is_file()}
     rows = []
     for name in plan.variants:
-        result = json.loads(run.path("eval", f"{name}.json").read_text())
+        result = json.loads(run.path("eval", f"{name}.json").read_text())["calibrators"]["none"]
         if name == BASELINE:
             size = _size(Path(_base_source(ctx, plan).location))
             quant = {"method": "none", "scheme": recipe.model.dtype, "calibration_seconds": None}
@@ -48,7 +48,7 @@ def collect(ctx, plan) -> dict:
             size, quant = q["size_bytes"], q
         rows.append({"variant": name, "method": quant["method"], "scheme": quant["scheme"],
                      "group_size": quant.get("group_size"), "size_bytes": size,
-                     "calibration_seconds": quant["calibration_seconds"],
+                     "calibration_seconds": quant["calibration_seconds"], "calibration_samples": quant.get("calibration_samples"),
                      **{k: result[k] for k in METRICS}, "tokens": result["tokens"], "reliability": result["reliability"]})
     samples, eval_data = stages["samples"]["info"], stages["eval_tokens"]["info"]
     return {
@@ -61,6 +61,9 @@ def collect(ctx, plan) -> dict:
                                   "bins": recipe.evaluation.tokens.bins}},
         "variants": rows,
         "outliers": json.loads(run.path("outliers.json").read_text()),
+        "smoothing": {name: json.loads(p.read_text())[: recipe.outliers_top_k] for name in plan.variants
+                      if (p := run.path("smoothing", f"{name}.json")).is_file()},
+        "skipped": plan.skipped,
         "stages": {name: {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]} for name, m in stages.items()},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "cpus": _cpus()},
@@ -96,12 +99,22 @@ def markdown(report: dict) -> str:
         secs = f"{r['calibration_seconds']:.1f}" if r["calibration_seconds"] is not None else "–"
         lines.append(f"| {r['variant']} | {_mb(r['size_bytes'])} | {secs} | {r['ppl']:.2f} | {r['accuracy']:.4f} | "
                      f"{r['confidence']:.4f} | {r['ece']:.4f} | {r['adaptive_ece']:.4f} | {r['brier']:.4f} |")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"\nSkipped variant {name}: {why}")
     lines += ["", "## Activation outliers", "",
               "Layers whose input has the strongest outlier channel (channel absmax / median channel absmax), "
               "measured over the calibration samples.", "",
               "| layer | ratio | absmax | median absmax | channel | tokens |", "|---|---:|---:|---:|---:|---:|"]
     for o in report["outliers"]:
         lines.append(f"| {o['layer']} | {o['ratio']:.1f} | {o['absmax']:.3f} | {o['median_absmax']:.4f} | {o['channel']} | {o['tokens']:,} |")
+    for name, rows in report.get("smoothing", {}).items():
+        lines += ["", f"## SmoothQuant's effect on the activation spread ({name})", "",
+                  "Channel absmax / median channel absmax of each Linear input, unquantized vs smoothed-and-quantized, "
+                  "on the same calibration samples; layers not preceded by a norm (o_proj, down_proj) are not smoothed.", "",
+                  "| layer | spread before | spread after | reduction |", "|---|---:|---:|---:|"]
+        for o in rows:
+            red = f"{o['reduction']:.1f}×" if o["reduction"] is not None else "–"
+            lines.append(f"| {o['layer']} | {o['spread_before']:.1f} | {o['spread_after']:.1f} | {red} |")
     lines += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) |", "|---|---:|---:|"]
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")

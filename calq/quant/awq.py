@@ -1,0 +1,66 @@
+"""AWQ (W4A16) through llm-compressor: AWQModifier searches per-channel scales that protect the weights
+the activations lean on most, then the same W4A16 QuantizationModifier as minmax quantizes them
+(asymmetric int4 groups by default)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from unittest import mock
+
+import torch
+
+from calq.errors import CalqError
+from calq.quant import llmc
+from calq.quant.schemes import config_groups
+from calq.recipe import VariantSpec
+
+
+def modifiers(variant: VariantSpec, where: str) -> list:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    return [AWQModifier(), QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))]
+
+
+def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
+    with no_pinning_without_accelerator():
+        return llmc.run_oneshot(model, modifiers(variant, where), samples)
+
+
+@contextmanager
+def no_pinning_without_accelerator():
+    """llm-compressor 0.14's AWQ pins the cached layer inputs before its grid search
+    (`IntermediatesCache.pin_memory`) so that their repeated copies to the GPU can run asynchronously.
+    Pinning needs an accelerator: without one torch raises "Cannot access accelerator device when none
+    is available" (older torch: "Found no NVIDIA driver"). Without an accelerator the inputs never leave
+    the CPU, so skipping the pinning changes nothing else. tests/test_quant_methods.py fails once the
+    unpatched call stops raising, i.e. when this patch can go."""
+    if torch.accelerator.is_available():
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    with mock.patch.object(IntermediatesCache, "pin_memory", lambda self, *args, **kwargs: None):
+        yield
+
+
+def check_model(config, variant: VariantSpec, where: str) -> None:
+    """llm-compressor maps architectures to AWQ (norm -> projections) mappings and silently falls back to
+    Llama-style mappings for the others; refuse an architecture where those would not fit."""
+    from compressed_tensors.utils import match_name
+    from llmcompressor.modifiers.transform.awq import AWQ_DYNAMIC_MAPPING_REGISTRY, AWQ_MAPPING_REGISTRY, default_mappings
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    arch = type(model).__name__
+    if arch in AWQ_MAPPING_REGISTRY or arch in AWQ_DYNAMIC_MAPPING_REGISTRY:
+        return
+    names = [name for name, _ in model.named_modules()]
+    patterns = [p for m in default_mappings for p in (m.smooth_layer, *m.balance_layers)]
+    unmatched = [p for p in patterns if not any(match_name(n, p) for n in names)]
+    if unmatched:
+        raise CalqError(f"llm-compressor has no AWQ mappings for {arch}, and its Llama-style default mappings do not fit it "
+                        f"(no layer matches '{unmatched[0]}')", f"{where}.method",
+                        "use method minmax for w4a16, or a model whose architecture llm-compressor maps for AWQ "
+                        "(Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...)")

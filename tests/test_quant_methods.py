@@ -1,0 +1,236 @@
+"""Quantization methods on the tiny model: every method round-trips through a compressed-tensors checkpoint,
+scheme/method mismatches and bad settings fail before long work, the AWQ CPU workaround is still needed,
+and AutoAWQ is optional."""
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from calq.calib import ranges
+from calq.errors import CalqError
+from calq.quant import autoawq, awq, llmc, methods, schemes, smoothquant
+from calq.recipe import VariantSpec, parse_recipe
+
+WHERE = "variants[0]"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread_quiet_logs(tmp_path_factory):
+    # The tiny model's matmuls are far too small for two threads on a shared machine: they only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_awq_model(tiny_model, tmp_path_factory):
+    """The tiny Llama with the output widths AutoAWQ's clip search accepts (multiples of 64)."""
+    folder = tmp_path_factory.mktemp("tiny-awq")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.intermediate_size, config.num_key_value_heads = 128, 4
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def logits(model, ids=torch.arange(3, 43).reshape(2, 20)):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+VARIANTS = {
+    "minmax-w8a8": dict(method="minmax", scheme="w8a8"),
+    "minmax-w4a16": dict(method="minmax", scheme="w4a16", group_size=32),
+    "smoothquant-w8a8": dict(method="smoothquant", scheme="w8a8"),
+    "smoothquant-w8a8-dynamic": dict(method="smoothquant", scheme="w8a8", dynamic_activations=True, smoothing_strength=0.5),
+    "awq-w4a16": dict(method="awq", scheme="w4a16", group_size=32, max_samples=4, max_seq_len=16),
+    "awq-w4a16-sym": dict(method="awq", scheme="w4a16", group_size=32, symmetric=True),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_method_checkpoint_reloads_with_plain_transformers(name, tiny_model, samples, tmp_path):
+    variant = VariantSpec(**VARIANTS[name])
+    model = load(tiny_model)
+    before = logits(model)
+    methods.get(variant.method, f"{WHERE}.method")(model, samples, variant, WHERE)
+    quantized = logits(model)
+    assert not torch.allclose(quantized, before)  # it did quantize
+
+    model.save_pretrained(tmp_path, save_compressed=True)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("pack-quantized" if variant.scheme == "w4a16" else "int-quantized")
+    torch.testing.assert_close(logits(load(tmp_path)), quantized, rtol=0, atol=1e-5)
+
+
+def test_autoawq_checkpoint_holds_autoawq_int4_values(tiny_awq_model, samples, tmp_path):
+    pytest.importorskip("awq")
+    from awq.quantize.quantizer import AwqQuantizer
+    from compressed_tensors.quantization import fake_quantize
+
+    variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
+    model = load(tiny_awq_model)
+    before = logits(model)
+    methods.get("autoawq", f"{WHERE}.method")(model, samples, variant, WHERE)
+    quantized = logits(model)
+    assert not torch.allclose(quantized, before)
+
+    # the weights compressed-tensors dequantizes are the ones AutoAWQ's own quantizer produces
+    layer = model.model.layers[0].mlp.down_proj
+    autoawq_rounding = type("Q", (), {"group_size": 32, "zero_point": True, "w_bit": 4})()
+    expected = AwqQuantizer.pseudo_quantize_tensor(autoawq_rounding, layer.weight.data)[0]
+    got = fake_quantize(layer.weight, layer.weight_scale, layer.weight_zero_point, layer.quantization_scheme.weights)
+    torch.testing.assert_close(got, expected)
+
+    model.save_pretrained(tmp_path, save_compressed=True)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    torch.testing.assert_close(logits(load(tmp_path)), quantized, rtol=0, atol=1e-5)
+
+
+def test_autoawq_refuses_widths_its_clip_search_cannot_split(tiny_model):
+    pytest.importorskip("awq")
+    variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
+    with pytest.raises(CalqError, match="multiples of 64") as err:
+        methods.check(variant, WHERE, LlamaConfig.from_pretrained(tiny_model))  # intermediate size 160
+    assert err.value.where == f"{WHERE}.method" and "mlp.up_proj (160)" in err.value.what
+
+
+def test_autoawq_missing_raises_method_unavailable(monkeypatch, tiny_model):
+    for name in ("awq", "awq.models", "awq.models.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail whether or not autoawq is installed
+    variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
+    with pytest.raises(methods.MethodUnavailable, match="autoawq") as err:
+        methods.check(variant, WHERE, LlamaConfig.from_pretrained(tiny_model))
+    assert isinstance(err.value, CalqError) and "calq[autoawq]" in err.value.fix
+    with pytest.raises(methods.MethodUnavailable):
+        autoawq.quantize(load(tiny_model), torch.zeros(1, 8, dtype=torch.long), variant, WHERE)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="pinning works where there is an accelerator")
+def test_awq_without_workaround_still_fails_on_cpu(tiny_model, samples):
+    """If this fails, llm-compressor no longer pins memory without an accelerator: remove
+    calq.quant.awq.no_pinning_without_accelerator and this test."""
+    variant = VariantSpec(method="awq", scheme="w4a16", group_size=32)
+    with pytest.raises(RuntimeError, match="accelerator|NVIDIA"):
+        llmc.run_oneshot(load(tiny_model), awq.modifiers(variant, WHERE), samples)
+
+
+def test_awq_workaround_is_scoped(tiny_model, samples):
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    variant = VariantSpec(method="awq", scheme="w4a16", group_size=32)
+    awq.quantize(load(tiny_model), samples, variant, WHERE)
+    assert IntermediatesCache.pin_memory is original
+
+
+def test_awq_refuses_architecture_without_mappings():
+    from transformers import GPT2Config
+
+    gpt2 = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(CalqError, match="no AWQ mappings for GPT2LMHeadModel") as err:
+        methods.check(VariantSpec(method="awq", scheme="w4a16"), WHERE, gpt2)
+    assert err.value.where == f"{WHERE}.method" and "minmax" in err.value.fix
+
+
+@pytest.mark.parametrize("method,scheme,supported", [("awq", "w8a8", "w4a16"), ("autoawq", "w8a8", "w4a16"),
+                                                     ("smoothquant", "w4a16", "w8a8")])
+def test_scheme_the_method_cannot_do_fails_at_plan_time(method, scheme, supported, tiny_recipe):
+    from calq.pipeline import make_plan
+
+    tiny_recipe["variants"].append({"method": method, "scheme": scheme, "group_size": 32 if scheme == "w4a16" else None})
+    with pytest.raises(CalqError) as err:
+        make_plan(parse_recipe(tiny_recipe), None)
+    assert err.value.where == "variants[2].scheme"
+    assert f"method '{method}' cannot do scheme '{scheme}' (it supports: {supported})" in err.value.what
+
+
+@pytest.mark.parametrize("spec,where,text", [
+    (dict(method="gptq", scheme="w4a16"), f"{WHERE}.method", "unknown method 'gptq'"),
+    (dict(method="minmax", scheme="w3a16"), f"{WHERE}.scheme", "unknown scheme 'w3a16'"),
+])
+def test_unknown_method_or_scheme(spec, where, text):
+    with pytest.raises(CalqError, match=text) as err:
+        schemes.config_groups(VariantSpec(**spec), WHERE)
+    assert err.value.where == where
+
+
+@pytest.mark.parametrize("strength", [0, 1, 1.5, -0.2])
+def test_smoothing_strength_out_of_range(strength, tiny_recipe):
+    tiny_recipe["variants"] = [{"method": "smoothquant", "scheme": "w8a8", "smoothing_strength": strength}]
+    with pytest.raises(CalqError, match=r"variants\[0\]\.smoothing_strength.*strictly between 0 and 1"):
+        parse_recipe(tiny_recipe)
+
+
+def test_needs_calibration_data_knows_the_method():
+    needs = schemes.needs_calibration_data
+    assert needs(VariantSpec(method="minmax", scheme="w8a8"))
+    assert not needs(VariantSpec(method="minmax", scheme="w8a8", dynamic_activations=True))
+    assert not needs(VariantSpec(method="minmax", scheme="w4a16"))
+    assert needs(VariantSpec(method="smoothquant", scheme="w8a8", dynamic_activations=True))
+    assert needs(VariantSpec(method="awq", scheme="w4a16"))
+    assert needs(VariantSpec(method="autoawq", scheme="w4a16"))
+
+
+def test_methods_get_only_the_samples_the_variant_asks_for(monkeypatch, samples):
+    seen = []
+    spy = methods.Method("spy", lambda model, s, v, where: seen.append(s), ("w8a8",), lambda v: v.scheme == "w8a8")
+    monkeypatch.setitem(methods.METHODS, "spy", spy)
+    no_model = type("M", (), {"config": None})()
+    for limits in (dict(), dict(max_samples=3), dict(max_seq_len=5), dict(max_samples=100, max_seq_len=1000)):
+        methods.get("spy", "x")(no_model, samples, VariantSpec(method="spy", scheme="w8a8", **limits), WHERE)
+    assert [tuple(s.shape) for s in seen] == [(8, 32), (3, 32), (8, 5), (8, 32)]
+    assert torch.equal(seen[1], samples[:3])
+
+
+def test_smoothquant_outlier_reduction(tiny_model, samples):
+    import copy
+
+    model = load(tiny_model)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 30.0  # one outlier channel into q/k/v_proj
+    base = copy.deepcopy(model)
+    variant = VariantSpec(method="smoothquant", scheme="w8a8")
+    methods.get("smoothquant", WHERE)(model, samples, variant, WHERE)
+    # as the pipeline measures it: Linear inputs of the unquantized model vs the smoothed, quantized one
+    before = ranges.by_layer(ranges.collect(base, samples))
+    rows = {r["layer"]: r for r in smoothquant.outlier_reduction(before, ranges.by_layer(ranges.collect(model, samples)))}
+    assert rows.keys() == before.keys()
+    q = rows["model.layers.0.self_attn.q_proj"]
+    assert q["spread_before"] > 10 and q["reduction"] > 3
+    assert rows["model.layers.0.self_attn.o_proj"]["reduction"] < q["reduction"] / 2  # not smoothed; moved only by quantization upstream
+
+
+def test_outlier_reduction_is_a_pure_function():
+    before = {"a": {"absmax": torch.tensor([1.0, 1.0, 1.0, 10.0])}, "b": {"absmax": torch.tensor([2.0, 2.0, 4.0])},
+              "only_before": {"absmax": torch.tensor([1.0])}}
+    after = {"a": {"absmax": torch.tensor([1.0, 1.0, 1.0, 2.0])}, "b": {"absmax": torch.tensor([2.0, 2.0, 4.0])}}
+    assert smoothquant.outlier_reduction(before, after) == [
+        {"layer": "a", "spread_before": 10.0, "spread_after": 2.0, "reduction": 5.0},
+        {"layer": "b", "spread_before": 2.0, "spread_after": 2.0, "reduction": 1.0},
+    ]
+
+
+def test_keys_lists_the_methods():
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    result = CliRunner().invoke(app, ["keys"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "methods: minmax, smoothquant, awq, autoawq" in result.output
