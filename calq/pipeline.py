@@ -4,6 +4,8 @@ folder and returns ({name: output path}, info); `RunDir.run_stage` skips it when
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
 BASELINE = "baseline"
 CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
-EVALUATE_VERSION = 2  # the same, for the evaluation stages alone
+EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 
 
 @dataclass
@@ -85,6 +87,13 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
         needs = samples_key if schemes.needs_calibration_data(v) else model_key
         model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(needs, v.model_dump(exclude_defaults=True))
     plan.keys["eval_tokens"] = eval_data_key
+    cal_spec = recipe.calibrators
+    if cal_spec is not None:
+        data_mod.check_available(cal_spec.data, "calibrators.data", data_root)
+        plan.keys["instructions"] = stable_hash(model_key, cal_spec.model_dump(exclude={"ats"}),
+                                                data_mod.fingerprint(cal_spec.data, data_root))
+        for name, key in model_keys.items():
+            model_keys[name] = plan.keys[f"calibrate/{name}"] = stable_hash(key, plan.keys["instructions"], cal_spec.ats.model_dump())
     for name, key in model_keys.items():
         plan.keys[f"evaluate/{name}"] = stable_hash(key, eval_data_key, eval_settings)
     return plan
@@ -223,15 +232,86 @@ def stage_eval_tokens(ctx: Context, plan: Plan):
     return {"tokens": out}, {"source": texts.name, "note": texts.note, "tokens": int(stream.numel())}
 
 
+def stage_instructions(ctx: Context, plan: Plan):
+    """Instruction records split once, with the recipe's seed, into fit and held-out sets shared by every variant."""
+    spec = ctx.recipe.calibrators
+    name, records, note = data_mod.load_records(spec.data, "calibrators.data", ctx.data_root)
+    if note:
+        ctx.log(f"[yellow]note:[/] {note}")
+    records = [r for r in records if isinstance(r, dict) and r.get("instruction") and r.get("output")]
+    need = spec.fit_records + spec.heldout_records
+    if len(records) < need:
+        raise CalqError(f"{name} has {len(records)} instruction records (with 'instruction' and 'output'), fewer than "
+                        f"fit_records + heldout_records = {need}", "calibrators.data",
+                        "give more Alpaca-style records, or lower fit_records / heldout_records")
+    chosen = random.Random(spec.seed).sample(range(len(records)), need)
+    split = {"source": name, "note": note, "fit": [records[i] for i in chosen[:spec.fit_records]],
+             "heldout": [records[i] for i in chosen[spec.fit_records:]]}
+    out = write_json(ctx.run.path("instructions.json"), split)
+    return {"records": out}, {"source": name, "note": note, "fit_records": spec.fit_records,
+                              "heldout_records": spec.heldout_records, "seed": spec.seed}
+
+
+def stage_calibrate(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
+    """Cache this model's hidden states on the fit and held-out responses; fit the global temperature and the ATS head."""
+    from calq.calib import ats, hidden
+
+    spec = ctx.recipe.calibrators
+    model, tokenizer = models.load(source, ctx.recipe.model.dtype)
+    records = json.loads(ctx.run.path("instructions.json").read_text())
+    final = ctx.run.path("calibrators", name)
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        caches = {}
+        for part in ("fit", "heldout"):
+            caches[part] = hidden.cache_hidden(model, tokenizer, records[part], tmp / f"{part}_hidden.safetensors",
+                                               max_len=spec.ats.max_len, where="calibrators.data",
+                                               progress=_track(ctx, f"hidden states {name} ({part})", len(records[part])))
+        epochs = _track(ctx, f"fit ATS head {name}", spec.ats.epochs)
+        result = ats.fit(hidden.load_cached(tmp / "fit_hidden.safetensors"), hidden.Logits(model), model.config, spec.ats,
+                         progress=(lambda epoch, summary: epochs(epoch)) if epochs else None, where="calibrators.ats")
+        ats.save_head(result.head, tmp / "ats_head", spec.ats, result.stats)
+        write_json(tmp / "calibrators.json", {"temperature": result.temperature, "choice": result.choice,
+                                              "fit": result.stats, "caches": caches})
+    return {"calibrators": final}, {"temperature": result.temperature, "choice": result.choice,
+                                    "validation": result.stats["validation"]}
+
+
+def _calibrators(ctx: Context, name: str, model) -> tuple[dict, dict]:
+    """{calibrator name: callable} for this variant, and its fit summary ({} without calibrators)."""
+    from calq.calib import identity
+
+    if ctx.recipe.calibrators is None:
+        return {"none": identity}, {}
+    from calq.calib import ats
+    from calq.calib.temperature import Temperature
+
+    folder = ctx.run.path("calibrators", name)
+    fitted = json.loads((folder / "calibrators.json").read_text())
+    head = ats.load_head(folder / "ats_head", model.config, where=f"calibrators/{name}").to(next(model.parameters()).device)
+    return {"none": identity, "temperature": Temperature(fitted["temperature"]), "ats": head}, fitted
+
+
 def stage_evaluate(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
     ev = ctx.recipe.evaluation.tokens
     model, _ = models.load(source, ctx.recipe.model.dtype)
+    calibrators, fitted = _calibrators(ctx, name, model)
     stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
     windows = stream.numel() // ev.seq_len
-    result = token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins,
-                                 progress=_track(ctx, f"evaluate {name}", windows))
+    result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, calibrators,
+                                            progress=_track(ctx, f"evaluate {name}", windows))}
+    if fitted:
+        from calq.calib import ats, hidden
+
+        with torch.no_grad():
+            cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
+            result["responses"] = {"calibrators": ats.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model),
+                                                                      calibrators, chunk=ctx.recipe.calibrators.ats.logits_chunk)}
+        result["selected"] = fitted["choice"]
+        result["temperature"] = fitted["temperature"]
+        result["validation"] = fitted["fit"]["validation"]
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
-    none = result["calibrators"]["none"]
+    none = result["tokens"]["calibrators"]["none"]
     return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"]}
 
 
@@ -264,7 +344,12 @@ def run(ctx: Context, plan: Plan) -> dict:
     for i, v in variants:
         stage(f"quantize/{v.label}", stage_quantize, v, i)
     stage("eval_tokens", stage_eval_tokens)
-    stage(f"evaluate/{BASELINE}", stage_evaluate, BASELINE, _base_source(ctx, plan))
-    for _, v in variants:
-        stage(f"evaluate/{v.label}", stage_evaluate, v.label, models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder"))
+    sources = {BASELINE: _base_source(ctx, plan)}
+    sources.update({v.label: models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder") for _, v in variants})
+    if r.calibrators is not None:
+        stage("instructions", stage_instructions)
+        for name, source in sources.items():
+            stage(f"calibrate/{name}", stage_calibrate, name, source)
+    for name, source in sources.items():
+        stage(f"evaluate/{name}", stage_evaluate, name, source)
     return write_reports(ctx, plan)

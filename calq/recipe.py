@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from calq.calib.ats import AtsConfig
 from calq.errors import CalqError
 
 
@@ -95,12 +96,23 @@ class EvaluationSpec(Strict):
     tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
 
 
+class CalibratorsSpec(Strict):
+    """Calibrators fitted on each variant's own hidden states: a global temperature and an ATS head."""
+
+    data: DataSpec = Field(description="instruction data: Alpaca-style records (instruction, input, output), rendered with the chat template; the loss covers response tokens only")
+    fit_records: int = Field(300, ge=2, description="records the calibrators are fitted on (ats.val_fraction of them validate)")
+    heldout_records: int = Field(200, ge=1, description="further records whose responses are the held-out evaluation set (never fitted)")
+    seed: int = Field(0, description="seed for splitting the records into fit and held-out")
+    ats: AtsConfig = Field(default_factory=AtsConfig, description="how the ATS head is fitted")
+
+
 class Recipe(Strict):
     name: str = Field(description="run name; an output folder belongs to one recipe name")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model to compress")
     calibration: CalibrationSpec = Field(description="calibration samples for ranges and quantization")
     variants: tuple[VariantSpec, ...] = Field(description="the quantized variants to build (the unquantized baseline is always included)")
     evaluation: EvaluationSpec = Field(description="held-out evaluation")
+    calibrators: CalibratorsSpec | None = Field(None, description="fit temperature and ATS calibrators per variant (omit: evaluate uncalibrated only)")
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")
 

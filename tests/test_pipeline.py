@@ -124,3 +124,46 @@ def test_kill_9_then_rerun_gives_the_same_report(tiny_recipe, write_recipe, tmp_
     proc.wait()
     assert numbers(run(path, out)) == numbers(reference)
     assert list(out.rglob(".*.tmp-*")) == []  # temporary files of the killed run were swept
+
+
+@pytest.fixture
+def alpaca(tmp_path):
+    from pydoc_data.topics import topics
+
+    texts = sorted(set(topics.values()))
+    records = [{"instruction": f"Explain topic {i}.", "input": "", "output": texts[i][:300]} for i in range(60)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_recipe, alpaca, tmp_path):
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]  # w4a16 only: keeps the test short
+    tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
+                                  "ats": {"epochs": 2, "min_response_tokens": 100, "max_len": 128}}
+    out = tmp_path / "run"
+    report = run(write_recipe(tiny_recipe), out)
+    for v in report["variants"]:
+        assert v["selected"] in ("none", "temperature", "ats") and v["temperature"] > 0
+        for part in ("tokens", "responses"):
+            cal = v["calibrated"][part]
+            assert set(cal) == {"none", "temperature", "ats"}
+            # one positive scale per position: accuracy is identical across calibrators
+            assert cal["ats"]["accuracy"] == cal["temperature"]["accuracy"] == cal["none"]["accuracy"]
+        assert (out / "calibrators" / v["variant"] / "ats_head" / "head.safetensors").is_file()
+    assert report["calibrators"]["fit_records"] == 30 and report["calibrators"]["source"] == str(alpaca)
+    assert {g["set"] for g in report["goals"]} == {"tokens", "responses"}
+    assert "### Held-out instruction responses" in (out / "report.md").read_text()
+
+    before = markers_for(out, ["calibrate/baseline", "evaluate/baseline"])
+    tiny_recipe["calibrators"]["ats"]["epochs"] = 1  # refit only: samples and quantization are reused
+    run(write_recipe(tiny_recipe), out)
+    after = markers_for(out, ["samples", "calibrate/baseline", "evaluate/baseline"])
+    assert after["calibrate/baseline"] != before["calibrate/baseline"]
+
+
+def test_too_few_instruction_records_is_a_clear_error(tiny_recipe, write_recipe, alpaca, tmp_path):
+    tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 100, "heldout_records": 10}
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "fewer than fit_records + heldout_records = 110" in result.output

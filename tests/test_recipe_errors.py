@@ -89,7 +89,7 @@ def test_empty_data(tiny_recipe, write_recipe, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     tiny_recipe["calibration"]["data"]["source"] = str(empty)
-    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--out", tmp_path / "run"), "no text in", "calibration.data")
+    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--out", tmp_path / "run"), "no records in", "empty.jsonl", "calibration.data")
 
 
 def test_fewer_tokens_than_samples_times_length(tiny_recipe, write_recipe, tmp_path):

@@ -98,7 +98,7 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1]
         if start == 0:
-            _check_output_layer(logits_fn(h), out.logits.float(), mask.to(device).bool())
+            _check_output_layer(logits_fn(h), out.logits, mask.to(device).bool())
         for b, i in enumerate(batch):
             n = len(encoded[i][0])
             hidden[i] = h[b, :n].to(torch.float16).cpu()
@@ -120,8 +120,8 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
 
 def _check_output_layer(recomputed: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
     # Calibrators are fitted on logits recomputed from hidden states: they must be the logits the model returns.
-    diff = (recomputed - logits)[mask].abs().max()
-    if diff > 1e-3 * logits[mask].abs().max() + 1e-4:
+    diff = (recomputed - logits.float())[mask].abs().max()
+    if diff > max(1e-3, 8 * torch.finfo(logits.dtype).eps) * logits[mask].float().abs().max() + 1e-4:
         raise CalqError(f"lm_head(last hidden state) differs from the model's logits by {float(diff):.3g}",
                         "ats", "this architecture post-processes its logits in a way calq does not reproduce; use temperature scaling")
 

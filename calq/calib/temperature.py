@@ -45,4 +45,4 @@ def fit_temperature(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], max_ite
         return torch.tensor(total / count, dtype=torch.float64)
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())

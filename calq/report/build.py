@@ -14,6 +14,27 @@ from calq.runs import write_json, write_text
 
 PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets")
 METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
+EVAL_SETS = {"tokens": "held-out text", "responses": "held-out instruction responses"}
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The calibration goals, checked on every held-out set: each variant's selected calibrator is at least as
+    well calibrated as `none`; each quantized variant's selected calibrator is at or below the baseline's uncalibrated ECE."""
+    out = []
+    base = rows[0]
+    for part in EVAL_SETS:
+        for row in rows:
+            cal = row["calibrated"].get(part)
+            if not cal or not row["selected"]:
+                continue
+            chosen = cal[row["selected"]]["ece"]
+            out.append({"set": part, "variant": row["variant"], "goal": f"{row['selected']} ECE <= none ECE",
+                        "value": chosen, "bound": cal["none"]["ece"], "met": chosen <= cal["none"]["ece"]})
+            if row is not base and base["calibrated"].get(part):
+                bound = base["calibrated"][part]["none"]["ece"]
+                out.append({"set": part, "variant": row["variant"], "goal": f"{row['selected']} ECE <= baseline's uncalibrated ECE",
+                            "value": chosen, "bound": bound, "met": chosen <= bound})
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -39,7 +60,8 @@ def collect(ctx, plan) -> dict:
     stages = {name: json.loads(p.read_text()) for name in plan.keys if (p := run.meta / "stages" / f"{name}.json").is_file()}
     rows = []
     for name in plan.variants:
-        result = json.loads(run.path("eval", f"{name}.json").read_text())["calibrators"]["none"]
+        evaluated = json.loads(run.path("eval", f"{name}.json").read_text())
+        result = evaluated["tokens"]["calibrators"]["none"]
         if name == BASELINE:
             size = _size(Path(_base_source(ctx, plan).location))
             quant = {"method": "none", "scheme": recipe.model.dtype, "calibration_seconds": None}
@@ -49,8 +71,12 @@ def collect(ctx, plan) -> dict:
         rows.append({"variant": name, "method": quant["method"], "scheme": quant["scheme"],
                      "group_size": quant.get("group_size"), "size_bytes": size,
                      "calibration_seconds": quant["calibration_seconds"], "calibration_samples": quant.get("calibration_samples"),
-                     **{k: result[k] for k in METRICS}, "tokens": result["tokens"], "reliability": result["reliability"]})
+                     **{k: result[k] for k in METRICS}, "tokens": result["tokens"], "reliability": result["reliability"],
+                     "selected": evaluated.get("selected"), "temperature": evaluated.get("temperature"),
+                     "validation": evaluated.get("validation"),
+                     "calibrated": {part: evaluated[part]["calibrators"] for part in EVAL_SETS if part in evaluated}})
     samples, eval_data = stages["samples"]["info"], stages["eval_tokens"]["info"]
+    instructions = stages.get("instructions", {}).get("info")
     return {
         "recipe": recipe.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -59,7 +85,9 @@ def collect(ctx, plan) -> dict:
         "calibration": samples,
         "evaluation": {"tokens": {**eval_data, "seq_len": recipe.evaluation.tokens.seq_len,
                                   "bins": recipe.evaluation.tokens.bins}},
+        "calibrators": instructions and {**instructions, "ats": recipe.calibrators.ats.model_dump()},
         "variants": rows,
+        "goals": goals(rows),
         "outliers": json.loads(run.path("outliers.json").read_text()),
         "smoothing": {name: json.loads(p.read_text())[: recipe.outliers_top_k] for name in plan.variants
                       if (p := run.path("smoothing", f"{name}.json")).is_file()},
@@ -99,6 +127,30 @@ def markdown(report: dict) -> str:
         secs = f"{r['calibration_seconds']:.1f}" if r["calibration_seconds"] is not None else "–"
         lines.append(f"| {r['variant']} | {_mb(r['size_bytes'])} | {secs} | {r['ppl']:.2f} | {r['accuracy']:.4f} | "
                      f"{r['confidence']:.4f} | {r['ece']:.4f} | {r['adaptive_ece']:.4f} | {r['brier']:.4f} |")
+    if report.get("calibrators"):
+        c = report["calibrators"]
+        lines += ["", "## Calibrators", "",
+                  f"Fitted per variant on that model's own hidden states: a global temperature (NLL) and an ATS head "
+                  f"(one decoder layer + Linear; loss smoothing '{c['ats']['smoothing']}', alpha {c['ats']['alpha']}, "
+                  f"lr {c['ats']['lr']}, at most {c['ats']['epochs']} epochs, early stopping on validation {c['ats']['select_by']}). "
+                  f"Data: {c['fit_records']} fit records ({c['ats']['val_fraction']:.0%} of them validate) and {c['heldout_records']} "
+                  f"held-out records from `{c['source']}` (seed {c['seed']}); the selected calibrator (*) has the best validation "
+                  f"{c['ats']['select_by']}."]
+        for part, title in EVAL_SETS.items():
+            rows = [v for v in report["variants"] if part in v["calibrated"]]
+            if not rows:
+                continue
+            lines += ["", f"### {title.capitalize()}", "", "| variant | calibrator | NLL | acc | conf | ECE | adaptive ECE | Brier | tokens |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for v in rows:
+                for cal, m in v["calibrated"][part].items():
+                    mark = " *" if cal == v["selected"] else ""
+                    lines.append(f"| {v['variant']} | {cal}{mark} | {m['nll']:.4f} | {m['accuracy']:.4f} | {m['confidence']:.4f} | "
+                                 f"{m['ece']:.4f} | {m['adaptive_ece']:.4f} | {m['brier']:.4f} | {m['tokens']:,} |")
+        if report.get("goals"):
+            lines += ["", "### Goals", "", "| set | variant | goal | value | bound | met |", "|---|---|---|---:|---:|---|"]
+            for g in report["goals"]:
+                lines.append(f"| {g['set']} | {g['variant']} | {g['goal']} | {g['value']:.4f} | {g['bound']:.4f} | {'yes' if g['met'] else '**no**'} |")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"\nSkipped variant {name}: {why}")
     lines += ["", "## Activation outliers", "",

@@ -1,0 +1,352 @@
+"""Adaptive Temperature Scaling (ATS, arXiv 2409.19817): a small head predicts one positive scale per position.
+
+`AtsHead` is one causal decoder layer of the model's own architecture (transformers' own layer class and rotary
+embedding, built from the model's config) followed by `Linear(hidden, 1)`. It maps the model's last hidden states
+`h` (after the final norm) to `s`, and calibrated logits are `logits * exp(s).clamp(max=10)`: one positive scale per
+position, so the argmax never changes. The final Linear starts at zero, so a fresh head is exactly the identity.
+
+Fitting runs on cached hidden states (calq.calib.hidden), so the frozen model runs once per fit set. The loss is
+the paper's selective smoothing: cross-entropy where the frozen model's argmax is the next token, and cross-entropy
+against a smoothed target where it is not (uniform over the vocabulary as in the paper, or over the model's top-k
+tokens), weighted 1 - alpha and alpha. The default target on wrong positions is the next token itself (smoothing
+'none', so the loss is cross-entropy with the two groups balanced): on SmolLM2-135M with Alpaca data both smoothed
+targets made calibration worse than a global temperature (uniform drives confidence down without end, top-k
+pushed it up). The head starts at the fitted global temperature, trains with a small learning rate, and early-stops
+on a validation split; the identity is a candidate too, so the returned head is never worse than no head on the
+validation metric. `select_calibrator` then picks among none / temperature / ats.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from calq.calib.hidden import Cached, CachedLogits, Logits
+from calq.calib.temperature import Temperature, fit_temperature
+from calq.errors import CalqError
+from calq.evaluate.metrics import CalibrationStats
+
+MAX_SCALE = 10.0
+HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
+
+
+class AtsConfig(BaseModel):
+    """How the ATS head is fitted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the loss on positions the frozen model gets wrong; 1 - alpha weighs cross-entropy on the positions it gets right (paper: 0.5)")
+    smoothing: Literal["uniform", "top_k", "none"] = Field("none", description="target on wrong positions: 'uniform' over the whole vocabulary (the paper), 'top_k' (uniform over the frozen model's top_k tokens) or 'none' (the next token, so the loss is plain cross-entropy)")
+    top_k: int = Field(5, ge=1, description="tokens in the smoothed target when smoothing is top_k")
+    reweight: bool = Field(True, description="weigh the right and the wrong positions as two groups (each group's mean, times 1 - alpha and alpha) rather than by how many positions each has")
+    init_from_temperature: bool = Field(True, description="start the head at the fitted global temperature (its output bias = -log T) instead of at the identity")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    epochs: int = Field(3, ge=1, description="at most this many passes over the training records")
+    patience: int = Field(1, ge=1, description="stop after this many epochs without a better validation metric")
+    batch_size: int = Field(8, ge=1, description="records per optimizer step")
+    select_by: Literal["ece", "nll"] = Field("ece", description="validation metric for early stopping and for choosing among none / temperature / ats")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation")
+    max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are cut)")
+    min_response_tokens: int = Field(2000, ge=1, description="fewer response tokens than this in the fit data is an error")
+    logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden states (memory: chunk x vocab floats)")
+    seed: int = Field(0, description="seed for the head's initialization, the validation split and the record order")
+
+
+def _layer_classes(config):
+    """transformers' decoder layer and rotary embedding classes for this architecture (LlamaDecoderLayer, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+        module, prefix = sys.modules[model_cls.__module__], model_cls.__name__.removesuffix("ForCausalLM")
+        return getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+    except (KeyError, AttributeError):
+        raise CalqError(f"ATS cannot build a decoder layer for model type '{config.model_type}'", "ats",
+                        "use a Llama-, Qwen-, Mistral- or Gemma-style model, or the temperature calibrator") from None
+
+
+class AtsHead(nn.Module):
+    """One causal decoder layer shaped like the model's + Linear(hidden, 1). Calling it is the calibrator:
+    `head(logits, hidden, attention_mask=None) -> logits * exp(s).clamp(max=10)`.
+    """
+
+    def __init__(self, model_config):
+        super().__init__()
+        config = copy.deepcopy(model_config.get_text_config())
+        config._attn_implementation = "sdpa"  # the head passes its own boolean mask
+        layer_cls, rope_cls = _layer_classes(config)
+        self.model_type, self.hidden_size, self.vocab_size = config.model_type, config.hidden_size, config.vocab_size
+        self.layer = layer_cls(config, layer_idx=0)
+        self.rotary = rope_cls(config=config)
+        # Gemma 3 keeps one rotary table per attention type and takes the layer's type in forward.
+        layer_types = getattr(config, "layer_types", None)
+        takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.rope_args = (layer_types[0],) if takes_type and layer_types else ()
+        self.out = nn.Linear(config.hidden_size, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def log_scale(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, H] -> s [B, T] (float32). attention_mask [B, T]: 1 on real tokens (padding on either side)."""
+        batch, width, _ = hidden.shape
+        x = hidden.to(self.out.weight.dtype)
+        positions = torch.arange(width, device=x.device)[None].expand(batch, width)
+        mask = torch.ones(width, width, dtype=torch.bool, device=x.device).tril()[None, None]
+        if attention_mask is not None:
+            # Every position also sees itself, so a padding row is never fully masked (which would give NaN).
+            mask = mask & attention_mask.bool()[:, None, None, :] | torch.eye(width, dtype=torch.bool, device=x.device)
+        rope = self.rotary(x, positions, *self.rope_args)
+        x = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        x = x[0] if isinstance(x, tuple) else x
+        return self.out(x)[..., 0]
+
+    def scale(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_scale(hidden, attention_mask).exp().clamp(max=MAX_SCALE)
+
+    def forward(self, logits: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Logits may cover only the last positions (logits_to_keep); the head still needs every position for context.
+        scale = self.scale(hidden, attention_mask)[:, -logits.shape[1]:]
+        return logits * scale.to(logits.dtype)[..., None]
+
+
+# ---- loss ------------------------------------------------------------------------------------------
+
+def _weights(correct: torch.Tensor, cfg: AtsConfig) -> torch.Tensor:
+    """Per-position weights: 1 - alpha on right positions, alpha on wrong ones, normalized per group or overall."""
+    right, wrong = (1 - cfg.alpha), cfg.alpha
+    if cfg.reweight:
+        right, wrong = right / max(int(correct.sum()), 1), wrong / max(int((~correct).sum()), 1)
+    else:
+        right, wrong = right / correct.numel(), wrong / correct.numel()
+    return torch.where(correct, right, wrong)
+
+
+def _terms(logits: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor, cfg: AtsConfig) -> torch.Tensor:
+    """Per-position loss: cross-entropy of the scaled logits on right positions, cross-entropy against the smoothed target on wrong ones."""
+    u = logits * scale[:, None]
+    lse = torch.logsumexp(u, dim=-1)
+    nll = lse - u.gather(-1, targets[:, None])[:, 0]
+    if cfg.smoothing == "none":
+        return nll
+    # -sum_v q_v log p_v for q uniform over a set of tokens = logsumexp(u) - mean of u over that set
+    smooth_set = u if cfg.smoothing == "uniform" else u.topk(cfg.top_k, dim=-1).values
+    return torch.where(correct, nll, lse - smooth_set.mean(-1))
+
+
+def selective_smoothing_loss(logits: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor, cfg: AtsConfig,
+                             correct: torch.Tensor | None = None) -> torch.Tensor:
+    """The ATS loss on frozen logits [n, V], positive scales [n] and next tokens [n].
+
+    `correct` (the frozen model's argmax == target) defaults to the argmax of `logits`.
+    """
+    if correct is None:
+        correct = logits.argmax(-1) == targets
+    return (_weights(correct, cfg) * _terms(logits, scale, targets, correct, cfg)).sum()
+
+
+# ---- fit -------------------------------------------------------------------------------------------
+
+@dataclass
+class AtsFit:
+    head: AtsHead  # the best head on validation: the identity (stats best_epoch None), the warm start (0) or an epoch's
+    temperature: float  # the global-T baseline, fitted on the same training records
+    choice: str  # calibrator with the best validation metric: none | temperature | ats
+    stats: dict  # sizes, seed, per-epoch validation metrics, final validation metrics of each calibrator
+
+
+def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Logits, cfg: AtsConfig) -> float:
+    hidden, targets, correct = cached.batch(records, logits.device)
+    keep = targets != -100
+    opt.zero_grad()
+    s = head.log_scale(hidden)[keep]
+    # Backpropagate the vocabulary-sized part chunk by chunk into a detached copy of s, then through the head once.
+    s_leaf = s.detach().requires_grad_()
+    h, t, c = hidden[keep], targets[keep], correct[keep]
+    w = _weights(c, cfg)
+    total = 0.0
+    for i in range(0, t.numel(), cfg.logits_chunk):
+        part = slice(i, i + cfg.logits_chunk)
+        scale = s_leaf[part].exp().clamp(max=MAX_SCALE)
+        loss = (w[part] * _terms(logits(h[part]), scale, t[part], c[part], cfg)).sum()
+        loss.backward()
+        total += loss.item()
+    s.backward(s_leaf.grad)
+    nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+    opt.step()
+    return total
+
+
+@torch.no_grad()
+def evaluate_cached(cached: Cached, records: torch.Tensor, logits: Logits, calibrators: dict[str, Callable],
+                    batch_size: int = 8, chunk: int = 1024) -> dict[str, dict]:
+    """Token-level metrics and reliability bins (calq.evaluate.metrics) of each calibrator on the scored positions of `records`."""
+    stats = {name: CalibrationStats() for name in calibrators}
+    for start in range(0, records.numel(), batch_size):
+        hidden, targets, _ = cached.batch(records[start:start + batch_size], logits.device)
+        keep = targets != -100
+        # Each calibrator is one scale per position: compute it on full sequences, then apply it chunk by chunk.
+        scales = {name: cal(torch.ones_like(targets, dtype=torch.float32)[..., None], hidden)[..., 0][keep]
+                  for name, cal in calibrators.items()}
+        h, t = hidden[keep], targets[keep]
+        for i in range(0, t.numel(), chunk):
+            z = logits(h[i:i + chunk])
+            for name, scale in scales.items():
+                stats[name].update_from_logits(z * scale[i:i + chunk, None], t[i:i + chunk])
+    return {name: {**s.summary(), "reliability": s.reliability()} for name, s in stats.items()}
+
+
+def select_calibrator(metrics: dict[str, dict], by: str = "ece") -> str:
+    """The calibrator with the lowest validation `by` ('ece' or 'nll'); ties go to the one listed first (the simpler)."""
+    return min(metrics, key=lambda name: metrics[name][by])
+
+
+def _short(summary: dict) -> dict:
+    return {k: round(summary[k], 5) for k in ("nll", "ece", "adaptive_ece", "brier", "accuracy", "confidence")}
+
+
+def fit(cached: Cached, logits: Logits, model_config, cfg: AtsConfig | None = None,
+        progress: Callable[[int, dict], None] | None = None, where: str = "ats") -> AtsFit:
+    """Fit the global temperature and the ATS head on cached hidden states; validate both and the identity.
+
+    `logits` is `Logits(model)` of the model the cache came from; `progress(epoch, validation summary)` after each epoch.
+    """
+    cfg = cfg or AtsConfig()
+    started = time.perf_counter()
+    tokens = cached.response_tokens()
+    if len(cached) < 2 or tokens < cfg.min_response_tokens:
+        raise CalqError(f"the ATS fit data has {len(cached)} records with {tokens} response tokens, fewer than "
+                        f"2 records and min_response_tokens={cfg.min_response_tokens}", where,
+                        "give more instruction records (a few hundred), or lower min_response_tokens")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(cached), generator=gen)
+    n_val = min(max(1, round(len(cached) * cfg.val_fraction)), len(cached) - 1)
+    val, train = order[:n_val], order[n_val:]
+
+    temperature = fit_temperature(CachedLogits(cached, train, logits, cfg.logits_chunk))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = AtsHead(model_config).to(logits.device).eval()
+    identity_state = copy.deepcopy(head.state_dict())
+    if cfg.init_from_temperature:
+        with torch.no_grad():
+            head.out.bias.fill_(-math.log(temperature))
+    identity = lambda z, h: z  # noqa: E731
+    base = evaluate_cached(cached, val, logits, {"none": identity, "temperature": Temperature(temperature), "ats": head},
+                           cfg.batch_size, cfg.logits_chunk)
+    # The identity is a candidate too (epoch None), so the head returned is never worse than none on validation.
+    best_epoch, best_state, best = None, identity_state, base["none"]
+    if base["ats"][cfg.select_by] < best[cfg.select_by]:
+        best_epoch, best_state, best = 0, copy.deepcopy(head.state_dict()), base["ats"]
+    history = [{"epoch": 0, **_short(base["ats"])}]
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch in range(1, cfg.epochs + 1):
+        head.train()
+        perm = train[torch.randperm(train.numel(), generator=gen)]
+        losses = [_step(head, opt, cached, perm[i:i + cfg.batch_size], logits, cfg) for i in range(0, perm.numel(), cfg.batch_size)]
+        head.eval()
+        summary = evaluate_cached(cached, val, logits, {"ats": head}, cfg.batch_size, cfg.logits_chunk)["ats"]
+        history.append({"epoch": epoch, "train_loss": round(sum(losses) / len(losses), 5), **_short(summary)})
+        if progress:
+            progress(epoch, summary)
+        if summary[cfg.select_by] < best[cfg.select_by]:
+            best_epoch, best_state, best = epoch, copy.deepcopy(head.state_dict()), summary
+        elif epoch - (best_epoch or 0) >= cfg.patience:
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    metrics = {"none": base["none"], "temperature": base["temperature"], "ats": best}
+    choice = select_calibrator(metrics, cfg.select_by)
+    stats = {"train_records": train.numel(), "val_records": val.numel(), "train_tokens": cached.response_tokens(train),
+             "val_tokens": cached.response_tokens(val), "seed": cfg.seed, "temperature": temperature,
+             "best_epoch": best_epoch, "history": history, "validation": {k: _short(v) for k, v in metrics.items()},
+             "choice": choice, "seconds": round(time.perf_counter() - started, 1)}
+    return AtsFit(head, temperature, choice, stats)
+
+
+# ---- save / load -----------------------------------------------------------------------------------
+
+def save_head(head: AtsHead, folder: str | Path, cfg: AtsConfig, stats: dict | None = None) -> Path:
+    """`folder`/head.safetensors + config.json (sizes and model type it fits, the AtsConfig, fit stats)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
+    meta = {"model_type": head.model_type, "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
+            "ats": cfg.model_dump(), "fit": stats}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_head(folder: str | Path, model_config, where: str = "ats") -> AtsHead:
+    """The head saved in `folder`, checked against the model it will calibrate."""
+    folder = Path(folder)
+    if not (folder / HEAD_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise CalqError(f"no ATS head in {folder} (needs {HEAD_FILE} and {CONFIG_FILE})", where, "fit the head first")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CalqError(f"malformed {folder / CONFIG_FILE} ({exc.msg})", where, "fit the head again") from None
+    config = model_config.get_text_config()
+    for key in ("model_type", "hidden_size", "vocab_size"):
+        if meta.get(key) != getattr(config, key):
+            raise CalqError(f"the ATS head in {folder} was fitted for {key}={meta.get(key)}, but this model has "
+                            f"{key}={getattr(config, key)}", where, "fit the head on this model's hidden states")
+    head = AtsHead(model_config)
+    try:
+        head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    except RuntimeError as exc:
+        raise CalqError(f"the ATS head in {folder} does not match this model's layer shapes ({str(exc).splitlines()[-1].strip()})",
+                        where, "fit the head on this model's hidden states") from None
+    return head.eval()
+
+
+# ---- a model that returns calibrated logits --------------------------------------------------------
+
+class CalibratedLM(nn.Module):
+    """A causal LM whose forward returns `calibrator(logits, last hidden state)` in place of its logits.
+
+    Works for full-sequence forward passes (scoring, evaluation, lm-eval loglikelihood), padded on either side.
+    `generate()` is not supported: with a KV cache the model returns hidden states for the new tokens only, and the
+    ATS head's attention needs its own keys and values for every earlier position, which this wrapper does not cache.
+    """
+
+    def __init__(self, model: nn.Module, calibrator: Callable):
+        super().__init__()
+        self.model, self.calibrator = model, calibrator
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            raise NotImplementedError("CalibratedLM scores whole sequences; it does not take past_key_values (see its docstring)")
+        keep_hidden = kwargs.pop("output_hidden_states", False)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kwargs)
+        hidden = out.hidden_states[-1]
+        # Only the ATS head looks across positions, so only it needs the padding mask.
+        extra = {"attention_mask": attention_mask} if isinstance(self.calibrator, AtsHead) else {}
+        out.logits = self.calibrator(out.logits, hidden, **extra)
+        if not keep_hidden:
+            out.hidden_states = None
+        return out
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError("generation with calibrated logits is not supported: the ATS head attends over all "
+                                  "earlier positions and keeps no KV cache of its own; score full sequences instead")
