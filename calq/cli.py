@@ -92,6 +92,17 @@ def run(
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to resume")
         raise typer.Exit(130)
     _print_summary(report, root)
+    _exit_on_gates(report)
+
+
+def _exit_on_gates(report: dict):
+    gates = report.get("gates")
+    if gates and not gates["passed"]:
+        failed = [r["name"] for r in gates["results"] if not r["passed"]]
+        Console().print(f"[bold red]gates failed[/]: {', '.join(failed)}")
+        raise typer.Exit(1)
+    if gates:
+        Console().print("[green]all gates passed[/]")
 
 
 def _quiet_libraries(debug: bool):
@@ -137,7 +148,7 @@ def _print_summary(report: dict, root: Path):
         size = f"{v['size_bytes'] / 2**20:,.1f}" if v["size_bytes"] else "–"
         table.add_row(v["variant"], size, f"{v['ppl']:.2f}", f"{v['accuracy']:.4f}", f"{v['confidence']:.4f}", f"{v['ece']:.4f}", f"{v['brier']:.4f}")
     Console().print(table)
-    Console().print(f"report: {root / 'report.md'} (all numbers: {root / 'report.json'})")
+    Console().print(f"report: {root / 'report.html'} ({root / 'report.md'}; all numbers: {root / 'report.json'})")
 
 
 @app.command()
@@ -162,6 +173,7 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     except (CalqError, FileNotFoundError) as err:
         _fail(err if isinstance(err, CalqError) else CalqError(f"missing result file {err.filename}", str(run_dir), "finish the run with `calq run`"), debug)
     _print_summary(rep, run_dir)
+    _exit_on_gates(rep)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from calq import data as data_mod
 from calq import models
+from calq.calib import CALIBRATORS
 from calq.calib import ranges as ranges_mod
 from calq.errors import CalqError
 from calq.evaluate import tokens as token_eval
@@ -26,6 +27,7 @@ from calq.runs import RunDir, atomic_path, stable_hash, write_json
 BASELINE = "baseline"
 CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
+TASKS_VERSION = 1
 
 
 @dataclass
@@ -96,6 +98,18 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
             model_keys[name] = plan.keys[f"calibrate/{name}"] = stable_hash(key, plan.keys["instructions"], cal_spec.ats.model_dump())
     for name, key in model_keys.items():
         plan.keys[f"evaluate/{name}"] = stable_hash(key, eval_data_key, eval_settings)
+    tasks = recipe.evaluation.tasks
+    if tasks is not None:
+        from calq.evaluate import harness
+
+        counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names")
+        for name, key in model_keys.items():
+            plan.keys[f"tasks/{name}"] = stable_hash(key, tasks.names, tasks.limit, counts, str(data_root), TASKS_VERSION)
+    if recipe.gates is not None:
+        from calq.report.gates import check_gates
+
+        check_gates(recipe.gates, plan.variants, list(CALIBRATORS if cal_spec else ("none",)),
+                    list(tasks.names) if tasks else [])
     return plan
 
 
@@ -277,8 +291,29 @@ def stage_calibrate(ctx: Context, plan: Plan, name: str, source: models.ModelSou
                                     "validation": result.stats["validation"]}
 
 
+def stage_tasks(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
+    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluate.harness)."""
+    from calq.evaluate import harness
+
+    spec = ctx.recipe.evaluation.tasks
+    config = models.load_config(source)
+    calibrators, _ = _calibrators(ctx, name, config)
+    bar = ctx.progress.add_task(f"tasks {name}", total=None) if ctx.progress else None
+
+    def progress(description, done, total):
+        if bar is not None:
+            ctx.progress.update(bar, description=f"tasks {name}: {description}", completed=done, total=total)
+
+    result = harness.run_tasks(source.location, calibrators, list(spec.names), spec.limit, ctx.data_root, spec.batch_size,
+                               dtype=ctx.recipe.model.dtype, progress=progress)
+    out = write_json(ctx.run.path("tasks", f"{name}.json"), result)
+    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
+
+
 def _calibrators(ctx: Context, name: str, model) -> tuple[dict, dict]:
-    """{calibrator name: callable} for this variant, and its fit summary ({} without calibrators)."""
+    """{calibrator name: callable} for this variant, and its fit summary ({} without calibrators).
+
+    `model` is the loaded model (the head goes to its device) or just its config (the head stays on the CPU)."""
     from calq.calib import identity
 
     if ctx.recipe.calibrators is None:
@@ -288,7 +323,10 @@ def _calibrators(ctx: Context, name: str, model) -> tuple[dict, dict]:
 
     folder = ctx.run.path("calibrators", name)
     fitted = json.loads((folder / "calibrators.json").read_text())
-    head = ats.load_head(folder / "ats_head", model.config, where=f"calibrators/{name}").to(next(model.parameters()).device)
+    config = getattr(model, "config", model)
+    head = ats.load_head(folder / "ats_head", config, where=f"calibrators/{name}")
+    if hasattr(model, "parameters"):
+        head = head.to(next(model.parameters()).device)
     return {"none": identity, "temperature": Temperature(fitted["temperature"]), "ats": head}, fitted
 
 
@@ -352,4 +390,7 @@ def run(ctx: Context, plan: Plan) -> dict:
             stage(f"calibrate/{name}", stage_calibrate, name, source)
     for name, source in sources.items():
         stage(f"evaluate/{name}", stage_evaluate, name, source)
+    if r.evaluation.tasks is not None:
+        for name, source in sources.items():
+            stage(f"tasks/{name}", stage_tasks, name, source)
     return write_reports(ctx, plan)

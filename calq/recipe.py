@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calq.calib.ats import AtsConfig
 from calq.errors import CalqError
+from calq.report.gates import Gates
 
 
 class Strict(BaseModel):
@@ -92,8 +93,19 @@ class TokenEvalSpec(Strict):
     bins: int = Field(15, ge=2, description="equal-width ECE bins")
 
 
+class TasksSpec(Strict):
+    """Benchmarks through the lm-eval harness, for every variant × calibrator."""
+
+    names: tuple[str, ...] = Field(description="calq's task names: mmlu, mmlu_5shot, truthfulqa_mc1, truthfulqa_mc2, arc_easy, arc_challenge, piqa, boolq, lambada, triviaqa (read from --data-dir)")
+    limit: int | None = Field(200, ge=1, description="examples per task (None: all)")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
+    seed: int = Field(0, description="bootstrap seed")
+
+
 class EvaluationSpec(Strict):
     tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
+    tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval (omit: none)")
 
 
 class CalibratorsSpec(Strict):
@@ -113,6 +125,7 @@ class Recipe(Strict):
     variants: tuple[VariantSpec, ...] = Field(description="the quantized variants to build (the unquantized baseline is always included)")
     evaluation: EvaluationSpec = Field(description="held-out evaluation")
     calibrators: CalibratorsSpec | None = Field(None, description="fit temperature and ATS calibrators per variant (omit: evaluate uncalibrated only)")
+    gates: Gates | None = Field(None, description="release gates: `calq run` exits 1 when one fails")
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")
 

@@ -6,6 +6,11 @@ import pytest
 import torch
 import yaml
 
+if not torch.cuda.is_available():
+    # Kernel tests run through Triton's interpreter on the CPU; it must be on before anything imports triton
+    # (llm-compressor and compressed-tensors do, through their own modules).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_llama  # noqa: E402
 

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from calq.cli import app
+from conftest import data_dir
 
 runner = CliRunner()
 STAGES = ["samples", "ranges", "quantize/minmax-w8a8", "quantize/minmax-w4a16-g32", "eval_tokens",
@@ -167,3 +168,43 @@ def test_too_few_instruction_records_is_a_clear_error(tiny_recipe, write_recipe,
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "fewer than fit_records + heldout_records = 110" in result.output
+
+
+@pytest.mark.skipif(data_dir() is None, reason="needs CALQ_DATA_DIR (../shared/data)")
+def test_tasks_html_and_gates_set_the_exit_code(tiny_recipe, write_recipe, alpaca, tmp_path):
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
+                                  "ats": {"epochs": 1, "min_response_tokens": 100, "max_len": 128}}
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy", "boolq"], "limit": 8, "batch_size": 8, "bootstrap": 50}
+    tiny_recipe["gates"] = {"max_token_ece": 1.0, "max_accuracy_drop": 1.0}
+    out = tmp_path / "run"
+    args = ["run", str(write_recipe(tiny_recipe)), "--out", str(out), "--data-dir", str(data_dir())]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = report["tasks"]["results"]
+    assert {(r["variant"], r["calibrator"], r["task"]) for r in rows} == {
+        (v, c, t) for v in ("baseline", "minmax-w4a16-g32") for c in ("none", "temperature", "ats") for t in ("arc_easy", "boolq")}
+    assert all(r["n"] == 8 and r["ece"] is not None for r in rows)
+    assert report["gates"]["passed"] is True
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+
+    # an impossible threshold fails the release: exit code 1, with the failing gate named; nothing recomputed
+    tiny_recipe["gates"] = {"max_token_ece": 0.0}
+    before = markers_for(out, ["tasks/baseline", "evaluate/baseline"])
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out), "--data-dir", str(data_dir())])
+    assert result.exit_code == 1, result.output
+    assert "gates failed" in result.output and "max_token_ece" in result.output
+    assert markers_for(out, ["tasks/baseline", "evaluate/baseline"]) == before
+    assert json.loads((out / "report.json").read_text())["gates"]["passed"] is False
+
+
+def test_unknown_task_and_gate_names_are_refused_before_any_model_loads(tiny_recipe, write_recipe, tmp_path):
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_hard"]}
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
+    assert result.exit_code == 2 and "arc_hard" in result.output
+    del tiny_recipe["evaluation"]["tasks"]
+    tiny_recipe["gates"] = {"variant": "awq-w4a16", "max_token_ece": 0.1}
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
+    assert result.exit_code == 2 and "unknown variant 'awq-w4a16'" in result.output

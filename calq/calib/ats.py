@@ -309,7 +309,7 @@ def load_head(folder: str | Path, model_config, where: str = "ats") -> AtsHead:
     except RuntimeError as exc:
         raise CalqError(f"the ATS head in {folder} does not match this model's layer shapes ({str(exc).splitlines()[-1].strip()})",
                         where, "fit the head on this model's hidden states") from None
-    return head.eval()
+    return head.eval().requires_grad_(False)  # for inference; fit() trains a head of its own
 
 
 # ---- a model that returns calibrated logits --------------------------------------------------------

@@ -15,7 +15,8 @@ def quiet_logs(log_file: str | None, console: bool = False) -> None:
     """llm-compressor logs to a file in the run folder; to the console only with --debug."""
     from llmcompressor.logger import LoggerConfig, configure_logger
 
-    configure_logger(LoggerConfig(console_log_level="INFO" if console else None, log_file=log_file, log_file_level="INFO"))
+    configure_logger(LoggerConfig(console_log_level="INFO" if console else None, log_file=log_file,
+                                  log_file_level="INFO" if log_file else None))  # no file: no ./llmcompressor.log
 
 
 def run_oneshot(model, recipe: list, samples: torch.Tensor | None, pipeline: str | None = None):

@@ -12,7 +12,7 @@ import yaml
 
 from calq.runs import write_json, write_text
 
-PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets")
+PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
 EVAL_SETS = {"tokens": "held-out text", "responses": "held-out instruction responses"}
 
@@ -151,6 +151,22 @@ def markdown(report: dict) -> str:
             lines += ["", "### Goals", "", "| set | variant | goal | value | bound | met |", "|---|---|---|---:|---:|---|"]
             for g in report["goals"]:
                 lines.append(f"| {g['set']} | {g['variant']} | {g['goal']} | {g['value']:.4f} | {g['bound']:.4f} | {'yes' if g['met'] else '**no**'} |")
+    if report.get("tasks"):
+        t = report["tasks"]["settings"]
+        lines += ["", "## Tasks (lm-eval)", "",
+                  f"At most {t['limit']} examples per task from `{t['data_dir']}`; answer-level calibration from a softmax over the "
+                  f"choices' log-likelihoods ({t['bins']} bins; {t['level']:.0%} bootstrap intervals, {t['bootstrap']} resamples, seed {t['seed']}).", "",
+                  "| variant | calibrator | task | n | accuracy | answer ECE | Brier |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in report["tasks"]["results"]:
+            ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "–"
+            brier = f"{r['brier']:.4f}" if r.get("brier") is not None else "–"
+            lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | {ece} | {brier} |")
+    if report.get("gates"):
+        g = report["gates"]
+        lines += ["", f"## Gates: {'PASSED' if g['passed'] else 'FAILED'}", "", "| gate | value | threshold | passed |", "|---|---:|---:|---|"]
+        for r in g["results"]:
+            value = f"{r['value']:.4f}" if r["value"] is not None else "nothing to check"
+            lines.append(f"| {r['name']} | {value} | {r['threshold']} | {'yes' if r['passed'] else '**no**'} |")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"\nSkipped variant {name}: {why}")
     lines += ["", "## Activation outliers", "",
@@ -177,7 +193,19 @@ def markdown(report: dict) -> str:
 
 
 def write_reports(ctx, plan) -> dict:
+    """report.json, report.md and a self-contained report.html; gates are evaluated last, on the finished report."""
+    from calq.evaluate.answers import tasks_section
+    from calq.pipeline import BASELINE
+    from calq.report.gates import gates_section
+    from calq.report.html import write_html
+
     report = collect(ctx, plan)
+    spec = ctx.recipe.evaluation.tasks
+    if spec is not None:
+        per_variant = {name: json.loads(ctx.run.path("tasks", f"{name}.json").read_text()) for name in plan.variants}
+        report["tasks"] = tasks_section(per_variant, ctx.recipe.evaluation.tokens.bins, spec.bootstrap, spec.seed)
+    report["gates"] = gates_section(ctx.recipe.gates, report, baseline=BASELINE)
     write_json(ctx.run.path("report.json"), report)
     write_text(ctx.run.path("report.md"), markdown(report))
+    write_html(ctx.run.path("report.html"), report)
     return report

@@ -1,0 +1,311 @@
+"""lm-eval model `calq`: a causal LM (plain or compressed-tensors folder) whose scores go through a calibrator.
+
+From the command line, `python -m calq.evaluate.harness` is lm-eval's own CLI (same arguments as `lm_eval`)
+with the `calq` model registered and calq's task folder added as `--include_path` (lm-eval 0.4.13 has no
+plugin discovery, so a bare `lm_eval --model calq` cannot see a model registered outside lm-eval):
+
+    python -m calq.evaluate.harness --model calq \\
+        --model_args pretrained=runs/quickstart/variants/minmax-w8a8,calibrator=temperature:1.2 \\
+        --tasks calq_arc_easy,calq_mmlu --metadata '{"data_dir": "../shared/data"}' --limit 50
+
+The same works from Python once this module is imported (`simple_evaluate(model="calq", ...)`); pass
+`--include_path` (or `TaskManager(include_path=TASKS_DIR)`) to see the `calq_*` tasks, and the data folder as
+task metadata `data_dir` or $CALQ_DATA_DIR.
+
+model_args:
+    pretrained   model folder (save_pretrained or compressed-tensors checkpoint), .gguf file, hub id,
+                 or a bundled name such as smollm2-135m
+    calibrator   none (default) | temperature:<T> | ats:<folder of a saved ATS head> | any name in CALIBRATORS
+    dtype        float32 (default) | bfloat16 | float16
+    device       default cuda when available, else cpu
+    batch_size   model inputs per forward pass (a whole number; no "auto")
+    any other HFLM argument (max_length, add_bos_token, ...) passes through.
+
+Where lm-eval scores, the scores are calibrated: every log-likelihood (multiple choice, loglikelihood and
+rolling perplexity tasks) is computed from `calibrator(logits, last_hidden)`. Generation is greedy in every
+calq task, and a calibrator multiplies each position's logits by a positive scale (see calq.calib), so the
+argmax and therefore the generated text are the same with or without it (for `ats` too): generation runs the
+plain model once and the text is shared by all calibrators. Sampling with a calibrator other than `none`
+is refused.
+
+One forward pass for all calibrators: `CalqLM` holds several calibrators. For each batch it runs the model
+once (logits and last hidden state), applies every calibrator to that output, and caches each request's
+(log-likelihood, is-greedy) per calibrator. `run_tasks` then runs lm-eval once per calibrator: the first
+run does the forward passes, the later ones read the cache (they only re-tokenize and score). Requests whose
+model input is identical (the one-token answers A/B/C/D of one MMLU question) share one input row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from calq import data as data_mod
+from calq import models
+from calq.calib import identity
+from calq.errors import CalqError
+from calq.evaluate.tasks import PREFIX, TASKS_DIR, available
+
+Calibrator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[str, int, int], None]  # (description, done, total)
+
+
+def _temperature(arg: str, model) -> Calibrator:
+    from calq.calib.temperature import Temperature
+
+    try:
+        t = float(arg)
+    except ValueError:
+        t = 0.0
+    if not t > 0:
+        raise CalqError(f"temperature must be a positive number, got '{arg}'", "calibrator", "e.g. calibrator=temperature:1.2")
+    return Temperature(t)
+
+
+def _ats(arg: str, model) -> Calibrator:
+    from calq.calib.ats import load_head
+
+    return load_head(arg, model.config, where="calibrator")
+
+
+# name -> loader(argument after the colon, the loaded model) -> calibrator
+CALIBRATORS: dict[str, Callable[[str, object], Calibrator]] = {
+    "none": lambda arg, model: identity,
+    "temperature": _temperature,
+    "ats": _ats,
+}
+
+
+def register_calibrator(name: str):
+    """Decorator: `calibrator=<name>:<arg>` builds its calibrator with `loader(arg, model)`."""
+    def decorate(loader: Callable[[str, object], Calibrator]):
+        CALIBRATORS[name] = loader
+        return loader
+    return decorate
+
+
+def parse_calibrator(spec: str | None, model) -> tuple[str, Calibrator]:
+    """'temperature:1.2' -> ('temperature', calibrator); None or 'none' -> ('none', identity).
+    `model` is the model the calibrator will serve (an ATS head is checked against its config)."""
+    name, _, arg = (spec or "none").partition(":")
+    if name not in CALIBRATORS:
+        raise CalqError(f"unknown calibrator '{name}'", "calibrator", f"use one of: {', '.join(CALIBRATORS)}")
+    if name != "none" and not arg:
+        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator", f"write {name}:<value>")
+    return name, CALIBRATORS[name](arg, model)
+
+
+def _key(context: list[int], continuation: list[int]) -> bytes:
+    # A digest, not the token tuples: a five-shot MMLU run holds tens of thousands of long requests.
+    ids = np.asarray([*context, -1, *continuation], dtype=np.int64)
+    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+
+
+def _samples(gen_kwargs: dict) -> bool:
+    do_sample = gen_kwargs.get("do_sample")
+    return bool(do_sample) or (do_sample is None and float(gen_kwargs.get("temperature") or 0) > 0)
+
+
+@register_model("calq")
+class CalqLM(HFLM):
+    """HFLM whose log-likelihoods come from calibrated logits; `active` picks the calibrator lm-eval sees."""
+
+    def __init__(self, pretrained: str, calibrator: str | None = None, calibrators: dict[str, Calibrator] | None = None,
+                 dtype: str = "float32", device: str | None = None, batch_size: int | str = 1, **kwargs):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise CalqError(f"unsupported dtype '{dtype}'", "dtype", "use float32, bfloat16 or float16")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise CalqError(f"batch_size must be a positive whole number, got '{batch_size}'", "batch_size", "e.g. batch_size=8")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = models.load(models.resolve(str(pretrained)), dtype)
+        super().__init__(pretrained=model.to(device), tokenizer=tokenizer, backend="causal", batch_size=int(batch_size), **kwargs)
+        self.calibrators = dict(calibrators) if calibrators else dict([parse_calibrator(calibrator, model)])
+        for cal in self.calibrators.values():
+            if isinstance(cal, torch.nn.Module):
+                cal.to(device).eval()
+        self.active = next(iter(self.calibrators))
+        self.progress: Progress | None = None
+        self._scores: dict[bytes, dict[str, tuple[float, bool]]] = {}
+        self._generations: dict[tuple[str, str], str] = {}
+
+    def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, last hidden state after the final norm): everything any calibrator needs."""
+        with torch.no_grad():
+            out = self.model(ids, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
+        keys = [_key(ctx, cont) for _, ctx, cont in requests]
+        todo = {key: (ctx, cont) for key, (_, ctx, cont) in zip(keys, requests) if key not in self._scores}
+        if todo:
+            self._score(todo, disable_tqdm)
+        return [self._scores[key][self.active] for key in keys]
+
+    def _score(self, todo: dict[bytes, tuple[list[int], list[int]]], disable_tqdm: bool) -> None:
+        """One forward pass per batch of inputs; every calibrator's (log-likelihood, is_greedy) per request."""
+        rows: dict[tuple[int, ...], list[tuple[bytes, list[int]]]] = {}
+        for key, (ctx, cont) in todo.items():
+            whole = (ctx + cont)[-(self.max_length + 1):]  # too long: cut from the left, as HFLM does
+            rows.setdefault(tuple(whole[:-1]), []).append((key, cont))
+        inputs = sorted(rows, key=len, reverse=True)  # longest first: little padding, out-of-memory at once
+        pad = self.tokenizer.pad_token_id or 0
+        bar = tqdm(total=len(todo), desc="calq: scoring", disable=disable_tqdm or self.progress is not None)
+        done = 0
+        for start in range(0, len(inputs), self.batch_size):
+            batch = inputs[start:start + self.batch_size]
+            ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
+            for i, inp in enumerate(batch):
+                ids[i, :len(inp)] = torch.tensor(inp)  # right padding: causal attention never looks at it
+            logits, hidden = self._forward(ids.to(self.device))
+            for name, calibrator in self.calibrators.items():
+                calibrated = calibrator(logits, hidden)
+                for i, inp in enumerate(batch):
+                    for key, cont in rows[inp]:
+                        # position j predicts token j + 1: the continuation is predicted by the last len(cont) inputs
+                        logp = F.log_softmax(calibrated[i, len(inp) - len(cont):len(inp)].float(), dim=-1)
+                        target = torch.tensor(cont, device=logp.device)
+                        ll = logp.gather(-1, target[:, None]).sum()
+                        greedy = bool((logp.argmax(-1) == target).all())
+                        self._scores.setdefault(key, {})[name] = (float(ll), greedy)
+            n = sum(len(rows[inp]) for inp in batch)
+            done += n
+            bar.update(n)
+            if self.progress:
+                self.progress("score requests", done, len(todo))
+        bar.close()
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if any(_samples(r.args[1]) for r in requests):
+            if self.calibrators[self.active] is not identity:
+                raise CalqError("sampled generation with a calibrator is not supported", "generation_kwargs",
+                                "use greedy decoding (do_sample: false), which no calibrator changes")
+            return super().generate_until(requests, disable_tqdm)
+        # Greedy text is the same under every calibrator (positive per-position scales keep the argmax).
+        keys = [(r.args[0], repr(sorted(r.args[1].items()))) for r in requests]
+        todo = {}
+        for key, request in zip(keys, requests):
+            if key not in self._generations:
+                todo.setdefault(key, request)
+        if todo:
+            self._generations.update(zip(todo, super().generate_until(list(todo.values()), disable_tqdm)))
+        return [self._generations[key] for key in keys]
+
+
+# ---- tasks ------------------------------------------------------------------------------------------
+
+def _task_docs(yaml_path: Path, data_dir):
+    """The documents lm-eval will evaluate, read exactly as lm-eval reads them (the YAML's custom_dataset)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(yaml_path)
+    return cfg["custom_dataset"](data_dir=data_dir, **cfg.get("dataset_kwargs", {}))[cfg["test_split"]]
+
+
+def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks") -> dict[str, int]:
+    """Fail fast, before any model loads: unknown task, missing data file, no examples. Returns examples per task."""
+    known = available()
+    if not tasks:
+        raise CalqError("no tasks listed", where, f"list one or more of: {', '.join(known)}")
+    for name in tasks:
+        if name not in known:
+            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}")
+    counts = {}
+    for name in dict.fromkeys(tasks):
+        try:
+            n = len(_task_docs(known[name], data_dir))
+        except CalqError as err:
+            raise CalqError(f"task '{name}': {err.what}", where, err.fix) from None
+        if limit is not None:
+            n = min(n, limit)
+        if n < 1:
+            raise CalqError(f"task '{name}' has no examples" + (f" with limit {limit}" if limit is not None else ""),
+                            where, "set a limit of at least 1" if limit is not None else "check its data file")
+        counts[name] = n
+    return counts
+
+
+@contextmanager
+def _quiet_lm_eval():
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _metrics(task_results: dict) -> dict[str, float]:
+    """{'acc,none': 0.5, 'acc_stderr,none': 'N/A', 'alias': ...} -> {'acc': 0.5}"""
+    return {key.split(",")[0]: value for key, value in task_results.items()
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+
+
+def _gold(sample: dict) -> list[int]:
+    labels = sample["doc"].get("labels")
+    return [i for i, label in enumerate(labels) if label] if labels is not None else [int(sample["target"])]
+
+
+def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], limit: int | None, data_dir,
+              batch_size: int, dtype: str = "float32", device: str | None = None, progress: Progress | None = None) -> dict:
+    """Every task under every calibrator, with one forward pass per batch for all calibrators together.
+
+    Returns {"limit", "data_dir", "calibrators", "tasks": {task: {"lm_eval_task", "output_type", "metric", "n",
+    "gold" (multiple choice: the correct choice indices per question, else None), "calibrators": {name:
+    {"metrics": lm-eval's metrics, "scores": the headline metric per question, "loglikelihoods": the choices'
+    log-likelihoods per question (multiple choice, else None)}}}}}. The headline metric is the task's first.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    root = data_mod.data_dir(str(data_dir) if data_dir else None)
+    counts = check_tasks(tasks, root, limit)
+    with _quiet_lm_eval():
+        lm = CalqLM(pretrained=str(model_dir), calibrators=calibrators, dtype=dtype, batch_size=batch_size, device=device)
+    lm.progress = progress
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(root)})
+    out = {name: {"lm_eval_task": PREFIX + name, "n": n, "calibrators": {}} for name, n in counts.items()}
+    for calibrator in calibrators:
+        lm.active = calibrator
+        with _quiet_lm_eval():
+            results = simple_evaluate(model=lm, tasks=[PREFIX + name for name in counts], limit=limit,
+                                      task_manager=manager, log_samples=True, bootstrap_iters=0)
+        for name, entry in out.items():
+            task = PREFIX + name
+            config = results["configs"][task]
+            samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+            metric = config["metric_list"][0]["metric"]
+            choice = config["output_type"] == "multiple_choice"
+            entry.update(output_type=config["output_type"], metric=metric, gold=[_gold(s) for s in samples] if choice else None)
+            entry["calibrators"][calibrator] = {
+                "metrics": _metrics(results["results"][task]),
+                "scores": [float(s[metric]) for s in samples],
+                "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples] if choice else None,
+            }
+    return {"limit": limit, "data_dir": str(root), "calibrators": list(calibrators), "tasks": out}
+
+
+def main() -> None:
+    """lm-eval's CLI with the `calq` model registered (by importing this module) and calq's tasks included."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if "--include_path" not in sys.argv:
+        sys.argv += ["--include_path", str(TASKS_DIR)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

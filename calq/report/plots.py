@@ -1,0 +1,67 @@
+"""PNG charts for the reports, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+
+Reliability bins are the list `CalibrationStats.reliability()` returns (token level: calq.evaluate.tokens;
+answer level: calq.evaluate.answers): [{"lo", "hi", "count", "confidence", "accuracy"}, ...].
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def reliability_diagram(series: dict[str, list[dict]], title: str) -> bytes:
+    """Accuracy against mean confidence per bin for each series (one line each), over the share of
+    predictions per bin. Points on the diagonal are calibrated; below it, overconfident."""
+    fig = Figure(figsize=(5.2, 5.2), dpi=100, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="calibrated")
+    for label, bins in series.items():
+        filled = [b for b in bins if b["count"]]
+        total = sum(b["count"] for b in bins) or 1
+        line, = top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", markersize=3, label=label)
+        bottom.stairs([b["count"] / total for b in bins], [bins[0]["lo"], *(b["hi"] for b in bins)], color=line.get_color())
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+    top.legend(fontsize=7, loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.set(xlabel="confidence", ylabel="share")
+    bottom.grid(alpha=0.3)
+    return _png(fig)
+
+
+def task_chart(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "ece")) -> bytes:
+    """One panel per metric: a bar group per task, a bar per variant/calibrator, whiskers = `<metric>_ci`.
+    Rows without the metric (ECE of a generative task) leave a gap."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    series = list(dict.fromkeys((r["variant"], r["calibrator"]) for r in rows))
+    by_key = {(r["variant"], r["calibrator"], r["task"]): r for r in rows}
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.2 * len(metrics)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics):
+        for i, (variant, calibrator) in enumerate(series):
+            xs, values, low, high = [], [], [], []
+            for t, task in enumerate(tasks):
+                row = by_key.get((variant, calibrator, task))
+                if row is None or row.get(metric) is None:
+                    continue
+                ci = row.get(f"{metric}_ci") or [row[metric], row[metric]]
+                xs.append(t - 0.4 + width * (i + 0.5))
+                values.append(row[metric])
+                low.append(row[metric] - ci[0])
+                high.append(ci[1] - row[metric])
+            ax.bar(xs, values, width, yerr=[low, high], capsize=2, label=f"{variant} / {calibrator}", error_kw={"linewidth": 0.8})
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(series), 4), fontsize=7)
+    return _png(fig)
