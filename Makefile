@@ -19,7 +19,7 @@ $(BIN)/calq: pyproject.toml
 install: $(BIN)/calq
 
 demo: install
-	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart
+	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart $(if $(wildcard $(DATA_DIR)),--data-dir $(DATA_DIR))
 
 test: install
 	CALQ_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)

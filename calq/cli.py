@@ -57,6 +57,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, else runs/<name>)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from [default: $CALQ_DATA_DIR]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and list the stages (done or to run); load no model"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
 ):
     """Run a recipe: calibration samples, activation ranges, quantized variants, token-level evaluation, report.
@@ -65,18 +66,26 @@ def run(
     and an edited recipe reruns only what depends on the edit.
     """
     from calq import data as data_mod
-    from calq.pipeline import Context, make_plan
+    from calq.pipeline import UNTIL, Context, make_plan, without_unavailable_data
     from calq.recipe import load_recipe
     from calq.runs import RunDir
 
     _quiet_libraries(debug)
     try:
+        if until is not None and until not in UNTIL:
+            raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(UNTIL)}")
         r = load_recipe(recipe)
+        if until == "calibrate" and r.calibrators is None:
+            raise CalqError("the recipe has no `calibrators` section to fit", str(recipe), "add one (`calq keys` lists its keys)")
         root = out or Path(r.output or Path("runs") / r.name)
         root_data = data_mod.data_dir(str(data_dir) if data_dir else None)
         if root_data is not None and not root_data.is_dir():
             raise CalqError(f"data folder not found: {root_data}", "--data-dir", "pass an existing folder (e.g. ../shared/data)")
+        r, notes = without_unavailable_data(r, root_data)
         plan = make_plan(r, root_data)
+        plan.notes = notes
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
         run_dir = RunDir(root)
         if dry_run:
             _show_plan(r, plan, run_dir)
@@ -85,14 +94,32 @@ def run(
         from calq.runs import write_text
 
         write_text(run_dir.path("recipe.yaml"), recipe.read_text())
-        report = _execute(Context(r, run_dir, root_data, debug=debug), plan)
+        report = _execute(Context(r, run_dir, root_data, debug=debug, until=until), plan)
     except CalqError as err:
         _fail(err, debug)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to resume")
         raise typer.Exit(130)
+    if report is None:
+        Console().print(f"stopped after '{until}' as asked; results in {root} (run again without --until to finish)")
+        return
     _print_summary(report, root)
     _exit_on_gates(report)
+
+
+@app.command("fit-ats")
+def fit_ats(
+    recipe: Path = typer.Argument(..., help="YAML recipe with a `calibrators` section"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, else runs/<name>)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from [default: $CALQ_DATA_DIR]"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
+):
+    """Fit the calibrators (global temperature, ATS head) of every variant and stop: `calq run --until calibrate`.
+
+    Each variant's calibrators land in RUN/calibrators/<variant>/ (ats_head/ with head.safetensors + config.json,
+    calibrators.json with the temperature, the validation metrics and the selected calibrator).
+    """
+    run(recipe, out, data_dir, False, "calibrate", debug)
 
 
 def _exit_on_gates(report: dict):
@@ -156,7 +183,7 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Rebuild report.json and report.md from a run folder's stored results, without recomputing."""
     from calq import data as data_mod
-    from calq.pipeline import Context, make_plan
+    from calq.pipeline import Context, make_plan, without_unavailable_data
     from calq.recipe import load_recipe
     from calq.report.build import write_reports
     from calq.runs import RunDir
@@ -165,11 +192,14 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
         if not (run_dir / ".calq" / "run.json").is_file():
             raise CalqError("not a calq run folder", str(run_dir), "pass the folder a `calq run` wrote")
         r = load_recipe(run_dir / "recipe.yaml")
+        r, notes = without_unavailable_data(r, data_mod.data_dir())
         ctx = Context(r, RunDir(run_dir), data_mod.data_dir())
         missing = [s for s in ("samples", "eval_tokens") if not (run_dir / ".calq" / "stages" / f"{s}.json").is_file()]
         if missing or not (run_dir / "eval").is_dir():
             raise CalqError("the run has not finished its evaluation", str(run_dir), "finish it with `calq run`")
-        rep = write_reports(ctx, make_plan(r, ctx.data_root))
+        plan = make_plan(r, ctx.data_root)
+        plan.notes = notes
+        rep = write_reports(ctx, plan)
     except (CalqError, FileNotFoundError) as err:
         _fail(err if isinstance(err, CalqError) else CalqError(f"missing result file {err.filename}", str(run_dir), "finish the run with `calq run`"), debug)
     _print_summary(rep, run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,19 +93,15 @@ def load_config(source: ModelSource):
                         "check the id or path; hub ids need network access") from None
 
 
-def linear_input_widths(config, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, int]:
-    """in_features of every Linear layer, read from a weightless (meta-device) copy of the model."""
-    import re
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a layer name matches a recipe `ignore` entry: a name, a name suffix, or 're:<regex>'."""
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
 
+
+def linear_input_widths(config) -> dict[str, int]:
+    """in_features of every Linear layer, read from a weightless (meta-device) copy of the model."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    widths = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in ignore):
-            continue
-        widths[name] = module.in_features
-    return widths
+    return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -25,6 +25,7 @@ from calq.recipe import Recipe, VariantSpec
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
 BASELINE = "baseline"
+UNTIL = ("ranges", "quantize", "calibrate", "evaluate")
 CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
@@ -38,6 +39,7 @@ class Context:
     progress: object | None = None  # a rich Progress, or None
     log: Callable[[str], None] = lambda msg: None
     debug: bool = False
+    until: str | None = None  # stop after this group of stages (one of UNTIL); None: run everything and report
 
 
 @dataclass
@@ -48,6 +50,36 @@ class Plan:
     keys: dict[str, str] = field(default_factory=dict)
     variants: list[str] = field(default_factory=list)  # variant names, baseline first
     skipped: dict[str, str] = field(default_factory=dict)  # variant name -> why (an optional package is missing)
+    notes: list[str] = field(default_factory=list)  # sections left out, and why
+
+
+def without_unavailable_data(recipe: Recipe, data_root: Path | None) -> tuple[Recipe, list[str]]:
+    """Without a data folder, drop the sections that need one (calibrators, tasks, the gates on them), with notes.
+
+    So the quickstart still runs on a laptop with no network and no data folder; a missing file inside a
+    given data folder stays an error."""
+    if data_root is not None:
+        return recipe, []
+    notes, update = [], {}
+    cal = recipe.calibrators
+    if cal is not None:
+        try:
+            data_mod.check_available(cal.data, "calibrators.data", None)
+        except data_mod.SourceUnavailable:
+            update["calibrators"] = None
+            notes.append(f"calibrators skipped: {cal.data.source} needs a data folder (--data-dir)")
+    tasks = recipe.evaluation.tasks
+    if tasks is not None:
+        update["evaluation"] = recipe.evaluation.model_copy(update={"tasks": None})
+        notes.append("tasks skipped: calq's task data is read from a data folder (--data-dir)")
+        if recipe.gates is not None and recipe.gates.task_gates():
+            keep = recipe.gates.model_copy(update={g: None for g in recipe.gates.task_gates()})
+            update["gates"] = keep if keep.max_token_ece is not None else None
+            notes.append(f"gates skipped: {', '.join(recipe.gates.task_gates())} (no tasks)")
+    if update.get("calibrators", cal) is None and recipe.gates is not None and recipe.gates.calibrator not in (None, "none"):
+        update["gates"] = None
+        notes.append(f"gates skipped: they check calibrator '{recipe.gates.calibrator}', which was not fitted")
+    return recipe.model_copy(update=update), notes
 
 
 def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
@@ -73,7 +105,7 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
             plan.skipped[v.label] = exc.line()
             continue
         schemes.config_groups(v, where)
-        schemes.check_group_size(v, {k: w for k, w in widths.items() if not _ignored(k, v.ignore)}, where)
+        schemes.check_group_size(v, {k: w for k, w in widths.items() if not models.is_ignored(k, v.ignore)}, where)
     variants = [v for v in recipe.variants if v.label not in plan.skipped]
     model_key = stable_hash(CODE_VERSION, m.model_dump(), source.describe())
     samples_key = stable_hash(model_key, cal.model_dump(), data_mod.fingerprint(cal.data, data_root))
@@ -111,12 +143,6 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
         check_gates(recipe.gates, plan.variants, list(CALIBRATORS if cal_spec else ("none",)),
                     list(tasks.names) if tasks else [])
     return plan
-
-
-def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
-    import re
-
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in ignore)
 
 
 def _track(ctx: Context, description: str, total: int):
@@ -355,8 +381,9 @@ def stage_evaluate(ctx: Context, plan: Plan, name: str, source: models.ModelSour
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def run(ctx: Context, plan: Plan) -> dict:
-    """Run every stage (reusing finished ones) and write the report; returns the report dict."""
+def run(ctx: Context, plan: Plan) -> dict | None:
+    """Run every stage (reusing finished ones) and write the report; returns the report dict
+    (None when `ctx.until` stops the run before the report)."""
     from calq.report.build import write_reports
 
     r, run_dir = ctx.recipe, ctx.run
@@ -376,11 +403,15 @@ def run(ctx: Context, plan: Plan) -> dict:
         stage("base_model", stage_base_model)
     stage("samples", stage_samples)
     stage("ranges", stage_ranges)
+    if ctx.until == "ranges":
+        return None
     for label, why in plan.skipped.items():
         ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
     variants = [(i, v) for i, v in enumerate(r.variants) if v.label not in plan.skipped]
     for i, v in variants:
         stage(f"quantize/{v.label}", stage_quantize, v, i)
+    if ctx.until == "quantize":
+        return None
     stage("eval_tokens", stage_eval_tokens)
     sources = {BASELINE: _base_source(ctx, plan)}
     sources.update({v.label: models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder") for _, v in variants})
@@ -388,9 +419,13 @@ def run(ctx: Context, plan: Plan) -> dict:
         stage("instructions", stage_instructions)
         for name, source in sources.items():
             stage(f"calibrate/{name}", stage_calibrate, name, source)
+    if ctx.until == "calibrate":
+        return None
     for name, source in sources.items():
         stage(f"evaluate/{name}", stage_evaluate, name, source)
     if r.evaluation.tasks is not None:
         for name, source in sources.items():
             stage(f"tasks/{name}", stage_tasks, name, source)
+    if ctx.until == "evaluate":
+        return None
     return write_reports(ctx, plan)

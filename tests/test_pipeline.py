@@ -208,3 +208,32 @@ def test_unknown_task_and_gate_names_are_refused_before_any_model_loads(tiny_rec
     tiny_recipe["gates"] = {"variant": "awq-w4a16", "max_token_ece": 0.1}
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
     assert result.exit_code == 2 and "unknown variant 'awq-w4a16'" in result.output
+
+
+def test_without_a_data_folder_the_sections_that_need_one_are_left_out(tiny_recipe, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    tiny_recipe["calibrators"] = {"data": {"source": "@data/llamafactory/alpaca_en_demo.json"}}
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy"]}
+    tiny_recipe["gates"] = {"max_accuracy_drop": 0.1, "max_token_ece": 1.0}
+    out = tmp_path / "run"
+    report = run(write_recipe(tiny_recipe), out)
+    assert "tasks" not in report and report["calibrators"] is None
+    assert [r["gate"] for r in report["gates"]["results"]] == ["max_token_ece"]
+    assert any("calibrators skipped" in n for n in report["notes"]) and any("tasks skipped" in n for n in report["notes"])
+
+
+def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, tmp_path):
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["fit-ats", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 2 and "no `calibrators` section" in result.output
+    tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
+                                  "ats": {"epochs": 1, "min_response_tokens": 100, "max_len": 128}}
+    result = runner.invoke(app, ["fit-ats", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "calibrators" / "minmax-w4a16-g32" / "ats_head" / "config.json").is_file()
+    assert not (out / "eval").exists() and not (out / "report.json").exists()
+    fitted = markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"])
+    assert run(write_recipe(tiny_recipe), out)["variants"][1]["selected"]
+    assert markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"]) == fitted  # the full run reuses the fit

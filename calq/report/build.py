@@ -92,6 +92,7 @@ def collect(ctx, plan) -> dict:
         "smoothing": {name: json.loads(p.read_text())[: recipe.outliers_top_k] for name in plan.variants
                       if (p := run.path("smoothing", f"{name}.json")).is_file()},
         "skipped": plan.skipped,
+        "notes": plan.notes,
         "stages": {name: {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]} for name, m in stages.items()},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "cpus": _cpus()},
@@ -117,7 +118,7 @@ def markdown(report: dict) -> str:
               f"Calibration: {cal['num_samples']} samples × {cal['seq_len']} tokens from `{cal['source']}` (seed {cal['seed']}).",
               f"Token-level evaluation: {ev['tokens']:,} tokens of `{ev['source']}` in windows of {ev['seq_len']}; "
               f"ECE with {ev['bins']} equal-width bins (adaptive ECE: equal-mass bins).", ""]
-    for note in (cal.get("note"), ev.get("note")):
+    for note in (cal.get("note"), ev.get("note"), *report.get("notes", [])):
         if note:
             lines += [f"Data note: {note}.", ""]
     lines += ["## Variants", "",
