@@ -47,14 +47,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _size(folder: Path) -> int | None:
-    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return sum(f.stat().st_size for f in files) or None
-
-
 def collect(ctx, plan) -> dict:
     """Assemble report.json's content from the run folder (stage markers and result files)."""
-    from calq.pipeline import BASELINE, _base_source
+    from calq.pipeline import BASELINE, _base_source, _dir_size
 
     run, recipe = ctx.run, ctx.recipe
     stages = {name: json.loads(p.read_text()) for name in plan.keys if (p := run.meta / "stages" / f"{name}.json").is_file()}
@@ -63,7 +58,7 @@ def collect(ctx, plan) -> dict:
         evaluated = json.loads(run.path("eval", f"{name}.json").read_text())
         result = evaluated["tokens"]["calibrators"]["none"]
         if name == BASELINE:
-            size = _size(Path(_base_source(ctx, plan).location))
+            size = _dir_size(Path(_base_source(ctx, plan).location))
             quant = {"method": "none", "scheme": recipe.model.dtype, "calibration_seconds": None}
         else:
             q = stages[f"quantize/{name}"]["info"]
