@@ -16,7 +16,6 @@ def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> floa
     """Expected calibration error with `bins` equal-width bins on [0, 1]: sum_b |B|/N * |acc(B) - conf(B)|."""
     confidence, correct = confidence.double().flatten(), correct.double().flatten()
     idx = torch.clamp((confidence * bins).long(), max=bins - 1)  # right-closed last bin: 1.0 lands in bin bins-1
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(confidence))
     conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, confidence)
     acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct)
     return float((conf_sum - acc_sum).abs().sum() / confidence.numel())
