@@ -29,10 +29,10 @@ test-all: test
 
 # GPU only (they say so and exit on a machine without CUDA)
 bench-kernels: install
-	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/calq bench kernels
 
 bench-decode: install
-	$(BIN)/python benchmarks/bench_decode.py --compile
+	$(BIN)/calq bench decode
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

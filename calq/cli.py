@@ -220,6 +220,140 @@ def keys():
     Console().print(f"methods: {', '.join(METHODS)}; schemes: {', '.join(SCHEMES)}")
 
 
+bench_app = typer.Typer(help="Speed of the Triton kernels on a CUDA GPU, as ratio tables (markdown, ready for BENCHMARKS.md).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise CalqError(f"'{text}' is not a comma-separated list of integers", option, "write e.g. 1,16") from None
+    if not values or min(values) < 1:
+        raise CalqError(f"'{text}' has a value below 1", option, "give positive sizes, e.g. 1,16")
+    return values
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    group_size: int = typer.Option(128, "--group-size", help="int4 group size (tinygemm takes 32-256)"),
+    m: str = typer.Option("1,16,256,4096", "--m", help="rows of the activation matrix: batch x tokens"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every number to this file"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    """W4A16 and W8A8 kernels against cuBLAS bf16, tinygemm int4 and torch._int_mm, on Llama-sized layers.
+
+    For (K, N) in (4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192) and each M: median times
+    (triton.testing.do_bench, L2 cleared before each call), speed-ups over bf16, each kernel's time over its
+    floor (bytes / measured bandwidth or operations / measured rate), and the relative errors.
+    """
+    import json
+
+    from calq.kernels import bench
+
+    try:
+        ms = _int_list(m, "--m")
+        bench.require_cuda("calq bench kernels")
+    except CalqError as err:
+        _fail(err, debug)
+    out = Console()
+    out.print(f"device: {torch_device_name()}, group size {group_size}, {_versions()}")
+    ceil = bench.ceilings()
+    out.print(f"ceilings (measured): copy {ceil['bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 {ceil['bf16_ops_per_s'] / 1e12:.0f} TFLOP/s, int8 {ceil['int8_ops_per_s'] / 1e12:.0f} TOP/s")
+    rows = []
+    for k, n in bench.SHAPES:
+        rows += bench.time_shape(k, n, group_size, ms, log=lambda msg: console.print(f"[yellow]note:[/] {msg}"))
+        console.print(f"timed K={k} N={n}")
+    for table in bench.kernel_tables(rows, ceil):
+        out.print("\n" + bench.markdown(*table), highlight=False, soft_wrap=True)
+    if json_out:
+        json_out.write_text(json.dumps({"device": torch_device_name(), "ceilings": ceil, "rows": rows}, indent=1))
+
+
+@bench_app.command("decode")
+def bench_decode(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="a calq variant folder (RUN/variants/NAME): "
+                                              "its kernels against its own weights decompressed to bf16 "
+                                              "[default: a random Llama-2-7B-shaped model, min-max quantized]"),
+    layers: int = typer.Option(32, "--layers", help="decoder layers of the random model (32 as Llama-2-7B; fewer for a quick look)"),
+    batch: str = typer.Option("1,16", "--batch", help="batch sizes (rows decoded together)"),
+    prompt: int = typer.Option(128, "--prompt", help="prompt tokens, prefilled untimed"),
+    tokens: int = typer.Option(128, "--tokens", help="tokens generated per row; all but the first are timed"),
+    group_size: int = typer.Option(128, "--group-size", help="int4 group size of the random model's W4A16"),
+    compile: bool = typer.Option(True, "--compile/--eager", help="torch.compile each step with CUDA graphs"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    """Greedy decoding tokens/s with a static KV cache: bf16 against the W4A16 and W8A8 kernels.
+
+    Each row: generated tokens per second over all rows of the batch, after one untimed warm-up of the same
+    shape; the speed-up is over bf16 in the same run. With --checkpoint, also the number of tokens for which
+    the kernels' greedy output equals the bf16 model's.
+    """
+    import torch
+
+    from calq.kernels import bench
+    from calq.kernels.decode import Decoder, tokens_per_second
+
+    try:
+        batches = _int_list(batch, "--batch")
+        if tokens < 2:
+            raise CalqError(f"--tokens {tokens} leaves no decode step to time", "--tokens", "give 2 or more")
+        if checkpoint is not None and not (checkpoint / "config.json").is_file():
+            raise CalqError(f"no config.json in {checkpoint}", "--checkpoint", "give a variant folder, RUN/variants/NAME")
+        bench.require_cuda("calq bench decode")
+        if checkpoint is not None:
+            from transformers import AutoModelForCausalLM
+
+            from calq.kernels import load_quantized
+
+            quantized = load_quantized(checkpoint, "cuda", torch.bfloat16)
+            base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+            models = {"bf16 (decompressed)": base, checkpoint.name: quantized}
+        else:
+            base = bench.random_llama(layers)
+            models = {"bf16": base, **{s: bench.quantized_copy(base, s, group_size) for s in ("w4a16", "w8a8")}}
+    except CalqError as err:
+        _fail(err, debug)
+    out = Console()
+    what = checkpoint or f"random Llama-2-7B-shaped model, {layers} layers, W4A16 group {group_size}"
+    out.print(f"device: {torch_device_name()}; {what}; prompt {prompt}, {tokens} tokens, "
+              f"{'torch.compile + CUDA graphs' if compile else 'eager'}; {_versions()}")
+    rows = []
+    for b in batches:
+        rates = {}
+        for name, model in models.items():
+            rates[name] = tokens_per_second(model, b, prompt, tokens, compile)
+            console.print(f"batch {b}, {name}: {rates[name]:.1f} tokens/s")
+        reference = next(iter(rates.values()))
+        for name, model in models.items():
+            gb = bench.weight_bytes(model) / 1e9
+            per_row = rates[name] / b
+            rows.append([str(b), name, f"{rates[name]:.1f}", f"{1e3 / per_row:.2f}", f"{rates[name] / reference:.2f}",
+                         f"{gb:.2f}", f"{gb * per_row:.0f}"])
+    out.print("\n" + bench.markdown("greedy decoding", ["batch", "model", "tokens/s", "ms/step", "speed-up",
+                                                        "weights GB", "weight GB/s"], rows), highlight=False, soft_wrap=True)
+    if checkpoint is not None:
+        ids = torch.randint(0, base.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+        outputs = [Decoder(m, prompt + tokens).generate(ids, tokens)[0] for m in models.values()]
+        out.print(f"greedy agreement: the kernels' tokens equal bf16's for the first "
+                  f"{bench.agreeing_prefix(*outputs)} of {tokens} tokens")
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def _versions() -> str:
+    import torch
+    import triton
+
+    return f"torch {torch.__version__}, triton {triton.__version__}"
+
+
 def main():
     app()
 

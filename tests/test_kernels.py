@@ -268,6 +268,82 @@ def test_load_quantized_matches_decompressed_model(variant, checkpoints, poison)
             assert rel_error(model(ids).logits, ref) < MODEL_TOL[variant.split("-")[0]]
 
 
+def test_decoder_matches_transformers_generate(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from calq.kernels.decode import Decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(DEVICE).eval()
+    prompt = torch.randint(3, 256, (2, 7), device=DEVICE)
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              min_new_tokens=12, pad_token_id=0)[:, 7:]
+    decoder = Decoder(model, max_len=7 + 12)
+    tokens, seconds = decoder.generate(prompt, 12)
+    assert torch.equal(tokens, expected) and seconds > 0
+    assert torch.equal(decoder.generate(prompt, 12)[0], expected)  # the cache is reset between prompts
+    with pytest.raises(ValueError, match="exceed the cache length"):
+        decoder.generate(prompt, 13)
+    with pytest.raises(ValueError, match="make another for batch 1"):
+        decoder.generate(prompt[:1], 12)
+
+
+@pytest.mark.parametrize("variant", ["w4a16-g32", "w8a8-dynamic"])
+def test_kernel_model_decodes_the_same_tokens(variant, checkpoints):
+    """Greedy decoding, 32 tokens for 2 prompts: kernels (static KV cache) against transformers' decompressed model."""
+    from transformers import AutoModelForCausalLM
+
+    from calq.kernels.decode import Decoder
+
+    folder = checkpoints[variant]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE)
+    model = modules.load_quantized(folder, DEVICE, torch.float32)
+    prompt = torch.randint(3, 256, (2, 5), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3))
+    expected, _ = Decoder(reference, 5 + 32).generate(prompt, 32)
+    tokens, _ = Decoder(model, 5 + 32).generate(prompt, 32)
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="about 100 s per token of the bundled model in Triton's interpreter")
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+def test_bundled_model_greedy_tokens_match_on_gpu(scheme, tmp_path):
+    """SmolLM2-135M min-max quantized by calq: 64 greedy tokens from the kernels in bf16 against transformers'
+    decompressed model in bf16, from a real prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calq import models
+    from calq.kernels.bench import agreeing_prefix
+    from calq.kernels.decode import Decoder
+    from calq.quant import methods
+    from calq.recipe import VariantSpec
+
+    source = models.resolve("smollm2-135m")
+    model, tokenizer = models.load(source, "float32")
+    spec = VariantSpec(method="minmax", scheme=scheme,
+                       **({"group_size": 64} if scheme == "w4a16" else {"dynamic_activations": True}))
+    methods.get("minmax", scheme)(model, None, spec, scheme)
+    model.save_pretrained(tmp_path / scheme, save_compressed=True)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / scheme, dtype=torch.bfloat16).cuda()
+    kernels = modules.load_quantized(tmp_path / scheme, "cuda", torch.bfloat16)
+    prompt = tokenizer("The history of the city begins in the Middle Ages, when", return_tensors="pt").input_ids
+    length = prompt.shape[1] + 64
+    assert agreeing_prefix(Decoder(kernels, length).generate(prompt, 64)[0],
+                           Decoder(reference, length).generate(prompt, 64)[0]) >= 32
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", ["kernels", "decode"])
+def test_bench_without_cuda_says_so(command):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    result = CliRunner().invoke(app, ["bench", command])
+    assert result.exit_code == 2 and "no CUDA device is visible" in result.output
+    result = CliRunner().invoke(app, ["bench", command, "--m" if command == "kernels" else "--batch", "1,x"])
+    assert result.exit_code == 2 and "'1,x' is not a comma-separated list of integers" in result.output
+
+
 class RefuseImports(importlib.abc.MetaPathFinder):
     def __init__(self, *packages: str):
         self.packages = packages

@@ -189,6 +189,9 @@ def test_tasks_html_and_gates_set_the_exit_code(tiny_recipe, write_recipe, alpac
     assert report["gates"]["passed"] is True
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
+    assert html.index("Token-level calibration") < html.index("<h2>Calibrators</h2>") < html.index("Tasks (lm-eval)")
+    selected = report["variants"][1]["selected"]
+    assert f"<td>{selected} *</td>" in html and "Held-out instruction responses" in html and "<h3>Goals</h3>" in html
 
     # an impossible threshold fails the release: exit code 1, with the failing gate named; nothing recomputed
     tiny_recipe["gates"] = {"max_token_ece": 0.0}

@@ -1,6 +1,6 @@
 """report.html: one self-contained page (CSS inline, charts as base64 PNG) that opens offline.
 
-Order: the verdict first (gates, then a summary per variant), then the detail: token-level and task tables,
+Order: the verdict first (gates, then a summary per variant), then the detail: token-level, calibrator and task tables,
 reliability diagrams, activation outliers, methods, and the exact recipe and versions.
 Reads report.json's content; `tasks` and `gates` are optional (absent when the run had none).
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from calq.report import plots
+from calq.report.build import EVAL_SETS, calibrators_text
 from calq.runs import write_text
 
 STYLE = """
@@ -24,7 +25,7 @@ th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeri
 .verdict{padding:1rem 1.2rem;border-radius:6px;font-size:1.1rem;margin:1rem 0}
 .pass{background:#e6f4ea;border:1px solid #34a853} .fail{background:#fce8e6;border:1px solid #d93025}
 .none{background:#f1f3f4;border:1px solid #9aa0a6} .muted{color:#666;font-size:.9rem}
-.grid{display:flex;flex-wrap:wrap;gap:.5rem}
+.grid{display:flex;flex-wrap:wrap;gap:.5rem} .grid img{width:32.5%}
 pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.82rem} img{max-width:100%}
 """
 
@@ -102,7 +103,7 @@ def _summary(report: dict) -> str:
     note = " Task means are unweighted over tasks." if task_rows else ""
     skipped = "".join(f"<p><b>Skipped variant {escape(name)}</b>: {escape(why)}</p>" for name, why in report.get("skipped", {}).items())
     return ("<h2>Summary</h2>" + _table(header, rows, set(range(1, len(header))))
-            + f'<p class="muted">Token-level numbers are uncalibrated.{note}</p>' + skipped)
+            + f'<p class="muted">Token-level numbers are uncalibrated (calibrated ones: Calibrators).{note}</p>' + skipped)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -124,6 +125,35 @@ def _tokens(report: dict) -> str:
             f'ECE with {ev["bins"]} equal-width bins (adaptive ECE: equal-mass bins).</p>'
             + _table(["variant", "ppl", "top-1 acc", "confidence", "ECE", "adaptive ECE", "Brier", "tokens"], rows, set(range(1, 8)))
             + _img(diagram, "token-level reliability diagram"))
+
+
+def _calibrators(report: dict) -> str:
+    """Per held-out set: every variant x calibrator, reliability diagrams per variant, and the goals."""
+    c = report.get("calibrators")
+    if not c:
+        return ""
+    out = "<h2>Calibrators</h2><p class=\"muted\">" + calibrators_text({**c, "source": escape(str(c["source"]))}) + "</p>"
+    for part, title in EVAL_SETS.items():
+        variants = [v for v in report["variants"] if part in v["calibrated"]]
+        if not variants:
+            continue
+        rows = [[v["variant"], cal + (" *" if cal == v["selected"] else ""), _num(m["nll"]), _num(m["accuracy"]),
+                 _num(m["confidence"]), _num(m["ece"]), _num(m["adaptive_ece"]), _num(m["brier"]), _num(m["tokens"])]
+                for v in variants for cal, m in v["calibrated"][part].items()]
+        figures = [_img(plots.reliability_diagram({f"{cal} (ECE {m['ece']:.3f})": m["reliability"]
+                                                   for cal, m in v["calibrated"][part].items() if m.get("reliability")},
+                                                  f"{v['variant']}: {title}"), f"{v['variant']} {part} reliability diagram")
+                   for v in variants]
+        out += (f"<h3>{escape(title.capitalize())}</h3>"
+                + _table(["variant", "calibrator", "NLL", "acc", "conf", "ECE", "adaptive ECE", "Brier", "tokens"], rows,
+                         set(range(2, 9)))
+                + f'<div class="grid">{"".join(figures)}</div>')
+    if report.get("goals"):
+        rows = [[g["set"], g["variant"], g["goal"], _num(g["value"]), _num(g["bound"]), "yes" if g["met"] else "NO"]
+                for g in report["goals"]]
+        out += ("<h3>Goals</h3>" + _table(["set", "variant", "goal", "value", "bound", "met"], rows, {3, 4})
+                + '<p class="muted">Checked on every held-out set; unlike gates, they do not set the exit code.</p>')
+    return out
 
 
 def _tasks(report: dict) -> str:
@@ -191,7 +221,7 @@ def render(report: dict) -> str:
     head = (f"<h1>calq report: {escape(report['recipe'])}</h1>"
             f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
-    body = head + _verdict(report) + _gates(report) + _summary(report) + _tokens(report) + _tasks(report) \
+    body = head + _verdict(report) + _gates(report) + _summary(report) + _tokens(report) + _calibrators(report) + _tasks(report) \
         + _outliers(report) + _methods(report) + _recipe(report)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")

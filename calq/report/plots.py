@@ -38,13 +38,15 @@ def reliability_diagram(series: dict[str, list[dict]], title: str) -> bytes:
 
 
 def task_chart(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "ece")) -> bytes:
-    """One panel per metric: a bar group per task, a bar per variant/calibrator, whiskers = `<metric>_ci`.
-    Rows without the metric (ECE of a generative task) leave a gap."""
+    """One panel per metric: a bar group per task, a bar per variant (colour) and calibrator (hatching), whiskers =
+    `<metric>_ci`; the legend sits to the right. Rows without the metric (ECE of a generative task) leave a gap."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     series = list(dict.fromkeys((r["variant"], r["calibrator"]) for r in rows))
+    variants = list(dict.fromkeys(v for v, _ in series))
+    calibrators = list(dict.fromkeys(c for _, c in series))
     by_key = {(r["variant"], r["calibrator"], r["task"]): r for r in rows}
     width = 0.8 / len(series)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.2 * len(metrics)), dpi=100, layout="constrained")
+    fig = Figure(figsize=(max(4.0, 1.1 * len(tasks) + 1.5) + 2.6, 3.0 * len(metrics)), dpi=100, layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
     for ax, metric in zip(axes, metrics):
         for i, (variant, calibrator) in enumerate(series):
@@ -58,10 +60,15 @@ def task_chart(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "ece"))
                 values.append(row[metric])
                 low.append(row[metric] - ci[0])
                 high.append(ci[1] - row[metric])
-            ax.bar(xs, values, width, yerr=[low, high], capsize=2, label=f"{variant} / {calibrator}", error_kw={"linewidth": 0.8})
+            ax.bar(xs, values, width, yerr=[low, high], capsize=2, label=f"{variant} / {calibrator}",
+                   color=f"C{variants.index(variant) % 10}", hatch=HATCHES[calibrators.index(calibrator) % len(HATCHES)],
+                   edgecolor="white", linewidth=0, error_kw={"linewidth": 0.8})
         ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(series), 4), fontsize=7)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     return _png(fig)
+
+
+HATCHES = ("", "///", "...", "xxx", "\\\\\\")
