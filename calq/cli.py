@@ -16,6 +16,8 @@ from calq.errors import CalqError
 if "--debug" not in sys.argv:
     # The libraries' own tqdm bars interleave with ours; tqdm reads this when it is first imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # llm-compressor warns "No accelerator available!" on import, before calq can route its logs to the run folder
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
 HELP = """\
 calq: quantize a causal LM several ways and check that its probabilities stay calibrated.

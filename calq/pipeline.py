@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -230,7 +231,9 @@ def stage_quantize(ctx: Context, plan: Plan, variant: VariantSpec, index: int):
         outputs["smoothing"] = write_json(ctx.run.path("smoothing", f"{variant.label}.json"),
                                           _smoothing_effect(ctx, plan, model, samples[:SPREAD_SAMPLES]))
     final = ctx.run.path("variants", variant.label)
-    with atomic_path(final) as tmp:
+    with atomic_path(final) as tmp, warnings.catch_warnings():
+        # llm-compressor leaves its offloading hooks on the model (all on the CPU here); the shard-size warning is moot
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
     used = schemes.calibration_samples(samples, variant).shape if schemes.needs_calibration_data(variant) else (0, 0)

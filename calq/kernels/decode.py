@@ -26,7 +26,12 @@ class Decoder:
         self.device = model.get_input_embeddings().weight.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.batch: int | None = None
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+        self.step = self._step
+        if compile:
+            # Each Decoder's step is the same code guarded on another model and cache: a benchmark making a few
+            # of them would hit dynamo's default limit of 8 and fall back to eager without saying so.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 
     def _step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens, past_key_values=self.cache, cache_position=position).logits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -13,10 +15,26 @@ def samples_dataset(samples: torch.Tensor):
 
 def quiet_logs(log_file: str | None, console: bool = False) -> None:
     """llm-compressor logs to a file in the run folder; to the console only with --debug."""
+    import logging
+
     from llmcompressor.logger import LoggerConfig, configure_logger
 
     configure_logger(LoggerConfig(console_log_level="INFO" if console else None, log_file=log_file,
                                   log_file_level="INFO" if log_file else None))  # no file: no ./llmcompressor.log
+    if not console:
+        _hide_compressed_tensors_bars()
+        # "is_fx_tracing will return true for both ...", once per run from llm-compressor's tracing
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def _hide_compressed_tensors_bars() -> None:
+    """compressed-tensors passes `disable=` to two tqdm bars itself, so TQDM_DISABLE cannot hide them."""
+    from compressed_tensors.offload import dispatch
+    from compressed_tensors.quantization.lifecycle import apply
+
+    for module in (apply, dispatch):
+        bar = getattr(module.tqdm, "__wrapped__", module.tqdm)
+        module.tqdm = functools.wraps(bar)(lambda *args, _bar=bar, **kwargs: _bar(*args, **{**kwargs, "disable": True}))
 
 
 def run_oneshot(model, recipe: list, samples: torch.Tensor | None, pipeline: str | None = None):
