@@ -120,7 +120,10 @@ def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
     model_keys = {BASELINE: model_key}
     for v in variants:
         needs = samples_key if schemes.needs_calibration_data(v) else model_key
-        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(needs, v.model_dump(exclude_defaults=True))
+        version = methods.get(v.method, "method").version
+        # a method at its first version adds nothing, so the keys of runs made before versions existed stay valid
+        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(
+            needs, v.model_dump(exclude_defaults=True), *([version] if version > 1 else []))
     plan.keys["eval_tokens"] = eval_data_key
     cal_spec = recipe.calibrators
     if cal_spec is not None:

@@ -240,3 +240,19 @@ def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, 
     fitted = markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"])
     assert run(write_recipe(tiny_recipe), out)["variants"][1]["selected"]
     assert markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"]) == fitted  # the full run reuses the fit
+
+
+def test_a_method_version_bump_redoes_only_its_variants(tiny_recipe, write_recipe, monkeypatch):
+    from dataclasses import replace
+
+    from calq.pipeline import make_plan
+    from calq.quant import methods
+    from calq.recipe import load_recipe
+
+    tiny_recipe["variants"].append({"method": "smoothquant", "scheme": "w8a8"})
+    recipe = load_recipe(write_recipe(tiny_recipe))
+    before = make_plan(recipe, None).keys
+    monkeypatch.setitem(methods.METHODS, "minmax", replace(methods.METHODS["minmax"], version=2))
+    after = make_plan(recipe, None).keys
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    assert changed == {f"{stage}/{v}" for stage in ("quantize", "evaluate") for v in ("minmax-w8a8", "minmax-w4a16-g32")}

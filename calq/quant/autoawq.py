@@ -8,11 +8,13 @@ its weight scales and zero points are overwritten with those AutoAWQ's own quant
 same weights, so the checkpoint holds exactly AutoAWQ's int4 values. AutoAWQ's zero points are unsigned
 (0..15) and compressed-tensors' signed (-8..7): zp = z - 8 gives the same dequantized weights.
 AutoAWQ's scaling and clipping touch every Linear of the decoder layers; `ignore` applies to the int4 step.
+On a CPU, AutoAWQ's scale search corrupts the weights it means to restore; `_snapshots_that_copy` is the workaround.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -61,22 +63,58 @@ def check_model(config, variant: VariantSpec, where: str) -> None:
 def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    model_type = model.config.model_type
-    awq_model = _model_map(where)[model_type](model, model_type, False, model.config, None, None)
-    device = model.device
-    zero_point = not variant.symmetric if variant.symmetric is not None else True
-    awq_model.quantize(None, {"w_bit": 4, "q_group_size": variant.group_size or 128, "zero_point": zero_point, "version": "gemm"},
-                       calib_data=samples.tolist(), max_calib_samples=samples.shape[0], max_calib_seq_len=samples.shape[1],
-                       export_compatible=True)
-    model.to(device)  # AutoAWQ leaves the layers on the GPU when there is one
-
+    quantizer = scale_and_clip(model, samples, variant, where)
     modifier = QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))
     llmc.run_oneshot(model, [modifier], None)
     for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is not None and scheme.weights is not None:
-            _, scales, zeros = awq_model.quantizer.pseudo_quantize_tensor(module.weight.data)
+            _, scales, zeros = quantizer.pseudo_quantize_tensor(module.weight.data)
             module.weight_scale.data.copy_(scales)
             if zeros is not None:
                 module.weight_zero_point.data.copy_(zeros - 8)
     return model
+
+
+def scale_and_clip(model, samples: torch.Tensor, variant: VariantSpec, where: str, clip: bool = True):
+    """AutoAWQ's search, applied to `model` in floating point (scales folded into the preceding norms and layers,
+    then weight clipping); returns AutoAWQ's quantizer, whose rounding the int4 export reuses."""
+    from awq.utils.utils import get_best_device
+
+    model_type = model.config.model_type
+    awq_model = _model_map(where)[model_type](model, model_type, False, model.config, None, None)
+    device = model.device
+    zero_point = not variant.symmetric if variant.symmetric is not None else True
+    with _snapshots_that_copy() if get_best_device() == "cpu" else nullcontext():
+        awq_model.quantize(None, {"w_bit": 4, "q_group_size": variant.group_size or 128, "zero_point": zero_point,
+                                  "version": "gemm"},
+                           calib_data=samples.tolist(), max_calib_samples=samples.shape[0],
+                           max_calib_seq_len=samples.shape[1], export_compatible=True, apply_clip=clip)
+    model.to(device)  # AutoAWQ leaves the layers on the GPU when there is one
+    return awq_model.quantizer
+
+
+@contextmanager
+def _snapshots_that_copy():
+    """AutoAWQ 0.2.9's scale search keeps a block's weights as `{k: v.cpu() for k, v in state_dict().items()}`, scales
+    them in place for each candidate and restores them from that snapshot. `.cpu()` copies a GPU tensor but returns a
+    CPU tensor itself, so on a CPU the snapshot is the live weights: the first candidate's scales stay in them and
+    every later candidate and the final scaling start from corrupted weights (measured on SmolLM2-135M: perplexity
+    30.1 -> 242,906 after the search, before any rounding). While AutoAWQ runs on the CPU, the snapshot is a copy."""
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._compute_best_scale
+
+    def search_with_a_copied_snapshot(self, x, w_mean, x_mean, module2inspect, *args, **kwargs):
+        live = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {name: t.clone() for name, t in live(*a, **k).items()}
+        try:
+            return search(self, x, w_mean, x_mean, module2inspect, *args, **kwargs)
+        finally:
+            del module2inspect.state_dict
+
+    AwqQuantizer._compute_best_scale = search_with_a_copied_snapshot
+    try:
+        yield
+    finally:
+        AwqQuantizer._compute_best_scale = search
