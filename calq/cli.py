@@ -183,7 +183,7 @@ def _print_summary(report: dict, root: Path):
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
-    """Rebuild report.json and report.md from a run folder's stored results, without recomputing."""
+    """Rebuild report.json, report.md and report.html from a run folder's stored results, without recomputing."""
     from calq import data as data_mod
     from calq.pipeline import Context, make_plan, without_unavailable_data
     from calq.recipe import load_recipe

@@ -285,6 +285,8 @@ def test_decoder_matches_transformers_generate(tiny_model):
         decoder.generate(prompt, 13)
     with pytest.raises(ValueError, match="make another for batch 1"):
         decoder.generate(prompt[:1], 12)
+    # compiled whole (fullgraph) with the static cache: on a GPU this is the CUDA-graph path the benchmarks time
+    assert torch.equal(Decoder(model, max_len=7 + 12, compile=True).generate(prompt, 12)[0], expected)
 
 
 @pytest.mark.parametrize("variant", ["w4a16-g32", "w8a8-dynamic"])
