@@ -135,8 +135,9 @@ def test_autoawq_refuses_widths_its_clip_search_cannot_split(tiny_model):
 
 
 def test_autoawq_missing_raises_method_unavailable(monkeypatch, tiny_model):
-    for name in ("awq", "awq.models", "awq.models.auto"):
-        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail whether or not autoawq is installed
+    # makes every import of autoawq fail, whether or not it is installed and whether or not earlier tests imported it
+    for name in {"awq", "awq.models", "awq.models.auto", *(m for m in sys.modules if m.startswith("awq."))}:
+        monkeypatch.setitem(sys.modules, name, None)
     variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
     with pytest.raises(methods.MethodUnavailable, match="autoawq") as err:
         methods.check(variant, WHERE, LlamaConfig.from_pretrained(tiny_model))

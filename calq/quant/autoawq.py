@@ -79,10 +79,10 @@ def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
 def scale_and_clip(model, samples: torch.Tensor, variant: VariantSpec, where: str, clip: bool = True):
     """AutoAWQ's search, applied to `model` in floating point (scales folded into the preceding norms and layers,
     then weight clipping); returns AutoAWQ's quantizer, whose rounding the int4 export reuses."""
+    model_type = model.config.model_type
+    awq_model = _model_map(where)[model_type](model, model_type, False, model.config, None, None)  # first: checks the import
     from awq.utils.utils import get_best_device
 
-    model_type = model.config.model_type
-    awq_model = _model_map(where)[model_type](model, model_type, False, model.config, None, None)
     device = model.device
     zero_point = not variant.symmetric if variant.symmetric is not None else True
     with _snapshots_that_copy() if get_best_device() == "cpu" else nullcontext():
