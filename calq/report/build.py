@@ -37,13 +37,13 @@ def goals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def calibrators_text(c: dict) -> str:
-    """How the calibrators were fitted, one paragraph (file names in <code>, which markdown turns into backticks)."""
+def calibrators_text(c: dict, code) -> str:
+    """How the calibrators were fitted, one paragraph; `code(text)` marks up the data file name."""
     return (f"Fitted per variant on that model's own hidden states: a global temperature (NLL) and an ATS head "
             f"(one decoder layer + Linear; loss smoothing '{c['ats']['smoothing']}', alpha {c['ats']['alpha']}, "
             f"lr {c['ats']['lr']}, at most {c['ats']['epochs']} epochs, early stopping on validation {c['ats']['select_by']}). "
             f"Data: {c['fit_records']} fit records ({c['ats']['val_fraction']:.0%} of them validate) and {c['heldout_records']} "
-            f"held-out records from <code>{c['source']}</code> (seed {c['seed']}); the selected calibrator (*) has the best "
+            f"held-out records from {code(c['source'])} (seed {c['seed']}); the selected calibrator (*) has the best "
             f"validation {c['ats']['select_by']}.")
 
 
@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
                      f"{r['confidence']:.4f} | {r['ece']:.4f} | {r['adaptive_ece']:.4f} | {r['brier']:.4f} |")
     if report.get("calibrators"):
         c = report["calibrators"]
-        lines += ["", "## Calibrators", "", calibrators_text(c).replace("<code>", "`").replace("</code>", "`")]
+        lines += ["", "## Calibrators", "", calibrators_text(c, code=lambda text: f"`{text}`")]
         for part, title in EVAL_SETS.items():
             rows = [v for v in report["variants"] if part in v["calibrated"]]
             if not rows:

@@ -132,7 +132,7 @@ def _calibrators(report: dict) -> str:
     c = report.get("calibrators")
     if not c:
         return ""
-    out = "<h2>Calibrators</h2><p class=\"muted\">" + calibrators_text({**c, "source": escape(str(c["source"]))}) + "</p>"
+    out = "<h2>Calibrators</h2><p class=\"muted\">" + calibrators_text(c, code=lambda text: f"<code>{escape(str(text))}</code>") + "</p>"
     for part, title in EVAL_SETS.items():
         variants = [v for v in report["variants"] if part in v["calibrated"]]
         if not variants:
