@@ -323,14 +323,14 @@ def bench_decode(
     out.print(f"device: {torch_device_name()}; {what}; prompt {prompt}, {tokens} tokens, "
               f"{'torch.compile + CUDA graphs' if compile else 'eager'}; {_versions()}")
     rows = []
+    weight_gb = {name: bench.weight_bytes(model) / 1e9 for name, model in models.items()}
     for b in batches:
         rates = {}
         for name, model in models.items():
             rates[name] = tokens_per_second(model, b, prompt, tokens, compile)
             console.print(f"batch {b}, {name}: {rates[name]:.1f} tokens/s")
         reference = next(iter(rates.values()))
-        for name, model in models.items():
-            gb = bench.weight_bytes(model) / 1e9
+        for name, gb in weight_gb.items():
             per_row = rates[name] / b
             rows.append([str(b), name, f"{rates[name]:.1f}", f"{1e3 / per_row:.2f}", f"{rates[name] / reference:.2f}",
                          f"{gb:.2f}", f"{gb * per_row:.0f}"])
