@@ -172,10 +172,11 @@ def _show_plan(r, plan, run_dir):
 
 
 def _print_summary(report: dict, root: Path):
+    from calq.report.build import mb
+
     table = Table("variant", "size MB", "ppl", "acc", "conf", "ECE", "Brier", title=f"token-level calibration ({report['evaluation']['tokens']['tokens']:,} tokens)")
     for v in report["variants"]:
-        size = f"{v['size_bytes'] / 2**20:,.1f}" if v["size_bytes"] else "–"
-        table.add_row(v["variant"], size, f"{v['ppl']:.2f}", f"{v['accuracy']:.4f}", f"{v['confidence']:.4f}", f"{v['ece']:.4f}", f"{v['brier']:.4f}")
+        table.add_row(v["variant"], mb(v["size_bytes"]), f"{v['ppl']:.2f}", f"{v['accuracy']:.4f}", f"{v['confidence']:.4f}", f"{v['ece']:.4f}", f"{v['brier']:.4f}")
     Console().print(table)
     Console().print(f"report: {root / 'report.html'} ({root / 'report.md'}; all numbers: {root / 'report.json'})")
 

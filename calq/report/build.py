@@ -111,7 +111,8 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _mb(n: int | None) -> str:
+def mb(n: int | None) -> str:
+    """Bytes as MiB with one decimal, or a dash when unknown."""
     return f"{n / 2**20:,.1f}" if n else "–"
 
 
@@ -131,7 +132,7 @@ def markdown(report: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["variants"]:
         secs = f"{r['calibration_seconds']:.1f}" if r["calibration_seconds"] is not None else "–"
-        lines.append(f"| {r['variant']} | {_mb(r['size_bytes'])} | {secs} | {r['ppl']:.2f} | {r['accuracy']:.4f} | "
+        lines.append(f"| {r['variant']} | {mb(r['size_bytes'])} | {secs} | {r['ppl']:.2f} | {r['accuracy']:.4f} | "
                      f"{r['confidence']:.4f} | {r['ece']:.4f} | {r['adaptive_ece']:.4f} | {r['brier']:.4f} |")
     if report.get("calibrators"):
         c = report["calibrators"]

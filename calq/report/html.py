@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from calq.report import plots
-from calq.report.build import EVAL_SETS, calibrators_text
+from calq.report.build import EVAL_SETS, calibrators_text, mb
 from calq.runs import write_text
 
 STYLE = """
@@ -99,7 +99,7 @@ def _summary(report: dict) -> str:
         mine = [r for r in task_rows if r["variant"] == v["variant"]]
         acc = [_mean([r["accuracy"] for r in mine if r["calibrator"] == c]) for c in calibrators]
         ece = [_mean([r["ece"] for r in mine if r["calibrator"] == c and r["ece"] is not None]) for c in calibrators]
-        rows.append([v["variant"], _mb(v.get("size_bytes")), _num(v["ppl"], 2), _num(v["ece"]), *map(_num, acc), *map(_num, ece)])
+        rows.append([v["variant"], mb(v.get("size_bytes")), _num(v["ppl"], 2), _num(v["ece"]), *map(_num, acc), *map(_num, ece)])
     note = " Task means are unweighted over tasks." if task_rows else ""
     skipped = "".join(f"<p><b>Skipped variant {escape(name)}</b>: {escape(why)}</p>" for name, why in report.get("skipped", {}).items())
     return ("<h2>Summary</h2>" + _table(header, rows, set(range(1, len(header))))
@@ -108,10 +108,6 @@ def _summary(report: dict) -> str:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _mb(n) -> str:
-    return f"{n / 2**20:,.1f}" if n else "–"
 
 
 def _tokens(report: dict) -> str:
@@ -199,7 +195,7 @@ def _smoothing(name: str, layers: list[dict]) -> str:
 
 
 def _methods(report: dict) -> str:
-    rows = [[v["variant"], v["method"], v["scheme"], v.get("group_size") or "–", _mb(v.get("size_bytes")),
+    rows = [[v["variant"], v["method"], v["scheme"], v.get("group_size") or "–", mb(v.get("size_bytes")),
              _num(v.get("calibration_seconds"), 1)] for v in report["variants"] if v.get("calibrator", "none") == "none"]
     cal = report["calibration"]
     return ("<h2>Methods</h2>" + _table(["variant", "method", "scheme", "group size", "size (MB)", "calibration (s)"], rows, {3, 4, 5})
