@@ -65,16 +65,15 @@ def time_method(folder: Path, dtype: torch.dtype, samples: torch.Tensor, name: s
     from transformers import AutoModelForCausalLM
 
     from calq.quant import llmc, methods
-    from calq.recipe import VariantSpec
 
-    spec = VariantSpec(**VARIANTS[name])
+    spec = methods.config(VARIANTS[name])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     llmc.quiet_logs(None)
     try:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        methods.get(spec.method, name)(model, samples, spec, name)
+        spec.apply(model, samples)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -8,18 +8,16 @@ Prints examples/s for each design and their ratio, taken in one process, one aft
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from calq.calib import identity
-from calq.calib.ats import load_head
-from calq.calib.temperature import Temperature
-from calq.evaluate.harness import run_tasks
-from calq.models import load_config
+from calq.calib import calibrators as calibrators_mod
+from calq.calib.base import identity
+from calq.evaluation.harness import run_tasks
+from calq.models import ModelSource, load_config
 
 
 def main():
@@ -34,12 +32,8 @@ def main():
 
     model_dir = args.run / ("base_model" if args.variant == "baseline" else f"variants/{args.variant}")
     folder = args.run / "calibrators" / args.variant
-    from calq.models import ModelSource
-
     config = load_config(ModelSource(str(model_dir), kind="folder"))
-    fitted = json.loads((folder / "calibrators.json").read_text())
-    calibrators = {"none": identity, "temperature": Temperature(fitted["temperature"]),
-                   "ats": load_head(folder / "ats_head", config)}
+    calibrators = calibrators_mod.load_all(folder, config, ["none", "temperature", "ats"])
 
     def timed(cals):
         start = time.perf_counter()

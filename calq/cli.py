@@ -62,50 +62,33 @@ def run(
     until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
 ):
-    """Run a recipe: calibration samples, activation ranges, quantized variants, token-level evaluation, report.
+    """Run a recipe: calibration samples, activation ranges, quantized variants, calibrators, evaluation, report.
 
     Finished stages are reused when their inputs are unchanged, so an interrupted run resumes where it stopped
     and an edited recipe reruns only what depends on the edit.
     """
-    from calq import data as data_mod
-    from calq.pipeline import UNTIL, Context, make_plan, without_unavailable_data
-    from calq.recipe import load_recipe
-    from calq.runs import RunDir
+    from calq import api
 
     _quiet_libraries(debug)
     try:
-        if until is not None and until not in UNTIL:
-            raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(UNTIL)}")
-        r = load_recipe(recipe)
-        if until == "calibrate" and r.calibrators is None:
-            raise CalqError("the recipe has no `calibrators` section to fit", str(recipe), "add one (`calq keys` lists its keys)")
-        root = out or Path(r.output or Path("runs") / r.name)
-        root_data = data_mod.data_dir(str(data_dir) if data_dir else None)
-        if root_data is not None and not root_data.is_dir():
-            raise CalqError(f"data folder not found: {root_data}", "--data-dir", "pass an existing folder (e.g. ../shared/data)")
-        r, notes = without_unavailable_data(r, root_data)
-        plan = make_plan(r, root_data)
-        plan.notes = notes
-        for note in notes:
-            console.print(f"[yellow]note:[/] {note}")
-        run_dir = RunDir(root)
         if dry_run:
-            _show_plan(r, plan, run_dir)
+            prepared = api.prepare(recipe, out, data_dir)
+            for note in prepared.plan.notes:
+                console.print(f"[yellow]note:[/] {note}")
+            _show_plan(prepared)
             return
-        run_dir.claim(r.name)
-        from calq.runs import write_text
-
-        write_text(run_dir.path("recipe.yaml"), recipe.read_text())
-        report = _execute(Context(r, run_dir, root_data, debug=debug, until=until), plan)
+        with _progress() as progress:
+            log = lambda msg: progress.console.print(msg, highlight=False)  # noqa: E731
+            report = api.run(recipe, out, data_dir, until=until, progress=progress, log=log, debug=debug)
     except CalqError as err:
         _fail(err, debug)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to resume")
         raise typer.Exit(130)
     if report is None:
-        Console().print(f"stopped after '{until}' as asked; results in {root} (run again without --until to finish)")
+        Console().print(f"stopped after '{until}' as asked; run again without --until to finish")
         return
-    _print_summary(report, root)
+    _print_summary(report.data, report.folder)
     _exit_on_gates(report)
 
 
@@ -116,21 +99,19 @@ def fit_ats(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from [default: $CALQ_DATA_DIR]"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
 ):
-    """Fit the calibrators (global temperature, ATS head) of every variant and stop: `calq run --until calibrate`.
+    """Fit the calibrators (global temperature, ATS head, ...) of every variant and stop: `calq run --until calibrate`.
 
-    Each variant's calibrators land in RUN/calibrators/<variant>/ (ats_head/ with head.safetensors + config.json,
-    calibrators.json with the temperature, the validation metrics and the selected calibrator).
+    Each variant's calibrators land in RUN/calibrators/<variant>/<calibrator>/ (ats/: head.safetensors + config.json;
+    temperature/: temperature.json), with calibrators.json holding the validation metrics and the selected one.
     """
     run(recipe, out, data_dir, False, "calibrate", debug)
 
 
-def _exit_on_gates(report: dict):
-    gates = report.get("gates")
-    if gates and not gates["passed"]:
-        failed = [r["name"] for r in gates["results"] if not r["passed"]]
-        Console().print(f"[bold red]gates failed[/]: {', '.join(failed)}")
+def _exit_on_gates(report):
+    if report.passed is False:
+        Console().print(f"[bold red]gates failed[/]: {', '.join(report.failed_gates)}")
         raise typer.Exit(1)
-    if gates:
+    if report.passed:
         Console().print("[green]all gates passed[/]")
 
 
@@ -150,29 +131,28 @@ def _quiet_libraries(debug: bool):
     datasets.disable_progress_bars()
 
 
-def _execute(ctx, plan):
+def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from calq import pipeline
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        ctx.progress = progress
-        ctx.log = lambda msg: progress.console.print(msg, highlight=False)
-        return pipeline.run(ctx, plan)
+    return Progress(*columns, console=console, transient=True)
 
 
-def _show_plan(r, plan, run_dir):
-    console.print(f"recipe '{r.name}' is valid. model: {plan.source.describe()}; run folder: {run_dir.root}")
-    table = Table("stage", "status")
-    for name, key in plan.keys.items():
-        table.add_row(name, "done (will be reused)" if run_dir.finished(name, key) else "to run")
+def _show_plan(prepared):
+    plan, run_dir = prepared.plan, prepared.run
+    console.print(f"recipe '{prepared.recipe.name}' is valid. model: {plan.source.describe()}; run folder: {run_dir.root}")
+    table = Table("stage", "needs", "status")
+    for stage in plan.stages:
+        table.add_row(stage.name, ", ".join(stage.needs) or "–",
+                      "done (will be reused)" if run_dir.finished(stage.name, stage.key) else "to run")
     console.print(table)
     console.print(f"variants: {', '.join(plan.variants)}")
+    for label, why in plan.skipped.items():
+        console.print(f"[yellow]skipped[/] variant {label}: {why}")
 
 
 def _print_summary(report: dict, root: Path):
-    from calq.report.build import mb
+    from calq.report.common import mb
 
     table = Table("variant", "size MB", "ppl", "acc", "conf", "ECE", "Brier", title=f"token-level calibration ({report['evaluation']['tokens']['tokens']:,} tokens)")
     for v in report["variants"]:
@@ -184,43 +164,31 @@ def _print_summary(report: dict, root: Path):
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
            debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
-    """Rebuild report.json, report.md and report.html from a run folder's stored results, without recomputing."""
-    from calq import data as data_mod
-    from calq.pipeline import Context, make_plan, without_unavailable_data
-    from calq.recipe import load_recipe
-    from calq.report.build import write_reports
-    from calq.runs import RunDir
+    """Rebuild report.json, report.md and report.html from a run folder alone: its manifest and stored results
+    (no model, data folder or network needed); exits as `calq run` did."""
+    from calq import api
 
     try:
-        if not (run_dir / ".calq" / "run.json").is_file():
-            raise CalqError("not a calq run folder", str(run_dir), "pass the folder a `calq run` wrote")
-        r = load_recipe(run_dir / "recipe.yaml")
-        r, notes = without_unavailable_data(r, data_mod.data_dir())
-        ctx = Context(r, RunDir(run_dir), data_mod.data_dir())
-        missing = [s for s in ("samples", "eval_tokens") if not (run_dir / ".calq" / "stages" / f"{s}.json").is_file()]
-        if missing or not (run_dir / "eval").is_dir():
-            raise CalqError("the run has not finished its evaluation", str(run_dir), "finish it with `calq run`")
-        plan = make_plan(r, ctx.data_root)
-        plan.notes = notes
-        rep = write_reports(ctx, plan)
-    except (CalqError, FileNotFoundError) as err:
-        _fail(err if isinstance(err, CalqError) else CalqError(f"missing result file {err.filename}", str(run_dir), "finish the run with `calq run`"), debug)
-    _print_summary(rep, run_dir)
+        rep = api.report(run_dir)
+    except CalqError as err:
+        _fail(err, debug)
+    _print_summary(rep.data, run_dir)
     _exit_on_gates(rep)
 
 
 @app.command()
 def keys():
     """List every recipe key with its default and meaning."""
+    from calq.calib.calibrators import names
+    from calq.quant.base import SCHEMES
     from calq.quant.methods import METHODS
-    from calq.quant.schemes import SCHEMES
     from calq.recipe import describe_keys
 
     table = Table("key", "default", "meaning", show_lines=False)
     for key, default, text in describe_keys():
         table.add_row(key, default, text)
     Console().print(table)
-    Console().print(f"methods: {', '.join(METHODS)}; schemes: {', '.join(SCHEMES)}")
+    Console().print(f"methods: {', '.join(METHODS)}; schemes: {', '.join(SCHEMES)}; calibrators: {', '.join(names())}")
 
 
 bench_app = typer.Typer(help="Speed of the Triton kernels on a CUDA GPU, as ratio tables (markdown, ready for BENCHMARKS.md).",

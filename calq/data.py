@@ -12,15 +12,34 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from calq.errors import CalqError
-if TYPE_CHECKING:  # recipe.py imports the calibrators, which import this module
-    from calq.recipe import DataSpec
 
 DATA_PREFIX = "@data/"
+
+
+class DataSpec(BaseModel):
+    """Where text comes from. `source` takes one of:
+    a local file (`.txt`, `.jsonl`, `.json`; `@data/…` is relative to --data-dir),
+    `hf:DATASET_ID` (Hugging Face datasets; needs network), or `builtin:pydoc` (offline prose shipped with Python).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="local file, '@data/<path under --data-dir>', 'hf:<dataset id>' or 'builtin:pydoc'")
+    split: str | None = Field(
+        None, description="dataset split for hf: sources (default 'train'); 'train'/'test' halves for builtin:pydoc")
+    subset: str | None = Field(None, description="dataset config name for hf: sources (e.g. 'wikitext-2-raw-v1')")
+    text_field: str | None = Field(
+        None, description="record field holding the text (default: 'text'; Alpaca records with "
+                          "'instruction'/'output' are detected)")
+    fallback: str | None = Field(
+        None, description="source used instead when `source` is unavailable offline (e.g. 'builtin:pydoc'); "
+                          "the report names the one used")
+    max_records: int | None = Field(None, gt=0, description="read at most this many records")
 
 
 class SourceUnavailable(CalqError):

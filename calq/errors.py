@@ -1,5 +1,10 @@
 """One exception type for bad input: it prints as one line (what, where, how to fix) and exits 2."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class CalqError(Exception):
     """Bad input from the user. The CLI prints `str(err)` and exits with code 2."""
@@ -13,3 +18,14 @@ class CalqError(Exception):
         if self.fix:
             parts.append(f"fix: {self.fix}")
         return " — ".join(parts)
+
+
+@contextlib.contextmanager
+def located(prefix: str) -> Iterator[None]:
+    """Re-raise a CalqError from inside with `prefix` put before its location: library code names a key
+    ('variants[0].group_size'), the place that read the recipe adds the file ('recipe.yaml: variants[0]...')."""
+    try:
+        yield
+    except CalqError as err:
+        where = f"{prefix}: {err.where}" if err.where else prefix
+        raise type(err)(err.what, where, err.fix) from None

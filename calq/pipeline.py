@@ -1,58 +1,118 @@
-"""The stages of one run, in order. Each stage is a plain function that reads its inputs from the run
-folder and returns ({name: output path}, info); `RunDir.run_stage` skips it when its inputs are unchanged.
+"""One run as a declarative stage table, and the executor that runs it.
+
+`plan(recipe, data_root)` checks everything that can fail before long work starts and builds the table
+(`stage_table`): each `Stage` names the stages it needs, the settings it depends on and the plain function that
+does it, `fn(ctx, *args) -> ({name: output path}, info)`. A stage's key hashes its settings with the keys of the
+stages it needs, so an edit reruns exactly what depends on it; `RunDir.run_stage` skips a stage whose key and
+outputs are unchanged. An executor runs the table: `LocalExecutor` in this process, one stage after another;
+another executor can run the same table without touching any stage.
+
+    name                 needs                                   output (run folder)
+    base_model           -  (GGUF models only)                   base_model/
+    samples              base_model                              samples.safetensors
+    ranges               samples                                 ranges.safetensors, outliers.json
+    quantize/<v>         samples (when the method reads data)    variants/<v>/ (+ method artifacts)
+    instructions         -                                       instructions.json
+    calibrate/<v>        instructions, quantize/<v>              calibrators/<v>/
+    eval_tokens          base_model                              eval_tokens.safetensors
+    evaluate/<v>         eval_tokens, calibrate/<v>              eval/<v>.json
+    tasks/<v>            calibrate/<v>                           tasks/<v>.json
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import random
 import time
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from calq import data as data_mod
 from calq import models
-from calq.calib import CALIBRATORS
+from calq.calib import calibrators, hidden
 from calq.calib import ranges as ranges_mod
-from calq.errors import CalqError
-from calq.evaluate import tokens as token_eval
-from calq.quant import llmc, methods, schemes
-from calq.recipe import Recipe, VariantSpec
+from calq.calib.base import FitData, split
+from calq.errors import CalqError, located
+from calq.evaluation import harness
+from calq.evaluation import tokens as token_eval
+from calq.models import BASELINE
+from calq.quant import llmc
+from calq.quant.base import MethodConfig, MethodUnavailable
+from calq.recipe import Recipe
+from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
-BASELINE = "baseline"
-UNTIL = ("ranges", "quantize", "calibrate", "evaluate")
-CODE_VERSION = 1  # bump when a stage's computation changes, so old markers stop matching
+GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate")  # `--until` stops after one of the last four
+CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
+PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 
 
 @dataclass
 class Context:
+    """What every stage gets: the recipe, the run folder, the data folder and the base model's location."""
+
     recipe: Recipe
     run: RunDir
-    data_root: Path | None = None
-    progress: object | None = None  # a rich Progress, or None
+    data_root: Path | None
+    source: models.ModelSource  # the base model as stages load it (for GGUF: the dequantized folder)
+    progress: Any = None  # a rich Progress, or None
     log: Callable[[str], None] = lambda msg: None
     debug: bool = False
-    until: str | None = None  # stop after this group of stages (one of UNTIL); None: run everything and report
+
+    def track(self, description: str, total: int | None) -> Callable[..., None] | None:
+        """A progress bar: returns `update(done, total=None, description=None)`, or None without progress display."""
+        if self.progress is None:
+            return None
+        task = self.progress.add_task(description, total=total)
+
+        def update(done: int, total: int | None = None, description: str | None = None):
+            self.progress.update(task, completed=done, **({"total": total} if total is not None else {}),
+                                 **({"description": description} if description else {}))
+
+        return update
+
+    def variant_source(self, name: str) -> models.ModelSource:
+        if name == BASELINE:
+            return self.source
+        return models.ModelSource(str(self.run.path("variants", name)), kind="folder")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable  # fn(ctx, *args) -> ({output name: path}, info)
+    args: tuple = ()
+    needs: tuple[str, ...] = ()
+    settings: Any = None  # everything besides upstream stages that the outputs depend on (hashed into the key)
+    group: str = "prepare"
+    key: str = ""
 
 
 @dataclass
 class Plan:
-    """Everything checked before long work starts, and the input hash (key) of every stage, in run order."""
+    """Everything checked before long work starts, and the stage table with every stage's key, in run order."""
 
     source: models.ModelSource
-    keys: dict[str, str] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
     variants: list[str] = field(default_factory=list)  # variant names, baseline first
     skipped: dict[str, str] = field(default_factory=dict)  # variant name -> why (an optional package is missing)
     notes: list[str] = field(default_factory=list)  # sections left out, and why
 
+    @property
+    def keys(self) -> dict[str, str]:
+        return {s.name: s.key for s in self.stages}
+
+
+# ---- the plan: checks, then the table ----------------------------------------------------------------
 
 def without_unavailable_data(recipe: Recipe, data_root: Path | None) -> tuple[Recipe, list[str]]:
     """Without a data folder, drop the sections that need one (calibrators, tasks, the gates on them), with notes.
@@ -69,120 +129,192 @@ def without_unavailable_data(recipe: Recipe, data_root: Path | None) -> tuple[Re
         except data_mod.SourceUnavailable:
             update["calibrators"] = None
             notes.append(f"calibrators skipped: {cal.data.source} needs a data folder (--data-dir)")
-    tasks = recipe.evaluation.tasks
-    if tasks is not None:
+    gates = recipe.gates
+    if recipe.evaluation.tasks is not None:
         update["evaluation"] = recipe.evaluation.model_copy(update={"tasks": None})
         notes.append("tasks skipped: calq's task data is read from a data folder (--data-dir)")
-        if recipe.gates is not None and recipe.gates.task_gates():
-            keep = recipe.gates.model_copy(update={g: None for g in recipe.gates.task_gates()})
-            update["gates"] = keep if keep.max_token_ece is not None else None
-            notes.append(f"gates skipped: {', '.join(recipe.gates.task_gates())} (no tasks)")
-    if update.get("calibrators", cal) is None and recipe.gates is not None and recipe.gates.calibrator not in (None, "none"):
-        update["gates"] = None
-        notes.append(f"gates skipped: they check calibrator '{recipe.gates.calibrator}', which was not fitted")
+        if gates is not None and gates.task_gates():
+            notes.append(f"gates skipped: {', '.join(gates.task_gates())} (no tasks)")
+            gates = gates.model_copy(update={g: None for g in gates.task_gates()})
+            gates = gates if gates.max_token_ece is not None else None
+    if update.get("calibrators", cal) is None and gates is not None and gates.calibrator not in (None, "none"):
+        notes.append(f"gates skipped: they check calibrator '{gates.calibrator}', which was not fitted")
+        gates = None
+    if gates is not recipe.gates:
+        update["gates"] = gates
     return recipe.model_copy(update=update), notes
 
 
-def make_plan(recipe: Recipe, data_root: Path | None) -> Plan:
+def plan(recipe: Recipe, data_root: Path | None) -> Plan:
+    """Check the recipe against the model config and the data (no model weights load) and build the stage table."""
     m = recipe.model
     source = models.resolve(m.id, m.gguf_file, m.revision)
     cal, ev = recipe.calibration, recipe.evaluation.tokens
     data_mod.check_available(cal.data, "calibration.data", data_root)
     data_mod.check_available(ev.data, "evaluation.tokens.data", data_root)
     used_for_calibration = {(cal.data.source, cal.data.split), (cal.data.fallback, cal.data.split)}
-    if {(ev.data.source, ev.data.split), (ev.data.fallback, ev.data.split)} & used_for_calibration - {(None, cal.data.split)}:
+    evaluated = {(ev.data.source, ev.data.split), (ev.data.fallback, ev.data.split)}
+    if evaluated & used_for_calibration - {(None, cal.data.split)}:
         raise CalqError("evaluation text is the calibration text", "evaluation.tokens.data",
                         "evaluate on held-out text: another file, or another split")
     config = models.load_config(source)
     widths = models.linear_input_widths(config)
-    plan = Plan(source)
+    result = Plan(source)
+    variants = []
     for i, v in enumerate(recipe.variants):
-        where = f"variants[{i}]"
-        if v.label == BASELINE:
-            raise CalqError("the name 'baseline' is reserved for the unquantized model", where, "give the variant another name")
         try:
-            methods.check(v, where, config)
-        except methods.MethodUnavailable as exc:
-            plan.skipped[v.label] = exc.line()
+            with located(f"variants[{i}]"):
+                v.check_model(config)
+                v.check_group_size({k: w for k, w in widths.items() if not models.is_ignored(k, v.ignore)})
+        except MethodUnavailable as exc:
+            result.skipped[v.label] = exc.line()
             continue
-        schemes.config_groups(v, where)
-        schemes.check_group_size(v, {k: w for k, w in widths.items() if not models.is_ignored(k, v.ignore)}, where)
-    variants = [v for v in recipe.variants if v.label not in plan.skipped]
-    model_key = stable_hash(CODE_VERSION, m.model_dump(), source.describe())
-    samples_key = stable_hash(model_key, cal.model_dump(), data_mod.fingerprint(cal.data, data_root))
-    eval_data_key = stable_hash(model_key, ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root))
-    eval_settings = (ev.seq_len, ev.bins, EVALUATE_VERSION)  # batch_size changes speed, not results
-    plan.variants = [BASELINE, *(v.label for v in variants)]
-    if source.gguf_file:
-        plan.keys["base_model"] = model_key
-    plan.keys["samples"] = samples_key
-    plan.keys["ranges"] = stable_hash(samples_key, recipe.outliers_top_k)
-    model_keys = {BASELINE: model_key}
-    for v in variants:
-        needs = samples_key if schemes.needs_calibration_data(v) else model_key
-        version = methods.get(v.method, "method").version
-        # a method at its first version adds nothing, so the keys of runs made before versions existed stay valid
-        model_keys[v.label] = plan.keys[f"quantize/{v.label}"] = stable_hash(
-            needs, v.model_dump(exclude_defaults=True), *([version] if version > 1 else []))
-    plan.keys["eval_tokens"] = eval_data_key
-    cal_spec = recipe.calibrators
-    if cal_spec is not None:
-        data_mod.check_available(cal_spec.data, "calibrators.data", data_root)
-        plan.keys["instructions"] = stable_hash(model_key, cal_spec.model_dump(exclude={"ats"}),
-                                                data_mod.fingerprint(cal_spec.data, data_root))
-        for name, key in model_keys.items():
-            model_keys[name] = plan.keys[f"calibrate/{name}"] = stable_hash(key, plan.keys["instructions"], cal_spec.ats.model_dump())
-    for name, key in model_keys.items():
-        plan.keys[f"evaluate/{name}"] = stable_hash(key, eval_data_key, eval_settings)
-    tasks = recipe.evaluation.tasks
-    if tasks is not None:
-        from calq.evaluate import harness
-
-        counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names")
-        for name, key in model_keys.items():
-            plan.keys[f"tasks/{name}"] = stable_hash(key, tasks.names, tasks.limit, counts, str(data_root), TASKS_VERSION)
+        if not any(not models.is_ignored(k, v.ignore) for k in widths):
+            raise CalqError(f"ignore leaves no Linear layer to quantize ({len(widths)} layers)", f"variants[{i}].ignore",
+                            "ignore fewer layers (the default is lm_head only)")
+        variants.append(v)
+    if recipe.calibrators is not None:
+        data_mod.check_available(recipe.calibrators.data, "calibrators.data", data_root)
+    task_counts = None
+    if recipe.evaluation.tasks is not None:
+        tasks = recipe.evaluation.tasks
+        task_counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names")
+    result.variants = [BASELINE, *(v.label for v in variants)]
     if recipe.gates is not None:
-        from calq.report.gates import check_gates
-
-        check_gates(recipe.gates, plan.variants, list(CALIBRATORS if cal_spec else ("none",)),
-                    list(tasks.names) if tasks else [])
-    return plan
-
-
-def _track(ctx: Context, description: str, total: int):
-    if ctx.progress is None:
-        return None
-    task = ctx.progress.add_task(description, total=total)
-    return lambda done: ctx.progress.update(task, completed=done)
+        check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
+                    list(recipe.evaluation.tasks.names) if recipe.evaluation.tasks else [])
+    result.stages = stage_table(recipe, source, data_root, variants, task_counts)
+    return result
 
 
-def _base_source(ctx: Context, plan: Plan) -> models.ModelSource:
-    if plan.source.gguf_file:
-        return models.ModelSource(str(ctx.run.path("base_model")), kind="folder")
-    return plan.source
+def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | None, variants: list[MethodConfig],
+                task_counts: dict[str, int] | None) -> list[Stage]:
+    """Every stage of the run in execution order, each with its key."""
+    cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
+    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(), source.describe())}
+    table: list[Stage] = []
+
+    def add(name: str, fn: Callable, *args, needs: tuple[str, ...] = (), settings: Any = None, group: str = "prepare"):
+        keys[name] = stable_hash(settings, *(keys[n] for n in ("model", *needs)))
+        table.append(Stage(name, fn, args, tuple(needs), settings, group, keys[name]))
+
+    base = ("base_model",) if source.gguf_file else ()
+    if source.gguf_file:
+        add("base_model", stage_base_model)
+    add("samples", stage_samples, needs=base, settings=[cal.model_dump(), data_mod.fingerprint(cal.data, data_root)])
+    add("ranges", stage_ranges, needs=("samples",), settings=recipe.outliers_top_k, group="ranges")
+    fitted_on = {BASELINE: base}
+    for v in variants:
+        version = [type(v).version] if type(v).version > 1 else []  # a method's first version adds nothing
+        add(f"quantize/{v.label}", stage_quantize, v, needs=("samples",) if v.needs_data() else base,
+            settings=[v.model_dump(exclude_defaults=True), *version], group="quantize")
+        fitted_on[v.label] = (f"quantize/{v.label}",)
+    evaluated_on = dict(fitted_on)
+    if spec is not None:
+        add("instructions", stage_instructions, group="calibrate",
+            settings=[spec.model_dump(include={"data", "fit_records", "heldout_records", "seed"}),
+                      data_mod.fingerprint(spec.data, data_root)])
+        for name, needs in fitted_on.items():
+            add(f"calibrate/{name}", stage_calibrate, name, needs=("instructions", *needs), group="calibrate",
+                settings=spec.model_dump(exclude={"data", "fit_records", "heldout_records"}))
+            evaluated_on[name] = (f"calibrate/{name}",)
+    add("eval_tokens", stage_eval_tokens, needs=base, group="evaluate",
+        settings=[ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
+    for name, needs in evaluated_on.items():
+        add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs), group="evaluate",
+            settings=[ev.seq_len, ev.bins, EVALUATE_VERSION])  # batch_size changes speed, not results
+    if tasks is not None:
+        for name, needs in evaluated_on.items():
+            add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
+                settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION])
+    return table
 
 
-def _dir_size(folder: Path) -> int | None:
-    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files) or None
+def base_source(source: models.ModelSource, run: RunDir) -> models.ModelSource:
+    """Where later stages load the base model from: a GGUF model is dequantized once into the run folder."""
+    if source.gguf_file:
+        return models.ModelSource(str(run.path("base_model")), kind="folder")
+    return source
+
+
+# ---- the manifest: what a run was, so that its report can be rebuilt from the folder alone ---------
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_manifest(run: RunDir, recipe: Recipe, result: Plan, data_root: Path | None) -> Path:
+    """RUN/.calq/manifest.json: the recipe as run, the model source, data folder, variants, skipped variants,
+    notes, the stage table and the versions. `calq report` needs nothing else besides the stored results."""
+    source = result.source
+    return write_json(run.meta / "manifest.json", {
+        "recipe": recipe.model_dump(mode="json"),
+        "model": {"id": recipe.model.id, "source": source.describe(), "kind": source.kind, "revision": source.revision},
+        "data_dir": str(data_root) if data_root else None,
+        "variants": result.variants, "skipped": result.skipped, "notes": result.notes,
+        "calibrators": recipe.calibrator_names(),
+        "stages": [{"name": s.name, "key": s.key, "needs": list(s.needs), "group": s.group} for s in result.stages],
+        "versions": versions(), "machine": {"platform": platform.platform(), "cpus": _cpus()},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# ---- executors -------------------------------------------------------------------------------------
+
+class LocalExecutor:
+    """Runs the stages in table order in this process, reusing finished ones."""
+
+    def run(self, ctx: Context, stages: list[Stage]) -> None:
+        for stage in stages:
+            task = ctx.progress.add_task(stage.name, total=None) if ctx.progress else None  # elapsed time while it works
+            try:
+                rec = ctx.run.run_stage(stage.name, stage.key, stage.fn, ctx, *stage.args)
+            finally:
+                if task is not None:
+                    ctx.progress.remove_task(task)
+            state = "reused" if rec.reused else f"{rec.seconds:.1f} s, peak {rec.peak_rss_mb:,.0f} MB"
+            ctx.log(f"[green]✓[/] {stage.name} [dim]({state})[/]")
+
+
+def execute(ctx: Context, result: Plan, until: str | None = None, executor=None) -> None:
+    """Run the table (up to and including the stages of group `until`), skipped variants noted first."""
+    for label, why in result.skipped.items():
+        ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
+    last = GROUPS.index(until) if until else len(GROUPS) - 1
+    stages = [s for s in result.stages if GROUPS.index(s.group) <= last]
+    (executor or LocalExecutor()).run(ctx, stages)
 
 
 # ---- stages ----------------------------------------------------------------------------------------
 
-def stage_base_model(ctx: Context, plan: Plan):
+def stage_base_model(ctx: Context):
     """GGUF weights dequantized once into an ordinary transformers folder that every later stage loads."""
-    model, tokenizer = models.load(plan.source, ctx.recipe.model.dtype)
+    m = ctx.recipe.model
+    source = models.resolve(m.id, m.gguf_file, m.revision)
+    model, tokenizer = models.load(source, m.dtype)
     final = ctx.run.path("base_model")
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return {"model": final}, {"from": plan.source.describe(),
+    return {"model": final}, {"from": source.describe(), "size_bytes": models.size_on_disk(final),
                               "note": "dequantized from GGUF: the baseline carries the GGUF quantization error"}
 
 
-def stage_samples(ctx: Context, plan: Plan):
+def stage_samples(ctx: Context):
     cal = ctx.recipe.calibration
-    _, tokenizer = _load_tokenizer(ctx, plan)
+    tokenizer = models.load_tokenizer(ctx.source)
     texts = data_mod.load_texts(cal.data, "calibration.data", ctx.data_root, tokenizer)
     if texts.note:
         ctx.log(f"[yellow]note:[/] {texts.note}")
@@ -196,25 +328,14 @@ def stage_samples(ctx: Context, plan: Plan):
                               "num_samples": cal.num_samples, "seq_len": cal.seq_len, "seed": cal.seed}
 
 
-def _load_tokenizer(ctx: Context, plan: Plan):
-    from transformers import AutoTokenizer
-
-    src = _base_source(ctx, plan)
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return src, tok
-
-
 def _samples(ctx: Context) -> torch.Tensor:
     return load_file(str(ctx.run.path("samples.safetensors")))["input_ids"]
 
 
-def stage_ranges(ctx: Context, plan: Plan):
-    model, _ = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
+def stage_ranges(ctx: Context):
+    model, _ = models.load(ctx.source, ctx.recipe.model.dtype)
     samples = _samples(ctx)
-    collected = ranges_mod.collect(model, samples, progress=_track(ctx, "activation ranges", samples.shape[0]))
+    collected = ranges_mod.collect(model, samples, progress=ctx.track("activation ranges", samples.shape[0]))
     out = ctx.run.path("ranges.safetensors")
     with atomic_path(out) as tmp:
         ranges_mod.save(collected, tmp, {"samples": str(samples.shape[0]), "seq_len": str(samples.shape[1])})
@@ -222,49 +343,31 @@ def stage_ranges(ctx: Context, plan: Plan):
     return {"ranges": out, "outliers": write_json(ctx.run.path("outliers.json"), summary)}, {"layers": len(collected) // 5}
 
 
-def stage_quantize(ctx: Context, plan: Plan, variant: VariantSpec, index: int):
-    model, tokenizer = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
+def stage_quantize(ctx: Context, variant: MethodConfig):
+    model, tokenizer = models.load(ctx.source, ctx.recipe.model.dtype)
     llmc.quiet_logs(str(ctx.run.path("logs", "llmcompressor.log")), console=ctx.debug)
     samples = _samples(ctx)
     start = time.perf_counter()
-    methods.get(variant.method, f"variants[{index}].method")(model, samples, variant, f"variants[{index}]")
+    with located(f"variants[{ctx.recipe.variants.index(variant)}]"):
+        variant.apply(model, samples)
     seconds = time.perf_counter() - start
-    outputs = {}
-    if variant.method == "smoothquant":
-        outputs["smoothing"] = write_json(ctx.run.path("smoothing", f"{variant.label}.json"),
-                                          _smoothing_effect(ctx, plan, model, samples[:SPREAD_SAMPLES]))
+    extra = variant.extra_outputs(model, samples, lambda: models.load(ctx.source, ctx.recipe.model.dtype)[0])
+    outputs = {name: write_json(ctx.run.path(name, f"{variant.label}.json"), obj) for name, obj in extra.items()}
     final = ctx.run.path("variants", variant.label)
     with atomic_path(final) as tmp, warnings.catch_warnings():
         # llm-compressor leaves its offloading hooks on the model (all on the CPU here); the shard-size warning is moot
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
-    used = schemes.calibration_samples(samples, variant).shape if schemes.needs_calibration_data(variant) else (0, 0)
+    used = variant.calibration_samples(samples).shape if variant.needs_data() else (0, 0)
     return {"checkpoint": final, **outputs}, {
-        "calibration_seconds": round(seconds, 2), "size_bytes": _dir_size(final), "method": variant.method,
+        "calibration_seconds": round(seconds, 2), "size_bytes": models.size_on_disk(final), "method": variant.method,
         "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used)}
 
 
-SPREAD_SAMPLES = 32  # calibration samples on which SmoothQuant's effect on the activation spread is measured
-
-
-def _smoothing_effect(ctx: Context, plan: Plan, quantized, samples: torch.Tensor) -> list[dict]:
-    """Activation absmax spread per layer, unquantized model vs the smoothed and quantized one, same samples.
-
-    The hooks see each Linear's input before its activation quantizer, so the spread 'after' is what
-    SmoothQuant left for the int8 activation scale to cover.
-    """
-    from calq.quant.smoothquant import outlier_reduction
-
-    base, _ = models.load(_base_source(ctx, plan), ctx.recipe.model.dtype)
-    before = ranges_mod.by_layer(ranges_mod.collect(base, samples))
-    after = ranges_mod.by_layer(ranges_mod.collect(quantized, samples))
-    return outlier_reduction(before, after)
-
-
-def stage_eval_tokens(ctx: Context, plan: Plan):
+def stage_eval_tokens(ctx: Context):
     ev = ctx.recipe.evaluation.tokens
-    _, tokenizer = _load_tokenizer(ctx, plan)
+    tokenizer = models.load_tokenizer(ctx.source)
     texts = data_mod.load_texts(ev.data, "evaluation.tokens.data", ctx.data_root, tokenizer)
     if texts.note:
         ctx.log(f"[yellow]note:[/] {texts.note}")
@@ -278,7 +381,7 @@ def stage_eval_tokens(ctx: Context, plan: Plan):
     return {"tokens": out}, {"source": texts.name, "note": texts.note, "tokens": int(stream.numel())}
 
 
-def stage_instructions(ctx: Context, plan: Plan):
+def stage_instructions(ctx: Context):
     """Instruction records split once, with the recipe's seed, into fit and held-out sets shared by every variant."""
     spec = ctx.recipe.calibrators
     name, records, note = data_mod.load_records(spec.data, "calibrators.data", ctx.data_root)
@@ -291,19 +394,18 @@ def stage_instructions(ctx: Context, plan: Plan):
                         f"fit_records + heldout_records = {need}", "calibrators.data",
                         "give more Alpaca-style records, or lower fit_records / heldout_records")
     chosen = random.Random(spec.seed).sample(range(len(records)), need)
-    split = {"source": name, "note": note, "fit": [records[i] for i in chosen[:spec.fit_records]],
+    parts = {"source": name, "note": note, "fit": [records[i] for i in chosen[:spec.fit_records]],
              "heldout": [records[i] for i in chosen[spec.fit_records:]]}
-    out = write_json(ctx.run.path("instructions.json"), split)
+    out = write_json(ctx.run.path("instructions.json"), parts)
     return {"records": out}, {"source": name, "note": note, "fit_records": spec.fit_records,
                               "heldout_records": spec.heldout_records, "seed": spec.seed}
 
 
-def stage_calibrate(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
-    """Cache this model's hidden states on the fit and held-out responses; fit the global temperature and the ATS head."""
-    from calq.calib import ats, hidden
-
+def stage_calibrate(ctx: Context, name: str):
+    """Cache this model's hidden states on the fit and held-out responses; fit every calibrator the recipe lists
+    on the fit records' training split, validate them on its validation split and select one."""
     spec = ctx.recipe.calibrators
-    model, tokenizer = models.load(source, ctx.recipe.model.dtype)
+    model, tokenizer = models.load(ctx.variant_source(name), ctx.recipe.model.dtype)
     records = json.loads(ctx.run.path("instructions.json").read_text())
     final = ctx.run.path("calibrators", name)
     with atomic_path(final) as tmp:
@@ -311,127 +413,64 @@ def stage_calibrate(ctx: Context, plan: Plan, name: str, source: models.ModelSou
         caches = {}
         for part in ("fit", "heldout"):
             caches[part] = hidden.cache_hidden(model, tokenizer, records[part], tmp / f"{part}_hidden.safetensors",
-                                               max_len=spec.ats.max_len, where="calibrators.data",
-                                               progress=_track(ctx, f"hidden states {name} ({part})", len(records[part])))
-        epochs = _track(ctx, f"fit ATS head {name}", spec.ats.epochs)
-        result = ats.fit(hidden.load_cached(tmp / "fit_hidden.safetensors"), hidden.Logits(model), model.config, spec.ats,
-                         progress=(lambda epoch, summary: epochs(epoch)) if epochs else None, where="calibrators.ats")
-        ats.save_head(result.head, tmp / "ats_head", spec.ats, result.stats)
-        write_json(tmp / "calibrators.json", {"temperature": result.temperature, "choice": result.choice,
-                                              "fit": result.stats, "caches": caches})
-    return {"calibrators": final}, {"temperature": result.temperature, "choice": result.choice,
-                                    "validation": result.stats["validation"]}
+                                               max_len=spec.max_len, where="calibrators.data",
+                                               progress=ctx.track(f"hidden states {name} ({part})", len(records[part])))
+        cached = hidden.load_cached(tmp / "fit_hidden.safetensors")
+        train, val = split(len(cached), spec.val_fraction, spec.seed)
+        bar = ctx.track(f"fit calibrators {name}", None)
+        data = FitData(cached, train, val, hidden.Logits(model), model.config, spec.logits_chunk,
+                       progress=(lambda what, done, total: bar(done, total, f"{what} {name}")) if bar else None)
+        fitted, validation, selected = calibrators.fit_all(data, spec.settings(), spec.select_by)
+        calibrators.save_all(fitted, tmp)
+        write_json(tmp / "calibrators.json", {"selected": selected, "validation": validation, "select_by": spec.select_by,
+                                              "fit": {n: c.fit_info for n, c in fitted.items()}, "caches": caches})
+    return {"calibrators": final}, {"selected": selected, "validation": validation}
 
 
-def stage_tasks(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
-    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluate.harness)."""
-    from calq.evaluate import harness
+def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:
+    """{calibrator name: calibrator} for this variant, and what calibrators.json recorded ({} without calibrators)."""
+    if ctx.recipe.calibrators is None:
+        return {"none": calibrators.get("none")()}, {}
+    folder = ctx.run.path("calibrators", name)
+    fitted = json.loads((folder / "calibrators.json").read_text())
+    with located(f"calibrators/{name}"):
+        return calibrators.load_all(folder, config, ctx.recipe.calibrator_names()), fitted
 
+
+def stage_evaluate(ctx: Context, name: str):
+    ev = ctx.recipe.evaluation.tokens
+    source = ctx.variant_source(name)
+    model, _ = models.load(source, ctx.recipe.model.dtype)
+    cals, fitted = _load_calibrators(ctx, name, model.config)
+    device = next(model.parameters()).device
+    cals = {n: c.to(device) for n, c in cals.items()}
+    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
+    windows = stream.numel() // ev.seq_len
+    result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, cals,
+                                            progress=ctx.track(f"evaluate {name}", windows))}
+    if fitted:
+        with torch.no_grad():
+            cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
+            result["responses"] = {"calibrators": hidden.evaluate_cached(
+                cached, torch.arange(len(cached)), hidden.Logits(model), cals, chunk=ctx.recipe.calibrators.logits_chunk)}
+        result.update(selected=fitted["selected"], validation=fitted["validation"], fit=fitted["fit"])
+    out = write_json(ctx.run.path("eval", f"{name}.json"), result)
+    none = result["tokens"]["calibrators"]["none"]
+    return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"], "size_bytes": models.size_on_disk(source.location)}
+
+
+def stage_tasks(ctx: Context, name: str):
+    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluation.harness)."""
     spec = ctx.recipe.evaluation.tasks
-    config = models.load_config(source)
-    calibrators, _ = _calibrators(ctx, name, config)
-    bar = ctx.progress.add_task(f"tasks {name}", total=None) if ctx.progress else None
+    source = ctx.variant_source(name)
+    cals, _ = _load_calibrators(ctx, name, models.load_config(source))
+    bar = ctx.track(f"tasks {name}", None)
 
     def progress(description, done, total):
         if bar is not None:
-            ctx.progress.update(bar, description=f"tasks {name}: {description}", completed=done, total=total)
+            bar(done, total, f"tasks {name}: {description}")
 
-    result = harness.run_tasks(source.location, calibrators, list(spec.names), spec.limit, ctx.data_root, spec.batch_size,
+    result = harness.run_tasks(source.location, cals, list(spec.names), spec.limit, ctx.data_root, spec.batch_size,
                                dtype=ctx.recipe.model.dtype, progress=progress)
     out = write_json(ctx.run.path("tasks", f"{name}.json"), result)
     return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
-
-
-def _calibrators(ctx: Context, name: str, model) -> tuple[dict, dict]:
-    """{calibrator name: callable} for this variant, and its fit summary ({} without calibrators).
-
-    `model` is the loaded model (the head goes to its device) or just its config (the head stays on the CPU)."""
-    from calq.calib import identity
-
-    if ctx.recipe.calibrators is None:
-        return {"none": identity}, {}
-    from calq.calib import ats
-    from calq.calib.temperature import Temperature
-
-    folder = ctx.run.path("calibrators", name)
-    fitted = json.loads((folder / "calibrators.json").read_text())
-    config = getattr(model, "config", model)
-    head = ats.load_head(folder / "ats_head", config, where=f"calibrators/{name}")
-    if hasattr(model, "parameters"):
-        head = head.to(next(model.parameters()).device)
-    return {"none": identity, "temperature": Temperature(fitted["temperature"]), "ats": head}, fitted
-
-
-def stage_evaluate(ctx: Context, plan: Plan, name: str, source: models.ModelSource):
-    ev = ctx.recipe.evaluation.tokens
-    model, _ = models.load(source, ctx.recipe.model.dtype)
-    calibrators, fitted = _calibrators(ctx, name, model)
-    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
-    windows = stream.numel() // ev.seq_len
-    result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, calibrators,
-                                            progress=_track(ctx, f"evaluate {name}", windows))}
-    if fitted:
-        from calq.calib import ats, hidden
-
-        with torch.no_grad():
-            cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
-            result["responses"] = {"calibrators": ats.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model),
-                                                                      calibrators, chunk=ctx.recipe.calibrators.ats.logits_chunk)}
-        result["selected"] = fitted["choice"]
-        result["temperature"] = fitted["temperature"]
-        result["validation"] = fitted["fit"]["validation"]
-    out = write_json(ctx.run.path("eval", f"{name}.json"), result)
-    none = result["tokens"]["calibrators"]["none"]
-    return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"]}
-
-
-# ---- the run ---------------------------------------------------------------------------------------
-
-def run(ctx: Context, plan: Plan) -> dict | None:
-    """Run every stage (reusing finished ones) and write the report; returns the report dict
-    (None when `ctx.until` stops the run before the report)."""
-    from calq.report.build import write_reports
-
-    r, run_dir = ctx.recipe, ctx.run
-
-    def stage(name: str, fn, *args):
-        task = ctx.progress.add_task(name, total=None) if ctx.progress else None  # elapsed time while it works
-        try:
-            rec = run_dir.run_stage(name, plan.keys[name], fn, ctx, plan, *args)
-        finally:
-            if task is not None:
-                ctx.progress.remove_task(task)
-        state = "reused" if rec.reused else f"{rec.seconds:.1f} s, peak {rec.peak_rss_mb:,.0f} MB"
-        ctx.log(f"[green]✓[/] {name} [dim]({state})[/]")
-        return rec
-
-    if plan.source.gguf_file:
-        stage("base_model", stage_base_model)
-    stage("samples", stage_samples)
-    stage("ranges", stage_ranges)
-    if ctx.until == "ranges":
-        return None
-    for label, why in plan.skipped.items():
-        ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
-    variants = [(i, v) for i, v in enumerate(r.variants) if v.label not in plan.skipped]
-    for i, v in variants:
-        stage(f"quantize/{v.label}", stage_quantize, v, i)
-    if ctx.until == "quantize":
-        return None
-    stage("eval_tokens", stage_eval_tokens)
-    sources = {BASELINE: _base_source(ctx, plan)}
-    sources.update({v.label: models.ModelSource(str(run_dir.path("variants", v.label)), kind="folder") for _, v in variants})
-    if r.calibrators is not None:
-        stage("instructions", stage_instructions)
-        for name, source in sources.items():
-            stage(f"calibrate/{name}", stage_calibrate, name, source)
-    if ctx.until == "calibrate":
-        return None
-    for name, source in sources.items():
-        stage(f"evaluate/{name}", stage_evaluate, name, source)
-    if r.evaluation.tasks is not None:
-        for name, source in sources.items():
-            stage(f"tasks/{name}", stage_tasks, name, source)
-    if ctx.until == "evaluate":
-        return None
-    return write_reports(ctx, plan)

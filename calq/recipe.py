@@ -1,4 +1,6 @@
-"""The recipe: one YAML file that drives one run. Every key is declared here, with its help text.
+"""The recipe: one YAML file that drives one run. It composes the configs its parts declare: data sources
+(calq.data.DataSpec), one config per quantization method (calq.quant), one per calibrator (calq.calib), gates
+(calq.report.gates). Nothing below this module imports it.
 
 `calq keys` prints this schema; errors name the key, the bad value and the fix.
 """
@@ -12,8 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calq.calib.ats import AtsConfig
+from calq.calib import calibrators
+from calq.data import DataSpec
 from calq.errors import CalqError
+from calq.quant.base import MethodConfig
+from calq.quant.methods import METHODS, VariantConfig
 from calq.report.gates import Gates
 
 
@@ -21,25 +26,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataSpec(Strict):
-    """Where text comes from. `source` takes one of:
-    a local file (`.txt`, `.jsonl`, `.json`; `@data/…` is relative to --data-dir),
-    `hf:DATASET_ID` (Hugging Face datasets; needs network), or `builtin:pydoc` (offline prose shipped with Python).
-    """
-
-    source: str = Field(description="local file, '@data/<path under --data-dir>', 'hf:<dataset id>' or 'builtin:pydoc'")
-    split: str | None = Field(None, description="dataset split for hf: sources (default 'train'); 'train'/'test' halves for builtin:pydoc")
-    subset: str | None = Field(None, description="dataset config name for hf: sources (e.g. 'wikitext-2-raw-v1')")
-    text_field: str | None = Field(None, description="record field holding the text (default: 'text'; Alpaca records with 'instruction'/'output' are detected)")
-    fallback: str | None = Field(None, description="source used instead when `source` is unavailable offline (e.g. 'builtin:pydoc'); the report names the one used")
-    max_records: int | None = Field(None, gt=0, description="read at most this many records")
-
-
 class ModelSpec(Strict):
-    id: str = Field("smollm2-135m", description="'smollm2-135m' (bundled), a Hugging Face id, a local model folder, or a .gguf file")
+    id: str = Field("smollm2-135m", description="'smollm2-135m' (bundled), a Hugging Face id, a local model folder, "
+                                                "or a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside a folder/repo given as `id`")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype for calibration and evaluation (float32 on CPU)")
-    revision: str | None = Field(None, description="hub revision for Hugging Face ids")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype for calibration and evaluation (float32 on CPU)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) for Hugging Face ids: config, "
+                                                   "tokenizer and weights all come from it")
 
 
 class CalibrationSpec(Strict):
@@ -52,37 +46,9 @@ class CalibrationSpec(Strict):
     @model_validator(mode="after")
     def _range(self):
         if not self.allow_any_size and not 128 <= self.num_samples <= 512:
-            raise ValueError(
-                f"num_samples={self.num_samples} is outside 128-512; use 128-512 or set calibration.allow_any_size: true"
-            )
+            raise ValueError(f"num_samples={self.num_samples} is outside 128-512; use 128-512 or set "
+                             "calibration.allow_any_size: true")
         return self
-
-
-class VariantSpec(Strict):
-    method: str = Field(description="quantization method (the list is at the end of `calq keys`)")
-    scheme: str = Field(description="quantization scheme: w8a8 (int8 weights and activations) or w4a16 (int4 group-wise weights)")
-    group_size: int | None = Field(None, gt=0, description="int4 group size along the input dimension (w4a16); must divide every quantized layer's input width")
-    symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
-    dynamic_activations: bool = Field(False, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from calibration")
-    smoothing_strength: float = Field(0.8, description="smoothquant: how much of the activation outliers moves into the weights (alpha, 0 < x < 1)")
-    max_samples: int | None = Field(None, gt=0, description="calibrate this variant on at most this many of the calibration samples (default: all)")
-    max_seq_len: int | None = Field(None, gt=0, description="calibrate this variant on at most this many tokens of each sample (default: all)")
-    ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized (names or 're:<regex>')")
-    name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
-
-    @field_validator("smoothing_strength")
-    @classmethod
-    def _strength(cls, v):
-        if not 0 < v < 1:
-            raise ValueError("smoothing_strength must lie strictly between 0 and 1 (SmoothQuant's alpha; 0.5-0.8 is usual)")
-        return v
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        g = f"-g{self.group_size}" if self.group_size and self.scheme != "w8a8" else ""
-        return f"{self.method}-{self.scheme}{g}"
 
 
 class TokenEvalSpec(Strict):
@@ -92,11 +58,20 @@ class TokenEvalSpec(Strict):
     batch_size: int = Field(4, ge=1, description="windows per forward pass")
     bins: int = Field(15, ge=2, description="equal-width ECE bins")
 
+    @model_validator(mode="after")
+    def _one_window(self):
+        if self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens={self.max_tokens} is less than one window of seq_len={self.seq_len}; "
+                             "raise max_tokens or lower seq_len")
+        return self
+
 
 class TasksSpec(Strict):
     """Benchmarks through the lm-eval harness, for every variant × calibrator."""
 
-    names: tuple[str, ...] = Field(description="calq's task names: mmlu, mmlu_5shot, truthfulqa_mc1, truthfulqa_mc2, arc_easy, arc_challenge, piqa, boolq, lambada, triviaqa (read from --data-dir)")
+    names: tuple[str, ...] = Field(description="calq's task names: mmlu, mmlu_5shot, truthfulqa_mc1, truthfulqa_mc2, "
+                                               "arc_easy, arc_challenge, piqa, boolq, lambada, triviaqa "
+                                               "(read from --data-dir)")
     limit: int | None = Field(200, ge=1, description="examples per task (None: all)")
     batch_size: int = Field(8, ge=1, description="requests per forward pass")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
@@ -105,26 +80,67 @@ class TasksSpec(Strict):
 
 class EvaluationSpec(Strict):
     tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
-    tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval (omit: none)")
+    tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval "
+                                                      "(omit: none)")
 
 
-class CalibratorsSpec(Strict):
-    """Calibrators fitted on each variant's own hidden states: a global temperature and an ATS head."""
+class CalibratorsSpec(BaseModel):
+    """Calibrators fitted on each variant's own hidden states. Besides the keys below, each calibrator in `use`
+    may have a section of its own settings under its name (`ats: {lr: 1e-4}`; `calq keys` lists them)."""
 
-    data: DataSpec = Field(description="instruction data: Alpaca-style records (instruction, input, output), rendered with the chat template; the loss covers response tokens only")
-    fit_records: int = Field(300, ge=2, description="records the calibrators are fitted on (ats.val_fraction of them validate)")
-    heldout_records: int = Field(200, ge=1, description="further records whose responses are the held-out evaluation set (never fitted)")
-    seed: int = Field(0, description="seed for splitting the records into fit and held-out")
-    ats: AtsConfig = Field(default_factory=AtsConfig, description="how the ATS head is fitted")
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: DataSpec = Field(description="instruction data: Alpaca-style records (instruction, input, output), rendered "
+                                       "with the chat template; the loss covers response tokens only")
+    fit_records: int = Field(300, ge=2, description="records the calibrators are fitted on (val_fraction of them "
+                                                    "validate)")
+    heldout_records: int = Field(200, ge=1, description="further records whose responses are the held-out evaluation "
+                                                        "set (never fitted)")
+    seed: int = Field(0, description="seed for splitting the records into fit, validation and held-out")
+    use: tuple[str, ...] = Field(("temperature", "ats"), description="calibrators to fit (none is always included)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation "
+                                                             "(early stopping and selection)")
+    select_by: Literal["ece", "nll"] = Field("ece", description="validation metric that selects each variant's "
+                                                                "calibrator")
+    max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are "
+                                                "cut)")
+    logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden "
+                                                      "states (memory: chunk x vocab floats)")
+
+    @model_validator(mode="after")
+    def _calibrator_settings(self):
+        known = [n for n in calibrators.names() if n != "none"]
+        for name in self.use:
+            if name not in known:
+                raise ValueError(f"unknown calibrator '{name}' in use; known: {', '.join(known)}")
+        for key, value in (self.model_extra or {}).items():
+            if key not in known:
+                close = difflib.get_close_matches(key, [*type(self).model_fields, *known], n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(type(self).model_fields)}"
+                raise ValueError(f"unknown key '{key}' ({hint})")
+            if key not in self.use:
+                raise ValueError(f"settings for '{key}', which `use` does not list; add it to use or remove them")
+            try:
+                self.model_extra[key] = calibrators.get(key).Config.model_validate(value or {})
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise ValueError(f"{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        return self
+
+    def settings(self) -> dict[str, BaseModel]:
+        """{calibrator name: its settings} for every calibrator in `use`."""
+        return {name: (self.model_extra or {}).get(name) or calibrators.get(name).Config() for name in self.use}
 
 
 class Recipe(Strict):
     name: str = Field(description="run name; an output folder belongs to one recipe name")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model to compress")
     calibration: CalibrationSpec = Field(description="calibration samples for ranges and quantization")
-    variants: tuple[VariantSpec, ...] = Field(description="the quantized variants to build (the unquantized baseline is always included)")
+    variants: tuple[VariantConfig, ...] = Field(description="the quantized variants to build (the unquantized "
+                                                            "baseline is always included); keys per method below")
     evaluation: EvaluationSpec = Field(description="held-out evaluation")
-    calibrators: CalibratorsSpec | None = Field(None, description="fit temperature and ATS calibrators per variant (omit: evaluate uncalibrated only)")
+    calibrators: CalibratorsSpec | None = Field(None, description="calibrators fitted per variant (omit: evaluate "
+                                                                  "uncalibrated only)")
     gates: Gates | None = Field(None, description="release gates: `calq run` exits 1 when one fails")
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")
@@ -138,15 +154,32 @@ class Recipe(Strict):
             raise ValueError(f"variant names repeat: {sorted(dup)}; give each a distinct `name`")
         if not v:
             raise ValueError("list at least one variant")
+        if "baseline" in labels:
+            raise ValueError("the name 'baseline' is reserved for the unquantized model; give the variant another name")
         return v
+
+    def calibrator_names(self) -> list[str]:
+        return ["none", *(self.calibrators.use if self.calibrators else ())]
+
+
+# ---- reading a recipe, and errors that name the key ------------------------------------------------
+
+def _key_path(loc: tuple) -> tuple:
+    """A pydantic location without the discriminator tag it adds inside `variants` (('variants', 0, 'awq', 'x'))."""
+    if len(loc) > 2 and loc[0] == "variants" and loc[2] in METHODS:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _location(loc: tuple) -> str:
     return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of `loc` (for 'did you mean' suggestions)."""
+    if len(loc) > 2 and loc[0] == "variants" and loc[2] in METHODS:
+        return METHODS[loc[2]] if len(loc) == 4 else None
+    model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -154,8 +187,8 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        sub = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
         if sub is None:
             return None
         model = sub
@@ -165,15 +198,26 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 def explain(err: ValidationError, where: str) -> CalqError:
     e = err.errors()[0]
     loc = tuple(e["loc"])
-    key = _location(loc) or "(top level)"
+    key = _location(_key_path(loc)) or "(top level)"
     if e["type"] == "extra_forbidden":
-        owner = _model_at(Recipe, loc)
+        owner = _model_at(loc)
         known = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        name = str(loc[-1])
+        if owner is not None and owner in METHODS.values():
+            elsewhere = [m for m, cls in METHODS.items() if name in cls.model_fields]
+            if elsewhere:
+                return CalqError(f"'{key}' does not apply to method {owner.model_fields['method'].default} (it is a "
+                                 f"setting of: {', '.join(elsewhere)})", where, f"remove {name}")
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
         return CalqError(f"unknown key '{key}'", where, f"{hint} (`calq keys` lists every key)")
     if e["type"] == "missing":
         return CalqError(f"missing key '{key}'", where, "add it (`calq keys` lists every key and its meaning)")
+    if e["type"] == "union_tag_invalid":
+        return CalqError(f"'{key}.method': unknown method '{e['ctx']['tag']}'", where,
+                         f"use one of: {', '.join(METHODS)}")
+    if e["type"] == "union_tag_not_found":
+        return CalqError(f"missing key '{key}.method'", where, f"use one of: {', '.join(METHODS)}")
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
@@ -185,7 +229,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise CalqError(f"recipe file not found: {path}", None, "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CalqError(f"not a UTF-8 text file (byte {exc.start} cannot be decoded)", str(path),
+                        "pass a YAML recipe saved as UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -196,7 +243,9 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(raw, str(path))
 
 
-def parse_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+def parse_recipe(raw: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe:
+    if isinstance(raw, Recipe):
+        return raw
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -204,20 +253,31 @@ def parse_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
 
 
 def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for every recipe key, nested keys dotted."""
+    """(key, default, help) rows for every recipe key, nested keys dotted; per method and per calibrator."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        sub = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
         if field.is_required():
             default = "required"
         elif field.default_factory is not None:
             default = "(see below)"
         else:
             default = repr(field.default)
-        rows.append((key + ("[]" if ann is not None and "tuple" in str(ann) and sub else ""), default, field.description or ""))
+        many = "tuple" in str(ann)
+        if name == "variants" and model is Recipe:
+            rows.append((key + "[]", default, field.description or ""))
+            rows.extend(describe_keys(MethodConfig, f"{key}[]."))
+            for method, cls in METHODS.items():
+                rows.extend((f"{key}[].{k} (method {method})", d, h) for k, d, h in describe_keys(cls)
+                            if k not in MethodConfig.model_fields)
+            continue
+        rows.append((key + ("[]" if many and sub else ""), default, field.description or ""))
         if sub is not None:
-            rows.extend(describe_keys(sub, key + ("[]." if "tuple" in str(ann) else ".")))
+            rows.extend(describe_keys(sub, key + ("[]." if many else ".")))
+        if sub is CalibratorsSpec:
+            for cal in calibrators.names():
+                rows.extend(describe_keys(calibrators.get(cal).Config, f"{key}.{cal}."))
     return rows

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from calq.calib import ats, hidden
+from calq.calib import ats, calibrators, hidden
+from calq.calib.base import CalibratedLM, FitData, split
+from calq.calib.select import select
 from calq.calib.temperature import Temperature, fit_temperature
 from calq.errors import CalqError
 
@@ -126,38 +128,42 @@ def test_cache_scores_only_response_tokens(tiny, cached):
 def test_fit_trains_only_the_head_and_never_returns_worse_than_identity(tiny, cached):
     model, _ = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = ats.AtsConfig(min_response_tokens=50, epochs=2, lr=1e-2, batch_size=4, val_fraction=0.25, logits_chunk=64)
+    cfg = ats.AtsConfig(min_response_tokens=50, epochs=2, lr=1e-2, batch_size=4)
 
     logits = hidden.Logits(model)
     head = ats.AtsHead(model.config)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
-    ats._step(head, opt, cached, torch.arange(4), logits, cfg)
+    ats._step(head, opt, cached, torch.arange(4), logits, cfg, 64)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in head.parameters())
     assert head.out.weight.abs().sum() > 0
 
-    result = ats.fit(cached, logits, model.config, cfg)
+    train, val = split(len(cached), 0.25, 0)
+    data = FitData(cached, train, val, logits, model.config, chunk=64)
+    fitted, validation, selected = calibrators.fit_all(data, {"temperature": None, "ats": cfg})
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    val = result.stats["validation"]
-    assert val["ats"]["ece"] <= val["none"]["ece"] + 1e-9
-    assert val[result.choice]["ece"] == min(v["ece"] for v in val.values())
-    assert 0 < result.temperature and result.stats["best_epoch"] in (0, 1, 2)
+    assert validation["ats"]["ece"] <= validation["none"]["ece"] + 1e-9
+    assert validation[selected]["ece"] == min(v["ece"] for v in validation.values())
+    assert fitted["temperature"].temperature == data.memo["temperature"] > 0  # fitted once, shared with ATS
+    assert fitted["ats"].fit_info["best_epoch"] in (None, 0, 1, 2)
 
 
 def test_selection_prefers_the_simpler_calibrator_on_ties():
     m = {"none": {"ece": 0.05, "nll": 2.0}, "temperature": {"ece": 0.03, "nll": 2.0}, "ats": {"ece": 0.03, "nll": 1.9}}
-    assert ats.select_calibrator(m, "ece") == "temperature"
-    assert ats.select_calibrator(m, "nll") == "ats"
+    assert select(m, "ece") == "temperature"
+    assert select(m, "nll") == "ats"
 
 
 def test_save_load_round_trip_and_calibrated_model(tiny, tmp_path):
     model, _ = tiny
     ids, h, logits = hidden_and_logits(model)
     head = random_head(model.config)
-    ats.save_head(head, tmp_path / "ats_head", ats.AtsConfig(), {"note": "test"})
-    loaded = ats.load_head(tmp_path / "ats_head", model.config)
-    wrapped = ats.CalibratedLM(model, loaded)
+    head.fit_info = {"note": "test"}
+    head.save(tmp_path / "ats")
+    loaded = calibrators.get("ats").load(tmp_path / "ats", model.config)
+    assert loaded.fit_info == {"note": "test"}
+    wrapped = CalibratedLM(model, loaded)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(input_ids=ids).logits, head(logits, h))
     with pytest.raises(NotImplementedError, match="generation"):
@@ -168,7 +174,7 @@ def test_head_for_another_model_is_a_clear_error(tiny, tmp_path):
     from transformers import LlamaConfig
 
     model, _ = tiny
-    ats.save_head(ats.AtsHead(model.config), tmp_path / "ats_head", ats.AtsConfig())
+    ats.save_head(ats.AtsHead(model.config), tmp_path / "ats_head")
     other = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(CalqError, match="hidden_size=64, but this model has hidden_size=32"):
         ats.load_head(tmp_path / "ats_head", other)
@@ -181,8 +187,9 @@ def test_head_for_another_model_is_a_clear_error(tiny, tmp_path):
 
 def test_too_little_fit_data_is_a_clear_error(tiny, cached, tmp_path):
     model, tok = tiny
+    train, val = split(len(cached), 0.2, 0)
     with pytest.raises(CalqError, match="min_response_tokens=2000"):
-        ats.fit(cached, hidden.Logits(model), model.config, ats.AtsConfig())
+        ats.AtsHead.fit(FitData(cached, train, val, hidden.Logits(model), model.config), ats.AtsConfig())
     empty = [{"instruction": "Say nothing.", "input": "", "output": ""}] * 3
     with pytest.raises(CalqError, match="none of the 3 records has response tokens"):
         hidden.cache_hidden(model, tok, empty, tmp_path / "x.safetensors")

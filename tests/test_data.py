@@ -5,7 +5,7 @@ import torch
 
 from calq.data import load_texts, sample_windows, token_stream
 from calq.errors import CalqError
-from calq.recipe import DataSpec
+from calq.data import DataSpec
 from conftest import data_dir
 
 

@@ -10,11 +10,12 @@ import torch
 from pydantic import ValidationError
 
 from calq import models
-from calq.calib import identity
+from calq.calib.base import identity
+from calq.calib.temperature import Temperature
 from calq.errors import CalqError
-from calq.evaluate import answers, harness, tokens
+from calq.evaluation import answers, harness, tokens
 from calq.report import html
-from calq.report.build import versions
+from calq.pipeline import versions
 from calq.report.gates import Gates, check_gates, evaluate_gates, gates_section
 from tiny import make_tiny_llama
 
@@ -22,8 +23,7 @@ COLORS = ["red", "green", "blue", "yellow"]
 THINGS = ["apple", "brick", "cloud", "daisy", "ember", "frost", "grape", "heron"]  # distinct first letters: easy to learn
 
 
-def temperature_2(logits, hidden):
-    return logits / 2.0
+temperature_2 = Temperature(2.0)
 
 
 def learn_answers(folder, questions):
@@ -83,7 +83,7 @@ def report(tmp_path_factory, texts):
     rep = {"recipe": "tiny", "created": "2026-01-01T00:00:00", "model": {"id": "tiny", "source": str(baseline), "dtype": "float32", "note": None},
            "calibration": {"source": "calib.txt", "num_samples": 8, "seq_len": 32, "seed": 0, "note": None},
            "evaluation": {"tokens": {"source": str(texts["heldout"]), "tokens": rows[0]["tokens"], "seq_len": 64, "bins": 15, "note": None}},
-           "variants": rows, "tasks": answers.tasks_section(per_variant, n_boot=200),
+           "variants": rows, "tasks": answers.tasks_section(per_variant, 15, 200, 0, "0.4.13"),
            "outliers": [{"layer": "model.layers.0.mlp.down_proj", "ratio": 9.5, "absmax": 1.2, "median_absmax": 0.13, "channel": 7, "tokens": 256}],
            "smoothing": {"w8": [{"layer": "model.layers.0.mlp.up_proj", "spread_before": 9.0, "spread_after": 3.0, "reduction": 3.0}]},
            "skipped": {"awq-w4a16": "autoawq is not installed"},
@@ -118,7 +118,7 @@ def test_answer_level_rows_and_intervals(report):
 
 
 def test_bootstrap_ece_is_the_metrics_ece_formula():
-    from calq.evaluate.metrics import ece
+    from calq.evaluation.metrics import ece
 
     conf = torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     correct = (torch.rand(300, generator=torch.Generator().manual_seed(2)) < conf).double()

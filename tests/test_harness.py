@@ -9,21 +9,27 @@ import sys
 import pytest
 import torch
 
-from calq.calib import identity
+from calq.calib.base import Calibrator, identity
+from calq.calib.temperature import Temperature
 from calq.errors import CalqError
-from calq.evaluate import harness
-from calq.evaluate.tasks import TASKS_DIR, available, sources
+from calq.evaluation import harness
+from calq.evaluation.tasks import TASKS_DIR, available, sources
 from conftest import data_dir
 
 COLORS = ["red", "green", "blue", "yellow"]
 
 
-def temperature_2(logits, hidden):
-    return logits / 2.0
+temperature_2 = Temperature(2.0)
 
 
-def hidden_scaled(logits, hidden):  # ATS-shaped: one positive scale per position, computed from the hidden state
-    return logits * torch.exp(hidden.mean(-1, keepdim=True)).clamp(max=10)
+class HiddenScaled(Calibrator):  # ATS-shaped: one positive scale per position, computed from the hidden state
+    name = "hidden_scaled"
+
+    def scale(self, hidden, attention_mask=None):
+        return torch.exp(hidden.mean(-1)).clamp(max=10)
+
+
+hidden_scaled = HiddenScaled()
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +145,14 @@ def test_calibrator_specs(tiny_model, tmp_path):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from calq.calib.ats import AtsConfig, AtsHead, save_head
+    from calq.calib.ats import AtsHead, save_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert harness.parse_calibrator(None, model) == ("none", identity)
     name, calibrator = harness.parse_calibrator("temperature:2", model)
     assert name == "temperature" and torch.equal(calibrator(torch.ones(1, 1, 3), None), torch.full((1, 1, 3), 0.5))
     head = AtsHead(model.config)
-    save_head(head, tmp_path / "ats", AtsConfig())
+    save_head(head, tmp_path / "ats")
     name, loaded = harness.parse_calibrator(f"ats:{tmp_path / 'ats'}", model)
     logits, hidden = torch.randn(1, 5, model.config.vocab_size), torch.randn(1, 5, model.config.hidden_size)
     assert name == "ats" and torch.allclose(loaded(logits, hidden), head(logits, hidden))
@@ -192,7 +198,7 @@ def test_every_task_reads_the_shared_data():
 
 def test_lm_eval_command_line(tiny_model, task_data, tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "calq.evaluate.harness", "--model", "calq",
+    proc = subprocess.run([sys.executable, "-m", "calq.evaluation.harness", "--model", "calq",
                            "--model_args", f"pretrained={tiny_model},calibrator=temperature:1.5", "--device", "cpu",
                            "--tasks", "calq_arc_easy", "--limit", "2", "--metadata", json.dumps({"data_dir": str(task_data)})],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

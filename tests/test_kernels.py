@@ -232,8 +232,7 @@ MODEL_TOL = {"w4a16": 5e-3 if CUDA else 1e-5, "w8a8": 1e-2}
 def checkpoints(tiny_model, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from calq.quant import methods
-    from calq.recipe import VariantSpec
+    import calq
 
     folders = {}
     samples = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -242,7 +241,7 @@ def checkpoints(tiny_model, tmp_path_factory):
         if name.endswith("tied"):
             model.config.tie_word_embeddings = True
             model.tie_weights()
-        methods.get("minmax", name)(model, samples, VariantSpec(method="minmax", **spec), name)
+        calq.quantize(model, {"method": "minmax", **spec}, samples)
         folders[name] = tmp_path_factory.mktemp(name)
         model.save_pretrained(folders[name], save_compressed=True)
     return folders
@@ -316,14 +315,12 @@ def test_bundled_model_greedy_tokens_match_on_gpu(scheme, tmp_path):
     from calq import models
     from calq.kernels.bench import agreeing_prefix
     from calq.kernels.decode import Decoder
-    from calq.quant import methods
-    from calq.recipe import VariantSpec
+    import calq
 
     source = models.resolve("smollm2-135m")
     model, tokenizer = models.load(source, "float32")
-    spec = VariantSpec(method="minmax", scheme=scheme,
-                       **({"group_size": 64} if scheme == "w4a16" else {"dynamic_activations": True}))
-    methods.get("minmax", scheme)(model, None, spec, scheme)
+    calq.quantize(model, {"method": "minmax", "scheme": scheme,
+                          **({"group_size": 64} if scheme == "w4a16" else {"dynamic_activations": True})})
     model.save_pretrained(tmp_path / scheme, save_compressed=True)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / scheme, dtype=torch.bfloat16).cuda()
     kernels = modules.load_quantized(tmp_path / scheme, "cuda", torch.bfloat16)

@@ -141,7 +141,7 @@ def alpaca(tmp_path):
 def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_recipe, alpaca, tmp_path):
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]  # w4a16 only: keeps the test short
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
-                                  "ats": {"epochs": 2, "min_response_tokens": 100, "max_len": 128}}
+                                  "max_len": 128, "ats": {"epochs": 2, "min_response_tokens": 100}}
     out = tmp_path / "run"
     report = run(write_recipe(tiny_recipe), out)
     for v in report["variants"]:
@@ -151,7 +151,7 @@ def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_rec
             assert set(cal) == {"none", "temperature", "ats"}
             # one positive scale per position: accuracy is identical across calibrators
             assert cal["ats"]["accuracy"] == cal["temperature"]["accuracy"] == cal["none"]["accuracy"]
-        assert (out / "calibrators" / v["variant"] / "ats_head" / "head.safetensors").is_file()
+        assert (out / "calibrators" / v["variant"] / "ats" / "head.safetensors").is_file()
     assert report["calibrators"]["fit_records"] == 30 and report["calibrators"]["source"] == str(alpaca)
     assert {g["set"] for g in report["goals"]} == {"tokens", "responses"}
     assert "### Held-out instruction responses" in (out / "report.md").read_text()
@@ -174,7 +174,7 @@ def test_too_few_instruction_records_is_a_clear_error(tiny_recipe, write_recipe,
 def test_tasks_html_and_gates_set_the_exit_code(tiny_recipe, write_recipe, alpaca, tmp_path):
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
-                                  "ats": {"epochs": 1, "min_response_tokens": 100, "max_len": 128}}
+                                  "max_len": 128, "ats": {"epochs": 1, "min_response_tokens": 100}}
     tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy", "boolq"], "limit": 8, "batch_size": 8, "bootstrap": 50}
     tiny_recipe["gates"] = {"max_token_ece": 1.0, "max_accuracy_drop": 1.0}
     out = tmp_path / "run"
@@ -232,10 +232,10 @@ def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, 
     result = runner.invoke(app, ["fit-ats", str(write_recipe(tiny_recipe)), "--out", str(out)])
     assert result.exit_code == 2 and "no `calibrators` section" in result.output
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
-                                  "ats": {"epochs": 1, "min_response_tokens": 100, "max_len": 128}}
+                                  "max_len": 128, "ats": {"epochs": 1, "min_response_tokens": 100}}
     result = runner.invoke(app, ["fit-ats", str(write_recipe(tiny_recipe)), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "calibrators" / "minmax-w4a16-g32" / "ats_head" / "config.json").is_file()
+    assert (out / "calibrators" / "minmax-w4a16-g32" / "ats" / "config.json").is_file()
     assert not (out / "eval").exists() and not (out / "report.json").exists()
     fitted = markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"])
     assert run(write_recipe(tiny_recipe), out)["variants"][1]["selected"]
@@ -243,16 +243,14 @@ def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, 
 
 
 def test_a_method_version_bump_redoes_only_its_variants(tiny_recipe, write_recipe, monkeypatch):
-    from dataclasses import replace
-
-    from calq.pipeline import make_plan
-    from calq.quant import methods
+    from calq.pipeline import plan
+    from calq.quant.minmax import MinMax
     from calq.recipe import load_recipe
 
     tiny_recipe["variants"].append({"method": "smoothquant", "scheme": "w8a8"})
     recipe = load_recipe(write_recipe(tiny_recipe))
-    before = make_plan(recipe, None).keys
-    monkeypatch.setitem(methods.METHODS, "minmax", replace(methods.METHODS["minmax"], version=2))
-    after = make_plan(recipe, None).keys
+    before = plan(recipe, None).keys
+    monkeypatch.setattr(MinMax, "version", 2)
+    after = plan(recipe, None).keys
     changed = {stage for stage in before if before[stage] != after[stage]}
     assert changed == {f"{stage}/{v}" for stage in ("quantize", "evaluate") for v in ("minmax-w8a8", "minmax-w4a16-g32")}

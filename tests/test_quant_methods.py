@@ -3,8 +3,10 @@ scheme/method mismatches and bad settings fail before long work, the AWQ CPU wor
 and AutoAWQ is optional."""
 
 import json
+import re
 import sys
 from contextlib import nullcontext
+from typing import Literal
 from unittest import mock
 
 import pytest
@@ -13,10 +15,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from calq.calib import ranges
 from calq.errors import CalqError
-from calq.quant import autoawq, awq, llmc, methods, schemes, smoothquant
-from calq.recipe import VariantSpec, parse_recipe
+from calq.quant import autoawq, llmc, methods, smoothquant
+from calq.quant.base import MethodConfig, MethodUnavailable
+from calq.recipe import parse_recipe
 
-WHERE = "variants[0]"
+
+def VariantSpec(**spec):  # noqa: N802 (reads like the config it builds)
+    return methods.config(spec)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +74,7 @@ def test_method_checkpoint_reloads_with_plain_transformers(name, tiny_model, sam
     variant = VariantSpec(**VARIANTS[name])
     model = load(tiny_model)
     before = logits(model)
-    methods.get(variant.method, f"{WHERE}.method")(model, samples, variant, WHERE)
+    variant.apply(model, samples)
     quantized = logits(model)
     assert not torch.allclose(quantized, before)  # it did quantize
 
@@ -87,7 +92,7 @@ def test_autoawq_checkpoint_holds_autoawq_int4_values(tiny_awq_model, samples, t
     variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
     model = load(tiny_awq_model)
     before = logits(model)
-    methods.get("autoawq", f"{WHERE}.method")(model, samples, variant, WHERE)
+    variant.apply(model, samples)
     quantized = logits(model)
     assert not torch.allclose(quantized, before)
 
@@ -118,7 +123,7 @@ def test_autoawq_cpu_workaround_is_needed_and_works(tiny_awq_model, samples):
     def rel_change() -> float:
         model = load(tiny_awq_model)
         before = logits(model)
-        autoawq.scale_and_clip(model, samples, variant, WHERE, clip=False)
+        autoawq.scale_and_clip(model, samples, variant, clip=False)
         return ((logits(model) - before).norm() / before.norm()).item()
 
     assert rel_change() < 1e-4
@@ -130,8 +135,8 @@ def test_autoawq_refuses_widths_its_clip_search_cannot_split(tiny_model):
     pytest.importorskip("awq")
     variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
     with pytest.raises(CalqError, match="multiples of 64") as err:
-        methods.check(variant, WHERE, LlamaConfig.from_pretrained(tiny_model))  # intermediate size 160
-    assert err.value.where == f"{WHERE}.method" and "mlp.up_proj (160)" in err.value.what
+        variant.check_model(LlamaConfig.from_pretrained(tiny_model))  # intermediate size 160
+    assert err.value.where == "method" and "mlp.up_proj (160)" in err.value.what
 
 
 def test_autoawq_missing_raises_method_unavailable(monkeypatch, tiny_model):
@@ -139,11 +144,11 @@ def test_autoawq_missing_raises_method_unavailable(monkeypatch, tiny_model):
     for name in {"awq", "awq.models", "awq.models.auto", *(m for m in sys.modules if m.startswith("awq."))}:
         monkeypatch.setitem(sys.modules, name, None)
     variant = VariantSpec(method="autoawq", scheme="w4a16", group_size=32)
-    with pytest.raises(methods.MethodUnavailable, match="autoawq") as err:
-        methods.check(variant, WHERE, LlamaConfig.from_pretrained(tiny_model))
+    with pytest.raises(MethodUnavailable, match="autoawq") as err:
+        variant.check_model(LlamaConfig.from_pretrained(tiny_model))
     assert isinstance(err.value, CalqError) and "calq[autoawq]" in err.value.fix
-    with pytest.raises(methods.MethodUnavailable):
-        autoawq.quantize(load(tiny_model), torch.zeros(1, 8, dtype=torch.long), variant, WHERE)
+    with pytest.raises(MethodUnavailable):
+        variant.quantize(load(tiny_model), torch.zeros(1, 8, dtype=torch.long))
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="pinning works where there is an accelerator")
@@ -152,7 +157,7 @@ def test_awq_without_workaround_still_fails_on_cpu(tiny_model, samples):
     calq.quant.awq.no_pinning_without_accelerator and this test."""
     variant = VariantSpec(method="awq", scheme="w4a16", group_size=32)
     with pytest.raises(RuntimeError, match="accelerator|NVIDIA"):
-        llmc.run_oneshot(load(tiny_model), awq.modifiers(variant, WHERE), samples)
+        llmc.run_oneshot(load(tiny_model), variant.modifiers(), samples)
 
 
 def test_awq_workaround_is_scoped(tiny_model, samples):
@@ -160,7 +165,7 @@ def test_awq_workaround_is_scoped(tiny_model, samples):
 
     original = IntermediatesCache.pin_memory
     variant = VariantSpec(method="awq", scheme="w4a16", group_size=32)
-    awq.quantize(load(tiny_model), samples, variant, WHERE)
+    variant.quantize(load(tiny_model), samples)
     assert IntermediatesCache.pin_memory is original
 
 
@@ -169,30 +174,39 @@ def test_awq_refuses_architecture_without_mappings():
 
     gpt2 = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"])
     with pytest.raises(CalqError, match="no AWQ mappings for GPT2LMHeadModel") as err:
-        methods.check(VariantSpec(method="awq", scheme="w4a16"), WHERE, gpt2)
-    assert err.value.where == f"{WHERE}.method" and "minmax" in err.value.fix
+        VariantSpec(method="awq", scheme="w4a16").check_model(gpt2)
+    assert err.value.where == "method" and "minmax" in err.value.fix
 
 
 @pytest.mark.parametrize("method,scheme,supported", [("awq", "w8a8", "w4a16"), ("autoawq", "w8a8", "w4a16"),
                                                      ("smoothquant", "w4a16", "w8a8")])
-def test_scheme_the_method_cannot_do_fails_at_plan_time(method, scheme, supported, tiny_recipe):
-    from calq.pipeline import make_plan
-
+def test_scheme_the_method_cannot_do_fails_when_the_recipe_is_read(method, scheme, supported, tiny_recipe):
     tiny_recipe["variants"].append({"method": method, "scheme": scheme, "group_size": 32 if scheme == "w4a16" else None})
     with pytest.raises(CalqError) as err:
-        make_plan(parse_recipe(tiny_recipe), None)
-    assert err.value.where == "variants[2].scheme"
+        parse_recipe(tiny_recipe)
+    assert err.value.what.startswith("'variants[2].scheme': ")
     assert f"method '{method}' cannot do scheme '{scheme}' (it supports: {supported})" in err.value.what
 
 
 @pytest.mark.parametrize("spec,where,text", [
-    (dict(method="gptq", scheme="w4a16"), f"{WHERE}.method", "unknown method 'gptq'"),
-    (dict(method="minmax", scheme="w3a16"), f"{WHERE}.scheme", "unknown scheme 'w3a16'"),
+    (dict(method="gptq", scheme="w4a16"), "method", "unknown method 'gptq'"),
+    (dict(method="minmax", scheme="w3a16"), "scheme", "unknown scheme 'w3a16'"),
 ])
 def test_unknown_method_or_scheme(spec, where, text):
     with pytest.raises(CalqError, match=text) as err:
-        schemes.config_groups(VariantSpec(**spec), WHERE)
+        methods.config(spec)
     assert err.value.where == where
+
+
+@pytest.mark.parametrize("spec,text", [
+    (dict(method="awq", scheme="w4a16", smoothing_strength=0.5), "does not apply to method awq (it is a setting of: smoothquant)"),
+    (dict(method="minmax", scheme="w4a16", dynamic_activations=True), "dynamic_activations applies to w8a8 only"),
+    (dict(method="minmax", scheme="w8a8", group_size=64), "group_size applies to w4a16 only"),
+])
+def test_a_setting_that_does_not_apply_is_refused(spec, text, tiny_recipe):
+    tiny_recipe["variants"] = [spec]
+    with pytest.raises(CalqError, match=re.escape(text)):
+        parse_recipe(tiny_recipe)
 
 
 @pytest.mark.parametrize("strength", [0, 1, 1.5, -0.2])
@@ -203,22 +217,26 @@ def test_smoothing_strength_out_of_range(strength, tiny_recipe):
 
 
 def test_needs_calibration_data_knows_the_method():
-    needs = schemes.needs_calibration_data
-    assert needs(VariantSpec(method="minmax", scheme="w8a8"))
-    assert not needs(VariantSpec(method="minmax", scheme="w8a8", dynamic_activations=True))
-    assert not needs(VariantSpec(method="minmax", scheme="w4a16"))
-    assert needs(VariantSpec(method="smoothquant", scheme="w8a8", dynamic_activations=True))
-    assert needs(VariantSpec(method="awq", scheme="w4a16"))
-    assert needs(VariantSpec(method="autoawq", scheme="w4a16"))
+    assert VariantSpec(method="minmax", scheme="w8a8").needs_data()
+    assert not VariantSpec(method="minmax", scheme="w8a8", dynamic_activations=True).needs_data()
+    assert not VariantSpec(method="minmax", scheme="w4a16").needs_data()
+    assert VariantSpec(method="smoothquant", scheme="w8a8", dynamic_activations=True).needs_data()
+    assert VariantSpec(method="awq", scheme="w4a16").needs_data()
+    assert VariantSpec(method="autoawq", scheme="w4a16").needs_data()
 
 
-def test_methods_get_only_the_samples_the_variant_asks_for(monkeypatch, samples):
+def test_methods_get_only_the_samples_the_variant_asks_for(samples):
     seen = []
-    spy = methods.Method("spy", lambda model, s, v, where: seen.append(s), ("w8a8",), lambda v: v.scheme == "w8a8")
-    monkeypatch.setitem(methods.METHODS, "spy", spy)
+
+    class Spy(MethodConfig):
+        method: Literal["spy"] = "spy"
+
+        def quantize(self, model, samples):
+            seen.append(samples)
+
     no_model = type("M", (), {"config": None})()
     for limits in (dict(), dict(max_samples=3), dict(max_seq_len=5), dict(max_samples=100, max_seq_len=1000)):
-        methods.get("spy", "x")(no_model, samples, VariantSpec(method="spy", scheme="w8a8", **limits), WHERE)
+        Spy(scheme="w8a8", **limits).apply(no_model, samples)
     assert [tuple(s.shape) for s in seen] == [(8, 32), (3, 32), (8, 5), (8, 32)]
     assert torch.equal(seen[1], samples[:3])
 
@@ -231,7 +249,7 @@ def test_smoothquant_outlier_reduction(tiny_model, samples):
         model.model.layers[0].input_layernorm.weight[5] = 30.0  # one outlier channel into q/k/v_proj
     base = copy.deepcopy(model)
     variant = VariantSpec(method="smoothquant", scheme="w8a8")
-    methods.get("smoothquant", WHERE)(model, samples, variant, WHERE)
+    variant.apply(model, samples)
     # as the pipeline measures it: Linear inputs of the unquantized model vs the smoothed, quantized one
     before = ranges.by_layer(ranges.collect(base, samples))
     rows = {r["layer"]: r for r in smoothquant.outlier_reduction(before, ranges.by_layer(ranges.collect(model, samples)))}
@@ -258,4 +276,4 @@ def test_keys_lists_the_methods():
 
     result = CliRunner().invoke(app, ["keys"], terminal_width=200)
     assert result.exit_code == 0
-    assert "methods: minmax, smoothquant, awq, autoawq" in result.output
+    assert "methods: autoawq, awq, minmax, smoothquant" in result.output

@@ -13,7 +13,7 @@ tokens), weighted 1 - alpha and alpha. The default target on wrong positions is 
 targets made calibration worse than a global temperature (uniform drives confidence down without end, top-k
 pushed it up). The head starts at the fitted global temperature, trains with a small learning rate, and early-stops
 on a validation split; the identity is a candidate too, so the returned head is never worse than no head on the
-validation metric. `select_calibrator` then picks among none / temperature / ats.
+validation metric. `calq.calib.select` then picks among the fitted calibrators.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calq.calib.hidden import Cached, CachedLogits, Logits
-from calq.calib.temperature import Temperature, fit_temperature
+from calq.calib.base import Calibrator, FitData, identity, register
+from calq.calib.hidden import Cached, Logits, evaluate_cached
+from calq.calib.temperature import Temperature, global_temperature
 from calq.errors import CalqError
-from calq.evaluate.metrics import CalibrationStats
 
 MAX_SCALE = 10.0
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
@@ -57,12 +56,9 @@ class AtsConfig(BaseModel):
     epochs: int = Field(3, ge=1, description="at most this many passes over the training records")
     patience: int = Field(1, ge=1, description="stop after this many epochs without a better validation metric")
     batch_size: int = Field(8, ge=1, description="records per optimizer step")
-    select_by: Literal["ece", "nll"] = Field("ece", description="validation metric for early stopping and for choosing among none / temperature / ats")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation")
-    max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are cut)")
     min_response_tokens: int = Field(2000, ge=1, description="fewer response tokens than this in the fit data is an error")
-    logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden states (memory: chunk x vocab floats)")
-    seed: int = Field(0, description="seed for the head's initialization, the validation split and the record order")
+    early_stop_by: Literal["ece", "nll"] = Field("ece", description="validation metric for early stopping")
+    seed: int = Field(0, description="seed for the head's initialization and the record order")
 
 
 def _layer_classes(config):
@@ -78,10 +74,14 @@ def _layer_classes(config):
                         "use a Llama-, Qwen-, Mistral- or Gemma-style model, or the temperature calibrator") from None
 
 
-class AtsHead(nn.Module):
+@register
+class AtsHead(nn.Module, Calibrator):
     """One causal decoder layer shaped like the model's + Linear(hidden, 1). Calling it is the calibrator:
     `head(logits, hidden, attention_mask=None) -> logits * exp(s).clamp(max=10)`.
     """
+
+    name = "ats"
+    Config = AtsConfig
 
     def __init__(self, model_config):
         super().__init__()
@@ -117,9 +117,18 @@ class AtsHead(nn.Module):
         return self.log_scale(hidden, attention_mask).exp().clamp(max=MAX_SCALE)
 
     def forward(self, logits: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # Logits may cover only the last positions (logits_to_keep); the head still needs every position for context.
-        scale = self.scale(hidden, attention_mask)[:, -logits.shape[1]:]
-        return logits * scale.to(logits.dtype)[..., None]
+        return Calibrator.__call__(self, logits, hidden, attention_mask)
+
+    @classmethod
+    def fit(cls, data: FitData, config: AtsConfig | None = None) -> AtsHead:
+        return fit(data, config or AtsConfig())
+
+    def save(self, folder: str | Path) -> None:
+        save_head(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, model_config) -> AtsHead:
+        return load_head(folder, model_config)
 
 
 # ---- loss ------------------------------------------------------------------------------------------
@@ -159,15 +168,7 @@ def selective_smoothing_loss(logits: torch.Tensor, scale: torch.Tensor, targets:
 
 # ---- fit -------------------------------------------------------------------------------------------
 
-@dataclass
-class AtsFit:
-    head: AtsHead  # the best head on validation: the identity (stats best_epoch None), the warm start (0) or an epoch's
-    temperature: float  # the global-T baseline, fitted on the same training records
-    choice: str  # calibrator with the best validation metric: none | temperature | ats
-    stats: dict  # sizes, seed, per-epoch validation metrics, final validation metrics of each calibrator
-
-
-def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Logits, cfg: AtsConfig) -> float:
+def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Logits, cfg: AtsConfig, chunk: int) -> float:
     hidden, targets, correct = cached.batch(records, logits.device)
     keep = targets != -100
     opt.zero_grad()
@@ -177,8 +178,8 @@ def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Log
     h, t, c = hidden[keep], targets[keep], correct[keep]
     w = _weights(c, cfg)
     total = 0.0
-    for i in range(0, t.numel(), cfg.logits_chunk):
-        part = slice(i, i + cfg.logits_chunk)
+    for i in range(0, t.numel(), chunk):
+        part = slice(i, i + chunk)
         scale = s_leaf[part].exp().clamp(max=MAX_SCALE)
         loss = (w[part] * _terms(logits(h[part]), scale, t[part], c[part], cfg)).sum()
         loss.backward()
@@ -189,107 +190,77 @@ def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Log
     return total
 
 
-@torch.no_grad()
-def evaluate_cached(cached: Cached, records: torch.Tensor, logits: Logits, calibrators: dict[str, Callable],
-                    batch_size: int = 8, chunk: int = 1024) -> dict[str, dict]:
-    """Token-level metrics and reliability bins (calq.evaluate.metrics) of each calibrator on the scored positions of `records`."""
-    stats = {name: CalibrationStats() for name in calibrators}
-    for start in range(0, records.numel(), batch_size):
-        hidden, targets, _ = cached.batch(records[start:start + batch_size], logits.device)
-        keep = targets != -100
-        # Each calibrator is one scale per position: compute it on full sequences, then apply it chunk by chunk.
-        scales = {name: cal(torch.ones_like(targets, dtype=torch.float32)[..., None], hidden)[..., 0][keep]
-                  for name, cal in calibrators.items()}
-        h, t = hidden[keep], targets[keep]
-        for i in range(0, t.numel(), chunk):
-            z = logits(h[i:i + chunk])
-            for name, scale in scales.items():
-                stats[name].update_from_logits(z * scale[i:i + chunk, None], t[i:i + chunk])
-    return {name: {**s.summary(), "reliability": s.reliability()} for name, s in stats.items()}
-
-
-def select_calibrator(metrics: dict[str, dict], by: str = "ece") -> str:
-    """The calibrator with the lowest validation `by` ('ece' or 'nll'); ties go to the one listed first (the simpler)."""
-    return min(metrics, key=lambda name: metrics[name][by])
-
-
 def _short(summary: dict) -> dict:
     return {k: round(summary[k], 5) for k in ("nll", "ece", "adaptive_ece", "brier", "accuracy", "confidence")}
 
 
-def fit(cached: Cached, logits: Logits, model_config, cfg: AtsConfig | None = None,
-        progress: Callable[[int, dict], None] | None = None, where: str = "ats") -> AtsFit:
-    """Fit the global temperature and the ATS head on cached hidden states; validate both and the identity.
-
-    `logits` is `Logits(model)` of the model the cache came from; `progress(epoch, validation summary)` after each epoch.
-    """
-    cfg = cfg or AtsConfig()
+def fit(data: FitData, cfg: AtsConfig) -> AtsHead:
+    """Fit the ATS head on `data.train`, early-stopped on `data.val`; the identity and the warm start are
+    candidates too, so the head returned is never worse than no head on validation. `head.fit_info` keeps
+    sizes, seed and the per-epoch validation metrics."""
     started = time.perf_counter()
+    cached, logits, train, val = data.cached, data.logits, data.train, data.val
     tokens = cached.response_tokens()
     if len(cached) < 2 or tokens < cfg.min_response_tokens:
         raise CalqError(f"the ATS fit data has {len(cached)} records with {tokens} response tokens, fewer than "
-                        f"2 records and min_response_tokens={cfg.min_response_tokens}", where,
-                        "give more instruction records (a few hundred), or lower min_response_tokens")
+                        f"2 records and min_response_tokens={cfg.min_response_tokens}", "calibrators.data",
+                        "give more instruction records (a few hundred), or lower calibrators.ats.min_response_tokens")
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(cached), generator=gen)
-    n_val = min(max(1, round(len(cached) * cfg.val_fraction)), len(cached) - 1)
-    val, train = order[:n_val], order[n_val:]
+    torch.randperm(len(cached), generator=gen)  # the record order continues after the draw of the validation split
 
-    temperature = fit_temperature(CachedLogits(cached, train, logits, cfg.logits_chunk))
+    temperature = global_temperature(data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = AtsHead(model_config).to(logits.device).eval()
+        head = AtsHead(data.model_config).to(logits.device).eval()
     identity_state = copy.deepcopy(head.state_dict())
     if cfg.init_from_temperature:
         with torch.no_grad():
             head.out.bias.fill_(-math.log(temperature))
-    identity = lambda z, h: z  # noqa: E731
+    by = cfg.early_stop_by
     base = evaluate_cached(cached, val, logits, {"none": identity, "temperature": Temperature(temperature), "ats": head},
-                           cfg.batch_size, cfg.logits_chunk)
-    # The identity is a candidate too (epoch None), so the head returned is never worse than none on validation.
+                           cfg.batch_size, data.chunk)
     best_epoch, best_state, best = None, identity_state, base["none"]
-    if base["ats"][cfg.select_by] < best[cfg.select_by]:
+    if base["ats"][by] < best[by]:
         best_epoch, best_state, best = 0, copy.deepcopy(head.state_dict()), base["ats"]
     history = [{"epoch": 0, **_short(base["ats"])}]
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for epoch in range(1, cfg.epochs + 1):
         head.train()
         perm = train[torch.randperm(train.numel(), generator=gen)]
-        losses = [_step(head, opt, cached, perm[i:i + cfg.batch_size], logits, cfg) for i in range(0, perm.numel(), cfg.batch_size)]
+        losses = [_step(head, opt, cached, perm[i:i + cfg.batch_size], logits, cfg, data.chunk)
+                  for i in range(0, perm.numel(), cfg.batch_size)]
         head.eval()
-        summary = evaluate_cached(cached, val, logits, {"ats": head}, cfg.batch_size, cfg.logits_chunk)["ats"]
+        summary = evaluate_cached(cached, val, logits, {"ats": head}, cfg.batch_size, data.chunk)["ats"]
         history.append({"epoch": epoch, "train_loss": round(sum(losses) / len(losses), 5), **_short(summary)})
-        if progress:
-            progress(epoch, summary)
-        if summary[cfg.select_by] < best[cfg.select_by]:
+        if data.progress:
+            data.progress("fit ATS head", epoch, cfg.epochs)
+        if summary[by] < best[by]:
             best_epoch, best_state, best = epoch, copy.deepcopy(head.state_dict()), summary
         elif epoch - (best_epoch or 0) >= cfg.patience:
             break
     head.load_state_dict(best_state)
-    head.eval()
-    metrics = {"none": base["none"], "temperature": base["temperature"], "ats": best}
-    choice = select_calibrator(metrics, cfg.select_by)
-    stats = {"train_records": train.numel(), "val_records": val.numel(), "train_tokens": cached.response_tokens(train),
-             "val_tokens": cached.response_tokens(val), "seed": cfg.seed, "temperature": temperature,
-             "best_epoch": best_epoch, "history": history, "validation": {k: _short(v) for k, v in metrics.items()},
-             "choice": choice, "seconds": round(time.perf_counter() - started, 1)}
-    return AtsFit(head, temperature, choice, stats)
+    head.eval().requires_grad_(False)
+    head.fit_info = {"train_records": train.numel(), "val_records": val.numel(),
+                     "train_tokens": cached.response_tokens(train), "val_tokens": cached.response_tokens(val),
+                     "seed": cfg.seed, "start_temperature": temperature, "best_epoch": best_epoch, "history": history,
+                     "settings": cfg.model_dump(), "seconds": round(time.perf_counter() - started, 1)}
+    return head
 
 
 # ---- save / load -----------------------------------------------------------------------------------
 
-def save_head(head: AtsHead, folder: str | Path, cfg: AtsConfig, stats: dict | None = None) -> Path:
-    """`folder`/head.safetensors + config.json (sizes and model type it fits, the AtsConfig, fit stats)."""
+def save_head(head: AtsHead, folder: str | Path) -> Path:
+    """`folder`/head.safetensors + config.json (sizes and model type it fits, how it was fitted)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
     meta = {"model_type": head.model_type, "hidden_size": head.hidden_size, "vocab_size": head.vocab_size,
-            "ats": cfg.model_dump(), "fit": stats}
+            "fit": head.fit_info}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
 
-def load_head(folder: str | Path, model_config, where: str = "ats") -> AtsHead:
+def load_head(folder: str | Path, model_config, where: str = "calibrator") -> AtsHead:
     """The head saved in `folder`, checked against the model it will calibrate."""
     folder = Path(folder)
     if not (folder / HEAD_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
@@ -309,44 +280,5 @@ def load_head(folder: str | Path, model_config, where: str = "ats") -> AtsHead:
     except RuntimeError as exc:
         raise CalqError(f"the ATS head in {folder} does not match this model's layer shapes ({str(exc).splitlines()[-1].strip()})",
                         where, "fit the head on this model's hidden states") from None
+    head.fit_info = meta.get("fit") or {}
     return head.eval().requires_grad_(False)  # for inference; fit() trains a head of its own
-
-
-# ---- a model that returns calibrated logits --------------------------------------------------------
-
-class CalibratedLM(nn.Module):
-    """A causal LM whose forward returns `calibrator(logits, last hidden state)` in place of its logits.
-
-    Works for full-sequence forward passes (scoring, evaluation, lm-eval loglikelihood), padded on either side.
-    `generate()` is not supported: with a KV cache the model returns hidden states for the new tokens only, and the
-    ATS head's attention needs its own keys and values for every earlier position, which this wrapper does not cache.
-    """
-
-    def __init__(self, model: nn.Module, calibrator: Callable):
-        super().__init__()
-        self.model, self.calibrator = model, calibrator
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def device(self):
-        return self.model.device
-
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            raise NotImplementedError("CalibratedLM scores whole sequences; it does not take past_key_values (see its docstring)")
-        keep_hidden = kwargs.pop("output_hidden_states", False)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kwargs)
-        hidden = out.hidden_states[-1]
-        # Only the ATS head looks across positions, so only it needs the padding mask.
-        extra = {"attention_mask": attention_mask} if isinstance(self.calibrator, AtsHead) else {}
-        out.logits = self.calibrator(out.logits, hidden, **extra)
-        if not keep_hidden:
-            out.hidden_states = None
-        return out
-
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError("generation with calibrated logits is not supported: the ATS head attends over all "
-                                  "earlier positions and keeps no KV cache of its own; score full sequences instead")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from calq.data import render_instruction
 from calq.errors import CalqError
+from calq.evaluation.metrics import CalibrationStats
 
 
 class Logits:
@@ -179,3 +180,22 @@ class CachedLogits:
         for start in range(0, self.index.numel(), self.chunk):
             idx = self.index[start:start + self.chunk]
             yield self.logits(self.cached.hidden[idx]), self.cached.targets[idx].to(self.logits.device)
+
+
+@torch.no_grad()
+def evaluate_cached(cached: Cached, records: torch.Tensor, logits: Logits, calibrators: dict,
+                    batch_size: int = 8, chunk: int = 1024) -> dict[str, dict]:
+    """Token-level metrics and reliability bins (calq.evaluation.metrics) of each calibrator (calq.calib.base) on the
+    scored positions of `records`."""
+    stats = {name: CalibrationStats() for name in calibrators}
+    for start in range(0, records.numel(), batch_size):
+        hidden, targets, _ = cached.batch(records[start:start + batch_size], logits.device)
+        keep = targets != -100
+        # Each calibrator is one scale per position: compute it on full sequences, then apply it chunk by chunk.
+        scales = {name: cal.scale(hidden)[keep] for name, cal in calibrators.items()}
+        h, t = hidden[keep], targets[keep]
+        for i in range(0, t.numel(), chunk):
+            z = logits(h[i:i + chunk])
+            for name, scale in scales.items():
+                stats[name].update_from_logits(z * scale[i:i + chunk, None], t[i:i + chunk])
+    return {name: {**s.summary(), "reliability": s.reliability()} for name, s in stats.items()}

@@ -15,16 +15,38 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager, nullcontext
+from typing import ClassVar, Literal
 
 import torch
 
 from calq.errors import CalqError
 from calq.quant import llmc
-from calq.quant.schemes import config_groups
-from calq.recipe import VariantSpec
+from calq.quant.base import MethodConfig, MethodUnavailable, register
 
 
-def _model_map(where: str) -> dict:
+@register
+class AutoAwq(MethodConfig):
+    method: Literal["autoawq"] = "autoawq"
+    schemes: ClassVar = ("w4a16",)
+    version: ClassVar = 2  # the CPU fix (_snapshots_that_copy) changed what it produces
+
+    def check_model(self, config) -> None:
+        check_model(config)
+
+    def quantize(self, model, samples):
+        quantizer = scale_and_clip(model, samples, self)
+        llmc.run_oneshot(model, [self.quantization_modifier()], None)
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is not None and scheme.weights is not None:
+                _, scales, zeros = quantizer.pseudo_quantize_tensor(module.weight.data)
+                module.weight_scale.data.copy_(scales)
+                if zeros is not None:
+                    module.weight_zero_point.data.copy_(zeros - 8)
+        return model
+
+
+def _model_map() -> dict:
     """AutoAWQ's model type -> model class map; MethodUnavailable when autoawq cannot be imported."""
     try:
         # Its import warns at length that AutoAWQ is deprecated, and turns DeprecationWarnings on for the
@@ -32,17 +54,15 @@ def _model_map(where: str) -> dict:
         with warnings.catch_warnings(record=True):
             from awq.models.auto import AWQ_CAUSAL_LM_MODEL_MAP
     except ImportError as exc:
-        from calq.quant.methods import MethodUnavailable
-
         raise MethodUnavailable(f"method autoawq needs the optional package autoawq, which cannot be imported ({exc})",
-                                f"{where}.method", "pip install 'calq[autoawq]' (autoawq==0.2.9), or use method awq") from None
+                                "method", "pip install 'calq[autoawq]' (autoawq==0.2.9), or use method awq") from None
     return AWQ_CAUSAL_LM_MODEL_MAP
 
 
-def check_model(config, variant: VariantSpec, where: str) -> None:
-    model_map = _model_map(where)
+def check_model(config) -> None:
+    model_map = _model_map()
     if config.model_type not in model_map:
-        raise CalqError(f"AutoAWQ 0.2.9 does not handle model type '{config.model_type}'", f"{where}.method",
+        raise CalqError(f"AutoAWQ 0.2.9 does not handle model type '{config.model_type}'", "method",
                         "use method awq (llm-compressor)")
     from awq.utils.module import get_named_linears
     from transformers import AutoModelForCausalLM
@@ -57,30 +77,14 @@ def check_model(config, variant: VariantSpec, where: str) -> None:
     bad = sorted({f"{name} ({w})" for name, w in widths.items() if w % 64})
     if bad:
         raise CalqError(f"AutoAWQ's clip search needs output widths that are multiples of 64; not: {', '.join(bad)}",
-                        f"{where}.method", "use method awq (llm-compressor has no such limit)")
+                        "method", "use method awq (llm-compressor has no such limit)")
 
 
-def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    quantizer = scale_and_clip(model, samples, variant, where)
-    modifier = QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))
-    llmc.run_oneshot(model, [modifier], None)
-    for module in model.modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is not None and scheme.weights is not None:
-            _, scales, zeros = quantizer.pseudo_quantize_tensor(module.weight.data)
-            module.weight_scale.data.copy_(scales)
-            if zeros is not None:
-                module.weight_zero_point.data.copy_(zeros - 8)
-    return model
-
-
-def scale_and_clip(model, samples: torch.Tensor, variant: VariantSpec, where: str, clip: bool = True):
+def scale_and_clip(model, samples: torch.Tensor, variant: AutoAwq, clip: bool = True):
     """AutoAWQ's search, applied to `model` in floating point (scales folded into the preceding norms and layers,
     then weight clipping); returns AutoAWQ's quantizer, whose rounding the int4 export reuses."""
     model_type = model.config.model_type
-    awq_model = _model_map(where)[model_type](model, model_type, False, model.config, None, None)  # first: checks the import
+    awq_model = _model_map()[model_type](model, model_type, False, model.config, None, None)  # first: checks the import
     from awq.utils.utils import get_best_device
 
     device = model.device

@@ -5,26 +5,32 @@ the activations lean on most, then the same W4A16 QuantizationModifier as minmax
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import ClassVar, Literal
 from unittest import mock
 
 import torch
 
 from calq.errors import CalqError
 from calq.quant import llmc
-from calq.quant.schemes import config_groups
-from calq.recipe import VariantSpec
+from calq.quant.base import MethodConfig, register
 
 
-def modifiers(variant: VariantSpec, where: str) -> list:
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform import AWQModifier
+@register
+class Awq(MethodConfig):
+    method: Literal["awq"] = "awq"
+    schemes: ClassVar = ("w4a16",)
 
-    return [AWQModifier(), QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))]
+    def modifiers(self) -> list:
+        from llmcompressor.modifiers.transform import AWQModifier
 
+        return [AWQModifier(), self.quantization_modifier()]
 
-def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
-    with no_pinning_without_accelerator():
-        return llmc.run_oneshot(model, modifiers(variant, where), samples)
+    def quantize(self, model, samples):
+        with no_pinning_without_accelerator():
+            return llmc.run_oneshot(model, self.modifiers(), samples)
+
+    def check_model(self, config) -> None:
+        check_awq_mappings(config)
 
 
 @contextmanager
@@ -44,7 +50,7 @@ def no_pinning_without_accelerator():
         yield
 
 
-def check_model(config, variant: VariantSpec, where: str) -> None:
+def check_awq_mappings(config) -> None:
     """llm-compressor maps architectures to AWQ (norm -> projections) mappings and silently falls back to
     Llama-style mappings for the others; refuse an architecture where those would not fit."""
     from compressed_tensors.utils import match_name
@@ -61,6 +67,6 @@ def check_model(config, variant: VariantSpec, where: str) -> None:
     unmatched = [p for p in patterns if not any(match_name(n, p) for n in names)]
     if unmatched:
         raise CalqError(f"llm-compressor has no AWQ mappings for {arch}, and its Llama-style default mappings do not fit it "
-                        f"(no layer matches '{unmatched[0]}')", f"{where}.method",
+                        f"(no layer matches '{unmatched[0]}')", "method",
                         "use method minmax for w4a16, or a model whose architecture llm-compressor maps for AWQ "
                         "(Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...)")

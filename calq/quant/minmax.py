@@ -2,24 +2,23 @@
 
 W4A16: round-to-nearest int4 weights with group-wise min-max scales (no data needed).
 W8A8: per-channel int8 weights and int8 activations; static per-tensor activation scales are
-observed on the calibration samples.
+observed on the calibration samples (per-token dynamic scales with `dynamic_activations`).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
 from calq.quant import llmc
-from calq.quant.schemes import config_groups
-from calq.recipe import VariantSpec
+from calq.quant.base import MethodConfig, register
 
 
-def needs_data(v: VariantSpec) -> bool:
-    return v.scheme == "w8a8" and not v.dynamic_activations
+@register
+class MinMax(MethodConfig):
+    method: Literal["minmax"] = "minmax"
 
+    def needs_data(self) -> bool:
+        return self.scheme == "w8a8" and not self.dynamic_activations
 
-def quantize(model, samples: torch.Tensor | None, variant: VariantSpec, where: str):
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    modifier = QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))
-    return llmc.run_oneshot(model, [modifier], samples)
+    def quantize(self, model, samples):
+        return llmc.run_oneshot(model, [self.quantization_modifier()], samples)

@@ -9,25 +9,47 @@ spread. The QuantizationModifier that follows is the same W8A8 config as minmax.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, field_validator
 
+from calq.calib import ranges
 from calq.quant import llmc
-from calq.quant.schemes import config_groups
-from calq.recipe import VariantSpec
+from calq.quant.base import MethodConfig, register
+
+SPREAD_SAMPLES = 32  # calibration samples on which the effect on the activation spread is measured
 
 
-def smoothing(variant: VariantSpec):
-    from llmcompressor.modifiers.transform import SmoothQuantModifier
+@register
+class SmoothQuant(MethodConfig):
+    method: Literal["smoothquant"] = "smoothquant"
+    schemes: ClassVar = ("w8a8",)
+    smoothing_strength: float = Field(0.8, description="how much of the activation outliers moves into the weights "
+                                                       "(alpha, 0 < x < 1)")
 
-    return SmoothQuantModifier(smoothing_strength=variant.smoothing_strength)
+    @field_validator("smoothing_strength")
+    @classmethod
+    def _strength(cls, v):
+        if not 0 < v < 1:
+            raise ValueError("smoothing_strength must lie strictly between 0 and 1 (SmoothQuant's alpha; 0.5-0.8 is usual)")
+        return v
 
+    def quantize(self, model, samples):
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
 
-def quantize(model, samples: torch.Tensor, variant: VariantSpec, where: str):
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+        smoothing = SmoothQuantModifier(smoothing_strength=self.smoothing_strength)
+        return llmc.run_oneshot(model, [smoothing, self.quantization_modifier()], samples)
 
-    quantization = QuantizationModifier(config_groups=config_groups(variant, where), ignore=list(variant.ignore))
-    return llmc.run_oneshot(model, [smoothing(variant), quantization], samples)
+    def extra_outputs(self, quantized, samples, load_base):
+        """The activation absmax spread per layer, unquantized model vs the smoothed and quantized one, same samples.
+
+        The hooks see each Linear's input before its activation quantizer, so the spread 'after' is what
+        SmoothQuant left for the int8 activation scale to cover."""
+        samples = samples[:SPREAD_SAMPLES]
+        before = ranges.by_layer(ranges.collect(load_base(), samples))
+        after = ranges.by_layer(ranges.collect(quantized, samples))
+        return {"smoothing": outlier_reduction(before, after)}
 
 
 def _spread(absmax: torch.Tensor) -> float:
@@ -36,9 +58,9 @@ def _spread(absmax: torch.Tensor) -> float:
 
 
 def outlier_reduction(before: dict[str, dict[str, torch.Tensor]], after: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
-    """Range dicts as `calq.calib.ranges.load` returns them. Per layer (in both), the absmax spread (max channel absmax / median channel absmax) before and after
-    smoothing and by what factor smoothing reduced it; strongest outliers first. Layers that SmoothQuant does
-    not smooth (o_proj, down_proj in Llama) keep a factor near 1."""
+    """Range dicts as `calq.calib.ranges.load` returns them. Per layer (in both), the absmax spread (max channel
+    absmax / median channel absmax) before and after smoothing and by what factor smoothing reduced it; strongest
+    outliers first. Layers that SmoothQuant does not smooth (o_proj, down_proj in Llama) keep a factor near 1."""
     rows = []
     for layer in before.keys() & after.keys():
         b, a = _spread(before[layer]["absmax"]), _spread(after[layer]["absmax"])

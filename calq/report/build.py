@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from calq.runs import write_json, write_text
+from calq.errors import CalqError
+from calq.evaluation.answers import tasks_section
+from calq.models import BASELINE
+from calq.report.common import EVAL_SETS, calibrators_text, mb
+from calq.report.gates import Gates, gates_section
+from calq.report.html import write_html
+from calq.runs import RunDir, write_json, write_text
 
-PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
-EVAL_SETS = {"tokens": "held-out text", "responses": "held-out instruction responses"}
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -37,83 +39,67 @@ def goals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def calibrators_text(c: dict, code) -> str:
-    """How the calibrators were fitted, one paragraph; `code(text)` marks up the data file name."""
-    return (f"Fitted per variant on that model's own hidden states: a global temperature (NLL) and an ATS head "
-            f"(one decoder layer + Linear; loss smoothing '{c['ats']['smoothing']}', alpha {c['ats']['alpha']}, "
-            f"lr {c['ats']['lr']}, at most {c['ats']['epochs']} epochs, early stopping on validation {c['ats']['select_by']}). "
-            f"Data: {c['fit_records']} fit records ({c['ats']['val_fraction']:.0%} of them validate) and {c['heldout_records']} "
-            f"held-out records from {code(c['source'])} (seed {c['seed']}); the selected calibrator (*) has the best "
-            f"validation {c['ats']['select_by']}.")
+def read_manifest(run: RunDir) -> dict:
+    path = run.meta / "manifest.json"
+    if not path.is_file():
+        raise CalqError("the run folder has no manifest (.calq/manifest.json)", str(run.root),
+                        "run the recipe with this version of calq (`calq run`) to write one")
+    return json.loads(path.read_text())
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def collect(ctx, plan) -> dict:
-    """Assemble report.json's content from the run folder (stage markers and result files)."""
-    from calq.pipeline import BASELINE, _base_source, _dir_size
-
-    run, recipe = ctx.run, ctx.recipe
-    stages = {name: json.loads(p.read_text()) for name in plan.keys if (p := run.meta / "stages" / f"{name}.json").is_file()}
+def collect(run: RunDir, manifest: dict) -> dict:
+    """Assemble report.json's content from the manifest and the stored results (stage markers and result files)."""
+    recipe = manifest["recipe"]
+    stages = {s["name"]: json.loads(p.read_text()) for s in manifest["stages"]
+              if (p := run.meta / "stages" / f"{s['name']}.json").is_file()}
+    missing = [f"evaluate/{name}" for name in manifest["variants"] if f"evaluate/{name}" not in stages]
+    missing += [name for name in ("samples", "eval_tokens") if name not in stages]
+    if missing:
+        raise CalqError(f"the run has not finished its evaluation ({', '.join(missing)} missing)", str(run.root),
+                        "finish it with `calq run`")
     rows = []
-    for name in plan.variants:
+    for name in manifest["variants"]:
         evaluated = json.loads(run.path("eval", f"{name}.json").read_text())
         result = evaluated["tokens"]["calibrators"]["none"]
         if name == BASELINE:
-            size = _dir_size(Path(_base_source(ctx, plan).location))
-            quant = {"method": "none", "scheme": recipe.model.dtype, "calibration_seconds": None}
+            size = stages[f"evaluate/{name}"]["info"].get("size_bytes")
+            quant = {"method": "none", "scheme": recipe["model"]["dtype"], "calibration_seconds": None}
         else:
-            q = stages[f"quantize/{name}"]["info"]
-            size, quant = q["size_bytes"], q
+            quant = stages[f"quantize/{name}"]["info"]
+            size = quant["size_bytes"]
         rows.append({"variant": name, "method": quant["method"], "scheme": quant["scheme"],
                      "group_size": quant.get("group_size"), "size_bytes": size,
-                     "calibration_seconds": quant["calibration_seconds"], "calibration_samples": quant.get("calibration_samples"),
+                     "calibration_seconds": quant["calibration_seconds"],
+                     "calibration_samples": quant.get("calibration_samples"),
                      **{k: result[k] for k in METRICS}, "tokens": result["tokens"], "reliability": result["reliability"],
-                     "selected": evaluated.get("selected"), "temperature": evaluated.get("temperature"),
+                     "selected": evaluated.get("selected"),
+                     "temperature": (evaluated.get("fit") or {}).get("temperature", {}).get("temperature"),
                      "validation": evaluated.get("validation"),
                      "calibrated": {part: evaluated[part]["calibrators"] for part in EVAL_SETS if part in evaluated}})
     samples, eval_data = stages["samples"]["info"], stages["eval_tokens"]["info"]
     instructions = stages.get("instructions", {}).get("info")
+    ev = recipe["evaluation"]["tokens"]
     return {
-        "recipe": recipe.name,
+        "recipe": recipe["name"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"id": recipe.model.id, "source": plan.source.describe(), "dtype": recipe.model.dtype,
+        "model": {"id": recipe["model"]["id"], "source": manifest["model"]["source"], "dtype": recipe["model"]["dtype"],
+                  "revision": manifest["model"]["revision"],
                   "note": stages.get("base_model", {}).get("info", {}).get("note")},
         "calibration": samples,
-        "evaluation": {"tokens": {**eval_data, "seq_len": recipe.evaluation.tokens.seq_len,
-                                  "bins": recipe.evaluation.tokens.bins}},
-        "calibrators": instructions and {**instructions, "ats": recipe.calibrators.ats.model_dump()},
+        "evaluation": {"tokens": {**eval_data, "seq_len": ev["seq_len"], "bins": ev["bins"]}},
+        "calibrators": instructions and {**instructions, "settings": recipe["calibrators"]},
         "variants": rows,
         "goals": goals(rows),
         "outliers": json.loads(run.path("outliers.json").read_text()),
-        "smoothing": {name: json.loads(p.read_text())[: recipe.outliers_top_k] for name in plan.variants
+        "smoothing": {name: json.loads(p.read_text())[: recipe["outliers_top_k"]] for name in manifest["variants"]
                       if (p := run.path("smoothing", f"{name}.json")).is_file()},
-        "skipped": plan.skipped,
-        "notes": plan.notes,
+        "skipped": manifest["skipped"],
+        "notes": manifest["notes"],
         "stages": {name: {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]} for name, m in stages.items()},
-        "versions": versions(),
-        "machine": {"platform": platform.platform(), "cpus": _cpus()},
-        "recipe_content": recipe.model_dump(mode="json"),
+        "versions": manifest["versions"],
+        "machine": manifest["machine"],
+        "recipe_content": recipe,
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def mb(n: int | None) -> str:
-    """Bytes as MiB with one decimal, or a dash when unknown."""
-    return f"{n / 2**20:,.1f}" if n else "–"
 
 
 def markdown(report: dict) -> str:
@@ -193,20 +179,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_reports(ctx, plan) -> dict:
-    """report.json, report.md and a self-contained report.html; gates are evaluated last, on the finished report."""
-    from calq.evaluate.answers import tasks_section
-    from calq.pipeline import BASELINE
-    from calq.report.gates import gates_section
-    from calq.report.html import write_html
-
-    report = collect(ctx, plan)
-    spec = ctx.recipe.evaluation.tasks
+def write_reports(run_root: str | Path) -> dict:
+    """report.json, report.md and a self-contained report.html, from the run folder alone (its manifest and stored
+    results: no model, data folder or network); gates are evaluated last, on the finished report."""
+    run = RunDir(run_root)
+    manifest = read_manifest(run)
+    recipe = manifest["recipe"]
+    report = collect(run, manifest)
+    spec = recipe["evaluation"]["tasks"]
     if spec is not None:
-        per_variant = {name: json.loads(ctx.run.path("tasks", f"{name}.json").read_text()) for name in plan.variants}
-        report["tasks"] = tasks_section(per_variant, ctx.recipe.evaluation.tokens.bins, spec.bootstrap, spec.seed)
-    report["gates"] = gates_section(ctx.recipe.gates, report, baseline=BASELINE)
-    write_json(ctx.run.path("report.json"), report)
-    write_text(ctx.run.path("report.md"), markdown(report))
-    write_html(ctx.run.path("report.html"), report)
+        per_variant = {name: json.loads(run.path("tasks", f"{name}.json").read_text()) for name in manifest["variants"]}
+        report["tasks"] = tasks_section(per_variant, recipe["evaluation"]["tokens"]["bins"], spec["bootstrap"],
+                                        spec["seed"], manifest["versions"]["lm_eval"])
+    gates = Gates.model_validate(recipe["gates"]) if recipe.get("gates") else None
+    report["gates"] = gates_section(gates, report, baseline=BASELINE)
+    write_json(run.path("report.json"), report)
+    write_text(run.path("report.md"), markdown(report))
+    write_html(run.path("report.html"), report)
     return report

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from calq.report import plots
-from calq.report.build import EVAL_SETS, calibrators_text, mb
+from calq.report.common import EVAL_SETS, calibrators_text, mb
 from calq.runs import write_text
 
 STYLE = """

@@ -1,7 +1,7 @@
 """PNG charts for the reports, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
 
-Reliability bins are the list `CalibrationStats.reliability()` returns (token level: calq.evaluate.tokens;
-answer level: calq.evaluate.answers): [{"lo", "hi", "count", "confidence", "accuracy"}, ...].
+Reliability bins are the list `CalibrationStats.reliability()` returns (token level: calq.evaluation.tokens;
+answer level: calq.evaluation.answers): [{"lo", "hi", "count", "confidence", "accuracy"}, ...].
 """
 
 from __future__ import annotations

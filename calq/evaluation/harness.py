@@ -1,10 +1,10 @@
 """lm-eval model `calq`: a causal LM (plain or compressed-tensors folder) whose scores go through a calibrator.
 
-From the command line, `python -m calq.evaluate.harness` is lm-eval's own CLI (same arguments as `lm_eval`)
+From the command line, `python -m calq.evaluation.harness` is lm-eval's own CLI (same arguments as `lm_eval`)
 with the `calq` model registered and calq's task folder added as `--include_path` (lm-eval 0.4.13 has no
 plugin discovery, so a bare `lm_eval --model calq` cannot see a model registered outside lm-eval):
 
-    python -m calq.evaluate.harness --model calq \\
+    python -m calq.evaluation.harness --model calq \\
         --model_args pretrained=runs/quickstart/variants/minmax-w8a8,calibrator=temperature:1.2 \\
         --tasks calq_arc_easy,calq_mmlu --metadata '{"data_dir": "../shared/data"}' --limit 50
 
@@ -15,7 +15,8 @@ task metadata `data_dir` or $CALQ_DATA_DIR.
 model_args:
     pretrained   model folder (save_pretrained or compressed-tensors checkpoint), .gguf file, hub id,
                  or a bundled name such as smollm2-135m
-    calibrator   none (default) | temperature:<T> | ats:<folder of a saved ATS head> | any name in CALIBRATORS
+    calibrator   none (default) | temperature:<T> | <name>:<folder of a fitted calibrator> (temperature, ats,
+                 or any registered calibrator: calq.calib.base)
     dtype        float32 (default) | bfloat16 | float16
     device       default cuda when available, else cpu
     batch_size   model inputs per forward pass (a whole number; no "auto")
@@ -52,57 +53,17 @@ from tqdm import tqdm
 
 from calq import data as data_mod
 from calq import models
-from calq.calib import identity
+from calq.calib import calibrators as calibrators_mod
+from calq.calib.base import Calibrator
 from calq.errors import CalqError
-from calq.evaluate.tasks import PREFIX, TASKS_DIR, available
-
-Calibrator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from calq.evaluation.tasks import PREFIX, TASKS_DIR, available
 Progress = Callable[[str, int, int], None]  # (description, done, total)
-
-
-def _temperature(arg: str, model) -> Calibrator:
-    from calq.calib.temperature import Temperature
-
-    try:
-        t = float(arg)
-    except ValueError:
-        t = 0.0
-    if not t > 0:
-        raise CalqError(f"temperature must be a positive number, got '{arg}'", "calibrator", "e.g. calibrator=temperature:1.2")
-    return Temperature(t)
-
-
-def _ats(arg: str, model) -> Calibrator:
-    from calq.calib.ats import load_head
-
-    return load_head(arg, model.config, where="calibrator")
-
-
-# name -> loader(argument after the colon, the loaded model) -> calibrator
-CALIBRATORS: dict[str, Callable[[str, object], Calibrator]] = {
-    "none": lambda arg, model: identity,
-    "temperature": _temperature,
-    "ats": _ats,
-}
-
-
-def register_calibrator(name: str):
-    """Decorator: `calibrator=<name>:<arg>` builds its calibrator with `loader(arg, model)`."""
-    def decorate(loader: Callable[[str, object], Calibrator]):
-        CALIBRATORS[name] = loader
-        return loader
-    return decorate
 
 
 def parse_calibrator(spec: str | None, model) -> tuple[str, Calibrator]:
     """'temperature:1.2' -> ('temperature', calibrator); None or 'none' -> ('none', identity).
-    `model` is the model the calibrator will serve (an ATS head is checked against its config)."""
-    name, _, arg = (spec or "none").partition(":")
-    if name not in CALIBRATORS:
-        raise CalqError(f"unknown calibrator '{name}'", "calibrator", f"use one of: {', '.join(CALIBRATORS)}")
-    if name != "none" and not arg:
-        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator", f"write {name}:<value>")
-    return name, CALIBRATORS[name](arg, model)
+    `model` is the model the calibrator will serve (a fitted head is checked against its config)."""
+    return calibrators_mod.parse(spec, model.config)
 
 
 def _key(context: list[int], continuation: list[int]) -> bytes:
@@ -132,8 +93,7 @@ class CalqLM(HFLM):
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, backend="causal", batch_size=int(batch_size), **kwargs)
         self.calibrators = dict(calibrators) if calibrators else dict([parse_calibrator(calibrator, model)])
         for cal in self.calibrators.values():
-            if isinstance(cal, torch.nn.Module):
-                cal.to(device).eval()
+            cal.to(device).eval()
         self.active = next(iter(self.calibrators))
         self.progress: Progress | None = None
         self._scores: dict[bytes, dict[str, tuple[float, bool]]] = {}
@@ -187,7 +147,7 @@ class CalqLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if any(_samples(r.args[1]) for r in requests):
-            if self.calibrators[self.active] is not identity:
+            if self.calibrators[self.active].name != "none":
                 raise CalqError("sampled generation with a calibrator is not supported", "generation_kwargs",
                                 "use greedy decoding (do_sample: false), which no calibrator changes")
             return super().generate_until(requests, disable_tqdm)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from calq.evaluate.metrics import CalibrationStats, brier_top_label, ece
+from calq.evaluation.metrics import CalibrationStats, brier_top_label, ece
 
 LEVEL = 0.95  # two-sided percentile intervals
 CHUNK = 100  # bootstrap replicates per block, so a full MMLU run holds about 10 MB of weights at a time
@@ -96,12 +96,10 @@ def task_rows(variant: str, results: dict, bins: int = 15, n_boot: int = 1000, s
     return rows
 
 
-def tasks_section(per_variant: dict[str, dict], bins: int = 15, n_boot: int = 1000, seed: int = 0) -> dict:
+def tasks_section(per_variant: dict[str, dict], bins: int, n_boot: int, seed: int, lm_eval_version: str) -> dict:
     """report.json's `tasks`: {"settings": ..., "results": rows} from {variant: run_tasks output}."""
-    from importlib import metadata
-
     first = next(iter(per_variant.values()))
     settings = {"limit": first["limit"], "data_dir": first["data_dir"], "calibrators": first["calibrators"],
-                "bins": bins, "bootstrap": n_boot, "level": LEVEL, "seed": seed, "lm_eval": metadata.version("lm_eval")}
+                "bins": bins, "bootstrap": n_boot, "level": LEVEL, "seed": seed, "lm_eval": lm_eval_version}
     return {"settings": settings,
             "results": [row for variant, res in per_variant.items() for row in task_rows(variant, res, bins, n_boot, seed)]}

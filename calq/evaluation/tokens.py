@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from calq.calib import identity
-from calq.evaluate.metrics import CalibrationStats
+from calq.calib.base import identity
+from calq.evaluation.metrics import CalibrationStats
 
 
 @torch.no_grad()
@@ -13,12 +13,12 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, bins: i
              calibrators: dict | None = None, progress=None) -> dict:
     """Non-overlapping windows of `seq_len` tokens; every position but the window's first is scored.
 
-    One forward pass per batch serves every calibrator (see calq.calib). Memory is one batch of logits
+    One forward pass per batch serves every calibrator (calq.calib.base). Memory is one batch of logits
     plus fixed-size histograms, whatever the number of tokens.
     Returns {"windows", "seq_len", "calibrators": {name: metrics + reliability bins}}.
     """
     calibrators = calibrators or {"none": identity}
-    needs_hidden = any(c is not identity for c in calibrators.values())
+    needs_hidden = any(c.needs_hidden for c in calibrators.values())
     windows = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
     if windows.shape[0] == 0:
         raise ValueError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {seq_len}")

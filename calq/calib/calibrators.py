@@ -1,0 +1,60 @@
+"""Every calibrator: calq's own are the modules of this package that register one (calq.calib.base), discovered
+here; others register themselves on import. Fitting a set of them, validating and selecting, and parsing
+`<name>:<arg>` are the same for all."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+import calq.calib
+from calq.calib.base import REGISTRY, Calibrator, FitData
+from calq.calib.hidden import evaluate_cached
+from calq.calib.select import select
+from calq.errors import CalqError
+
+for _module in pkgutil.iter_modules(calq.calib.__path__):
+    importlib.import_module(f"calq.calib.{_module.name}")
+
+
+def get(name: str) -> type[Calibrator]:
+    if name not in REGISTRY:
+        raise CalqError(f"unknown calibrator '{name}'", "calibrator", f"use one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def names(level: str = "token") -> list[str]:
+    return [name for name, cls in REGISTRY.items() if cls.level == level]
+
+
+def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece",
+            batch_size: int = 8) -> tuple[dict[str, Calibrator], dict[str, dict], str]:
+    """Fit `none` and each calibrator named in `settings` ({name: its config}) on `data.train`; validate them all
+    on `data.val` in one pass; select the best. Returns (fitted, validation metrics, selected name)."""
+    fitted = {"none": get("none").fit(data, None)}
+    for name, config in settings.items():
+        fitted[name] = get(name).fit(data, config)
+    validation = evaluate_cached(data.cached, data.val, data.logits, fitted, batch_size, data.chunk)
+    validation = {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in validation.items()}
+    return fitted, validation, select(validation, select_by)
+
+
+def save_all(fitted: dict[str, Calibrator], folder: Path) -> None:
+    for name, calibrator in fitted.items():
+        calibrator.save(Path(folder) / name)
+
+
+def load_all(folder: Path, model_config, names: list[str]) -> dict[str, Calibrator]:
+    return {name: get(name).load(Path(folder) / name, model_config) for name in names}
+
+
+def parse(spec: str | None, model_config) -> tuple[str, Calibrator]:
+    """'temperature:1.2' or 'ats:<folder>' -> (name, calibrator); None or 'none' -> ('none', identity)."""
+    name, _, arg = (spec or "none").partition(":")
+    cls = get(name)
+    if name != "none" and not arg:
+        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator", f"write {name}:<folder of a fitted one>")
+    return name, cls.from_arg(arg, model_config)

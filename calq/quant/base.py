@@ -1,0 +1,149 @@
+"""The method contract. A quantization method is one pydantic config class that owns its settings, its checks and
+how it quantizes (as llm-compressor's modifiers do); registering it (`@register`) puts it in the recipe schema
+(`variants:` is a union discriminated on `method`), `calq keys`, the pipeline and `calq.quantize`.
+
+    @register
+    class MyMethod(MethodConfig):
+        method: Literal["mine"] = "mine"
+        schemes: ClassVar = ("w4a16",)
+        my_setting: float = Field(0.5, description="...")
+
+        def quantize(self, model, samples):   # samples: [n, seq] token ids, or None when needs_data() is False
+            ...                               # modify `model` in place (llm-compressor modifiers + oneshot)
+            return model
+
+A method module is discovered by `calq.quant.methods`, so adding a method is one file in this package.
+Errors name keys relative to the variant ('group_size'); the caller adds where the variant is ('variants[1]').
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from calq.errors import CalqError
+
+SCHEMES = ("w8a8", "w4a16")
+REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+class MethodUnavailable(CalqError):
+    """The method's optional package is not installed; the pipeline may skip the variant with a notice."""
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    REGISTRY[cls.model_fields["method"].default] = cls
+    return cls
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schemes: ClassVar[tuple[str, ...]] = SCHEMES  # the schemes this method can do
+    version: ClassVar[int] = 1  # raise it when a fix changes what the method produces: finished runs redo its variants
+
+    method: str = Field(description="quantization method (the list is at the end of `calq keys`)")
+    scheme: str = Field(description="w8a8 (int8 weights and activations) or w4a16 (int4 group-wise weights)")
+    group_size: int | None = Field(None, gt=0, description="w4a16: int4 group size along the input dimension "
+                                                           "(default 128); must divide every quantized layer's input width")
+    symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
+    dynamic_activations: bool | None = Field(
+        None, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from "
+                          "calibration (default false)")
+    max_samples: int | None = Field(None, gt=0, description="calibrate this variant on at most this many of the "
+                                                            "calibration samples (default: all)")
+    max_seq_len: int | None = Field(None, gt=0, description="calibrate this variant on at most this many tokens of "
+                                                            "each sample (default: all)")
+    ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized (names or 're:<regex>')")
+    name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
+
+    @field_validator("scheme")
+    @classmethod
+    def _scheme(cls, scheme: str) -> str:
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme '{scheme}'; use one of: {', '.join(SCHEMES)}")
+        if scheme not in cls.schemes:
+            method = cls.model_fields["method"].default
+            others = [name for name, c in REGISTRY.items() if scheme in c.schemes]
+            raise ValueError(f"method '{method}' cannot do scheme '{scheme}' (it supports: {', '.join(cls.schemes)}); "
+                             f"for {scheme} use a method among: {', '.join(others)}")
+        return scheme
+
+    @field_validator("group_size", "dynamic_activations")
+    @classmethod
+    def _applies_to_scheme(cls, value, info: ValidationInfo):
+        only = {"group_size": "w4a16", "dynamic_activations": "w8a8"}[info.field_name]
+        if value is not None and info.data.get("scheme") not in (None, only):
+            raise ValueError(f"{info.field_name} applies to {only} only; remove it from this "
+                             f"{info.data['scheme']} variant")
+        return value
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
+        return f"{self.method}-{self.scheme}{group}"
+
+    # ---- what a method overrides ---------------------------------------------------------------------
+
+    def quantize(self, model, samples: torch.Tensor | None):
+        """Quantize `model` in place and return it; `samples` are this variant's calibration samples."""
+        raise NotImplementedError
+
+    def needs_data(self) -> bool:
+        """Whether `quantize` reads calibration samples (the quantize stage is keyed on them then)."""
+        return True
+
+    def check_model(self, config) -> None:
+        """Refuse a model architecture this method cannot handle (CalqError; MethodUnavailable for a missing extra)."""
+
+    def extra_outputs(self, quantized, samples: torch.Tensor, load_base: Callable[[], Any]) -> dict[str, Any]:
+        """Optional JSON artifacts of the method, {name: data}, written to RUN/<name>/<variant>.json."""
+        return {}
+
+    # ---- shared by every method ----------------------------------------------------------------------
+
+    def apply(self, model, samples: torch.Tensor | None):
+        """Check the model, then quantize it on the calibration samples this variant asked for."""
+        self.check_model(model.config)
+        return self.quantize(model, self.calibration_samples(samples) if self.needs_data() else None)
+
+    def calibration_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """The shared calibration samples cut to `max_samples` and `max_seq_len` (the first ones)."""
+        return samples[: self.max_samples, : self.max_seq_len]
+
+    def config_groups(self) -> dict:
+        """The scheme as compressed-tensors config groups (the format vLLM and transformers load)."""
+        if self.scheme == "w8a8":
+            dynamic = bool(self.dynamic_activations)
+            activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token" if dynamic else "tensor",
+                           "dynamic": dynamic}
+            weights = {"num_bits": 8, "type": "int", "symmetric": True if self.symmetric is None else self.symmetric,
+                       "strategy": "channel"}
+            return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}
+        weights = {"num_bits": 4, "type": "int", "symmetric": False if self.symmetric is None else self.symmetric,
+                   "strategy": "group", "group_size": self.group_size or 128}
+        return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+    def quantization_modifier(self):
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return QuantizationModifier(config_groups=self.config_groups(), ignore=list(self.ignore))
+
+    def check_group_size(self, widths: dict[str, int]) -> None:
+        """The group size must divide the input width of every quantized layer; name the layers and a size that works."""
+        if self.scheme != "w4a16":
+            return
+        group = self.group_size or 128
+        bad = sorted(name for name, w in widths.items() if w % group)
+        if not bad:
+            return
+        sizes = sorted(set(widths.values()))
+        working = [g for g in (256, 128, 64, 32, 16) if all(w % g == 0 for w in sizes)]
+        shown = ", ".join(f"{n} ({widths[n]})" for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        fix = f"set group_size: {working[0]}" if working else "set group_size to a divisor of " + ", ".join(map(str, sizes))
+        raise CalqError(f"group_size {group} does not divide the input width of {len(bad)} layers: {shown}",
+                        "group_size", fix)
