@@ -1,4 +1,7 @@
-"""The `calq` command line."""
+"""The `calq` command line: a thin layer over calq.api (progress bars, one-line errors, exit codes).
+
+Each command imports what it needs inside its function: torch, transformers and llm-compressor take seconds to
+import, and `calq --help` should not wait for them."""
 
 from __future__ import annotations
 
@@ -78,13 +81,13 @@ def run(
             _show_plan(prepared)
             return
         with _progress() as progress:
-            log = lambda msg: progress.console.print(msg, highlight=False)  # noqa: E731
-            report = api.run(recipe, out, data_dir, until=until, progress=progress, log=log, debug=debug)
+            report = api.run(recipe, out, data_dir, until=until, progress=progress, debug=debug,
+                             log=lambda msg: progress.console.print(msg, highlight=False))
     except CalqError as err:
         _fail(err, debug)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to resume")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if report is None:
         Console().print(f"stopped after '{until}' as asked; run again without --until to finish")
         return
@@ -132,7 +135,14 @@ def _quiet_libraries(debug: bool):
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     return Progress(*columns, console=console, transient=True)

@@ -22,14 +22,16 @@ another executor can run the same table without touching any stage.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -174,7 +176,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
                             "ignore fewer layers (the default is lm_head only)")
         variants.append(v)
     if recipe.calibrators is not None:
-        data_mod.check_available(recipe.calibrators.data, "calibrators.data", data_root)
+        instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
     task_counts = None
     if recipe.evaluation.tasks is not None:
         tasks = recipe.evaluation.tasks
@@ -266,8 +268,6 @@ def write_manifest(run: RunDir, recipe: Recipe, result: Plan, data_root: Path | 
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -381,18 +381,25 @@ def stage_eval_tokens(ctx: Context):
     return {"tokens": out}, {"source": texts.name, "note": texts.note, "tokens": int(stream.numel())}
 
 
-def stage_instructions(ctx: Context):
-    """Instruction records split once, with the recipe's seed, into fit and held-out sets shared by every variant."""
-    spec = ctx.recipe.calibrators
-    name, records, note = data_mod.load_records(spec.data, "calibrators.data", ctx.data_root)
-    if note:
-        ctx.log(f"[yellow]note:[/] {note}")
+def instruction_records(spec, data_root: Path | None) -> tuple[str, list[dict], str | None]:
+    """(source read, the Alpaca-style records, note on a fallback); fewer than fit + held-out records is an error."""
+    name, records, note = data_mod.load_records(spec.data, "calibrators.data", data_root)
     records = [r for r in records if isinstance(r, dict) and r.get("instruction") and r.get("output")]
     need = spec.fit_records + spec.heldout_records
     if len(records) < need:
         raise CalqError(f"{name} has {len(records)} instruction records (with 'instruction' and 'output'), fewer than "
                         f"fit_records + heldout_records = {need}", "calibrators.data",
                         "give more Alpaca-style records, or lower fit_records / heldout_records")
+    return name, records, note
+
+
+def stage_instructions(ctx: Context):
+    """Instruction records split once, with the recipe's seed, into fit and held-out sets shared by every variant."""
+    spec = ctx.recipe.calibrators
+    name, records, note = instruction_records(spec, ctx.data_root)
+    if note:
+        ctx.log(f"[yellow]note:[/] {note}")
+    need = spec.fit_records + spec.heldout_records
     chosen = random.Random(spec.seed).sample(range(len(records)), need)
     parts = {"source": name, "note": note, "fit": [records[i] for i in chosen[:spec.fit_records]],
              "heldout": [records[i] for i in chosen[spec.fit_records:]]}

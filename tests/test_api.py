@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_dir
 from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
@@ -18,7 +19,6 @@ from calq.calib.hidden import CachedLogits
 from calq.calib.temperature import fit_temperature
 from calq.cli import app
 from calq.evaluation import harness
-from conftest import data_dir
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
-
-from calq.data import load_texts, sample_windows, token_stream
-from calq.errors import CalqError
-from calq.data import DataSpec
 from conftest import data_dir
+
+from calq.data import DataSpec, load_texts, sample_windows, token_stream
+from calq.errors import CalqError
 
 
 def test_txt_jsonl_and_alpaca_json(tmp_path):

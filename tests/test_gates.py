@@ -8,16 +8,16 @@ import subprocess
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny import make_tiny_llama
 
 from calq import models
 from calq.calib.base import identity
 from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.evaluation import answers, harness, tokens
-from calq.report import html
 from calq.pipeline import versions
+from calq.report import html
 from calq.report.gates import Gates, check_gates, evaluate_gates, gates_section
-from tiny import make_tiny_llama
 
 COLORS = ["red", "green", "blue", "yellow"]
 THINGS = ["apple", "brick", "cloud", "daisy", "ember", "frost", "grape", "heron"]  # distinct first letters: easy to learn

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from conftest import data_dir
 
 from calq.calib.base import Calibrator, identity
 from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.evaluation import harness
 from calq.evaluation.tasks import TASKS_DIR, available, sources
-from conftest import data_dir
 
 COLORS = ["red", "green", "blue", "yellow"]
 

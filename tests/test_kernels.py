@@ -151,7 +151,9 @@ def test_w8a8_kernel_matches_reference(m, k, n, split_k, dtype, poison):
     input_scale = x.float().abs().amax().reshape(1) / 100 if m % 2 else None  # static, some values clipped
     bias = torch.randn(n, dtype=dtype) if m % 3 == 0 else None
     ref = w8a8.w8a8_reference(x, weight, weight_scale, input_scale, bias)
-    on = (lambda t: None if t is None else t.to(DEVICE))
+    def on(t):
+        return None if t is None else t.to(DEVICE)
+
     poison()
     out = w8a8.w8a8_matmul(x.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE), on(input_scale), on(bias),
                            split_k=split_k)
@@ -312,10 +314,10 @@ def test_bundled_model_greedy_tokens_match_on_gpu(scheme, tmp_path):
     decompressed model in bf16, from a real prompt."""
     from transformers import AutoModelForCausalLM
 
+    import calq
     from calq import models
     from calq.kernels.bench import agreeing_prefix
     from calq.kernels.decode import Decoder
-    import calq
 
     source = models.resolve("smollm2-135m")
     model, tokenizer = models.load(source, "float32")

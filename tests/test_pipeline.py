@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
+from conftest import data_dir
 from typer.testing import CliRunner
 
 from calq.cli import app
-from conftest import data_dir
 
 runner = CliRunner()
 STAGES = ["samples", "ranges", "quantize/minmax-w8a8", "quantize/minmax-w4a16-g32", "eval_tokens",
@@ -163,9 +163,9 @@ def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_rec
     assert after["calibrate/baseline"] != before["calibrate/baseline"]
 
 
-def test_too_few_instruction_records_is_a_clear_error(tiny_recipe, write_recipe, alpaca, tmp_path):
+def test_too_few_instruction_records_is_a_clear_error_before_long_work(tiny_recipe, write_recipe, alpaca, tmp_path):
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 100, "heldout_records": 10}
-    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(tmp_path / "run")])
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
     assert result.exit_code == 2
     assert "fewer than fit_records + heldout_records = 110" in result.output
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_dir
 from typer.testing import CliRunner
 
 from calq.cli import app
-from conftest import data_dir
 
 pytestmark = pytest.mark.slow
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"

@@ -23,13 +23,14 @@ discovered by `calq.calib.calibrators`; others register on import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from calq.calib.hidden import Cached, Logits
 

@@ -9,11 +9,12 @@ a chunk of positions at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calq.data import render_instruction
@@ -160,8 +161,6 @@ class Cached:
 
 
 def load_cached(path: str | Path) -> Cached:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         info = f.metadata() or {}
     t = load_file(str(path))

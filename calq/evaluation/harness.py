@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,7 @@ from calq.calib import calibrators as calibrators_mod
 from calq.calib.base import Calibrator
 from calq.errors import CalqError
 from calq.evaluation.tasks import PREFIX, TASKS_DIR, available
+
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
 
@@ -258,8 +260,6 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
 
 def main() -> None:
     """lm-eval's CLI with the `calq` model registered (by importing this module) and calq's tasks included."""
-    import sys
-
     from lm_eval.__main__ import cli_evaluate
 
     if "--include_path" not in sys.argv:

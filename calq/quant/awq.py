@@ -54,7 +54,11 @@ def check_awq_mappings(config) -> None:
     """llm-compressor maps architectures to AWQ (norm -> projections) mappings and silently falls back to
     Llama-style mappings for the others; refuse an architecture where those would not fit."""
     from compressed_tensors.utils import match_name
-    from llmcompressor.modifiers.transform.awq import AWQ_DYNAMIC_MAPPING_REGISTRY, AWQ_MAPPING_REGISTRY, default_mappings
+    from llmcompressor.modifiers.transform.awq import (
+        AWQ_DYNAMIC_MAPPING_REGISTRY,
+        AWQ_MAPPING_REGISTRY,
+        default_mappings,
+    )
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

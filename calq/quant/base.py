@@ -18,7 +18,8 @@ Errors name keys relative to the variant ('group_size'); the caller adds where t
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator

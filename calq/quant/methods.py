@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 from typing import Annotated, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, ValidationError
 
 import calq.quant
 from calq.errors import CalqError
