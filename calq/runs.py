@@ -91,7 +91,8 @@ def _is_disk_full(exc: BaseException | None) -> bool:
 
 def _disk_full(final: Path, tmp: Path) -> CalqError:
     written = sum(f.stat().st_size for f in _files(tmp) if f.exists()) if tmp.exists() else 0
-    free = shutil.disk_usage(final.parent).free
+    existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())  # the mkdir may have failed
+    free = shutil.disk_usage(existing).free
     return CalqError(f"disk full while writing {final.name}: {_mb(free)} free on that disk, {_mb(written)} had been "
                      f"written when it filled (earlier results are intact)", str(final.parent),
                      "free some space (or pass another --out) and run the same command again to resume")
@@ -241,11 +242,18 @@ def check_files(root: Path, stage: str, marker: dict, deep: bool = True) -> list
 
 
 def read_marker(path: Path) -> dict | None:
+    """A marker's content, or None when it cannot be read or is not shaped like one (a legacy marker without
+    `files` is returned: `check_files` reports it)."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return rec if isinstance(rec, dict) and isinstance(rec.get("outputs"), dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
+        return None
+    files = rec.get("files", {})
+    shaped = isinstance(files, dict) and all(
+        isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str) for f in files.values())
+    return rec if shaped else None
 
 
 def verify(root: str | Path) -> list[Problem]:

@@ -128,16 +128,22 @@ def test_damaged_output_is_detected_and_the_stage_redone(run_dir, stage, damage,
 def test_unreadable_or_old_markers_are_redone(run_dir):
     run_dir.run_stage("ranges", "k1", safetensors_stage, run_dir)
     run_dir.run_stage("evaluate/v1", "k1", json_stage, run_dir)
+    run_dir.run_stage("quantize/v1", "k1", folder_stage, run_dir)
     (run_dir.meta / "stages" / "ranges.json").write_text('{"key": "k1", "outp')  # torn marker
     old = json.loads((run_dir.meta / "stages" / "evaluate" / "v1.json").read_text())
     del old["files"]  # a marker from before checksums
     (run_dir.meta / "stages" / "evaluate" / "v1.json").write_text(json.dumps(old))
-    assert {(p.stage, p.kind) for p in verify(run_dir.root)} == {("ranges", "unreadable"),
-                                                                 ("evaluate/v1", "without checksums")}
+    edited = json.loads((run_dir.meta / "stages" / "quantize" / "v1.json").read_text())
+    edited["files"]["variants/v1/config.json"] = "by hand"  # valid JSON, not a marker's shape
+    (run_dir.meta / "stages" / "quantize" / "v1.json").write_text(json.dumps(edited))
+    assert {(p.stage, p.kind) for p in verify(run_dir.root)} == {
+        ("ranges", "unreadable"), ("evaluate/v1", "without checksums"), ("quantize/v1", "unreadable")}
     again = RunDir(run_dir.root)
-    assert again.finished("ranges", "k1") is None and again.finished("evaluate/v1", "k1") is None
-    assert len(again.notes) == 2
-    for stage in ("ranges", "evaluate/v1"):
+    assert all(again.finished(stage, "k1") is None for stage in STAGES)
+    assert again.notes == [".calq/stages/evaluate/v1.json was without checksums: evaluation redone",
+                           ".calq/stages/ranges.json was unreadable: range collection redone",
+                           ".calq/stages/quantize/v1.json was unreadable: quantization redone"]
+    for stage in STAGES:
         again.run_stage(stage, "k1", STAGES[stage][0], again)
     assert verify(run_dir.root) == []
 
@@ -234,6 +240,17 @@ def test_fix_suggests_a_safe_name():
         check_name("../my run/", "name")
     suggested = err.value.fix.split("'")[-2]
     assert check_name(suggested, "name") == "my-run"
+
+
+def test_disk_full_while_creating_the_folder_names_an_existing_one(run_dir, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "mkdir", no_space)
+    with pytest.raises(CalqError, match="disk full while writing v1.json") as err, \
+            atomic_path(run_dir.path("eval", "deeper", "v1.json")) as tmp:
+        tmp.write_text("{}")
+    assert err.value.where == str(run_dir.path("eval", "deeper"))
 
 
 @pytest.mark.parametrize("parts", [("..", "x"), ("variants", "..", "..", "x"), ("/etc/passwd",), ("eval", "/tmp/x")])
@@ -411,3 +428,33 @@ def test_hash_recorded_at_write_time_matches_the_bytes(run_dir, monkeypatch):
     monkeypatch.undo()
     assert digest == runs.file_digest(path)  # the second call reads the file: the same sha256
     assert load_file(str(path))["absmax"].shape == (4096,)
+
+
+# ---- end to end through `calq run` on the tiny recipe ------------------------------------------------------------
+
+def test_calq_run_redoes_exactly_the_damaged_stages(tiny_recipe, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    def calq_run(out):
+        result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        return [{k: v[k] for k in ("variant", "ppl", "accuracy", "ece", "brier", "tokens")} for v in report["variants"]]
+
+    out = tmp_path / "run"
+    first = calq_run(out)
+    assert verify(out) == []
+    stages = out / ".calq" / "stages"
+    before = {m.relative_to(stages).as_posix(): m.stat().st_mtime_ns for m in stages.rglob("*.json")}
+    flip_bit(out / "eval" / "minmax-w8a8.json")
+    truncate(out / "variants" / "minmax-w4a16-g32" / "model.safetensors")
+    assert {(p.stage, p.kind) for p in verify(out)} == {("evaluate/minmax-w8a8", "damaged"),
+                                                        ("quantize/minmax-w4a16-g32", "truncated")}
+
+    assert calq_run(out) == first
+    after = {m.relative_to(stages).as_posix(): m.stat().st_mtime_ns for m in stages.rglob("*.json")}
+    redone = {name for name in before if after[name] != before[name]}
+    assert redone == {"evaluate/minmax-w8a8.json", "quantize/minmax-w4a16-g32.json"}
+    assert verify(out) == []
