@@ -251,8 +251,8 @@ def read_marker(path: Path) -> dict | None:
     if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
         return None
     files = rec.get("files", {})
-    shaped = isinstance(files, dict) and all(
-        isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str) for f in files.values())
+    shaped = isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("size"), int)
+                                             and isinstance(f.get("sha256"), str) for f in files.values())
     return rec if shaped else None
 
 
