@@ -201,6 +201,7 @@ class StageRecord:
     reused: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {"size", "sha256"}
+    redone: str | None = None  # why an earlier result of this stage was not reused (damaged output), if it was
 
 
 @dataclass
@@ -290,7 +291,8 @@ class RunDir:
         self.meta = self.root / ".calq"
         self.records: dict[str, StageRecord] = {}
         self.notes: list[str] = []  # stages redone because their outputs were damaged, for the console and report
-        self.current_stage: str | None = None  # the stage running now (for "interrupted during ...")
+        self.current_stage: str | None = None  # the stage running now, or the one that raised ("interrupted during")
+        self._damaged: dict[str, str] = {}  # stage -> the note on why its earlier result was not reused
 
     def claim(self, recipe_name: str) -> None:
         """Create the folder, or check that it belongs to this recipe name (and sweep a killed run's temp files).
@@ -375,7 +377,8 @@ class RunDir:
     def _marker(self, stage: str) -> Path:
         return self.path(".calq", "stages", f"{stage}.json")
 
-    def _note(self, line: str) -> None:
+    def _note(self, stage: str, line: str) -> None:
+        self._damaged[stage] = line
         if line not in self.notes:
             self.notes.append(line)
 
@@ -387,13 +390,13 @@ class RunDir:
             return None
         rec = read_marker(marker)
         if rec is None:
-            self._note(Problem(stage, marker.relative_to(self.root).as_posix(), "unreadable").note())
+            self._note(stage, Problem(stage, marker.relative_to(self.root).as_posix(), "unreadable").note())
             return None
         if rec.get("key") != key:
             return None
         problems = check_files(self.root, stage, rec, deep)
         if problems:
-            self._note(problems[0].note())
+            self._note(stage, problems[0].note())
             return None
         known = {f.name for f in fields(StageRecord)}
         return StageRecord(**{**{k: v for k, v in rec.items() if k in known}, "reused": True})
@@ -405,17 +408,15 @@ class RunDir:
             self._marker(stage).unlink(missing_ok=True)
             start = time.perf_counter()
             self.current_stage = stage
-            try:
-                with PeakRSS() as mem:
-                    outputs, info = fn(*args, **kwargs)
-            finally:
-                self.current_stage = None
+            with PeakRSS() as mem:
+                outputs, info = fn(*args, **kwargs)
+            self.current_stage = None
             gc.collect()  # the stage's model is unreachable now; free it before the next stage loads one
             rel = {k: Path(v).relative_to(self.root).as_posix() for k, v in outputs.items()}
             files = {f.relative_to(self.root).as_posix(): file_digest(f)
                      for out in rel.values() for f in _files(self.path(out))}
             rec = StageRecord(stage, key, rel, round(time.perf_counter() - start, 2), round(mem.peak / 2**20, 1),
-                              info=info, files=files)
+                              info=info, files=files, redone=self._damaged.pop(stage, None))
             write_json(self._marker(stage), {k: v for k, v in rec.__dict__.items() if k != "reused"})
         self.records[stage] = rec
         return rec

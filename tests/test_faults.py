@@ -98,7 +98,8 @@ def test_markers_record_size_and_sha256_and_reuse(run_dir):
     again = RunDir(run_dir.root)
     for stage, (fn, _) in STAGES.items():
         counted = Counted(fn)
-        assert again.run_stage(stage, "k1", counted, again).reused and counted.calls == 0
+        rec = again.run_stage(stage, "k1", counted, again)
+        assert rec.reused and counted.calls == 0 and rec.redone is None
     assert again.notes == []
 
 
@@ -120,7 +121,8 @@ def test_damaged_output_is_detected_and_the_stage_redone(run_dir, stage, damage,
     rec = again.run_stage(stage, "k1", counted, again)
     assert counted.calls == 1 and not rec.reused
     word = {"evaluate": "evaluation", "ranges": "range collection", "quantize": "quantization"}[stage.split("/")[0]]
-    assert again.notes == [f"{rel} was {kind}: {word} redone"]
+    assert again.notes == [f"{rel} was {kind}: {word} redone"] and rec.redone == again.notes[0]
+    assert json.loads((again.meta / "stages" / f"{stage}.json").read_text())["redone"] == rec.redone
     assert (run_dir.root / rel).read_bytes() == good
     assert verify(run_dir.root) == []
 
@@ -400,6 +402,20 @@ def test_interrupted_is_not_swallowed_by_except_exception():
             caught = exc
     assert caught.exit_code == 143 and caught.stage == "evaluate/v1"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_current_stage_names_the_running_stage_and_the_one_that_raised(run_dir):
+    seen = []
+
+    def fails(run):
+        seen.append(run.current_stage)
+        raise KeyboardInterrupt
+
+    run_dir.run_stage("ranges", "k1", lambda run: seen.append(run.current_stage) or safetensors_stage(run), run_dir)
+    assert run_dir.current_stage is None
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.run_stage("quantize/v1", "k1", fails, run_dir)
+    assert seen == ["ranges", "quantize/v1"] and run_dir.current_stage == "quantize/v1"
 
 
 def test_save_crash_writes_the_traceback_under_logs(tmp_path):
