@@ -293,6 +293,42 @@ def test_disk_full_removes_the_temp_keeps_earlier_results_and_names_the_folder(r
     assert verify(run_dir.root) == []
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs (needs the right to mount: root in a container with CAP_SYS_ADMIN), else the test is skipped."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_full_disk(small_disk):
+    run = RunDir(small_disk / "run")
+    run.claim("faults")
+    run.run_stage("evaluate/v1", "k1", json_stage, run)
+    big = torch.zeros(1_000_000)  # 4 MB
+
+    def big_checkpoint(run):
+        out = run.path("variants", "v1")
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            save_file({"w": big}, str(tmp / "model.safetensors"))  # safetensors' own error type
+        return {"model": out}, {}
+
+    def big_json(run):
+        return {"result": write_json(run.path("eval", "v2.json"), {"x": "y" * 3_000_000})}, {}
+
+    for stage, fn in (("quantize/v1", big_checkpoint), ("evaluate/v2", big_json)):
+        with pytest.raises(CalqError, match="disk full while writing .* free on that disk"):
+            run.run_stage(stage, "k1", fn, run)
+    assert list(run.root.rglob(".*.tmp-*")) == [] and verify(run.root) == []
+    assert json.loads(run.path("eval", "v1.json").read_text())["ece"] == 0.0123
+
+
 @pytest.mark.parametrize("where", ["library", "fsync"])
 def test_disk_full_reported_by_a_library_or_by_fsync(run_dir, monkeypatch, where):
     if where == "fsync":
