@@ -139,7 +139,6 @@ def test_mutated_quickstart_recipes_fail_cleanly(tmp_path, cached_model_config):
     assert time.perf_counter() - start < 120
 
 
-@pytest.mark.xfail(strict=True, reason="calq/recipe.py reads the recipe with read_text(): UnicodeDecodeError, exit 1")
 def test_a_recipe_that_is_not_text_fails_cleanly(tmp_path, cached_model_config):
     recipe_file = tmp_path / "binary.yaml"
     recipe_file.write_bytes(bytes(range(256)) * 4)
