@@ -32,7 +32,7 @@ from calq.quant import methods
 from calq.quant.base import MethodConfig
 from calq.recipe import Recipe, load_recipe, parse_recipe
 from calq.report.build import write_reports
-from calq.runs import RunDir, write_text
+from calq.runs import RunDir, require_intact, write_text
 
 
 @dataclass
@@ -88,32 +88,41 @@ def prepare(recipe: str | Path | dict | Recipe, out: str | Path | None = None,
     return Prepared(r, result, RunDir(root), data_root, text)
 
 
-def run(recipe: str | Path | dict | Recipe, out: str | Path | None = None, data_dir: str | Path | None = None,
-        until: str | None = None, executor=None, progress=None, log=None, debug: bool = False) -> Report | None:
-    """Run a recipe (a YAML path, a dict or a Recipe) into its run folder, reusing finished stages; returns the
-    report, or None when `until` ('ranges', 'quantize', 'calibrate' or 'evaluate') stops before it.
-    `progress` is a rich Progress and `log` a function of one line, both optional."""
+def run(recipe: str | Path | dict | Recipe | Prepared, out: str | Path | None = None,
+        data_dir: str | Path | None = None, until: str | None = None, executor=None, progress=None, log=None,
+        debug: bool = False) -> Report | None:
+    """Run a recipe (a YAML path, a dict, a Recipe, or what `prepare` returned) into its run folder, reusing
+    finished stages (a stage whose outputs were damaged is redone, with a note); returns the report, or None when
+    `until` ('ranges', 'quantize', 'calibrate' or 'evaluate') stops before it. One process writes a run folder at a
+    time: a second one gets CalqError naming the first. `progress` is a rich Progress and `log` a function of one
+    line, both optional."""
     if until is not None and until not in pipeline.GROUPS[1:]:
         raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(pipeline.GROUPS[1:])}")
-    p = prepare(recipe, out, data_dir)
+    p = recipe if isinstance(recipe, Prepared) else prepare(recipe, out, data_dir)
     if until == "calibrate" and p.recipe.calibrators is None:
         raise CalqError("the recipe has no `calibrators` section to fit", "calibrators", "add one (`calq keys` lists its keys)")
-    p.run.claim(p.recipe.name)
-    write_text(p.run.path("recipe.yaml"), p.text)
-    pipeline.write_manifest(p.run, p.recipe, p.plan, p.data_root)
-    ctx = pipeline.Context(p.recipe, p.run, p.data_root, pipeline.base_source(p.plan.source, p.run), progress=progress,
-                           log=log or (lambda msg: None), debug=debug)
-    pipeline.execute(ctx, p.plan, until, executor)
-    if until is not None:
-        return None
-    return report(p.run.root)
+    with p.run.lock():
+        p.run.claim(p.recipe.name)
+        write_text(p.run.path("recipe.yaml"), p.text)
+        pipeline.write_manifest(p.run, p.recipe, p.plan, p.data_root)
+        ctx = pipeline.Context(p.recipe, p.run, p.data_root, pipeline.base_source(p.plan.source, p.run),
+                               progress=progress, log=log or (lambda msg: None), debug=debug)
+        pipeline.execute(ctx, p.plan, until, executor)
+        if until is not None:
+            return None
+        return _write_report(p.run.root)
 
 
 def report(run_dir: str | Path) -> Report:
-    """Rebuild report.json, report.md and report.html from a run folder alone (no model, data or network)."""
-    root = Path(run_dir)
-    if not (root / ".calq" / "run.json").is_file():
-        raise CalqError("not a calq run folder", str(root), "pass the folder a `calq run` wrote")
+    """Rebuild report.json, report.md and report.html from a run folder alone (no model, data or network).
+    A folder whose stored results do not match their checksums is refused (CalqError naming the files)."""
+    run_dir = RunDir(run_dir)
+    require_intact(run_dir.root)  # refuses a folder calq did not make, too
+    with run_dir.lock():
+        return _write_report(run_dir.root)
+
+
+def _write_report(root: Path) -> Report:
     try:
         return Report(write_reports(root), root)
     except FileNotFoundError as err:

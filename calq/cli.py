@@ -41,7 +41,12 @@ A YAML recipe drives a run. A minimal one:
       tokens: {data: {source: "@data/wikitext2/wiki.test.raw", fallback: "builtin:pydoc", split: test}}
 
 `calq keys` lists every recipe key with its default and meaning. `@data/...` paths are read from
---data-dir (or $CALQ_DATA_DIR). Bad input exits with code 2 and one line saying what to fix.
+--data-dir (or $CALQ_DATA_DIR).
+
+Exit codes: 0 passed; 1 a gate failed (only that); 2 bad input or an unusable run folder (one line saying what
+to fix: bad recipe, folder of another recipe or in use by another run, damaged results, disk full); 3 an internal
+error (one line; the traceback is saved in RUN/logs/); 130 / 143 interrupted by Ctrl-C / SIGTERM (run the same
+command again to resume).
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -71,23 +76,27 @@ def run(
     and an edited recipe reruns only what depends on the edit.
     """
     from calq import api
+    from calq.interrupts import stop_signals
 
     _quiet_libraries(debug)
+    prepared = None
     try:
-        if dry_run:
+        with stop_signals(lambda: prepared.run.current_stage if prepared else None):
             prepared = api.prepare(recipe, out, data_dir)
-            for note in prepared.plan.notes:
-                console.print(f"[yellow]note:[/] {note}")
-            _show_plan(prepared)
-            return
-        with _progress() as progress:
-            report = api.run(recipe, out, data_dir, until=until, progress=progress, debug=debug,
-                             log=lambda msg: progress.console.print(msg, highlight=False))
+            if dry_run:
+                for note in prepared.plan.notes:
+                    console.print(f"[yellow]note:[/] {note}")
+                _show_plan(prepared)
+                return
+            with _progress() as progress:
+                report = api.run(prepared, until=until, progress=progress, debug=debug,
+                                 log=lambda msg: progress.console.print(msg, highlight=False))
     except CalqError as err:
         _fail(err, debug)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, prepared.run if prepared else None)
+    except Exception as exc:  # noqa: BLE001 - exit 3 with the traceback in a file, not on the console
+        _crashed(exc, prepared.run if prepared else None, debug)
     if report is None:
         Console().print(f"stopped after '{until}' as asked; run again without --until to finish")
         return
@@ -108,6 +117,26 @@ def fit_ats(
     temperature/: temperature.json), with calibrators.json holding the validation metrics and the selected one.
     """
     run(recipe, out, data_dir, False, "calibrate", debug)
+
+
+def _interrupted(exc: KeyboardInterrupt, run_dir):
+    from calq.interrupts import interrupted_line
+
+    line, code = interrupted_line(exc, run_dir.current_stage if run_dir else None)
+    console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _crashed(exc: Exception, run_dir, debug: bool):
+    """An unexpected error: one line, and the traceback saved under RUN/logs/ (exit 3); --debug raises it."""
+    from calq.interrupts import crash_line, save_crash
+
+    if debug:
+        raise exc
+    ours = run_dir is not None and (run_dir.meta / "run.json").is_file()  # never write into a folder calq did not make
+    saved = save_crash(exc, run_dir.path("logs")) if ours else None
+    console.print(f"[bold red]error:[/] {crash_line(exc, saved)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(3) from None
 
 
 def _exit_on_gates(report):
@@ -177,13 +206,37 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     """Rebuild report.json, report.md and report.html from a run folder alone: its manifest and stored results
     (no model, data folder or network needed); exits as `calq run` did."""
     from calq import api
+    from calq.runs import RunDir
 
     try:
         rep = api.report(run_dir)
     except CalqError as err:
         _fail(err, debug)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, None)
+    except Exception as exc:  # noqa: BLE001 - exit 3 with the traceback in a file, not on the console
+        _crashed(exc, RunDir(run_dir), debug)
     _print_summary(rep.data, run_dir)
     _exit_on_gates(rep)
+
+
+@app.command("verify")
+def verify_command(run_dir: Path = typer.Argument(..., help="a run folder"),
+                   debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    """Check every finished stage's outputs against the sizes and sha256 recorded when they were written, running
+    nothing. Exits 0 when all match, 2 when a file is missing or damaged (`calq run` again redoes those stages)."""
+    from calq.runs import verify
+
+    try:
+        problems = verify(run_dir)
+    except CalqError as err:
+        _fail(err, debug)
+    for problem in problems:
+        console.print(f"[bold red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {run_dir}: run the same `calq run` again to redo those stages")
+        raise typer.Exit(2)
+    Console().print(f"{run_dir}: every finished stage's outputs match their checksums")
 
 
 @app.command()

@@ -281,6 +281,8 @@ class LocalExecutor:
             task = ctx.progress.add_task(stage.name, total=None) if ctx.progress else None  # elapsed time while it works
             try:
                 rec = ctx.run.run_stage(stage.name, stage.key, stage.fn, ctx, *stage.args)
+                if rec.redone:
+                    ctx.log(f"[yellow]note:[/] {rec.redone}")
             finally:
                 if task is not None:
                     ctx.progress.remove_task(task)

@@ -94,7 +94,7 @@ def collect(run: RunDir, manifest: dict) -> dict:
         "smoothing": {name: json.loads(p.read_text())[: recipe["outliers_top_k"]] for name in manifest["variants"]
                       if (p := run.path("smoothing", f"{name}.json")).is_file()},
         "skipped": manifest["skipped"],
-        "notes": manifest["notes"],
+        "notes": manifest["notes"] + [m["redone"] for m in stages.values() if m.get("redone")],
         "stages": {name: {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]} for name, m in stages.items()},
         "versions": manifest["versions"],
         "machine": manifest["machine"],
