@@ -128,9 +128,8 @@ def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
             os.replace(tmp, final)
         if durable:
             _fsync_dir(final.parent)
-        for rel, sha in hashes.items():
-            done = final / rel if rel != Path() else final
-            _written[str(done)] = (_signature(done.stat()), sha)
+        for rel, sha in hashes.items():  # final / Path() is final itself
+            _written[str(final / rel)] = (_signature((final / rel).stat()), sha)
     except Exception as exc:
         if _is_disk_full(exc):
             raise _disk_full(final, tmp) from exc
