@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from calq.calib import calibrators
 from calq.data import DataSpec
 from calq.errors import CalqError
+from calq.names import check_name
 from calq.quant.base import MethodConfig
 from calq.quant.methods import METHODS, VariantConfig
 from calq.report.gates import Gates
@@ -145,10 +146,17 @@ class Recipe(Strict):
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name):
+        return _as_value_error(check_name, name, "name")
+
     @field_validator("variants")
     @classmethod
     def _unique(cls, v):
         labels = [x.label for x in v]
+        for i, label in enumerate(labels):
+            _as_value_error(check_name, label, f"variants[{i}].name")
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"variant names repeat: {sorted(dup)}; give each a distinct `name`")
@@ -163,6 +171,14 @@ class Recipe(Strict):
 
 
 # ---- reading a recipe, and errors that name the key ------------------------------------------------
+
+def _as_value_error(check, value, what: str):
+    """Run a check that raises CalqError inside a pydantic validator, as the ValueError pydantic reports with the key."""
+    try:
+        return check(value, what)
+    except CalqError as err:
+        raise ValueError(f"{err.what} ({what}); {err.fix}") from None
+
 
 def _key_path(loc: tuple) -> tuple:
     """A pydantic location without the discriminator tag it adds inside `variants` (('variants', 0, 'awq', 'x'))."""

@@ -106,7 +106,6 @@ def test_damaged_folder_verify_report_and_rerun(tiny_recipe, write_recipe, tmp_p
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason="calq/recipe.py: the lead calls calq.names.check_name on names")
 @pytest.mark.parametrize("where", ["recipe", "variant"])
 def test_unsafe_names_are_refused_before_any_work(tiny_recipe, write_recipe, tmp_path, where):
     if where == "recipe":
