@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from calq.errors import CalqError
+from calq.models import bos_policy
 
 DATA_PREFIX = "@data/"
 
@@ -181,28 +182,43 @@ def _builtin(source: str, split: str | None, where: str) -> list[str]:
 
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None, piece_chars: int = 200_000) -> torch.Tensor:
-    """Documents tokenized and joined with EOS, in order, stopping once `max_tokens` are gathered."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """Documents tokenized and joined with EOS (then BOS, when the tokenizer starts every text with it), in order,
+    stopping once `max_tokens` are gathered. Windows cut from the stream get their own BOS (`windows`)."""
+    bos = bos_policy(tokenizer)
+    separator = [t for t in (tokenizer.eos_token_id, bos) if t is not None]
     ids: list[int] = []
     for doc in docs:
         for start in range(0, len(doc), piece_chars):
             ids.extend(tokenizer(doc[start:start + piece_chars], add_special_tokens=False)["input_ids"])
             if max_tokens and len(ids) >= max_tokens:
                 return torch.tensor(ids[:max_tokens], dtype=torch.long)
-        ids.extend(eos)
+        ids.extend(separator)
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
-def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
-    """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen with `seed`: [num_samples, seq_len]."""
-    available = stream.numel() // seq_len
+def windows(stream: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of `seq_len` tokens [n, seq_len]. With a BOS id (`models.bos_policy`),
+    every window is BOS followed by the next seq_len - 1 tokens of the stream, as the model saw text in training."""
+    step = seq_len - (bos is not None)
+    n = stream.numel() // step
+    body = stream[: n * step].view(n, step)
+    if bos is None:
+        return body
+    return torch.cat([torch.full((n, 1), bos, dtype=stream.dtype), body], dim=1)
+
+
+def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, where: str,
+                   bos: int | None = None) -> torch.Tensor:
+    """`num_samples` distinct non-overlapping windows of `seq_len` tokens (BOS first when `bos` is given),
+    chosen with `seed`: [num_samples, seq_len]."""
+    all_windows = windows(stream, seq_len, bos)
+    available = all_windows.shape[0]
     if available < num_samples:
         raise CalqError(
             f"the data has {stream.numel():,} tokens, fewer than num_samples × seq_len = {num_samples} × {seq_len} = {num_samples * seq_len:,}",
             where, f"use a larger source, or lower num_samples/seq_len (at most {available} samples of {seq_len})")
-    windows = stream[: available * seq_len].view(available, seq_len)
     chosen = sorted(random.Random(seed).sample(range(available), num_samples))
-    return windows[chosen].clone()
+    return all_windows[chosen].clone()
 
 
 def fingerprint(spec: DataSpec, data_root: Path | None) -> list:

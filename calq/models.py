@@ -61,6 +61,7 @@ def load(source: ModelSource, dtype: str = "float32"):
     """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model."""
     from transformers import AutoModelForCausalLM
 
+    check_gguf_architecture(source)
     kwargs = source_kwargs(source)
     try:
         tokenizer = load_tokenizer(source)
@@ -92,14 +93,111 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.location, **source_kwargs(source))
+    if source.gguf_file:
+        match_gguf_special_tokens(tokenizer, gguf_tokenizer_facts(Path(source.location) / source.gguf_file))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+# GGUF architectures whose conversion by transformers calq has verified against llama.cpp reading the same file
+# (token ids, perplexity, next-token predictions: calq.evaluation.gguf_check); others are cross-checked when
+# llama-cpp-python is installed.
+VERIFIED_GGUF_ARCHITECTURES = ("llama",)
+# Architectures transformers 5.17 converts wrongly: what is wrong, and where it is tracked upstream.
+BROKEN_GGUF_ARCHITECTURES = {
+    "gemma3": "transformers builds its tokenizer as a Unigram model over the file's BPE merge ranks, which splits text "
+              "into single characters (huggingface/transformers#41494; fix PR #41609 not merged), and ignores "
+              "rope.scaling (Gemma 3 4B and larger) and the 27B's query_pre_attn_scalar",
+}
+
+
+def gguf_architecture(path: str | Path) -> str:
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path)).fields["general.architecture"].contents()
+
+
+def check_gguf_architecture(source: ModelSource, where: str = "model.id") -> str | None:
+    """Refuse, before anything loads, a GGUF whose architecture transformers is known to convert wrongly."""
+    if not source.gguf_file:
+        return None
+    arch = gguf_architecture(Path(source.location) / source.gguf_file)
+    if arch in BROKEN_GGUF_ARCHITECTURES:
+        raise CalqError(f"transformers does not read the '{arch}' GGUF {source.gguf_file} correctly: "
+                        f"{BROKEN_GGUF_ARCHITECTURES[arch]}", where,
+                        "use the model's original Hugging Face folder (safetensors and tokenizer.json) "
+                        "instead of the GGUF")
+    return arch
+
+
+@dataclass(frozen=True)
+class GGUFTokenizerFacts:
+    """What a GGUF file's metadata says about its special tokens (the `tokenizer.ggml.*` keys)."""
+
+    model: str  # tokenizer.ggml.model: llama (SentencePiece), gpt2 (BPE), ...
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+    add_eos: bool
+
+
+def gguf_tokenizer_facts(path: str | Path) -> GGUFTokenizerFacts:
+    """Special tokens as llama.cpp reads them. Without `add_bos_token`, llama.cpp's default for the vocabulary
+    type applies: SentencePiece ('llama') vocabularies add BOS, the others do not."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key: str, default=None):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return field.contents() if field is not None else default
+
+    model = value("model", "llama")
+    return GGUFTokenizerFacts(model, value("bos_token_id"), value("eos_token_id"),
+                              bool(value("add_bos_token", model == "llama")), bool(value("add_eos_token", False)))
+
+
+def match_gguf_special_tokens(tokenizer, facts: GGUFTokenizerFacts) -> None:
+    """Make the tokenizer transformers built from a GGUF use the file's BOS/EOS tokens and add BOS where llama.cpp does.
+
+    transformers 5.17 ignores `tokenizer.ggml.add_bos_token`, and its Llama converter (integrations/ggml.py,
+    GGUFLlamaConverter.tokenizer) takes the EOS token from `bos_token_id` (SmolLM2: EOS became <|im_start|>)."""
+    if facts.bos_id is not None:
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(facts.bos_id)
+    if facts.eos_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(facts.eos_id)
+    add_bos, add_eos = facts.add_bos and facts.bos_id is not None, facts.add_eos and facts.eos_id is not None
+    ids = tokenizer("a")["input_ids"]
+    if (ids[:1] == [facts.bos_id], ids[-1:] == [facts.eos_id]) == (add_bos, add_eos):
+        return  # already right: leave the post-processor (and its offsets) as it is
+    if not hasattr(type(tokenizer), "add_bos_token"):
+        raise CalqError(f"cannot make the {type(tokenizer).__name__} built from the GGUF add BOS={add_bos}, "
+                        f"EOS={add_eos} as its metadata says", "model.id",
+                        "use a model folder with its own tokenizer files")
+    tokenizer.add_bos_token, tokenizer.add_eos_token = add_bos, add_eos  # rebuilds the post-processor
+
+
+def bos_policy(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts before every text (as its configuration says), or None when it adds none.
+
+    Asked of the tokenizer itself, so it holds for any configuration (a post-processor template, `add_bos_token`)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    """`ids` with the BOS token in front, unless there is no BOS policy or the text already starts with it."""
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    check_gguf_architecture(source)
     kwargs = source_kwargs(source)
     try:
         return AutoConfig.from_pretrained(source.location, **kwargs)

@@ -25,3 +25,25 @@ def make_tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, vocab: int 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(folder)
     return folder
+
+
+def train_tiny_llama(folder: Path, text: str, steps: int = 100, lr: float = 3e-3, seed: int = 0) -> Path:
+    """Train the tiny model in `folder` for a few steps on `text` (next-token loss on random 64-token windows) and
+    save it in place: enough to beat a unigram model of held-out text of the same kind (tests/test_baseline.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - 64, (16,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(folder)
+    return folder

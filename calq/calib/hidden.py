@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from calq.data import render_instruction
 from calq.errors import CalqError
 from calq.evaluation.metrics import CalibrationStats
+from calq.models import bos_policy, with_bos
 
 
 class Logits:
@@ -43,11 +44,12 @@ class Logits:
         return z
 
 
-def encode(record: dict, tokenizer, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(record: dict, tokenizer, max_len: int, bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An Alpaca record rendered with the chat template: (input ids [T], next-token targets [T], -100 outside the response).
 
     The response is the answer text and everything after it (the end-of-turn tokens), located by its characters,
-    so it works with any template that keeps the answer verbatim.
+    so it works with any template that keeps the answer verbatim. `bos` (`models.bos_policy`) goes first unless the
+    template already put it there.
     """
     text = render_instruction(record, tokenizer)
     answer = str(record["output"]).strip()  # templates may trim the answer
@@ -55,8 +57,10 @@ def encode(record: dict, tokenizer, max_len: int) -> tuple[torch.Tensor, torch.T
     if start < 0:
         raise ValueError("the rendered text does not contain the answer verbatim")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_len)
-    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-    in_response = torch.tensor([end > start for _, end in enc["offset_mapping"]])
+    ids = with_bos(enc["input_ids"], bos)
+    offsets = enc["offset_mapping"] if len(ids) == len(enc["input_ids"]) else [(0, 0), *enc["offset_mapping"]]
+    ids, offsets = torch.tensor(ids[:max_len], dtype=torch.long), offsets[:max_len]
+    in_response = torch.tensor([end > start for _, end in offsets])
     targets = torch.full_like(ids, -100)
     targets[:-1] = torch.where(in_response[1:], ids[1:], -100)
     return ids, targets
@@ -69,13 +73,13 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
 
     Records whose response is cut off entirely by `max_len` are skipped.
     """
-    encoded = []
+    encoded, bos = [], bos_policy(tokenizer)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
             raise CalqError(f"record {i} is not an Alpaca record (instruction, input, output)", where,
                             "give instruction data with 'instruction' and 'output' fields")
         try:
-            ids, targets = encode(rec, tokenizer, max_len)
+            ids, targets = encode(rec, tokenizer, max_len, bos)
         except ValueError as exc:
             raise CalqError(f"record {i}: {exc}", where, "use a tokenizer whose chat template keeps the answer text") from None
         if (targets != -100).any():
