@@ -10,6 +10,7 @@ another executor can run the same table without touching any stage.
     name                 needs                                   output (run folder)
     base_model           -  (GGUF models only)                   base_model/
     samples              base_model                              samples.safetensors
+    baseline_check       base_model                              baseline_check.json (a failure stops the run: exit 2)
     ranges               samples                                 ranges.safetensors, outliers.json
     quantize/<v>         samples (when the method reads data)    variants/<v>/ (+ method artifacts)
     instructions         -                                       instructions.json
@@ -44,6 +45,7 @@ from calq.calib.base import FitData, split
 from calq.errors import CalqError, located
 from calq.evaluation import harness
 from calq.evaluation import tokens as token_eval
+from calq.evaluation import trust
 from calq.models import BASELINE
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable
@@ -55,6 +57,7 @@ GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate")  # `--until`
 CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
+CHECK_VERSION = 1
 PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 
 
@@ -185,15 +188,22 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
     if recipe.gates is not None:
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
                     list(recipe.evaluation.tasks.names) if recipe.evaluation.tasks else [])
-    result.stages = stage_table(recipe, source, data_root, variants, task_counts)
+    try:
+        bos = models.bos_policy(models.load_tokenizer(source))
+    except OSError as exc:
+        raise CalqError(f"cannot load the tokenizer of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
+                        "check the id or path; hub ids need network access") from None
+    result.stages = stage_table(recipe, source, data_root, variants, task_counts, bos)
     return result
 
 
 def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | None, variants: list[MethodConfig],
-                task_counts: dict[str, int] | None) -> list[Stage]:
-    """Every stage of the run in execution order, each with its key."""
+                task_counts: dict[str, int] | None, bos: int | None = None) -> list[Stage]:
+    """Every stage of the run in execution order, each with its key. `bos`: the BOS id the tokenizer starts every
+    text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys."""
     cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
-    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(), source.describe())}
+    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(exclude={"check"}), source.describe())}
+    with_bos = [["bos", bos]] if bos is not None else []  # no BOS: the keys of earlier runs stay valid
     table: list[Stage] = []
 
     def add(name: str, fn: Callable, *args, needs: tuple[str, ...] = (), settings: Any = None, group: str = "prepare"):
@@ -203,7 +213,12 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     base = ("base_model",) if source.gguf_file else ()
     if source.gguf_file:
         add("base_model", stage_base_model)
-    add("samples", stage_samples, needs=base, settings=[cal.model_dump(), data_mod.fingerprint(cal.data, data_root)])
+    add("samples", stage_samples, needs=base,
+        settings=[cal.model_dump(), data_mod.fingerprint(cal.data, data_root), *with_bos])
+    # before any long work (ranges, quantization); not a need of later stages: its settings must not rekey them
+    add("baseline_check", stage_baseline_check, needs=base,
+        settings=[recipe.model.check.model_dump(), ev.data.model_dump(), data_mod.fingerprint(ev.data, data_root),
+                  CHECK_VERSION])
     add("ranges", stage_ranges, needs=("samples",), settings=recipe.outliers_top_k, group="ranges")
     fitted_on = {BASELINE: base}
     for v in variants:
@@ -224,7 +239,7 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         settings=[ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
     for name, needs in evaluated_on.items():
         add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs), group="evaluate",
-            settings=[ev.seq_len, ev.bins, EVALUATE_VERSION])  # batch_size changes speed, not results
+            settings=[ev.seq_len, ev.bins, EVALUATE_VERSION, *with_bos])  # batch_size changes speed, not results
     if tasks is not None:
         for name, needs in evaluated_on.items():
             add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
@@ -314,6 +329,20 @@ def stage_base_model(ctx: Context):
                               "note": "dequantized from GGUF: the baseline carries the GGUF quantization error"}
 
 
+def stage_baseline_check(ctx: Context):
+    """Is the baseline a working LM, and for a GGUF the model llama.cpp reads from the file? (calq.evaluation.trust)
+    A failure stops the run with one line (exit 2) unless `model.check.enforce` is false."""
+    m = ctx.recipe.model
+    model, tokenizer = models.load(ctx.source, m.dtype)
+    texts = data_mod.load_texts(ctx.recipe.evaluation.tokens.data, "evaluation.tokens.data", ctx.data_root, tokenizer)
+    original = models.resolve(m.id, m.gguf_file, m.revision)
+    gguf = Path(original.location) / original.gguf_file if original.gguf_file else None
+    info = trust.verify(model, tokenizer, texts.docs, texts.name, gguf, **m.check.model_dump())
+    if not info["passed"]:
+        ctx.log(f"[yellow]baseline check failed, not enforced:[/] {info['problem']}")
+    return {"result": write_json(ctx.run.path("baseline_check.json"), info)}, info
+
+
 def stage_samples(ctx: Context):
     cal = ctx.recipe.calibration
     tokenizer = models.load_tokenizer(ctx.source)
@@ -322,7 +351,8 @@ def stage_samples(ctx: Context):
         ctx.log(f"[yellow]note:[/] {texts.note}")
     need = cal.num_samples * cal.seq_len
     stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=need * 8)
-    samples = data_mod.sample_windows(stream, cal.num_samples, cal.seq_len, cal.seed, "calibration")
+    samples = data_mod.sample_windows(stream, cal.num_samples, cal.seq_len, cal.seed, "calibration",
+                                      bos=models.bos_policy(tokenizer))
     out = ctx.run.path("samples.safetensors")
     with atomic_path(out) as tmp:
         save_file({"input_ids": samples}, str(tmp), metadata={"source": texts.name})
@@ -449,11 +479,13 @@ def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:
 def stage_evaluate(ctx: Context, name: str):
     ev = ctx.recipe.evaluation.tokens
     source = ctx.variant_source(name)
-    model, _ = models.load(source, ctx.recipe.model.dtype)
+    model, tokenizer = models.load(source, ctx.recipe.model.dtype)
     cals, fitted = _load_calibrators(ctx, name, model.config)
     device = next(model.parameters()).device
     cals = {n: c.to(device) for n, c in cals.items()}
     stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
+    # windows of seq_len, BOS first when the tokenizer starts texts with it; evaluate cuts them at seq_len again
+    stream = data_mod.windows(stream, ev.seq_len, models.bos_policy(tokenizer)).flatten()
     windows = stream.numel() // ev.seq_len
     result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, cals,
                                             progress=ctx.track(f"evaluate {name}", windows))}

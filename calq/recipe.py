@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from calq.calib import calibrators
 from calq.data import DataSpec
 from calq.errors import CalqError
+from calq.evaluation.baseline import BaselineCheck
 from calq.names import check_name
 from calq.quant.base import MethodConfig
 from calq.quant.methods import METHODS, VariantConfig
@@ -35,6 +36,8 @@ class ModelSpec(Strict):
         "float32", description="weights dtype for calibration and evaluation (float32 on CPU)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) for Hugging Face ids: config, "
                                                    "tokenizer and weights all come from it")
+    check: BaselineCheck = Field(default_factory=BaselineCheck,
+                                 description="the baseline check before any long work (calq.evaluation.baseline)")
 
 
 class CalibrationSpec(Strict):

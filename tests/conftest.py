@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_llama  # noqa: E402
+from tiny import make_tiny_llama, train_tiny_llama  # noqa: E402
 
 # Tiny models run faster on one thread than on two busy cores (the slow real-model test asks for more).
 torch.set_num_threads(1)
@@ -37,12 +37,19 @@ def texts(tmp_path_factory) -> dict[str, Path]:
     return {"calib": calib, "heldout": held}
 
 
+@pytest.fixture(scope="session")
+def working_model(tmp_path_factory, texts) -> Path:
+    """The tiny model after 100 training steps on the calibration text: a working LM that passes the baseline check
+    (a random one is refused: tests/test_baseline.py)."""
+    return train_tiny_llama(make_tiny_llama(tmp_path_factory.mktemp("working-llama")), texts["calib"].read_text())
+
+
 @pytest.fixture
-def tiny_recipe(tiny_model, texts, tmp_path):
-    """A small recipe dict on the tiny model; write it with `write_recipe`."""
+def tiny_recipe(working_model, texts, tmp_path):
+    """A small recipe dict on the trained tiny model; write it with `write_recipe`."""
     return {
         "name": "tiny",
-        "model": {"id": str(tiny_model)},
+        "model": {"id": str(working_model)},
         "calibration": {"data": {"source": str(texts["calib"])}, "num_samples": 8, "seq_len": 32, "allow_any_size": True},
         "variants": [{"method": "minmax", "scheme": "w8a8"}, {"method": "minmax", "scheme": "w4a16", "group_size": 32}],
         "evaluation": {"tokens": {"data": {"source": str(texts["heldout"])}, "max_tokens": 2048, "seq_len": 64, "batch_size": 4}},

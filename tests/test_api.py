@@ -110,9 +110,9 @@ def test_recipe_settings_for_an_unknown_or_unused_calibrator_are_refused(tiny_re
 
 # ---- the report from the run folder alone -------------------------------------------------------------
 
-def test_report_is_rebuilt_without_model_or_data(tiny_recipe, tiny_model, alpaca, tmp_path, monkeypatch):
+def test_report_is_rebuilt_without_model_or_data(tiny_recipe, working_model, alpaca, tmp_path, monkeypatch):
     monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
-    model = shutil.copytree(tiny_model, tmp_path / "model")
+    model = shutil.copytree(working_model, tmp_path / "model")
     data = tmp_path / "data"
     (data / "mc").mkdir(parents=True)
     questions = [{"query": f"Question: Which colour goes with {i}?", "choices": ["red", "green", "blue"], "gold": i % 3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -318,3 +319,44 @@ def test_gemma3_gguf_weights_against_llama_cpp_on_the_same_ids(tmp_path, heldout
     theirs = torch.from_numpy(llm.scores[:128].copy()).argmax(-1)
     agreement = float((score(model, torch.tensor(ids)[None])["predictions"] == theirs).float().mean())
     assert (agreement > 0.99) == agrees, agreement
+
+
+# ---- the stage in a run ------------------------------------------------------------------------------
+
+def test_a_run_on_a_broken_baseline_stops_before_any_long_work(tiny_recipe, tiny_model, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    tiny_recipe["model"]["id"] = str(tiny_model)  # untrained: not a working language model
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "model.check: the baseline is not a working language model" in result.output
+    assert not (out / "ranges.safetensors").exists() and not (out / "variants").exists()
+
+    tiny_recipe["model"]["check"] = {"enforce": False, "tokens": 256}
+    tiny_recipe["variants"] = tiny_recipe["variants"][:1]
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    check = report["baseline_check"]
+    assert not check["passed"] and not check["enforced"] and check["baseline"]["tokens"] == 256
+    assert "## Baseline check" in (out / "report.md").read_text()
+    assert "not enforced" in (out / "report.html").read_text()
+
+
+def test_the_baseline_check_is_in_the_report_of_a_working_model(tiny_recipe, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    tiny_recipe["variants"] = tiny_recipe["variants"][:1]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out), "--dry-run"])
+    assert result.exit_code == 0 and "baseline_check" in result.output
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check = json.loads((out / "report.json").read_text())["baseline_check"]
+    assert check["passed"] and check["baseline"]["ppl"] < check["baseline"]["unigram_ppl"]
+    assert "Verdict: passed." in (out / "report.md").read_text()

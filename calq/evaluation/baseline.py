@@ -19,9 +19,26 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from calq.data import windows
 from calq.errors import CalqError
+
+
+class BaselineCheck(BaseModel):
+    """The recipe's `model.check`: the bounds the loaded baseline must meet before any long work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tokens: int = Field(512, ge=16, description="next-token predictions scored at the start of the evaluation text "
+                                                "(perplexity and top-1, against the best unigram model of those tokens)")
+    max_ppl: float | None = Field(None, gt=0, description="also refuse a baseline perplexity above this")
+    margin: float = Field(1.0, gt=0, description="refuse when perplexity > margin × the unigram perplexity")
+    max_ppl_ratio: float = Field(1.05, ge=1, description="GGUF: transformers vs llama.cpp perplexity on the same ids, "
+                                                         "at most this far apart (either way)")
+    min_agreement: float = Field(0.90, ge=0, le=1, description="GGUF: share of positions where transformers and "
+                                                               "llama.cpp predict the same next token")
+    enforce: bool = Field(True, description="false: measure and report, but continue with a baseline that fails")
+
 
 WHAT_TO_CHECK = ("check the tokenizer (the ids must be those the model was trained with), the BOS token "
                  "(models.bos_policy), and for a GGUF file its conversion "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from calq.data import token_stream
 from calq.errors import CalqError
-from calq.evaluate import gguf_check
+from calq.evaluation import gguf_check
 from calq.evaluation.baseline import WHAT_TO_CHECK, check_baseline
 from calq.models import bos_policy
 

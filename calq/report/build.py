@@ -11,7 +11,7 @@ import yaml
 from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
-from calq.report.common import EVAL_SETS, calibrators_text, mb
+from calq.report.common import baseline_check_lines, EVAL_SETS, calibrators_text, mb
 from calq.report.gates import Gates, gates_section
 from calq.report.html import write_html
 from calq.runs import RunDir, write_json, write_text
@@ -85,6 +85,7 @@ def collect(run: RunDir, manifest: dict) -> dict:
         "model": {"id": recipe["model"]["id"], "source": manifest["model"]["source"], "dtype": recipe["model"]["dtype"],
                   "revision": manifest["model"]["revision"],
                   "note": stages.get("base_model", {}).get("info", {}).get("note")},
+        "baseline_check": stages.get("baseline_check", {}).get("info"),
         "calibration": samples,
         "evaluation": {"tokens": {**eval_data, "seq_len": ev["seq_len"], "bins": ev["bins"]}},
         "calibrators": instructions and {**instructions, "settings": recipe["calibrators"]},
@@ -113,6 +114,8 @@ def markdown(report: dict) -> str:
     for note in (cal.get("note"), ev.get("note"), *report.get("notes", [])):
         if note:
             lines += [f"Data note: {note}.", ""]
+    if report.get("baseline_check"):
+        lines += ["## Baseline check", "", *baseline_check_lines(report["baseline_check"], code=lambda t: f"`{t}`", bold=lambda t: f"**{t}**"), ""]
     lines += ["## Variants", "",
               "| variant | size (MB) | calib. (s) | ppl | acc | conf | ECE | adaptive ECE | Brier |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

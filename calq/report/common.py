@@ -19,3 +19,25 @@ def calibrators_text(c: dict, code) -> str:
             f"({settings['val_fraction']:.0%} of them validate) and {c['heldout_records']} held-out records from "
             f"{code(c['source'])} (seed {c['seed']}); the selected calibrator (*) has the best validation "
             f"{settings['select_by']}.")
+
+
+def baseline_check_lines(check: dict, code, bold) -> list[str]:
+    """The baseline check in sentences (report.md and report.html): the model against the unigram bound, and for a
+    GGUF the model against llama.cpp reading the same file."""
+    b = check["baseline"]
+    bos = "none" if b["bos"] is None else f"id {b['bos']}"
+    bound = "the bound" + (f" × {b['margin']}" if b["margin"] != 1 else "") + (f"; max_ppl {b['max_ppl']}" if b["max_ppl"] else "")
+    lines = [f"{b['tokens']} tokens of {code(b['source'])} (BOS: {bos}): perplexity {b['ppl']:.2f}, top-1 {b['top1']:.4f}; "
+             f"the best unigram model of the same tokens: perplexity {b['unigram_ppl']:.2f}, "
+             f"top-1 {b['unigram_top1']:.4f} ({bound})."]
+    c = check.get("llama_cpp")
+    if c:
+        same = "identical" if c["tokens_equal"] else "different"
+        lines.append(f"GGUF against llama.cpp on the same ids: perplexity {c['ppl_transformers']:.2f} vs "
+                     f"{c['ppl_llama_cpp']:.2f} (at most {c['max_ppl_ratio']:g}× apart), next-token agreement "
+                     f"{c['top1_agreement']:.1%} (at least {c['min_agreement']:.0%}), token ids {same} (BOS included).")
+    if check["passed"]:
+        lines.append("Verdict: passed.")
+    else:
+        lines.append(f"Verdict: {bold('failed')}{'' if check['enforced'] else ' (not enforced)'}: {check['problem']}.")
+    return lines

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from calq.report import plots
-from calq.report.common import EVAL_SETS, calibrators_text, mb
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
 from calq.runs import write_text
 
 STYLE = """
@@ -211,13 +211,21 @@ def _recipe(report: dict) -> str:
             + "<h2>Recipe</h2><pre>" + escape(yaml.safe_dump(report["recipe_content"], sort_keys=False)) + "</pre>")
 
 
+def _baseline_check(report: dict) -> str:
+    check = report.get("baseline_check")
+    if not check:
+        return ""
+    lines = baseline_check_lines(check, code=lambda t: f"<code>{escape(str(t))}</code>", bold=lambda t: f"<strong>{t}</strong>")
+    return "<h2>Baseline check</h2>" + "".join(f"<p>{line}</p>" for line in lines)
+
+
 def render(report: dict) -> str:
     model = report["model"]
     notes = [n for n in (model.get("note"), report["calibration"].get("note"), report["evaluation"]["tokens"].get("note")) if n]
     head = (f"<h1>calq report: {escape(report['recipe'])}</h1>"
             f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
-    body = head + _verdict(report) + _gates(report) + _summary(report) + _tokens(report) + _calibrators(report) + _tasks(report) \
+    body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) + _calibrators(report) + _tasks(report) \
         + _outliers(report) + _methods(report) + _recipe(report)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
