@@ -11,7 +11,7 @@ import yaml
 from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
-from calq.report.common import baseline_check_lines, EVAL_SETS, calibrators_text, mb
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
 from calq.report.gates import Gates, gates_section
 from calq.report.html import write_html
 from calq.runs import RunDir, write_json, write_text
