@@ -43,9 +43,8 @@ from calq.calib import calibrators, hidden
 from calq.calib import ranges as ranges_mod
 from calq.calib.base import FitData, split
 from calq.errors import CalqError, located
-from calq.evaluation import harness
+from calq.evaluation import harness, trust
 from calq.evaluation import tokens as token_eval
-from calq.evaluation import trust
 from calq.models import BASELINE
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable
