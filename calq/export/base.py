@@ -1,0 +1,132 @@
+"""The exporter contract, the registry of formats, and re-verification of an artifact against PyTorch.
+
+Adding a format is one module with an `Exporter` subclass decorated with `@register`:
+- `check(checkpoint_dir, calibrator)`: raise CalqError, before long work, when the format cannot hold the variant
+  or the calibrator at all (or its runtime package is missing);
+- `export(checkpoint_dir, out_dir, calibrator) -> info`: write the artifact; `info["changes"]` lists in words what
+  the format changes against the PyTorch variant (the re-verification measures it);
+- `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
+  the (calibrated) logits [B, T, V] as a float32 torch tensor.
+A calibrator is None, a `calq.calib.temperature.Temperature` or a `calq.calib.ats.AtsHead`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from calq.errors import CalqError
+from calq.evaluate.metrics import CalibrationStats
+
+EXTRA = "pip install 'calq[edge]'"
+INFO_FILE = "export.json"
+
+
+class Session(Protocol):
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class Exporter:
+    name: str = ""
+    calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # calibrator kinds the format can carry
+    packages: tuple[str, ...] = ()  # python modules the format needs (writer and runtime)
+
+    def check(self, checkpoint_dir: str | Path, calibrator=None) -> None:
+        for package in self.packages:
+            require(package, self.name)
+        kind = calibrator_kind(calibrator)
+        if kind not in self.calibrators:
+            raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator", f"export.{self.name}",
+                            f"fuse one of: {', '.join(self.calibrators)}")
+
+    def export(self, checkpoint_dir: str | Path, out_dir: str | Path, calibrator=None) -> dict:
+        raise NotImplementedError
+
+    def session(self, out_dir: str | Path, threads: int = 1) -> Session:
+        raise NotImplementedError
+
+
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    EXPORTERS[cls.name] = cls()
+    return cls
+
+
+def get(name: str, where: str = "export.formats") -> Exporter:
+    import calq.export  # noqa: F401  (imports every format module, which registers it)
+
+    if name not in EXPORTERS:
+        raise CalqError(f"unknown export format '{name}'", where, f"use one of: {', '.join(sorted(EXPORTERS))}")
+    return EXPORTERS[name]
+
+
+def require(module: str, fmt: str):
+    """Import an optional runtime package, or one clear CalqError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CalqError(f"the {fmt} export needs the Python package '{module}', which is not installed",
+                        f"export.{fmt}", EXTRA) from None
+
+
+def calibrator_kind(calibrator) -> str:
+    from calq.calib.ats import AtsHead
+    from calq.calib.temperature import Temperature
+
+    if calibrator is None:
+        return "none"
+    if isinstance(calibrator, Temperature):
+        return "temperature"
+    if isinstance(calibrator, AtsHead):
+        return "ats"
+    raise CalqError(f"unknown calibrator {calibrator!r}", "export.calibrator",
+                    "give None, calq.calib.temperature.Temperature or an ATS head from calq.calib.ats.load_head")
+
+
+def directory_size(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.name != INFO_FILE)
+
+
+@torch.no_grad()
+def verify(reference_logits: Callable[[torch.Tensor], torch.Tensor],
+           artifact_logits: Callable[[torch.Tensor], torch.Tensor],
+           stream: torch.Tensor, seq_len: int, bins: int = 15, batch_size: int = 1) -> dict:
+    """The artifact against the PyTorch reference on non-overlapping windows of `seq_len` held-out tokens.
+
+    Both callables map input_ids [B, T] to logits [B, T, V]. Every position is compared (top-1 agreement, absolute
+    logit differences, relative to the largest reference logit); every position but a window's last is scored against
+    the next token (perplexity, ECE with `bins` equal-width bins, Brier of the top label) for both, so the drift of
+    each metric is the artifact's minus the reference's.
+    """
+    windows = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
+    if windows.shape[0] == 0:
+        raise CalqError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {seq_len}",
+                        "export.verify", "give more held-out text or a shorter window")
+    stats = {"artifact": CalibrationStats(bins), "reference": CalibrationStats(bins)}
+    agree, positions, max_diff, sum_diff, max_ref = 0, 0, 0.0, 0.0, 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        ref, art = reference_logits(batch).float(), artifact_logits(batch).float()
+        diff = (art - ref).abs()
+        agree += int((art.argmax(-1) == ref.argmax(-1)).sum())
+        positions += ref.shape[0] * ref.shape[1]
+        max_diff, sum_diff = max(max_diff, float(diff.max())), sum_diff + float(diff.double().sum())
+        max_ref = max(max_ref, float(ref.abs().max()))
+        stats["reference"].update_from_logits(ref[:, :-1], batch[:, 1:])
+        stats["artifact"].update_from_logits(art[:, :-1], batch[:, 1:])
+    summaries = {name: s.summary() for name, s in stats.items()}
+    drift = {k: summaries["artifact"][k] - summaries["reference"][k]
+             for k in ("nll", "accuracy", "confidence", "ece", "adaptive_ece", "brier")}
+    drift["ppl_ratio"] = summaries["artifact"]["ppl"] / summaries["reference"]["ppl"] \
+        if math.isfinite(summaries["reference"]["ppl"]) else math.nan
+    return {"windows": windows.shape[0], "seq_len": seq_len, "positions": positions,
+            "top1_agreement": agree / positions, "max_abs_logit_diff": max_diff,
+            "mean_abs_logit_diff": sum_diff / (positions * ref.shape[-1]),
+            "max_rel_logit_diff": max_diff / max_ref if max_ref else math.nan,
+            **summaries, "drift": drift}

@@ -1,0 +1,1 @@
+from calq.export.base import Exporter

@@ -1,0 +1,101 @@
+"""A variant checkpoint as the exporters need it: a float transformers model plus calq's own integers per layer.
+
+The integers are read with calq's kernel loader (`calq.kernels.load_quantized`, which reads compressed-tensors
+folders directly), so every format packs exactly the values, scales and zero points the report measured. The float
+model has each quantized Linear replaced by an nn.Linear holding the dequantized weight: it is the graph exporters
+trace (W4A16: it computes what the PyTorch variant computes; W8A8: its activations are not quantized yet, each
+format adds that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calq.errors import CalqError
+
+
+@dataclass
+class Int4Layer:
+    """W4A16: w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]; q and zero unsigned 0..15."""
+
+    q: torch.Tensor  # uint8 [N, K]
+    scale: torch.Tensor  # float32 [N, K / group]
+    zero: torch.Tensor  # uint8 [N, K / group]; 8 everywhere when symmetric
+    group_size: int
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        zero = self.zero.repeat_interleave(self.group_size, 1).float()
+        return (self.q.float() - zero) * self.scale.repeat_interleave(self.group_size, 1)
+
+
+@dataclass
+class Int8Layer:
+    """W8A8: w[n, k] = q[n, k] * scale[n]; activations quantized per token (dynamic) or with `input_scale`."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N]
+    input_scale: float | None  # static per-tensor activation scale; None: per-token dynamic
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+@dataclass
+class Variant:
+    model: nn.Module  # float32 transformers causal LM, eval mode
+    layers: dict[str, Int4Layer | Int8Layer]  # by module name in `model`; empty for the baseline
+    folder: Path
+
+    @property
+    def scheme(self) -> str:
+        kinds = {type(layer) for layer in self.layers.values()}
+        return "baseline" if not kinds else "w4a16" if kinds == {Int4Layer} else "w8a8" if kinds == {Int8Layer} \
+            else "mixed"
+
+
+def quantization_config(folder: str | Path) -> dict | None:
+    """config.json's quantization_config, or None for an unquantized checkpoint."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise CalqError(f"no config.json in {folder}", str(folder), "give a variant folder written by calq")
+    return json.loads(config_file.read_text()).get("quantization_config")
+
+
+def read(folder: str | Path) -> Variant:
+    """The variant in `folder` (a compressed-tensors checkpoint, or an unquantized model folder)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if quantization_config(folder) is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return Variant(model.eval().requires_grad_(False), {}, folder)
+
+    from calq.kernels import W4A16Linear, W8A8Linear, load_quantized
+    from calq.kernels.w4a16 import unpack_int4
+
+    model = load_quantized(folder, "cpu", torch.float32)  # raises CalqError for schemes calq does not write
+    layers: dict[str, Int4Layer | Int8Layer] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, W4A16Linear):
+            # kernel layout: qweight [K/8, N] int32, scales and zeros [K/G, N]
+            layer = Int4Layer(unpack_int4(module.qweight.t().contiguous(), module.in_features),
+                              module.scales.t().float().contiguous(), module.zeros.t().contiguous(),
+                              module.group_size, symmetric=bool((module.zeros == 8).all()))
+        elif isinstance(module, W8A8Linear):
+            static = module.input_scale
+            layer = Int8Layer(module.weight, module.weight_scale.float(), None if static is None else float(static))
+        else:
+            continue
+        layers[name] = layer
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = layer.dequantize()
+        if module.bias is not None:
+            linear.bias.data = module.bias.float()
+        model.set_submodule(name, linear)
+    return Variant(model.requires_grad_(False), layers, folder)
