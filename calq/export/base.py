@@ -5,6 +5,7 @@ Adding a format is one module with an `Exporter` subclass decorated with `@regis
   or the calibrator at all (or its runtime package is missing);
 - `export(checkpoint_dir, out_dir, calibrator) -> info`: write the artifact; `info["changes"]` lists in words what
   the format changes against the PyTorch variant (the re-verification measures it);
+- `check_runtime()`: raise CalqError when the runtime package is missing (call it before long work too);
 - `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
   the (calibrated) logits [B, T, V] as a float32 torch tensor.
 A calibrator is None, a `calq.calib.temperature.Temperature` or a `calq.calib.ats.AtsHead`.
@@ -13,6 +14,7 @@ A calibrator is None, a `calq.calib.temperature.Temperature` or a `calq.calib.at
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from pathlib import Path
 from typing import Callable, Protocol
@@ -33,7 +35,8 @@ class Session(Protocol):
 class Exporter:
     name: str = ""
     calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # calibrator kinds the format can carry
-    packages: tuple[str, ...] = ()  # python modules the format needs (writer and runtime)
+    packages: tuple[str, ...] = ()  # python modules that write the format
+    runtime: str = ""  # the python module that runs it (session, verification)
 
     def check(self, checkpoint_dir: str | Path, calibrator=None) -> None:
         for package in self.packages:
@@ -42,6 +45,10 @@ class Exporter:
         if kind not in self.calibrators:
             raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator", f"export.{self.name}",
                             f"fuse one of: {', '.join(self.calibrators)}")
+
+    def check_runtime(self) -> None:
+        """Raise CalqError (naming the extra to install) when the runtime cannot be imported."""
+        require(self.runtime, self.name)
 
     def export(self, checkpoint_dir: str | Path, out_dir: str | Path, calibrator=None) -> dict:
         raise NotImplementedError
@@ -87,6 +94,12 @@ def calibrator_kind(calibrator) -> str:
         return "ats"
     raise CalqError(f"unknown calibrator {calibrator!r}", "export.calibrator",
                     "give None, calq.calib.temperature.Temperature or an ATS head from calq.calib.ats.load_head")
+
+
+def write_info(out_dir: str | Path, info: dict) -> dict:
+    """Store the export's info next to the artifact (out_dir/export.json) and return it."""
+    (Path(out_dir) / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
 
 
 def directory_size(folder: str | Path) -> int:

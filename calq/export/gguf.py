@@ -1,1 +1,257 @@
-from calq.export.base import Exporter
+"""GGUF for llama.cpp (written with the `gguf` package, run with llama-cpp-python), calq's own integers inside.
+
+Block formats, each 32 weights along a row (ggml's layout):
+- W4A16 -> Q4_1 {d, m float16; 16 bytes: weight j in the low nibble of byte j, weight j + 16 in the high one},
+  y = q * d + m. calq's weight (q - z) * s, with q and z the unsigned 0..15 values compressed-tensors stores, is
+  d = s, m = -z * s with the same q; a group of G = 32 * b weights is b blocks sharing d and m. When every zero
+  point is 8 (symmetric) -> Q4_0 {d; 16 bytes}, y = (q - 8) * d, d = s.
+- W8A8 -> Q8_0 {d float16; 32 int8}, y = q * d: calq's int8 values with d = the row's channel scale in every block.
+What changes: d and m are float16 in GGUF (calq's scales are float32): each weight moves by at most a few 1e-4 of
+its group's scale (`max_weight_change` in the info, measured against calq's dequantized weights); llama.cpp's CPU
+kernels quantize the activations of Q4/Q8 products to 8 bits per block of 32 (W8A8: that replaces calq's
+per-token or static activation scales); unquantized matrices (embeddings) are written as `float_type`.
+Temperature: logits / T = W (g / T * norm(h)), so T is folded into output_norm.weight (exact; the output matrix
+stays tied to the embeddings). The ATS head cannot go into GGUF: llama.cpp's graph is fixed per architecture.
+Tokenizer: the source GGUF's tokenizer.* metadata is copied when the model came from a GGUF file (the bundled
+model did); otherwise the file carries tokenizer model 'no_vocab' and is scored on token ids (llama.cpp loads it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calq.errors import CalqError
+from calq.export import variant as variants
+from calq.export.base import Exporter, calibrator_kind, register, require, write_info
+
+MODEL_FILE = "model.gguf"
+BLOCK = 32
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for a transformers Llama parameter name."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")  # model.layers.<i>.<module path>.weight
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or module not in NAMES:
+        raise CalqError(f"no llama.cpp tensor for {hf_name}", "export.gguf", "export a plain Llama-architecture model")
+    return f"blk.{parts[2]}.{NAMES[module]}.{parts[-1]}"
+
+
+def rope_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's rotary embedding expects for a q/k projection (convert_hf_to_gguf's `permute`):
+    transformers rotates the two halves of each head, llama.cpp adjacent pairs."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+
+def _half(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.float16).numpy()
+
+
+def q4_blocks(layer: variants.Int4Layer) -> tuple[np.ndarray, str]:
+    """(uint8 [N, K/32 * block bytes], 'Q4_0' or 'Q4_1') holding calq's int4 values, scales and zero points."""
+    n, k = layer.q.shape
+    per = layer.group_size // BLOCK
+    q = layer.q.numpy().reshape(n, k // BLOCK, 2, 16)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).astype(np.uint8)  # [N, blocks, 16]
+    scale = layer.scale.repeat_interleave(per, 1)
+    d = _half(scale)[..., None].view(np.uint8)  # [N, blocks, 2]
+    if layer.symmetric:
+        return np.concatenate([d, qs], axis=-1).reshape(n, -1), "Q4_0"
+    m = _half(-layer.zero.repeat_interleave(per, 1).float() * scale)[..., None].view(np.uint8)
+    return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), "Q4_1"
+
+
+def q8_blocks(layer: variants.Int8Layer) -> np.ndarray:
+    """uint8 [N, K/32 * 34]: Q8_0 blocks of calq's int8 values, each with its row's channel scale."""
+    n, k = layer.q.shape
+    d = np.repeat(_half(layer.scale)[:, None, None].view(np.uint8), k // BLOCK, axis=1)  # [N, blocks, 2]
+    qs = layer.q.numpy().reshape(n, k // BLOCK, BLOCK).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(n, -1)
+
+
+@register
+class GgufExporter(Exporter):
+    name = "gguf"
+    calibrators = ("none", "temperature")
+    packages = ("gguf",)
+    runtime = "llama_cpp"
+
+    def __init__(self, float_type: str = "f16"):
+        if float_type not in ("f16", "f32"):
+            raise CalqError(f"unknown float type '{float_type}'", "export.gguf.float_type", "use f16 or f32")
+        self.float_type = float_type
+
+    def check(self, checkpoint_dir, calibrator=None) -> None:
+        super().check(checkpoint_dir, calibrator)
+        from transformers import AutoConfig
+
+        where = f"{checkpoint_dir}/config.json"
+        config = AutoConfig.from_pretrained(checkpoint_dir).get_text_config()
+        if config.model_type != "llama":
+            raise CalqError(f"the GGUF exporter writes the Llama architecture; this model is '{config.model_type}'",
+                            where, "export it to onnx")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default" or getattr(config, "attention_bias", False) \
+                or getattr(config, "mlp_bias", False):
+            raise CalqError("the GGUF exporter handles plain Llama models (default rotary embedding, no biases)",
+                            where, "export it to onnx")
+        qc = variants.quantization_config(checkpoint_dir) or {}
+        for group_name, group in (qc.get("config_groups") or {}).items():
+            weights = group.get("weights") or {}
+            size = weights.get("group_size")
+            if weights.get("num_bits") == 4 and weights.get("strategy") == "group" and size % BLOCK:
+                raise CalqError(f"group size {size} is not a multiple of GGUF's block of {BLOCK}",
+                                f"{where}: config_groups.{group_name}", "quantize with group_size 32, 64 or 128")
+
+    def export(self, checkpoint_dir, out_dir, calibrator=None, tokenizer_gguf: str | Path | None = None) -> dict:
+        self.check(checkpoint_dir, calibrator)
+        gguf = require("gguf", self.name)
+        start = time.perf_counter()
+        variant = variants.read(checkpoint_dir)
+        config = variant.model.config.get_text_config()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(out_dir / MODEL_FILE), "llama")
+        _write_hparams(writer, config)
+        tokenizer = _write_tokenizer(writer, gguf, tokenizer_gguf, config.vocab_size)
+
+        heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
+        state = variant.model.state_dict()
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # llama.cpp uses token_embd.weight when output.weight is absent
+        temperature = getattr(calibrator, "temperature", None)
+        worst: dict[str, float] = {}
+        types: dict[str, int] = {}
+        for hf_name, tensor in state.items():
+            module = hf_name.removesuffix(".weight")
+            layer = variant.layers.get(module)
+            head_count = next((h for suffix, h in heads.items() if module.endswith(suffix)), None)
+            rows = rope_rows(tensor.shape[0], head_count) if head_count else None
+            if hf_name == "model.norm.weight" and temperature is not None:
+                tensor = tensor / temperature
+            if layer is None:
+                data = tensor if rows is None else tensor[rows]
+                kind = "F32" if data.ndim == 1 or self.float_type == "f32" else "F16"
+                writer.add_tensor(gguf_name(hf_name), data.numpy().astype(np.float32 if kind == "F32" else np.float16))
+            else:
+                if rows is not None:
+                    layer = _rows(layer, rows)
+                blocks, kind = q4_blocks(layer) if isinstance(layer, variants.Int4Layer) else (q8_blocks(layer), "Q8_0")
+                qtype = gguf.GGMLQuantizationType[kind]
+                writer.add_tensor(gguf_name(hf_name), blocks, raw_dtype=qtype)
+                back = gguf.quants.dequantize(blocks, qtype)  # what llama.cpp will read, as float32
+                exact = layer.dequantize().numpy()
+                change = float(np.abs(back - exact).max() / np.abs(exact).max())
+                worst[kind] = max(worst.get(kind, 0.0), float(change))
+            types[kind] = types.get(kind, 0) + 1
+        writer.add_file_type(_file_type(gguf, types))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return write_info(out_dir, {
+            "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
+            "files": [MODEL_FILE], "bytes": (out_dir / MODEL_FILE).stat().st_size,
+            "seconds": time.perf_counter() - start, "tensor_types": types, "tokenizer": tokenizer,
+            "max_weight_change": worst, "changes": _changes(variant, types, worst, temperature, self.float_type, tokenizer)})
+
+    def session(self, out_dir, threads: int = 1, n_ctx: int = 512) -> LlamaCppSession:
+        return LlamaCppSession(Path(out_dir) / MODEL_FILE, threads, n_ctx)
+
+
+class LlamaCppSession:
+    """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a batch of token sequences."""
+
+    def __init__(self, path: Path, threads: int = 1, n_ctx: int = 512):
+        llama_cpp = require("llama_cpp", "gguf")
+        if not path.is_file():
+            raise CalqError(f"no GGUF file at {path}", str(path), "export the variant first")
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for ids in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(ids)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32)))
+        return torch.stack(rows)
+
+
+def _rows(layer, rows: torch.Tensor):
+    if isinstance(layer, variants.Int4Layer):
+        return variants.Int4Layer(layer.q[rows], layer.scale[rows], layer.zero[rows], layer.group_size, layer.symmetric)
+    return variants.Int8Layer(layer.q[rows], layer.scale[rows], layer.input_scale)
+
+
+def _write_hparams(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -> str:
+    """Copy tokenizer.* from the source GGUF, or write 'no_vocab'. Returns what was written, in words."""
+    if source is None:
+        writer.add_tokenizer_model("no_vocab")
+        return "none (no_vocab: the file is scored on token ids)"
+    reader = gguf.GGUFReader(str(source))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != vocab_size:
+        raise CalqError(f"{source} has {0 if tokens is None else len(tokens.data)} tokenizer tokens; the model has "
+                        f"{vocab_size}", "export.gguf.tokenizer", "give the GGUF file the model was loaded from")
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    return f"copied from {Path(source).name}"
+
+
+def _file_type(gguf, types: dict[str, int]) -> int:
+    names = {"Q4_1": "MOSTLY_Q4_1", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16"}
+    for kind in ("Q4_1", "Q4_0", "Q8_0", "F16"):
+        if kind in types:
+            return gguf.LlamaFileType[names[kind]]
+    return gguf.LlamaFileType.ALL_F32
+
+
+def _changes(variant, types, worst, temperature, float_type, tokenizer) -> list[str]:
+    changes = []
+    for kind, change in worst.items():
+        changes.append(f"{types[kind]} layers as {kind} with calq's integers; float16 block scales move each weight "
+                       f"by at most {change:.1e} of the layer's largest weight")
+    if any(isinstance(layer, variants.Int8Layer) for layer in variant.layers.values()):
+        changes.append("W8A8 activations: llama.cpp quantizes them to int8 per block of 32 (q8_0), not with calq's "
+                       "per-token or static scales")
+    elif variant.layers:
+        changes.append("llama.cpp's CPU kernels quantize the activations of int4 products to int8 per block of 32")
+    if float_type == "f16":
+        changes.append("unquantized matrices (embeddings) stored as float16")
+    if temperature is not None:
+        changes.append(f"temperature {temperature:.4f} folded into output_norm.weight (logits / T); no ATS in GGUF")
+    changes.append(f"tokenizer: {tokenizer}")
+    return changes

@@ -28,7 +28,7 @@ from torch import nn
 
 from calq.errors import CalqError
 from calq.export import variant as variants
-from calq.export.base import INFO_FILE, Exporter, calibrator_kind, directory_size, register, require
+from calq.export.base import Exporter, calibrator_kind, directory_size, register, require, write_info
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -160,7 +160,8 @@ def _int8_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8Laye
 @register
 class OnnxExporter(Exporter):
     name = "onnx"
-    packages = ("onnx", "onnxscript", "onnxruntime")
+    packages = ("onnx", "onnxscript")
+    runtime = "onnxruntime"
     accuracy_level = 0  # MatMulNBits: 0 = float32 activations (calq's numbers); 4 = int8 activations (faster)
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
@@ -183,7 +184,7 @@ class OnnxExporter(Exporter):
         variant = variants.read(checkpoint_dir)
         vocab = variant.model.config.get_text_config().vocab_size
         example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-        program = torch.onnx.export(_Scoring(variant.model, calibrator), (example,), dynamo=True, optimize=False,
+        program = torch.onnx.export(_Scoring(variant.model, calibrator).eval(), (example,), dynamo=True, optimize=False,
                                     input_names=["input_ids"], output_names=["logits", "raw_logits"],
                                     dynamic_shapes=({0: "batch", 1: "sequence"},), verbose=False)
         proto = program.model_proto
@@ -209,12 +210,12 @@ class OnnxExporter(Exporter):
             stale.unlink(missing_ok=True)
         onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
-        return {"format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
+        return write_info(out_dir, {"format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
                 "files": [MODEL_FILE, DATA_FILE], "bytes": directory_size(out_dir),
                 "seconds": time.perf_counter() - start, "outputs": ["logits", "raw_logits"],
                 "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                 "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
-                "decode_graph": "not exported: the artifact scores whole sequences (no KV cache)"}
+                "decode_graph": "not exported: the artifact scores whole sequences (no KV cache)"})
 
     def session(self, out_dir, threads: int = 1) -> OnnxSession:
         return OnnxSession(Path(out_dir) / MODEL_FILE, threads)

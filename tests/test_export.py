@@ -1,0 +1,216 @@
+"""Edge export: each format round-trips a tiny random Llama quantized with calq's own methods (W4A16 g32 asymmetric,
+W8A8 per-token dynamic), the fused calibrator gives CalibratedLM's logits, and bad input fails before long work.
+
+Bounds (the PyTorch variant, transformers' decompressed compressed-tensors model, is the reference):
+- ONNX baseline and W4A16: float32 tolerance. MatMulNBits holds calq's exact int4 values, scales and zero points
+  and runs float32 activations (accuracy_level 0), so only the summation order differs (measured: 2e-7).
+- ONNX W8A8 dynamic: the graph quantizes activations exactly as compressed-tensors does, but a value sitting at a
+  rounding tie can land on the other integer after a float32 difference of one ulp upstream; one step moves that
+  product by 1/127 of the token's scale. Measured max |diff| / max |logit| 0.2%: bound 2%, top-1 agreement >= 0.98.
+- GGUF: llama.cpp quantizes activations of int4/int8 products to int8 blocks of 32 and the block scales are
+  float16: bound 5% relative, top-1 agreement >= 0.9 (measured values in the test ids' comments); F32 baseline at
+  1e-4 relative (llama.cpp's own float kernels).
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from calq.calib.ats import AtsHead, CalibratedLM
+from calq.calib.temperature import Temperature
+from calq.errors import CalqError
+from calq.export import EXPORTERS, get, verify
+from calq.export import gguf as gguf_export
+from calq.export import variant as variants
+from calq.quant import llmc, methods
+from calq.recipe import VariantSpec
+
+IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+SPECS = {"w4a16": dict(method="minmax", scheme="w4a16", group_size=32),
+         "w8a8": dict(method="minmax", scheme="w8a8", dynamic_activations=True)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory):
+    """{'baseline': folder, 'w4a16': folder, 'w8a8': folder}: calq's variants saved with save_compressed=True."""
+    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
+    samples = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    folders = {"baseline": tiny_model}
+    for name, spec in SPECS.items():
+        variant = VariantSpec(**spec)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        methods.get(variant.method, "variants[0]")(model, samples, variant, "variants[0]")
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name], save_compressed=True)
+    return folders
+
+
+def pytorch_logits(folder, calibrator=None):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        raw = model(input_ids=IDS).logits
+        calibrated = raw if calibrator is None else CalibratedLM(model, calibrator)(input_ids=IDS).logits
+    return raw, calibrated
+
+
+def ats_head(folder):
+    """A head whose scale really varies per position (a fitted head starts at zero weights: the identity)."""
+    torch.manual_seed(0)
+    head = AtsHead(AutoModelForCausalLM.from_pretrained(folder).config)
+    torch.nn.init.normal_(head.out.weight, std=0.2)
+    torch.nn.init.constant_(head.out.bias, -0.3)
+    return head.eval().requires_grad_(False)
+
+
+def relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def agreement(a, b):
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+# ---- ONNX ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,calibrator", [("baseline", None), ("w4a16", "ats"), ("w8a8", "temperature")])
+def test_onnx_round_trip_with_fused_calibrator(name, calibrator, checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime")
+    folder = checkpoints[name]
+    fused = ats_head(folder) if calibrator == "ats" else Temperature(1.7) if calibrator else None
+    info = get("onnx").export(folder, tmp_path, fused)
+    assert info["scheme"] == name and json.loads((tmp_path / "export.json").read_text()) == info
+    calibrated, raw = get("onnx").session(tmp_path).run(IDS)
+    want_raw, want_calibrated = pytorch_logits(folder, fused)
+    if name == "w8a8":
+        assert relative(raw, want_raw) < 0.02 and agreement(raw, want_raw) >= 0.98
+        assert relative(calibrated, want_calibrated) < 0.02
+    else:
+        torch.testing.assert_close(raw, want_raw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(calibrated, want_calibrated, rtol=1e-4, atol=1e-4)
+    if calibrator:
+        assert not torch.allclose(calibrated, raw)  # the calibrator did something
+    # the fused calibrator on the runtime's own raw logits: exactly the calibrated output
+    expected = fused(raw, None) if calibrator == "temperature" else calibrated
+    torch.testing.assert_close(calibrated, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_holds_calqs_int4_values(checkpoints, tmp_path):
+    """The MatMulNBits initializers are calq's unsigned int4 values, scales and zero points, packed two per byte."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    get("onnx").export(checkpoints["w4a16"], tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    layer = variants.read(checkpoints["w4a16"]).layers["model.layers.0.mlp.down_proj"]
+    assert len(nodes) == 14
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    node = next(n for n in nodes if "layers.0.mlp.down_proj" in n.input[1])
+    packed, scales, zeros = (torch.from_numpy(inits[name].copy()) for name in node.input[1:4])
+    unpacked = torch.stack([packed & 0xF, packed >> 4], -1).reshape(layer.q.shape)
+    assert torch.equal(unpacked, layer.q) and torch.equal(scales, layer.scale)
+    zeros = torch.stack([zeros & 0xF, zeros >> 4], -1).reshape(layer.zero.shape[0], -1)
+    assert torch.equal(zeros[:, :layer.zero.shape[1]], layer.zero)  # K = 160: 5 blocks, the 6th nibble is padding
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------------
+
+def test_gguf_holds_calqs_integers(checkpoints, tmp_path):
+    """Every quantized tensor in the file dequantizes (gguf's own reader) to calq's weights up to float16 scales,
+    with llama.cpp's q/k row order; W4A16 asymmetric -> Q4_1, W8A8 -> Q8_0."""
+    gguf = pytest.importorskip("gguf")
+    exporter = gguf_export.GgufExporter()
+    for name, kind in (("w4a16", "Q4_1"), ("w8a8", "Q8_0")):
+        out = tmp_path / name
+        exporter.export(checkpoints[name], out)
+        tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+        variant = variants.read(checkpoints[name])
+        config = variant.model.config
+        for module, layer in variant.layers.items():
+            tensor = tensors[gguf_export.gguf_name(f"{module}.weight")]
+            assert tensor.tensor_type.name == kind
+            weight = layer.dequantize()
+            if module.endswith("q_proj") or module.endswith("k_proj"):
+                heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
+                weight = weight[gguf_export.rope_rows(weight.shape[0], heads)]
+            got = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+            assert relative(got, weight) < 2e-3  # float16 block scales: 2^-11 of a weight at most, plus m's rounding
+
+
+def llama_session(folder, tmp_path, exporter, calibrator=None):
+    pytest.importorskip("llama_cpp")
+    info = exporter.export(folder, tmp_path, calibrator)
+    return exporter.session(tmp_path, n_ctx=64), info
+
+
+def test_gguf_float_baseline_matches_pytorch(checkpoints, tmp_path):
+    session, info = llama_session(checkpoints["baseline"], tmp_path, gguf_export.GgufExporter(float_type="f32"))
+    want, _ = pytorch_logits(checkpoints["baseline"])
+    got = session.score(IDS)
+    assert relative(got, want) < 1e-4 and agreement(got, want) == 1.0
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w8a8"])
+def test_gguf_quantized_round_trip_with_temperature(name, checkpoints, tmp_path):
+    temperature = Temperature(1.7)
+    session, info = llama_session(checkpoints[name], tmp_path, get("gguf"), temperature)
+    assert "temperature 1.7000 folded into output_norm.weight" in " ".join(info["changes"])
+    raw, want = pytorch_logits(checkpoints[name], temperature)
+    got = session.score(IDS)
+    assert relative(got, want) < 0.05 and agreement(got, want) >= 0.9
+
+
+# ---- re-verification ----------------------------------------------------------------------------------------------
+
+def test_verify_measures_agreement_and_drift(checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["baseline"]).eval()
+    stream = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(2))
+
+    def reference(ids):
+        return model(input_ids=ids).logits
+
+    same = verify(reference, reference, stream, seq_len=64, batch_size=2)
+    assert same["windows"] == 3 and same["positions"] == 192 and same["top1_agreement"] == 1.0
+    assert same["max_abs_logit_diff"] == 0 and same["drift"]["ece"] == 0 and same["drift"]["ppl_ratio"] == 1
+
+    sharper = verify(reference, lambda ids: reference(ids) * 3, stream, seq_len=64)
+    assert sharper["top1_agreement"] == 1.0  # a positive scale never changes the argmax
+    assert sharper["artifact"]["confidence"] > sharper["reference"]["confidence"]
+    assert sharper["drift"]["ece"] == pytest.approx(sharper["artifact"]["ece"] - sharper["reference"]["ece"])
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+def test_unknown_format_and_registry():
+    assert set(EXPORTERS) >= {"onnx", "gguf"}
+    with pytest.raises(CalqError, match="unknown export format 'tflite'.*onnx"):
+        get("tflite")
+
+
+def test_formats_refuse_what_they_cannot_hold(checkpoints, tmp_path):
+    with pytest.raises(CalqError, match="cannot carry the 'ats' calibrator"):
+        get("gguf").check(checkpoints["baseline"], ats_head(checkpoints["baseline"]))
+    odd = tmp_path / "g16"
+    shutil.copytree(checkpoints["w4a16"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CalqError, match="group size 16 is not a multiple of GGUF's block of 32"):
+        get("gguf").check(odd)
+    with pytest.raises(CalqError, match="unknown calibrator"):
+        get("onnx").check(checkpoints["baseline"], "ats")
+
+
+@pytest.mark.parametrize("fmt,package", [("onnx", "onnxruntime"), ("gguf", "llama_cpp")])
+def test_missing_runtime_names_the_extra(fmt, package, checkpoints, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    with pytest.raises(CalqError) as err:
+        get(fmt).check_runtime()
+    assert f"'{package}'" in str(err.value) and "pip install 'calq[edge]'" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CalqError, match="calq\\[edge\\]"):
+        get(fmt).session(checkpoints["baseline"])
