@@ -30,8 +30,8 @@ from calq.quant import llmc, methods
 from calq.recipe import VariantSpec
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-SPECS = {"w4a16": dict(method="minmax", scheme="w4a16", group_size=32),
-         "w8a8": dict(method="minmax", scheme="w8a8", dynamic_activations=True)}
+SPECS = {"w4a16": {"method": "minmax", "scheme": "w4a16", "group_size": 32},
+         "w8a8": {"method": "minmax", "scheme": "w8a8", "dynamic_activations": True}}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_gguf_holds_calqs_integers(checkpoints, tmp_path):
             tensor = tensors[gguf_export.gguf_name(f"{module}.weight")]
             assert tensor.tensor_type.name == kind
             weight = layer.dequantize()
-            if module.endswith("q_proj") or module.endswith("k_proj"):
+            if module.endswith(("q_proj", "k_proj")):
                 heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
                 weight = weight[gguf_export.rope_rows(weight.shape[0], heads)]
             got = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
@@ -148,7 +148,7 @@ def llama_session(folder, tmp_path, exporter, calibrator=None):
 
 
 def test_gguf_float_baseline_matches_pytorch(checkpoints, tmp_path):
-    session, info = llama_session(checkpoints["baseline"], tmp_path, gguf_export.GgufExporter(float_type="f32"))
+    session, _ = llama_session(checkpoints["baseline"], tmp_path, gguf_export.GgufExporter(float_type="f32"))
     want, _ = pytorch_logits(checkpoints["baseline"])
     got = session.score(IDS)
     assert relative(got, want) < 1e-4 and agreement(got, want) == 1.0
@@ -159,7 +159,7 @@ def test_gguf_quantized_round_trip_with_temperature(name, checkpoints, tmp_path)
     temperature = Temperature(1.7)
     session, info = llama_session(checkpoints[name], tmp_path, get("gguf"), temperature)
     assert "temperature 1.7000 folded into output_norm.weight" in " ".join(info["changes"])
-    raw, want = pytorch_logits(checkpoints[name], temperature)
+    _, want = pytorch_logits(checkpoints[name], temperature)
     got = session.score(IDS)
     assert relative(got, want) < 0.05 and agreement(got, want) >= 0.9
 
@@ -214,3 +214,21 @@ def test_missing_runtime_names_the_extra(fmt, package, checkpoints, monkeypatch)
     assert "\n" not in str(err.value)
     with pytest.raises(CalqError, match="calq\\[edge\\]"):
         get(fmt).session(checkpoints["baseline"])
+
+
+def test_export_and_verify_stage_and_gates(checkpoints, tmp_path):
+    """The stage entry point writes the artifact, export.json and verify.json; the gates read its result."""
+    pytest.importorskip("onnxruntime")
+    from calq.export.base import deployed_failures, export_and_verify
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["w4a16"]).eval()
+    stream = torch.randint(3, 256, (130,), generator=torch.Generator().manual_seed(3))
+    result = export_and_verify("onnx", checkpoints["w4a16"], tmp_path, lambda ids: model(input_ids=ids).logits,
+                               stream, seq_len=64, threads=1)
+    assert result["verify"]["top1_agreement"] == 1.0 and result["verify"]["windows"] == 2
+    assert json.loads((tmp_path / "verify.json").read_text()) == result["verify"]
+    results = {"w4a16": {"onnx": result}}
+    assert deployed_failures(results, max_deployed_ece_drift=1e-4, min_deployed_top1_agreement=0.99) == []
+    result["verify"]["top1_agreement"], result["verify"]["drift"]["ece"] = 0.5, -0.03
+    failures = deployed_failures(results, max_deployed_ece_drift=0.01, min_deployed_top1_agreement=0.99)
+    assert len(failures) == 2 and "w4a16 as onnx: token ECE drifted by 0.0300" in failures[0]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -143,3 +144,35 @@ def verify(reference_logits: Callable[[torch.Tensor], torch.Tensor],
             "mean_abs_logit_diff": sum_diff / (positions * ref.shape[-1]),
             "max_rel_logit_diff": max_diff / max_ref if max_ref else math.nan,
             **summaries, "drift": drift}
+
+
+def export_and_verify(fmt: str, checkpoint_dir: str | Path, out_dir: str | Path, reference_logits: Callable,
+                      stream: torch.Tensor, seq_len: int, calibrator=None, bins: int = 15, threads: int = 2,
+                      **options) -> dict:
+    """One (variant, format) export stage: write the artifact to `out_dir`, load it in its runtime, re-verify it on
+    `stream` against `reference_logits` (the PyTorch variant with the same calibrator), store verify.json.
+    `options` go to the exporter (gguf: tokenizer=<source .gguf or tokenizer folder>)."""
+    exporter = get(fmt)
+    exporter.check(checkpoint_dir, calibrator)
+    exporter.check_runtime()
+    info = exporter.export(checkpoint_dir, out_dir, calibrator, **options)
+    result = verify(reference_logits, exporter.session(out_dir, threads=threads).score, stream, seq_len, bins)
+    (Path(out_dir) / "verify.json").write_text(json.dumps(result, indent=2))
+    return {"export": info, "verify": result}
+
+
+def deployed_failures(results: dict[str, dict[str, dict]], max_deployed_ece_drift: float | None = None,
+                      min_deployed_top1_agreement: float | None = None) -> list[str]:
+    """Gate failures, one line each, for {variant: {format: export_and_verify(...) result}}."""
+    failures = []
+    for name, formats in results.items():
+        for fmt, result in formats.items():
+            v = result["verify"]
+            drift = abs(v["drift"]["ece"])
+            if max_deployed_ece_drift is not None and drift > max_deployed_ece_drift:
+                failures.append(f"{name} as {fmt}: token ECE drifted by {drift:.4f} from PyTorch "
+                                f"(max_deployed_ece_drift {max_deployed_ece_drift})")
+            if min_deployed_top1_agreement is not None and v["top1_agreement"] < min_deployed_top1_agreement:
+                failures.append(f"{name} as {fmt}: top-1 agreement with PyTorch {v['top1_agreement']:.3f} "
+                                f"(min_deployed_top1_agreement {min_deployed_top1_agreement})")
+    return failures

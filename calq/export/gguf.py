@@ -13,7 +13,8 @@ per-token or static activation scales); unquantized matrices (embeddings) are wr
 Temperature: logits / T = W (g / T * norm(h)), so T is folded into output_norm.weight (exact; the output matrix
 stays tied to the embeddings). The ATS head cannot go into GGUF: llama.cpp's graph is fixed per architecture.
 Tokenizer: the source GGUF's tokenizer.* metadata is copied when the model came from a GGUF file (the bundled
-model did); otherwise the file carries tokenizer model 'no_vocab' and is scored on token ids (llama.cpp loads it).
+model did); otherwise gguf's own converters read the transformers tokenizer (GPT-2 BPE, Llama/SentencePiece); a
+tokenizer they cannot read gives tokenizer model 'no_vocab' (llama.cpp loads it; scoring uses token ids).
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ class GgufExporter(Exporter):
                 raise CalqError(f"group size {size} is not a multiple of GGUF's block of {BLOCK}",
                                 f"{where}: config_groups.{group_name}", "quantize with group_size 32, 64 or 128")
 
-    def export(self, checkpoint_dir, out_dir, calibrator=None, tokenizer_gguf: str | Path | None = None) -> dict:
+    def export(self, checkpoint_dir, out_dir, calibrator=None, tokenizer: str | Path | None = None) -> dict:
+        """`tokenizer`: the GGUF file the model was loaded from (its tokenizer metadata is copied), or a
+        transformers tokenizer folder (default: `checkpoint_dir`)."""
         self.check(checkpoint_dir, calibrator)
         gguf = require("gguf", self.name)
         start = time.perf_counter()
@@ -126,7 +129,7 @@ class GgufExporter(Exporter):
         out_dir.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(out_dir / MODEL_FILE), "llama")
         _write_hparams(writer, config)
-        tokenizer = _write_tokenizer(writer, gguf, tokenizer_gguf, config.vocab_size)
+        tokenizer = _write_tokenizer(writer, gguf, tokenizer or checkpoint_dir, config.vocab_size)
 
         heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
         state = variant.model.state_dict()
@@ -166,7 +169,8 @@ class GgufExporter(Exporter):
             "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
             "files": [MODEL_FILE], "bytes": (out_dir / MODEL_FILE).stat().st_size,
             "seconds": time.perf_counter() - start, "tensor_types": types, "tokenizer": tokenizer,
-            "max_weight_change": worst, "changes": _changes(variant, types, worst, temperature, self.float_type, tokenizer)})
+            "max_weight_change": worst,
+            "changes": _changes(variant, types, worst, temperature, self.float_type, tokenizer)})
 
     def session(self, out_dir, threads: int = 1, n_ctx: int = 512) -> LlamaCppSession:
         return LlamaCppSession(Path(out_dir) / MODEL_FILE, threads, n_ctx)
@@ -215,10 +219,42 @@ def _write_hparams(writer, config) -> None:
 
 
 def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -> str:
-    """Copy tokenizer.* from the source GGUF, or write 'no_vocab'. Returns what was written, in words."""
-    if source is None:
+    """Tokenizer metadata: copied from a source GGUF file, converted (gguf.vocab) from a transformers tokenizer
+    folder, or 'no_vocab' when the folder has none gguf can read. Returns what was written, in words."""
+    if source is not None and Path(source).suffix == ".gguf":
+        return _copy_tokenizer(writer, gguf, Path(source), vocab_size)
+    from gguf import vocab as vocabs
+
+    for kind in (vocabs.BpeVocab, vocabs.LlamaHfVocab, vocabs.SentencePieceVocab):
+        try:
+            found = kind(Path(source)) if source is not None else None
+        except (FileNotFoundError, ValueError, ImportError, KeyError, TypeError):
+            continue
+        if found is not None:
+            break
+    else:
+        found = None
+    if found is None:
         writer.add_tokenizer_model("no_vocab")
         return "none (no_vocab: the file is scored on token ids)"
+    tokens, scores, types = (list(column) for column in zip(*found.all_tokens()))
+    if len(tokens) > vocab_size:
+        raise CalqError(f"the tokenizer in {source} has {len(tokens)} tokens; the model has {vocab_size}",
+                        "export.gguf.tokenizer", "give the tokenizer the model was trained with")
+    for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer (padding), as convert_hf_to_gguf
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(found.tokenizer_model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(Path(source), load_merges=found.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(
+        writer, quiet=True)
+    return f"converted from the transformers tokenizer in {source} ({found.tokenizer_model})"
+
+
+def _copy_tokenizer(writer, gguf, source: Path, vocab_size: int) -> str:
     reader = gguf.GGUFReader(str(source))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or len(tokens.data) != vocab_size:
@@ -228,7 +264,7 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
         if key.startswith("tokenizer."):
             sub_type = field.types[-1] if len(field.types) > 1 else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-    return f"copied from {Path(source).name}"
+    return f"copied from {source.name}"
 
 
 def _file_type(gguf, types: dict[str, int]) -> int:

@@ -192,7 +192,7 @@ class OnnxExporter(Exporter):
         blocks = set()
         for name, layer in variant.layers.items():
             weight = f"model.{name}.weight"
-            transpose, matmul = graph.linear(weight)
+            _, matmul = graph.linear(weight)
             x, y = matmul.input[0], matmul.output[0]
             if isinstance(layer, variants.Int4Layer):
                 blocks.add(block_size(layer.group_size))
@@ -210,12 +210,13 @@ class OnnxExporter(Exporter):
             stale.unlink(missing_ok=True)
         onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
-        return write_info(out_dir, {"format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
-                "files": [MODEL_FILE, DATA_FILE], "bytes": directory_size(out_dir),
-                "seconds": time.perf_counter() - start, "outputs": ["logits", "raw_logits"],
-                "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
-                "decode_graph": "not exported: the artifact scores whole sequences (no KV cache)"})
+        return write_info(out_dir, {
+            "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
+            "files": [MODEL_FILE, DATA_FILE], "bytes": directory_size(out_dir),
+            "seconds": time.perf_counter() - start, "outputs": ["logits", "raw_logits"],
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
+            "decode_graph": "not exported: the artifact scores whole sequences (no KV cache)"})
 
     def session(self, out_dir, threads: int = 1) -> OnnxSession:
         return OnnxSession(Path(out_dir) / MODEL_FILE, threads)
