@@ -1,6 +1,6 @@
 """Edge export on the bundled model: export time, size, re-verified accuracy and calibration, CPU speed.
 
-    python benchmarks/bench_export.py --data-dir ../shared/data --out /tmp/bench-export [--formats onnx,gguf]
+    python benchmarks/bench_export.py --data-dir ../shared/data --out /tmp/bench-export [--formats onnx,gguf,onnx-a8]
 
 For the baseline and a min-max W4A16 g64 variant (calq's own method; needs no data): export to each format, then
 on the first `--tokens` tokens of wikitext-2 test (non-overlapping windows of 512) compare the runtime's logits with
@@ -24,6 +24,7 @@ import torch
 from calq import models
 from calq.export import get, verify
 from calq.export.base import directory_size
+from calq.export.onnx import OnnxExporter
 from calq.quant import llmc, methods
 from calq.recipe import VariantSpec
 
@@ -127,8 +128,11 @@ def main():
         rows.append({"variant": name, "format": "pytorch", "mib": directory_size(folder) / 2**20,
                      "prefill_tok_s": prefill, "decode_tok_s": decode})
         for fmt in args.formats.split(","):
+            if fmt == "onnx-a8" and name == "baseline":
+                continue  # accuracy_level only concerns MatMulNBits
             out = args.out / "export" / name / fmt
-            exporter = get(fmt)
+            # onnx-a8: MatMulNBits with accuracy_level 4 (onnxruntime quantizes activations to int8 per block)
+            exporter = OnnxExporter(accuracy_level=4) if fmt == "onnx-a8" else get(fmt)
             kwargs = {"tokenizer": source_gguf} if fmt == "gguf" else {}
             info = exporter.export(folder, out, **kwargs)
             session = exporter.session(out, threads=args.threads, **({"n_ctx": PREFILL} if fmt == "gguf" else {}))

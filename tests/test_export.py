@@ -7,9 +7,10 @@ Bounds (the PyTorch variant, transformers' decompressed compressed-tensors model
 - ONNX W8A8 dynamic: the graph quantizes activations exactly as compressed-tensors does, but a value sitting at a
   rounding tie can land on the other integer after a float32 difference of one ulp upstream; one step moves that
   product by 1/127 of the token's scale. Measured max |diff| / max |logit| 0.2%: bound 2%, top-1 agreement >= 0.98.
-- GGUF: llama.cpp quantizes activations of int4/int8 products to int8 blocks of 32 and the block scales are
-  float16: bound 5% relative, top-1 agreement >= 0.9 (measured values in the test ids' comments); F32 baseline at
-  1e-4 relative (llama.cpp's own float kernels).
+- GGUF: F32 weights with a float32 KV cache: float32 tolerance (measured 4e-7 relative). Quantized: llama.cpp
+  quantizes the activations of int4/int8 products to int8 blocks of 32, keeps its KV cache in float16, and the block
+  scales are float16: bound 5% relative, top-1 agreement >= 0.9 (measured here: W4A16 0.7% and 1.0, W8A8 1.0% and
+  1.0; the tiny random model's logits are nearly flat, so a 1% move can flip a near-tie).
 """
 
 import json
@@ -141,17 +142,22 @@ def test_gguf_holds_calqs_integers(checkpoints, tmp_path):
             assert relative(got, weight) < 2e-3  # float16 block scales: 2^-11 of a weight at most, plus m's rounding
 
 
-def llama_session(folder, tmp_path, exporter, calibrator=None):
+def llama_session(folder, tmp_path, exporter, calibrator=None, kv_cache="f16"):
     pytest.importorskip("llama_cpp")
     info = exporter.export(folder, tmp_path, calibrator)
-    return exporter.session(tmp_path, n_ctx=64), info
+    return exporter.session(tmp_path, n_ctx=64, kv_cache=kv_cache), info
 
 
 def test_gguf_float_baseline_matches_pytorch(checkpoints, tmp_path):
-    session, _ = llama_session(checkpoints["baseline"], tmp_path, gguf_export.GgufExporter(float_type="f32"))
+    """With F32 weights and a float32 KV cache, llama.cpp computes what PyTorch computes (so names, q/k row order,
+    norms and rotary base are right); its default float16 KV cache alone moves logits by about 2e-4 (measured)."""
+    session, _ = llama_session(checkpoints["baseline"], tmp_path, gguf_export.GgufExporter(float_type="f32"),
+                               kv_cache="f32")
     want, _ = pytorch_logits(checkpoints["baseline"])
     got = session.score(IDS)
-    assert relative(got, want) < 1e-4 and agreement(got, want) == 1.0
+    assert relative(got, want) < 1e-5 and agreement(got, want) == 1.0
+    got = get("gguf").session(tmp_path, n_ctx=64).score(IDS)
+    assert relative(got, want) < 2e-3 and agreement(got, want) >= 0.95
 
 
 @pytest.mark.parametrize("name", ["w4a16", "w8a8"])

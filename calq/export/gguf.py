@@ -172,19 +172,23 @@ class GgufExporter(Exporter):
             "max_weight_change": worst,
             "changes": _changes(variant, types, worst, temperature, self.float_type, tokenizer)})
 
-    def session(self, out_dir, threads: int = 1, n_ctx: int = 512) -> LlamaCppSession:
-        return LlamaCppSession(Path(out_dir) / MODEL_FILE, threads, n_ctx)
+    def session(self, out_dir, threads: int = 1, n_ctx: int = 512, kv_cache: str = "f16") -> LlamaCppSession:
+        return LlamaCppSession(Path(out_dir) / MODEL_FILE, threads, n_ctx, kv_cache)
 
 
 class LlamaCppSession:
-    """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a batch of token sequences."""
+    """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a batch of token sequences.
+    `kv_cache`: llama.cpp's default keeps keys and values in float16 (what a device runs); "f32" for exact checks."""
 
-    def __init__(self, path: Path, threads: int = 1, n_ctx: int = 512):
+    def __init__(self, path: Path, threads: int = 1, n_ctx: int = 512, kv_cache: str = "f16"):
         llama_cpp = require("llama_cpp", "gguf")
         if not path.is_file():
             raise CalqError(f"no GGUF file at {path}", str(path), "export the variant first")
+        if kv_cache not in ("f16", "f32"):
+            raise CalqError(f"unknown kv_cache type '{kv_cache}'", "export.gguf.kv_cache", "use f16 or f32")
+        cache = llama_cpp.GGML_TYPE_F32 if kv_cache == "f32" else llama_cpp.GGML_TYPE_F16
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=True, verbose=False)
+                                   n_threads_batch=threads, logits_all=True, verbose=False, type_k=cache, type_v=cache)
 
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -225,15 +229,20 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
         return _copy_tokenizer(writer, gguf, Path(source), vocab_size)
     from gguf import vocab as vocabs
 
-    for kind in (vocabs.BpeVocab, vocabs.LlamaHfVocab, vocabs.SentencePieceVocab):
+    folder = Path(source) if source is not None else None
+    kinds = [vocabs.BpeVocab, vocabs.LlamaHfVocab]
+    if folder is not None and (folder / "tokenizer.model").is_file():
+        kinds.append(vocabs.SentencePieceVocab)
+    found = None
+    for kind in kinds if folder is not None else ():
         try:
-            found = kind(Path(source)) if source is not None else None
-        except (FileNotFoundError, ValueError, ImportError, KeyError, TypeError):
-            continue
-        if found is not None:
+            found = kind(folder)
             break
-    else:
-        found = None
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # not this kind of tokenizer
+            continue
+        except (ImportError, RuntimeError) as exc:  # gguf's SentencePiece reader without the sentencepiece package
+            raise CalqError(f"cannot read the tokenizer in {folder} ({exc})", "export.gguf.tokenizer",
+                            "pip install sentencepiece") from None
     if found is None:
         writer.add_tokenizer_model("no_vocab")
         return "none (no_vocab: the file is scored on token ids)"

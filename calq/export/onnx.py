@@ -162,7 +162,14 @@ class OnnxExporter(Exporter):
     name = "onnx"
     packages = ("onnx", "onnxscript")
     runtime = "onnxruntime"
-    accuracy_level = 0  # MatMulNBits: 0 = float32 activations (calq's numbers); 4 = int8 activations (faster)
+
+    def __init__(self, accuracy_level: int = 0):
+        """accuracy_level of MatMulNBits: 0 computes with float32 activations (calq's numbers); 4 lets onnxruntime
+        quantize the activations to int8 per block (faster, and the re-verification measures what it changes)."""
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise CalqError(f"accuracy_level {accuracy_level} is not one of 0-4", "export.onnx.accuracy_level",
+                            "use 0 (float32 activations) or 4 (int8 activations)")
+        self.accuracy_level = accuracy_level
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
