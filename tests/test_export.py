@@ -77,35 +77,45 @@ def agreement(a, b):
 
 # ---- ONNX ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,calibrator", [("baseline", None), ("w4a16", "ats"), ("w8a8", "temperature")])
-def test_onnx_round_trip_with_fused_calibrator(name, calibrator, checkpoints, tmp_path):
+ONNX_CASES = {"baseline": None, "w4a16": "ats", "w8a8": "temperature"}  # each variant with a different calibrator
+
+
+@pytest.fixture(scope="module")
+def onnx_artifacts(checkpoints, tmp_path_factory):
+    """{variant: (calibrator, export info, out folder)}, exported once (the dynamo export is the slow part)."""
     pytest.importorskip("onnxruntime")
-    folder = checkpoints[name]
-    fused = ats_head(folder) if calibrator == "ats" else Temperature(1.7) if calibrator else None
-    info = get("onnx").export(folder, tmp_path, fused)
-    assert info["scheme"] == name and json.loads((tmp_path / "export.json").read_text()) == info
-    calibrated, raw = get("onnx").session(tmp_path).run(IDS)
-    want_raw, want_calibrated = pytorch_logits(folder, fused)
+    artifacts = {}
+    for name, kind in ONNX_CASES.items():
+        fused = ats_head(checkpoints[name]) if kind == "ats" else Temperature(1.7) if kind else None
+        out = tmp_path_factory.mktemp(f"onnx-{name}")
+        artifacts[name] = (fused, get("onnx").export(checkpoints[name], out, fused), out)
+    return artifacts
+
+
+@pytest.mark.parametrize("name", ONNX_CASES)
+def test_onnx_round_trip_with_fused_calibrator(name, checkpoints, onnx_artifacts):
+    fused, info, out = onnx_artifacts[name]
+    assert info["scheme"] == name and json.loads((out / "export.json").read_text()) == info
+    calibrated, raw = get("onnx").session(out).run(IDS)
+    want_raw, want_calibrated = pytorch_logits(checkpoints[name], fused)
     if name == "w8a8":
         assert relative(raw, want_raw) < 0.02 and agreement(raw, want_raw) >= 0.98
         assert relative(calibrated, want_calibrated) < 0.02
     else:
         torch.testing.assert_close(raw, want_raw, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(calibrated, want_calibrated, rtol=1e-4, atol=1e-4)
-    if calibrator:
+    if fused is not None:
         assert not torch.allclose(calibrated, raw)  # the calibrator did something
-    # the fused calibrator on the runtime's own raw logits: exactly the calibrated output
-    expected = fused(raw, None) if calibrator == "temperature" else calibrated
-    torch.testing.assert_close(calibrated, expected, rtol=1e-5, atol=1e-5)
+    if isinstance(fused, Temperature):  # on the runtime's own raw logits, exactly
+        torch.testing.assert_close(calibrated, raw / 1.7, rtol=1e-6, atol=1e-6)
 
 
-def test_onnx_holds_calqs_int4_values(checkpoints, tmp_path):
+def test_onnx_holds_calqs_int4_values(checkpoints, onnx_artifacts):
     """The MatMulNBits initializers are calq's unsigned int4 values, scales and zero points, packed two per byte."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import numpy_helper
 
-    get("onnx").export(checkpoints["w4a16"], tmp_path)
-    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    graph = onnx.load(str(onnx_artifacts["w4a16"][2] / "model.onnx")).graph
     nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
     layer = variants.read(checkpoints["w4a16"]).layers["model.layers.0.mlp.down_proj"]
     assert len(nodes) == 14
@@ -224,17 +234,18 @@ def test_missing_runtime_names_the_extra(fmt, package, checkpoints, monkeypatch)
 
 def test_export_and_verify_stage_and_gates(checkpoints, tmp_path):
     """The stage entry point writes the artifact, export.json and verify.json; the gates read its result."""
-    pytest.importorskip("onnxruntime")
+    pytest.importorskip("llama_cpp")
     from calq.export.base import deployed_failures, export_and_verify
 
     model = AutoModelForCausalLM.from_pretrained(checkpoints["w4a16"]).eval()
     stream = torch.randint(3, 256, (130,), generator=torch.Generator().manual_seed(3))
-    result = export_and_verify("onnx", checkpoints["w4a16"], tmp_path, lambda ids: model(input_ids=ids).logits,
+    result = export_and_verify("gguf", checkpoints["w4a16"], tmp_path, lambda ids: model(input_ids=ids).logits,
                                stream, seq_len=64, threads=1)
-    assert result["verify"]["top1_agreement"] == 1.0 and result["verify"]["windows"] == 2
+    assert result["verify"]["top1_agreement"] >= 0.9 and result["verify"]["windows"] == 2
     assert json.loads((tmp_path / "verify.json").read_text()) == result["verify"]
-    results = {"w4a16": {"onnx": result}}
-    assert deployed_failures(results, max_deployed_ece_drift=1e-4, min_deployed_top1_agreement=0.99) == []
+    assert json.loads((tmp_path / "export.json").read_text()) == result["export"]
+    results = {"w4a16": {"gguf": result}}
+    assert deployed_failures(results, max_deployed_ece_drift=0.5, min_deployed_top1_agreement=0.5) == []
     result["verify"]["top1_agreement"], result["verify"]["drift"]["ece"] = 0.5, -0.03
     failures = deployed_failures(results, max_deployed_ece_drift=0.01, min_deployed_top1_agreement=0.99)
-    assert len(failures) == 2 and "w4a16 as onnx: token ECE drifted by 0.0300" in failures[0]
+    assert len(failures) == 2 and "w4a16 as gguf: token ECE drifted by 0.0300" in failures[0]
