@@ -26,7 +26,6 @@ from calq.export import get, verify
 from calq.export.base import directory_size
 from calq.export.onnx import OnnxExporter
 from calq.quant import llmc, methods
-from calq.recipe import VariantSpec
 
 PREFILL, PROMPT, NEW = 512, 64, 64
 
@@ -40,8 +39,7 @@ def prepare(out: Path) -> dict[str, Path]:
     if not (folders["minmax-w4a16-g64"] / "config.json").is_file():
         # llm-compressor reloads the config by the model's path: quantize the saved folder, as calq's pipeline does
         model, tokenizer = models.load(models.ModelSource(str(folders["baseline"]), kind="folder"))
-        variant = VariantSpec(method="minmax", scheme="w4a16", group_size=64)
-        methods.get("minmax", "bench")(model, None, variant, "bench")
+        methods.config({"method": "minmax", "scheme": "w4a16", "group_size": 64}).apply(model, None)
         model.save_pretrained(folders["minmax-w4a16-g64"], save_compressed=True)
         tokenizer.save_pretrained(folders["minmax-w4a16-g64"])
     return folders

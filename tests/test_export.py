@@ -21,14 +21,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calq.calib.ats import AtsHead, CalibratedLM
+from calq.calib.ats import AtsHead
+from calq.calib.base import CalibratedLM
 from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.export import EXPORTERS, get, verify
 from calq.export import gguf as gguf_export
 from calq.export import variant as variants
 from calq.quant import llmc, methods
-from calq.recipe import VariantSpec
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
 SPECS = {"w4a16": {"method": "minmax", "scheme": "w4a16", "group_size": 32},
@@ -42,9 +42,8 @@ def checkpoints(tiny_model, tmp_path_factory):
     samples = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     folders = {"baseline": tiny_model}
     for name, spec in SPECS.items():
-        variant = VariantSpec(**spec)
         model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-        methods.get(variant.method, "variants[0]")(model, samples, variant, "variants[0]")
+        methods.config(spec).apply(model, samples)
         folders[name] = tmp_path_factory.mktemp(name)
         model.save_pretrained(folders[name], save_compressed=True)
     return folders

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from calq.errors import CalqError
-from calq.evaluate.metrics import CalibrationStats
+from calq.evaluation.metrics import CalibrationStats
 
 EXTRA = "pip install 'calq[edge]'"
 INFO_FILE = "export.json"
@@ -67,8 +67,7 @@ def register(cls: type[Exporter]) -> type[Exporter]:
 
 
 def get(name: str, where: str = "export.formats") -> Exporter:
-    import calq.export  # noqa: F401  (imports every format module, which registers it)
-
+    # Importing this module ran calq/export/__init__.py, which imports every format module: the registry is full.
     if name not in EXPORTERS:
         raise CalqError(f"unknown export format '{name}'", where, f"use one of: {', '.join(sorted(EXPORTERS))}")
     return EXPORTERS[name]
