@@ -165,7 +165,7 @@ def test_calibrator_specs(tiny_model, tmp_path):
 
 def test_task_checks_fail_fast_with_one_line(task_data, tmp_path, monkeypatch):
     monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
-    cases = [(["mmlu", "hellaswag"], task_data, None, "unknown task 'hellaswag'"),
+    cases = [(["mmlu", "no_such_task"], task_data, None, "unknown task 'no_such_task'"),
              (["piqa"], task_data, None, "task 'piqa': data file not found"),
              (["arc_easy"], task_data, 0, "task 'arc_easy' has no examples with limit 0"),
              (["arc_easy"], None, None, "none was given"),
