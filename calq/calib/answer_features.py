@@ -24,6 +24,7 @@ class AnswerSet:
     choice_tokens: list[list[int]] | None = None
 
     def __post_init__(self):
+        self._scores = None
         if not self.loglikelihoods or any(len(row) < 2 for row in self.loglikelihoods):
             raise ValueError("every question needs at least two choices")
         for name in ("gold", "choice_tokens"):
@@ -44,11 +45,11 @@ class AnswerSet:
 
     def scores(self) -> torch.Tensor:
         """Log-likelihoods padded to [questions, most choices] with PAD where a question has fewer choices."""
-        width = max(len(row) for row in self.loglikelihoods)
-        out = torch.full((len(self), width), PAD, dtype=torch.float64)
-        for i, row in enumerate(self.loglikelihoods):
-            out[i, :len(row)] = torch.tensor(row, dtype=torch.float64)
-        return out
+        if self._scores is None:
+            width = max(len(row) for row in self.loglikelihoods)
+            self._scores = torch.tensor([list(row) + [PAD] * (width - len(row)) for row in self.loglikelihoods],
+                                        dtype=torch.float64)
+        return self._scores.clone()
 
     def gold_mask(self) -> torch.Tensor:
         """[questions, most choices] bool: True at every gold choice."""
