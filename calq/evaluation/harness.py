@@ -236,9 +236,12 @@ def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "eva
                 include_path: list | None = None) -> dict[str, int]:
     """Fail fast, before any model loads: unknown task, missing data file, no examples. Returns examples per task."""
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
-    resolved = resolve_tasks(tasks, root, include_path, where)["tasks"]
+    return _counts(resolve_tasks(tasks, root, include_path, where), limit, where)
+
+
+def _counts(resolved: dict, limit: int | None, where: str) -> dict[str, int]:
     counts = {}
-    for name, (_, task) in resolved.items():
+    for name, (_, task) in resolved["tasks"].items():
         n = len(task.eval_docs)
         if limit is not None:
             n = min(n, limit)
@@ -298,8 +301,8 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
     from lm_eval import simple_evaluate
 
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
-    counts = check_tasks(tasks, root, limit, include_path=include_path)
-    resolved = resolve_tasks(list(counts), root, include_path)
+    resolved = resolve_tasks(tasks, root, include_path)
+    counts = _counts(resolved, limit, "evaluation.tasks")
     with _quiet_lm_eval():
         lm = CalqLM(pretrained=str(model_dir), calibrators=calibrators, dtype=dtype, batch_size=batch_size, device=device)
     lm.progress = progress
