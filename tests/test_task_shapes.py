@@ -150,3 +150,55 @@ def test_registry_names_without_network_are_clear_errors(tmp_path, user_tasks):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CALQERROR")]
     assert len(lines) == 2, proc.stderr[-2000:]
     assert "task 'hellaswag' could not load its data" in lines[0] and "unknown task 'shape_nope'" in lines[1]
+
+
+def test_generative_answers_get_their_sequence_probability_as_confidence(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calq.evaluate.answers import task_rows
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Question: {w}?\nAnswer:", "aliases": ["blue", "Blue"]}) + "\n"
+                            for w in ("sky", "sea", "ink")))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "shape_generate.yaml").write_text(textwrap.dedent(f"""\
+        task: shape_generate
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{q}}}}"
+        doc_to_target: aliases
+        generation_kwargs: {{until: ["\\n"], do_sample: false, temperature: 0.0, max_gen_toks: 4}}
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        """))
+    result = harness.run_tasks(tiny_model, {"none": identity, "t2": lambda logits, hidden: logits / 2},
+                               ["shape_generate"], None, None, 2, include_path=[tmp_path / "tasks"])
+    entry = result["tasks"]["shape_generate"]
+    assert len(entry["answer_tokens"]) == 3 and set(entry["answer_logprobs"]) == {"none", "t2"}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    # reference: generate greedily, cut at the stop string, score the answer's tokens after the context by hand
+    context = "Question: sky?\nAnswer:"
+    ids = tokenizer(context, return_tensors="pt").input_ids
+    with torch.no_grad():
+        new = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True).split("\n")[0]
+        whole = tokenizer(context + text).input_ids
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1], -1)
+    answer = torch.tensor(whole[ids.shape[1]:])
+    expected = float(logp[ids.shape[1] - 1:].gather(-1, answer[:, None]).sum()) if text else None
+    assert entry["answer_tokens"][0] == len(answer)
+    if expected is None:
+        assert entry["answer_logprobs"]["none"][0] is None
+    else:
+        assert entry["answer_logprobs"]["none"][0] == pytest.approx(expected, abs=1e-4)
+        assert entry["answer_logprobs"]["t2"][0] != pytest.approx(expected, abs=1e-4)
+    rows = task_rows("tiny", result, n_boot=50)
+    for row in rows:
+        assert 0 <= row["confidence"] <= 1 and row["ece"] is not None and row["per_token"]["confidence"] >= row["confidence"]

@@ -171,8 +171,24 @@ class CalqLM(HFLM):
             if key not in self._generations:
                 todo.setdefault(key, request)
         if todo:
-            self._generations.update(zip(todo, super().generate_until(list(todo.values()), disable_tqdm)))
+            texts = super().generate_until(list(todo.values()), disable_tqdm)
+            self._generations.update(zip(todo, texts))
+            # Answer-level confidence of generative tasks: every calibrator's log-probability of the greedy answer,
+            # scored like a multiple-choice continuation (one more forward pass per question, shared by all).
+            pairs = [((context, text), *self._encode_pair(context, text))
+                     for (context, _), text in zip(todo, texts) if context and text]
+            if pairs:
+                self._loglikelihood_tokens(pairs, disable_tqdm=True)
         return [self._generations[key] for key in keys]
+
+    def answer_score(self, context: str, text: str) -> dict | None:
+        """{calibrator: (log-probability of the generated `text` after `context`, is_greedy)} and its token count,
+        or None when nothing was generated (an empty answer has no probability to read)."""
+        key = self._request_keys.get((context, text))
+        if key is None:
+            return None
+        return {"logprob": {name: ll for name, (ll, _) in self._scores[key].items()},
+                "tokens": self.continuation_tokens[key]}
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
@@ -293,7 +309,9 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
     "gold" (multiple choice: the correct choice indices per question, else None), "calibrators": {name:
     {"metrics": lm-eval's metrics, "scores": the headline metric per question, "loglikelihoods": the choices'
     log-likelihoods per question (multiple choice, else None)}}}}}. The headline metric is the task's first.
-    Multiple choice also gives "choice_tokens" (each choice's continuation length in tokens) and, with
+    Generative tasks also give "answer_logprobs" ({calibrator: log-probability of the greedy answer per question,
+    None where the answer is empty}) and "answer_tokens" (its length in tokens): the answer's sequence probability
+    is the confidence of a generative answer. Multiple choice also gives "choice_tokens" (each choice's continuation length in tokens) and, with
     `features`, "prompt_hidden": the model's last hidden state at the last context token, from the same forward
     pass that scored the choices, float16 [questions, hidden] (averaged over a question's requests when they have
     several contexts); not JSON: `split_features` takes these tensors out for a safetensors file.
@@ -328,6 +346,10 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
                 if features:
                     entry["prompt_hidden"] = torch.stack([
                         torch.stack([lm.prompt_hidden[key].float() for key in row]).mean(0) for row in keys]).half()
+            if config["output_type"] == "generate_until" and "answer_tokens" not in entry:
+                answers = [lm.answer_score(s["arguments"][0][0], s["resps"][0][0]) for s in samples]
+                entry["answer_tokens"] = [a["tokens"] if a else 0 for a in answers]
+                entry["answer_logprobs"] = {cal: [a["logprob"][cal] if a else None for a in answers] for cal in calibrators}
             entry["calibrators"][calibrator] = {
                 "metrics": _metrics(results["results"][lm_names[name]]),
                 "scores": [float(s[metric]) for s in samples],
