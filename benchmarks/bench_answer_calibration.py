@@ -41,14 +41,31 @@ def model_folder(out: Path) -> Path:
     return folder
 
 
+def variant_folder(out: Path, baseline_out: Path) -> Path:
+    """min-max W4A16 (group 64, round to nearest: no calibration data) of the dequantized model, compressed-tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calq.quant import minmax
+    from calq.recipe import VariantSpec
+
+    folder = out / "minmax-w4a16-g64"
+    if not (folder / "config.json").exists():
+        base = model_folder(baseline_out)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = minmax.quantize(model, None, VariantSpec(method="minmax", scheme="w4a16", group_size=64), "bench")
+        model.save_pretrained(folder, save_compressed=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
 def collect(args) -> None:
     from calq.calib import identity
     from calq.evaluate.harness import run_tasks, split_features
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = model_folder(args.out)
-    limits = {**FIT, **EVAL}
+    folder = variant_folder(args.out, args.baseline) if args.variant else model_folder(args.out)
+    limits = {**EVAL, **FIT} if args.variant else {**FIT, **EVAL}
     for task in args.tasks or limits:
         if (args.out / f"{task}.json").exists():
             continue
@@ -76,7 +93,8 @@ def load_task(out: Path, task: str):
 
 def analyze(args) -> None:
     from calq.calib import answer_adaptive, answer_temperature
-    from calq.evaluate.selective import selective_report, summary
+    from calq.calib.answer_features import top_choice
+    from calq.evaluate.selective import bands, selective_report, summary
 
     torch.set_num_threads(args.threads)
     records, sets = {}, {}
@@ -107,8 +125,8 @@ def analyze(args) -> None:
                      "adaptive": fitted["adaptive"].apply(s),
                      "adaptive_task_mean": fitted["adaptive"].apply(s, per_task_mean=True)}
             for name, p in probs.items():
-                out.append({"task": task, "calibrator": name,
-                            **summary(p, s.gold, n_boot=args.n_boot, seed=args.seed)})
+                out.append({"task": task, "calibrator": name, **summary(p, s.gold, n_boot=args.n_boot, seed=args.seed),
+                            "bands": bands(*top_choice(p, s.gold))})
         return out
 
     fitted, times = fit_all(fit)
@@ -116,6 +134,7 @@ def analyze(args) -> None:
     result["adaptive"] = fitted["adaptive"].info
     result["temperature"] = fitted["answer_temperature"].temperature
     result["rows"] = rows(fitted, evals)
+    fitted["none"] = answer_temperature.AnswerTemperature(1.0)
     fit_probs = {name: [c.apply(sets[t]) for t in fit] for name, c in fitted.items()}
     result["selective"] = {
         name: selective_report(fit_probs[name], [sets[t].gold for t in fit],
@@ -129,15 +148,52 @@ def analyze(args) -> None:
             fitted_o, _ = fit_all(others)
             loto += rows(fitted_o, [held])
         result["leave_one_task_out"] = loto
+    if args.variant_out:
+        result["parent"] = parent_rows(args, sets)
     print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
 
+def parent_rows(args, sets: dict) -> list[dict]:
+    """The W4A16 variant on each evaluation task: uncalibrated, with the baseline's temperature, and with `parent`
+    fitted label-free on that task's own prompts against the calibrated baseline; beside the calibrated baseline.
+    The baseline is calibrated with one answer temperature fitted on every other task (leave-one-task-out)."""
+    from calq.calib import answer_temperature, parent
+    from calq.evaluate.selective import summary
+
+    out = []
+    for task in EVAL:
+        if task not in sets or not (args.variant_out / f"{task}.json").exists():
+            continue
+        _, variant = load_task(args.variant_out, task)
+        if variant.gold != sets[task].gold:
+            raise SystemExit(f"{task}: the variant's questions differ from the baseline's")
+        base_t = answer_temperature.fit([s for t, s in sets.items() if t != task])
+        base_probs = base_t.apply(sets[task])
+        start = time.perf_counter()
+        fitted = parent.fit(answer_temperature_free(variant), base_probs)
+        seconds = time.perf_counter() - start
+        rows = {"baseline (T other tasks)": base_probs, "variant none": variant.probabilities(),
+                "variant, baseline T": base_t.apply(variant), "variant parent": fitted.apply(variant)}
+        for name, p in rows.items():
+            out.append({"task": task, "calibrator": name, **summary(p, variant.gold, n_boot=args.n_boot, seed=args.seed),
+                        "parent_temperature": fitted.temperature, "baseline_temperature": base_t.temperature,
+                        "parent_info": fitted.info, "parent_fit_seconds": seconds})
+    return out
+
+
+def answer_temperature_free(answers):
+    """The same prompts without their gold answers: `parent` must not see labels."""
+    from calq.calib.answer_features import AnswerSet
+
+    return AnswerSet(answers.loglikelihoods, None, answers.hidden, answers.choice_tokens)
+
+
 def print_tables(result: dict) -> None:
     print(f"sizes: {result['sizes']}; seed {result['seed']}; fit tasks {result['fit_tasks']}")
     print(f"fit seconds: {result['fit_seconds']}; T = {result['temperature']:.3f}; adaptive: {result['adaptive']}")
-    for key in ("rows", "leave_one_task_out"):
+    for key in ("rows", "leave_one_task_out", "parent"):
         if key not in result:
             continue
         print(f"\n{key}")
@@ -175,6 +231,9 @@ def main():
     parser.add_argument("--targets", type=float, nargs="*", default=[0.6, 0.7, 0.8])
     parser.add_argument("--loto", action="store_true", help="also leave-one-task-out over every collected task")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--variant", action="store_true", help="collect: the min-max W4A16 variant instead")
+    parser.add_argument("--baseline", type=Path, help="with --variant: the baseline's collect folder (its model)")
+    parser.add_argument("--variant-out", type=Path, help="analyze: the variant's collect folder, for `parent`")
     args = parser.parse_args()
     collect(args) if args.phase == "collect" else analyze(args)
 

@@ -31,8 +31,14 @@ from calq.errors import CalqError
 CONFIG, WEIGHTS = "answer_adaptive.json", "answer_adaptive.safetensors"
 
 
+LOG_BETA = (-7.0, 5.0)  # predicted log inverse temperature is clamped here: T between e^-5 and about 1100
+
+
 class Head(torch.nn.Module):
-    """standardized features -> Linear -> GELU -> Dropout -> Linear -> softplus: one inverse temperature each."""
+    """standardized features -> Linear -> GELU -> Dropout -> Linear -> exp: one inverse temperature each.
+
+    exp, not softplus: a fit set on which the model is at chance drives beta towards 0, where softplus has no
+    gradient left and the head could not move back up on tasks that need a finite temperature."""
 
     def __init__(self, n_features: int, width: int = 32, dropout: float = 0.1, beta0: float = 1.0):
         super().__init__()
@@ -41,12 +47,12 @@ class Head(torch.nn.Module):
         self.net = torch.nn.Sequential(torch.nn.Linear(n_features, width), torch.nn.GELU(), torch.nn.Dropout(dropout),
                                        torch.nn.Linear(width, 1))
         torch.nn.init.zeros_(self.net[-1].weight)
-        with torch.no_grad():  # softplus(bias) = beta0
-            self.net[-1].bias.fill_(beta0 + math.log(-math.expm1(-beta0)))
+        with torch.no_grad():  # exp(bias) = beta0
+            self.net[-1].bias.fill_(min(max(math.log(beta0), LOG_BETA[0]), LOG_BETA[1]))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = (features.float() - self.mean) / self.std
-        return torch.nn.functional.softplus(self.net(x)).squeeze(-1) + 1e-3
+        return self.net(x).squeeze(-1).clamp(*LOG_BETA).exp()
 
 
 class AnswerAdaptive:
@@ -131,8 +137,8 @@ def _train(head: Head, train: dict[str, tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def fit(tasks: dict[str, AnswerSet], validation_task: str | None = None, use_hidden: bool = True, seed: int = 0,
-        epochs: int = 100, patience: int = 10, batch: int = 64, width: int = 32, dropout: float = 0.1,
-        lr: float = 1e-3, weight_decay: float = 1e-2) -> AnswerAdaptive:
+        epochs: int = 100, patience: int = 15, batch: int = 64, width: int = 32, dropout: float = 0.1,
+        lr: float = 3e-3, weight_decay: float = 1e-2) -> AnswerAdaptive:
     """Train on every fit task but `validation_task` (default: the last), early-stop and select on it."""
     if len(tasks) < 2:
         raise CalqError(f"the adaptive answer calibrator needs at least two fit tasks, got {len(tasks)}", "fit tasks",
