@@ -60,7 +60,7 @@ def variant_folder(out: Path, baseline_out: Path) -> Path:
 
 def collect(args) -> None:
     from calq.calib import identity
-    from calq.evaluate.harness import run_tasks, split_features
+    from calq.evaluation.harness import run_tasks, split_features
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def load_task(out: Path, task: str):
 def analyze(args) -> None:
     from calq.calib import answer_adaptive, answer_temperature
     from calq.calib.answer_features import top_choice
-    from calq.evaluate.selective import bands, selective_report, summary
+    from calq.evaluation.selective import bands, selective_report, summary
 
     torch.set_num_threads(args.threads)
     records, sets = {}, {}
@@ -160,7 +160,7 @@ def parent_rows(args, sets: dict) -> list[dict]:
     fitted label-free on that task's own prompts against the calibrated baseline; beside the calibrated baseline.
     The baseline is calibrated with one answer temperature fitted on every other task (leave-one-task-out)."""
     from calq.calib import answer_temperature, parent
-    from calq.evaluate.selective import summary
+    from calq.evaluation.selective import summary
 
     out = []
     for task in EVAL:

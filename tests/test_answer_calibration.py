@@ -6,7 +6,7 @@ import torch
 from calq.calib import answer_adaptive, answer_temperature, parent
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.errors import CalqError
-from calq.evaluate.metrics import ece
+from calq.evaluation.metrics import ece
 
 
 def synthetic(n: int, seed: int, overconfidence, choices: int = 4, hidden: int = 8) -> tuple[AnswerSet, torch.Tensor]:
@@ -105,3 +105,29 @@ def test_parent_calibrates_a_variant_without_labels():
     assert ece_of(fitted.apply(labelled), labelled) < ece_of(labelled.probabilities(), labelled) / 3
     with pytest.raises(CalqError, match="agree on only"):
         parent.fit(AnswerSet((-noisy[:30]).tolist()), base_probs[:30])
+
+
+def test_answer_calibrators_are_in_the_one_registry_at_the_answer_level(tmp_path):
+    from calq.calib import calibrators
+    from calq.calib.answer_base import AnswerFitData
+
+    assert {"answer_temperature", "answer_adaptive", "parent"} <= set(calibrators.names("answer"))
+    assert not {"answer_temperature", "answer_adaptive", "parent"} & set(calibrators.names("token"))
+    tasks = tasks_with_varying_overconfidence()
+    data = AnswerFitData(tasks, seed=0)
+    held, _ = synthetic(500, seed=60, overconfidence=2.0)
+    for name in ("answer_temperature", "answer_adaptive"):
+        cls = calibrators.get(name)
+        fitted = cls.fit(data, cls.Config(**({"epochs": 20} if name == "answer_adaptive" else {})))
+        fitted.save(tmp_path / name)
+        loaded = cls.load(tmp_path / name, None)
+        assert torch.allclose(loaded.apply(held), fitted.apply(held)) and fitted.fit_info
+        with pytest.raises(CalqError, match="answer-level calibrator"):
+            cls.from_arg(str(tmp_path / name), None)
+    base = calibrators.get("answer_temperature").fit(data)
+    unlabelled = {k: AnswerSet(s.loglikelihoods) for k, s in tasks.items()}
+    parent_data = AnswerFitData(unlabelled, parent_probabilities={k: base.apply(s) for k, s in tasks.items()})
+    fitted = calibrators.get("parent").fit(parent_data)
+    assert fitted.temperature == pytest.approx(base.temperature, rel=1e-3)  # the same scores: the parent's own T
+    fitted.save(tmp_path / "parent")
+    assert calibrators.get("parent").load(tmp_path / "parent").info["agreeing"] == 2400

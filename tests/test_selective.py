@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from calq.evaluate import selective
+from calq.evaluation import selective
 
 
 def calibrated(n: int, seed: int, lo: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from calq.calib import answer_temperature, identity
+from calq.calib import answer_temperature
+from calq.calib.base import identity
+from calq.calib.temperature import Temperature
 from calq.calib.answer_features import AnswerSet
 from calq.errors import CalqError
-from calq.evaluate import harness
+from calq.evaluation import harness
 
 SENTENCES = [("The trophy does not fit in the suitcase because _ is too big.", ["the trophy", "the suitcase"], 0),
              ("Anna gave Maria her book because _ was leaving.", ["Anna", "Maria"], 1),
@@ -89,7 +91,7 @@ def test_every_multiple_choice_shape_through_run_tasks(tiny_model, user_tasks):
     from transformers import AutoModelForCausalLM
 
     tasks = ["shape_one_context", "shape_partial", "shape_several_gold"]
-    result = harness.run_tasks(tiny_model, {"none": identity, "t2": lambda logits, hidden: logits / 2}, tasks, None,
+    result = harness.run_tasks(tiny_model, {"none": identity, "t2": Temperature(2.0)}, tasks, None,
                                None, 4, include_path=[user_tasks], features=True)
     entries = result["tasks"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -140,7 +142,7 @@ def test_task_sources_fail_fast_before_the_model_loads(tiny_model, user_tasks, t
 def test_registry_names_without_network_are_clear_errors(tmp_path, user_tasks):
     """hellaswag is in lm-eval's registry (listed offline) but its data lives on the hub: a CalqError, no model;
     a name found nowhere is an unknown task."""
-    code = ("import sys\nfrom calq.evaluate import harness\nfrom calq.errors import CalqError\n"
+    code = ("import sys\nfrom calq.evaluation import harness\nfrom calq.errors import CalqError\n"
             "for name in ('hellaswag', 'shape_nope'):\n"
             "    try:\n        harness.run_tasks('no-model', {}, [name], 5, None, 1, include_path=[sys.argv[1]])\n"
             "    except CalqError as err:\n        print('CALQERROR', err)\n")
@@ -155,7 +157,7 @@ def test_registry_names_without_network_are_clear_errors(tmp_path, user_tasks):
 def test_generative_answers_get_their_sequence_probability_as_confidence(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calq.evaluate.answers import task_rows
+    from calq.evaluation.answers import task_rows
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"q": f"Question: {w}?\nAnswer:", "aliases": ["blue", "Blue"]}) + "\n"
@@ -177,7 +179,7 @@ def test_generative_answers_get_their_sequence_probability_as_confidence(tiny_mo
             aggregation: mean
             higher_is_better: true
         """))
-    result = harness.run_tasks(tiny_model, {"none": identity, "t2": lambda logits, hidden: logits / 2},
+    result = harness.run_tasks(tiny_model, {"none": identity, "t2": Temperature(2.0)},
                                ["shape_generate"], None, None, 2, include_path=[tmp_path / "tasks"])
     entry = result["tasks"]["shape_generate"]
     assert len(entry["answer_tokens"]) == 3 and set(entry["answer_logprobs"]) == {"none", "t2"}

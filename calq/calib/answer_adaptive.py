@@ -22,10 +22,13 @@ import math
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from calq.calib import answer_temperature
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll
+from calq.calib.base import register
 from calq.errors import CalqError
 
 CONFIG, WEIGHTS = "answer_adaptive.json", "answer_adaptive.safetensors"
@@ -55,13 +58,41 @@ class Head(torch.nn.Module):
         return self.net(x).squeeze(-1).clamp(*LOG_BETA).exp()
 
 
-class AnswerAdaptive:
-    level = "answer"
+class AdaptiveSettings(BaseModel):
+    """The recipe's `calibrators.answer_adaptive:` section."""
 
-    def __init__(self, head: Head | None, temperature: float, use_hidden: bool, info: dict):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    use_hidden: bool = Field(True, description="read the prompt-end hidden state (else only the cheap features)")
+    per_task_mean: bool = Field(False, description="one temperature per task: the mean predicted inverse temperature "
+                                "over its prompts (Thermometer's recipe for a new task)")
+    epochs: int = Field(100, gt=0, description="most passes over the training fit tasks")
+    patience: int = Field(15, gt=0, description="epochs without a better held-out NLL before stopping")
+    width: int = Field(32, gt=0, description="hidden units of the head")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the head")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+
+
+@register
+class AnswerAdaptive(AnswerCalibrator):
+    name = "answer_adaptive"
+    Config = AdaptiveSettings
+
+    def __init__(self, head: Head | None, temperature: float, use_hidden: bool, info: dict,
+                 per_task_mean: bool = False):
         self.head, self.temperature, self.use_hidden, self.info = head, float(temperature), use_hidden, info
+        self.per_task_mean = per_task_mean
+        self.fit_info = info
         if head is not None:
             head.eval()
+
+    @classmethod
+    def fit(cls, data: AnswerFitData, config: AdaptiveSettings | None = None) -> AnswerAdaptive:
+        config = config or AdaptiveSettings()
+        fitted = fit(data.tasks, data.validation_task, seed=data.seed,
+                     **config.model_dump(exclude={"per_task_mean"}))
+        fitted.per_task_mean = config.per_task_mean
+        return fitted
 
     def inverse_temperatures(self, answers: AnswerSet) -> torch.Tensor:
         """One predicted beta per question (the fallback temperature's when no head was kept)."""
@@ -70,16 +101,18 @@ class AnswerAdaptive:
         with torch.no_grad():
             return self.head(answers.features(self.use_hidden)).double()
 
-    def apply(self, answers: AnswerSet, per_task_mean: bool = False) -> torch.Tensor:
-        """Calibrated probabilities [questions, most choices]; per_task_mean: one beta, the mean over the set."""
+    def apply(self, answers: AnswerSet, per_task_mean: bool | None = None) -> torch.Tensor:
+        """Calibrated probabilities [questions, most choices]; per_task_mean (default: as configured): one beta for
+        the whole set, the mean of the predicted ones over its prompts."""
         beta = self.inverse_temperatures(answers)
-        return answers.probabilities(beta.mean() if per_task_mean else beta)
+        mean = self.per_task_mean if per_task_mean is None else per_task_mean
+        return answers.probabilities(beta.mean() if mean else beta)
 
     def save(self, folder) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"kind": "answer_adaptive", "temperature": self.temperature, "use_hidden": self.use_hidden,
-                  "info": self.info, "head": None}
+                  "per_task_mean": self.per_task_mean, "info": self.info, "head": None}
         if self.head is not None:
             first = self.head.net[0]
             config["head"] = {"n_features": first.in_features, "width": first.out_features,
@@ -88,7 +121,7 @@ class AnswerAdaptive:
         (folder / CONFIG).write_text(json.dumps(config, indent=1))
 
     @classmethod
-    def load(cls, folder) -> AnswerAdaptive:
+    def load(cls, folder, model_config=None) -> AnswerAdaptive:
         folder = Path(folder)
         if not (folder / CONFIG).exists():
             raise CalqError(f"no fitted adaptive answer calibrator in {folder}", "calibrator", f"expected {CONFIG} there")
@@ -97,7 +130,7 @@ class AnswerAdaptive:
         if config["head"] is not None:
             head = Head(**config["head"])
             head.load_state_dict(load_file(folder / WEIGHTS))
-        return cls(head, config["temperature"], config["use_hidden"], config["info"])
+        return cls(head, config["temperature"], config["use_hidden"], config["info"], config["per_task_mean"])
 
 
 def _train(head: Head, train: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

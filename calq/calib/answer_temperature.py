@@ -12,19 +12,27 @@ from pathlib import Path
 
 import torch
 
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll
+from calq.calib.base import register
 from calq.errors import CalqError
 
 CONFIG = "answer_temperature.json"
 
 
-class AnswerTemperature:
-    level = "answer"
+@register
+class AnswerTemperature(AnswerCalibrator):
+    name = "answer_temperature"
 
     def __init__(self, temperature: float, kind: str = "answer_temperature", info: dict | None = None):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature, self.kind, self.info = float(temperature), kind, info or {}
+        self.fit_info = {"temperature": self.temperature, **self.info}
+
+    @classmethod
+    def fit(cls, data: AnswerFitData, config=None) -> AnswerTemperature:
+        return fit(list(data.tasks.values()))
 
     def apply(self, answers: AnswerSet) -> torch.Tensor:
         """Calibrated probabilities [questions, most choices] (0 at padding)."""
@@ -36,7 +44,7 @@ class AnswerTemperature:
         (folder / CONFIG).write_text(json.dumps({"kind": self.kind, "temperature": self.temperature, "info": self.info}))
 
     @classmethod
-    def load(cls, folder) -> AnswerTemperature:
+    def load(cls, folder, model_config=None) -> AnswerTemperature:
         path = Path(folder) / CONFIG
         if not path.exists():
             raise CalqError(f"no fitted answer temperature in {folder}", "calibrator", f"expected {CONFIG} there")
