@@ -93,7 +93,7 @@ def test_adaptive_falls_back_to_one_temperature_when_its_head_is_not_better():
 
 def test_parent_calibrates_a_variant_without_labels():
     # the baseline is calibrated (T = 2 fixes its 2x overconfidence); the variant is 3x overconfident and noisier
-    baseline, truth = synthetic(3000, seed=3, overconfidence=2.0)
+    baseline, _ = synthetic(3000, seed=3, overconfidence=2.0)
     base_probs = answer_temperature.AnswerTemperature(2.0).apply(baseline)
     g = torch.Generator().manual_seed(4)
     noisy = baseline.scores() * 1.5 + 0.2 * torch.randn(baseline.scores().shape, generator=g, dtype=torch.float64)
@@ -131,3 +131,28 @@ def test_answer_calibrators_are_in_the_one_registry_at_the_answer_level(tmp_path
     assert fitted.temperature == pytest.approx(base.temperature, rel=1e-3)  # the same scores: the parent's own T
     fitted.save(tmp_path / "parent")
     assert calibrators.get("parent").load(tmp_path / "parent").info["agreeing"] == 2400
+
+
+def test_answer_section_fits_on_fit_tasks_and_reports_unseen_tasks():
+    from calq.evaluation import answer_calibration as ac
+
+    sets = tasks_with_varying_overconfidence()
+    sets["unseen"], _ = synthetic(800, seed=70, overconfidence=2.5)
+    fit_tasks, eval_tasks = ["task0", "task1", "task2", "task3"], ["unseen"]
+    ac.check_split(fit_tasks, eval_tasks, {t: len(sets[t]) for t in sets}, ["answer_temperature", "answer_adaptive"])
+    fitted, seconds = ac.fit_answer_calibrators({t: sets[t] for t in fit_tasks},
+                                                {"answer_temperature": None, "answer_adaptive": None})
+    assert set(seconds) == {"answer_temperature", "answer_adaptive"}
+    section = ac.answer_section(fitted, sets, fit_tasks, eval_tasks, targets=[0.7], n_boot=50)
+    rows = {r["calibrator"]: r for r in section["rows"]}
+    assert list(rows) == ["none", "answer_temperature", "answer_adaptive"]
+    assert rows["answer_temperature"]["ece"] < rows["none"]["ece"] and rows["answer_adaptive"]["ece"] < rows["none"]["ece"]
+    assert rows["none"]["accuracy"] == rows["answer_temperature"]["accuracy"] == rows["answer_adaptive"]["accuracy"]
+    assert section["selective"]["answer_temperature"]["0.7"]["tasks"]["unseen"]["coverage"] > 0
+    for fit, evaluation, counts, names, message in [
+            (["a", "b"], ["b"], None, [], "overlap: b"),
+            (["a"], ["b"], {"a": 5}, [], "fit task 'a' has 5 questions"),
+            (["a"], ["b"], None, ["answer_adaptive"], "two or more fit tasks"),
+            (["a"], ["b"], None, ["ats"], "unknown answer calibrator 'ats'")]:
+        with pytest.raises(CalqError, match=message):
+            ac.check_split(fit, evaluation, counts, names)

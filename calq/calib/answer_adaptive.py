@@ -124,7 +124,8 @@ class AnswerAdaptive(AnswerCalibrator):
     def load(cls, folder, model_config=None) -> AnswerAdaptive:
         folder = Path(folder)
         if not (folder / CONFIG).exists():
-            raise CalqError(f"no fitted adaptive answer calibrator in {folder}", "calibrator", f"expected {CONFIG} there")
+            raise CalqError(f"no fitted adaptive answer calibrator in {folder}", "calibrator",
+                            f"expected {CONFIG} there")
         config = json.loads((folder / CONFIG).read_text())
         head = None
         if config["head"] is not None:
@@ -178,7 +179,8 @@ def fit(tasks: dict[str, AnswerSet], validation_task: str | None = None, use_hid
                         "list two or more multiple-choice fit tasks (one is held out for early stopping)")
     validation_task = validation_task or list(tasks)[-1]
     if validation_task not in tasks:
-        raise CalqError(f"validation task '{validation_task}' is not a fit task", "fit tasks", f"use one of {list(tasks)}")
+        raise CalqError(f"validation task '{validation_task}' is not a fit task", "fit tasks",
+                        f"use one of {list(tasks)}")
     torch.manual_seed(seed)
     fallback = answer_temperature.fit(list(tasks.values()))
     train_sets = {name: s for name, s in tasks.items() if name != validation_task}

@@ -57,6 +57,7 @@ class AnswerCalibrator(Calibrator):
 
     @classmethod
     def from_arg(cls, arg: str, model_config=None) -> AnswerCalibrator:
-        raise CalqError(f"'{cls.name}' is an answer-level calibrator and cannot rescale the model's logits", "calibrator",
+        raise CalqError(f"'{cls.name}' is an answer-level calibrator and cannot rescale the model's logits",
+                        "calibrator",
                         "use a token-level calibrator (none, temperature, ats) in the lm-eval model; answer-level "
                         "ones apply to run_tasks' answers")

@@ -82,7 +82,8 @@ class AnswerSet:
         return torch.stack([n.log(), top2[:, 0] - top2[:, 1], spread, entropy], dim=1)
 
     def features(self, use_hidden: bool = True) -> torch.Tensor:
-        """float32 [questions, features]: the prompt-end hidden state (when present and asked for), then the cheap ones."""
+        """float32 [questions, features]: the prompt-end hidden state (when present and asked for), then the cheap
+        ones."""
         parts = [self.hidden.float()] if use_hidden and self.hidden is not None else []
         return torch.cat([*parts, self.cheap_features().float()], dim=1)
 
@@ -90,7 +91,8 @@ class AnswerSet:
 def top_choice(probabilities: torch.Tensor, gold: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, correct) per question, float64: the top choice's probability, and whether it is a gold one."""
     conf, top = probabilities.max(dim=1)
-    correct = torch.tensor([float(int(t) in answers) for t, answers in zip(top, gold, strict=True)], dtype=torch.float64)
+    correct = torch.tensor([float(int(t) in answers) for t, answers in zip(top, gold, strict=True)],
+                           dtype=torch.float64)
     return conf.double(), correct
 
 

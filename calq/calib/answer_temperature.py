@@ -41,7 +41,8 @@ class AnswerTemperature(AnswerCalibrator):
     def save(self, folder) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps({"kind": self.kind, "temperature": self.temperature, "info": self.info}))
+        config = {"kind": self.kind, "temperature": self.temperature, "info": self.info}
+        (folder / CONFIG).write_text(json.dumps(config))
 
     @classmethod
     def load(cls, folder, model_config=None) -> AnswerTemperature:

@@ -50,7 +50,8 @@ def fit(variant: AnswerSet | list[AnswerSet], parent_probabilities: torch.Tensor
         scores = answers.scores()
         if probs.shape != scores.shape:
             raise CalqError(f"parent probabilities have shape {tuple(probs.shape)}, the variant's scores "
-                            f"{tuple(scores.shape)}", "parent", "score the same prompts, in the same order, with both models")
+                            f"{tuple(scores.shape)}", "parent",
+                            "score the same prompts, in the same order, with both models")
         agree = scores.argmax(1) == probs.argmax(1)
         pairs.append((scores[agree], probs[agree].double(), len(agree)))
     agreeing, prompts = sum(len(s) for s, _, _ in pairs), sum(n for _, _, n in pairs)

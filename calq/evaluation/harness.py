@@ -207,10 +207,12 @@ def _check_include_path(include_path: list | None, where: str) -> None:
         if not path.is_dir():
             raise CalqError(f"include_path folder not found: {path}", where, "give a folder of lm-eval task YAMLs")
         if not any(path.rglob("*.yaml")):
-            raise CalqError(f"include_path folder {path} holds no task YAML", where, "add lm-eval task YAMLs (*.yaml) to it")
+            raise CalqError(f"include_path folder {path} holds no task YAML", where,
+                            "add lm-eval task YAMLs (*.yaml) to it")
 
 
-def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None, where: str = "evaluation.tasks") -> dict:
+def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
+                  where: str = "evaluation.tasks") -> dict:
     """calq task name (or the user's / lm-eval's task name) -> its lm-eval Task, with its documents loaded.
 
     Order: calq's own tasks (`arc_easy` is `calq_arc_easy`), then the `include_path` folders, then lm-eval's
@@ -229,8 +231,8 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None, 
             manager = _task_manager(data_dir, include_path, defaults=True)
     for name, lm_name in lm_names.items():
         if lm_name not in manager.all_tasks:
-            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}, a task of an include_path "
-                            "folder, or a name from lm-eval's registry (`lm_eval ls tasks`)")
+            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}, a task of an "
+                            "include_path folder, or a name from lm-eval's registry (`lm_eval ls tasks`)")
     resolved = {}
     for name, lm_name in lm_names.items():
         try:
@@ -238,7 +240,7 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None, 
                 leaves = manager.load([lm_name])["tasks"]  # a group: its tasks
         except CalqError as err:
             raise CalqError(f"task '{name}': {err.what}", where, err.fix) from None
-        except Exception as err:  # lm-eval and datasets raise anything from ConnectionError to ValueError
+        except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise anything, ConnectionError to ValueError
             detail = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             raise CalqError(f"task '{name}' could not load its data ({detail})", where,
                             "tasks from lm-eval's registry read the Hugging Face hub (needs network); offline, "
@@ -293,7 +295,8 @@ def gold_indices(task, doc: dict) -> list[int]:
     a target index, a list of indices or the text of the right choice (as lm-eval's process_results reads them).
     """
     choices = task.doc_to_choice(doc)
-    labels = doc.get("labels", (doc.get("mc2_targets") or {}).get("labels") if isinstance(doc.get("mc2_targets"), dict) else None)
+    mc2 = doc.get("mc2_targets")
+    labels = doc.get("labels", mc2.get("labels") if isinstance(mc2, dict) else None)
     if labels is not None and len(labels) == len(choices):
         return [i for i, label in enumerate(labels) if label]
     gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
@@ -311,7 +314,8 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
     log-likelihoods per question (multiple choice, else None)}}}}}. The headline metric is the task's first.
     Generative tasks also give "answer_logprobs" ({calibrator: log-probability of the greedy answer per question,
     None where the answer is empty}) and "answer_tokens" (its length in tokens): the answer's sequence probability
-    is the confidence of a generative answer. Multiple choice also gives "choice_tokens" (each choice's continuation length in tokens) and, with
+    is the confidence of a generative answer. Multiple choice also gives "choice_tokens" (each choice's continuation
+    length in tokens) and, with
     `features`, "prompt_hidden": the model's last hidden state at the last context token, from the same forward
     pass that scored the choices, float16 [questions, hidden] (averaged over a question's requests when they have
     several contexts); not JSON: `split_features` takes these tensors out for a safetensors file.
@@ -341,7 +345,8 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
             entry.update(output_type=config["output_type"], metric=metric,
                          gold=[gold_indices(task_obj, s["doc"]) for s in samples] if choice else None)
             if choice and "choice_tokens" not in entry:
-                keys = [[lm._request_keys[tuple(args)] for args in s["arguments"][:k]] for s, k in zip(samples, n_choices)]
+                keys = [[lm._request_keys[tuple(args)] for args in s["arguments"][:k]]
+                        for s, k in zip(samples, n_choices)]
                 entry["choice_tokens"] = [[lm.continuation_tokens[key] for key in row] for row in keys]
                 if features:
                     entry["prompt_hidden"] = torch.stack([
@@ -349,7 +354,8 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
             if config["output_type"] == "generate_until" and "answer_tokens" not in entry:
                 answers = [lm.answer_score(s["arguments"][0][0], s["resps"][0][0]) for s in samples]
                 entry["answer_tokens"] = [a["tokens"] if a else 0 for a in answers]
-                entry["answer_logprobs"] = {cal: [a["logprob"][cal] if a else None for a in answers] for cal in calibrators}
+                entry["answer_logprobs"] = {cal: [a["logprob"][cal] if a else None for a in answers]
+                                            for cal in calibrators}
             entry["calibrators"][calibrator] = {
                 "metrics": _metrics(results["results"][lm_names[name]]),
                 "scores": [float(s[metric]) for s in samples],
