@@ -177,7 +177,8 @@ def parent_rows(args, sets: dict) -> list[dict]:
         rows = {"baseline (T other tasks)": base_probs, "variant none": variant.probabilities(),
                 "variant, baseline T": base_t.apply(variant), "variant parent": fitted.apply(variant)}
         for name, p in rows.items():
-            out.append({"task": task, "calibrator": name, **summary(p, variant.gold, n_boot=args.n_boot, seed=args.seed),
+            metrics = summary(p, variant.gold, n_boot=args.n_boot, seed=args.seed)
+            out.append({"task": task, "calibrator": name, **metrics,
                         "parent_temperature": fitted.temperature, "baseline_temperature": base_t.temperature,
                         "parent_info": fitted.info, "parent_fit_seconds": seconds})
     return out
@@ -197,7 +198,8 @@ def print_tables(result: dict) -> None:
         if key not in result:
             continue
         print(f"\n{key}")
-        print("| task | calibrator | n | acc | conf | ECE-15 [95%] | ECE-10 mass | smECE | Brier | AUROC [95%] | AURC |")
+        print("| task | calibrator | n | acc | conf | ECE-15 [95%] | ECE-10 mass | smECE | Brier | AUROC [95%] "
+              "| AURC |")
         print("|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|")
         for r in result[key]:
             print(f"| {r['task']} | {r['calibrator']} | {r['n']} | {r['accuracy']:.3f} | {r['confidence']:.3f} | "

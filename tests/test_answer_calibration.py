@@ -64,7 +64,8 @@ def test_adaptive_head_learns_a_per_question_temperature_and_beats_one_temperatu
     adaptive = answer_adaptive.fit(tasks, seed=0)
     single = answer_temperature.fit(list(tasks.values()))
     info = adaptive.info
-    assert info["kept"] and info["validation_task"] == "task3" and info["validation_nll_head"] < info["validation_nll_temperature"]
+    assert info["kept"] and info["validation_task"] == "task3"
+    assert info["validation_nll_head"] < info["validation_nll_temperature"]
     mask = held.gold_mask()
     assert float(nll(adaptive.apply(held), mask)) < float(nll(single.apply(held), mask)) - 0.02
     assert ece_of(adaptive.apply(held), held) < ece_of(single.apply(held), held)
@@ -146,7 +147,8 @@ def test_answer_section_fits_on_fit_tasks_and_reports_unseen_tasks():
     section = ac.answer_section(fitted, sets, fit_tasks, eval_tasks, targets=[0.7], n_boot=50)
     rows = {r["calibrator"]: r for r in section["rows"]}
     assert list(rows) == ["none", "answer_temperature", "answer_adaptive"]
-    assert rows["answer_temperature"]["ece"] < rows["none"]["ece"] and rows["answer_adaptive"]["ece"] < rows["none"]["ece"]
+    assert rows["answer_temperature"]["ece"] < rows["none"]["ece"]
+    assert rows["answer_adaptive"]["ece"] < rows["none"]["ece"]
     assert rows["none"]["accuracy"] == rows["answer_temperature"]["accuracy"] == rows["answer_adaptive"]["accuracy"]
     assert section["selective"]["answer_temperature"]["0.7"]["tasks"]["unseen"]["coverage"] > 0
     for fit, evaluation, counts, names, message in [

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from calq.calib import answer_temperature
+from calq.calib.answer_features import AnswerSet
 from calq.calib.base import identity
 from calq.calib.temperature import Temperature
-from calq.calib.answer_features import AnswerSet
 from calq.errors import CalqError
 from calq.evaluation import harness
 
@@ -43,13 +43,13 @@ def user_tasks(tmp_path_factory):
     """A folder of task YAMLs as a user would write them, reading local JSON lines through lm-eval's `json`."""
     folder = tmp_path_factory.mktemp("user-tasks")
     one = folder / "one.jsonl"
-    one.write_text("".join(json.dumps({"question": f"What goes with {w}?", "options": ["red", "green", "blue"], "label": i % 3})
-                           + "\n" for i, w in enumerate(["sky", "grass", "sun", "snow"])))
+    one.write_text("".join(json.dumps({"question": f"What goes with {w}?", "options": ["red", "green", "blue"],
+                                       "label": i % 3}) + "\n" for i, w in enumerate(["sky", "grass", "sun", "snow"])))
     partial = folder / "partial.jsonl"
     partial.write_text("".join(json.dumps({"sentence": s, "options": o, "answer": a}) + "\n" for s, o, a in SENTENCES))
     multi = folder / "multi.jsonl"
-    multi.write_text("".join(json.dumps({"question": f"Name a colour, {k}:", "options": ["red", "stone", "blue", "wood"],
-                                         "golds": [0, 2]}) + "\n" for k in ("please", "now")))
+    multi.write_text("".join(json.dumps({"question": f"Name a colour, {k}:", "golds": [0, 2],
+                                         "options": ["red", "stone", "blue", "wood"]}) + "\n" for k in ("please", "now")))
     (folder / "shape_one_context.yaml").write_text(yaml_task("shape_one_context", one, """\
         doc_to_text: "Question: {{question}}\\nAnswer:"
         doc_to_choice: options
@@ -133,7 +133,8 @@ def test_task_sources_fail_fast_before_the_model_loads(tiny_model, user_tasks, t
              ([empty], "shape_one_context", "holds no task YAML")]
     for include_path, task, message in cases:
         with pytest.raises(CalqError, match=message) as err:
-            harness.run_tasks(tmp_path / "no-model", {"none": identity}, [task], None, None, 1, include_path=include_path)
+            harness.run_tasks(tmp_path / "no-model", {"none": identity}, [task], None, None, 1,
+                              include_path=include_path)
         assert "\n" not in str(err.value)
     assert harness.check_tasks(["shape_partial"], None, 2, include_path=[user_tasks]) == {"shape_partial": 2}
 
@@ -203,4 +204,5 @@ def test_generative_answers_get_their_sequence_probability_as_confidence(tiny_mo
         assert entry["answer_logprobs"]["t2"][0] != pytest.approx(expected, abs=1e-4)
     rows = task_rows("tiny", result, n_boot=50)
     for row in rows:
-        assert 0 <= row["confidence"] <= 1 and row["ece"] is not None and row["per_token"]["confidence"] >= row["confidence"]
+        assert 0 <= row["confidence"] <= 1 and row["ece"] is not None
+        assert row["per_token"]["confidence"] >= row["confidence"]
