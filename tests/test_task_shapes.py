@@ -49,7 +49,8 @@ def user_tasks(tmp_path_factory):
     partial.write_text("".join(json.dumps({"sentence": s, "options": o, "answer": a}) + "\n" for s, o, a in SENTENCES))
     multi = folder / "multi.jsonl"
     options = ["red", "stone", "blue", "wood"]
-    multi.write_text("".join(json.dumps({"question": f"Name a colour, {k}:", "golds": [0, 2], "options": options}) + "\n"
+    multi.write_text("".join(json.dumps({"question": f"Name a colour, {k}:", "golds": [0, 2], "options": options})
+                             + "\n"
                              for k in ("please", "now")))
     (folder / "shape_one_context.yaml").write_text(yaml_task("shape_one_context", one, """\
         doc_to_text: "Question: {{question}}\\nAnswer:"
