@@ -146,7 +146,8 @@ def analyze(args) -> None:
         for held in sets:
             others = [t for t in sets if t != held]
             fitted_o, _ = fit_all(others)
-            loto += rows(fitted_o, [held])
+            loto += [{**row, "temperature": fitted_o["answer_temperature"].temperature,
+                      "adaptive_kept": fitted_o["adaptive"].info["kept"]} for row in rows(fitted_o, [held])]
         result["leave_one_task_out"] = loto
     if args.variant_out:
         result["parent"] = parent_rows(args, sets)

@@ -18,6 +18,7 @@ from calq.calib.base import register
 from calq.errors import CalqError
 
 CONFIG = "answer_temperature.json"
+LOG_BOUND = 7.0
 
 
 @register
@@ -60,12 +61,14 @@ def fit_inverse_temperature(loss) -> float:
 
     def closure():
         optimizer.zero_grad()
-        value = loss(log_beta.exp())
+        # bounded (T between e^-7 and e^7): on a set where the model is at chance the NLL keeps falling as T grows,
+        # and the flat gradient past the bound lets LBFGS stop there instead of running out its iterations
+        value = loss(log_beta.clamp(-LOG_BOUND, LOG_BOUND).exp())
         value.backward()
         return value
 
     optimizer.step(closure)
-    return float(log_beta.detach().exp().clamp(1e-3, 1e3))
+    return float(log_beta.detach().clamp(-LOG_BOUND, LOG_BOUND).exp())
 
 
 def fit(answer_sets: list[AnswerSet]) -> AnswerTemperature:
