@@ -129,6 +129,12 @@ def analyze(args) -> None:
                             "bands": bands(*top_choice(p, s.gold))})
         return out
 
+    if args.only_parent:  # the parent rows alone (the variant is collected after the baseline's analysis)
+        result["parent"] = parent_rows(args, sets)
+        print_tables(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     fitted, times = fit_all(fit)
     result["fit_tasks"], result["eval_tasks"], result["fit_seconds"] = fit, evals, times
     result["adaptive"] = fitted["adaptive"].info
@@ -173,7 +179,7 @@ def parent_rows(args, sets: dict) -> list[dict]:
         base_t = answer_temperature.fit([s for t, s in sets.items() if t != task])
         base_probs = base_t.apply(sets[task])
         start = time.perf_counter()
-        fitted = parent.fit(answer_temperature_free(variant), base_probs)
+        fitted = parent.fit(without_labels(variant), base_probs)
         seconds = time.perf_counter() - start
         rows = {"baseline (T other tasks)": base_probs, "variant none": variant.probabilities(),
                 "variant, baseline T": base_t.apply(variant), "variant parent": fitted.apply(variant)}
@@ -185,7 +191,7 @@ def parent_rows(args, sets: dict) -> list[dict]:
     return out
 
 
-def answer_temperature_free(answers):
+def without_labels(answers):
     """The same prompts without their gold answers: `parent` must not see labels."""
     from calq.calib.answer_features import AnswerSet
 
@@ -193,8 +199,10 @@ def answer_temperature_free(answers):
 
 
 def print_tables(result: dict) -> None:
-    print(f"sizes: {result['sizes']}; seed {result['seed']}; fit tasks {result['fit_tasks']}")
-    print(f"fit seconds: {result['fit_seconds']}; T = {result['temperature']:.3f}; adaptive: {result['adaptive']}")
+    print(f"sizes: {result['sizes']}; seed {result['seed']}; collect seconds {result['collect_seconds']}")
+    if "fit_tasks" in result:
+        print(f"fit tasks {result['fit_tasks']}; fit seconds: {result['fit_seconds']}; T = {result['temperature']:.3f}; "
+              f"adaptive: {result['adaptive']}")
     for key in ("rows", "leave_one_task_out", "parent"):
         if key not in result:
             continue
@@ -212,7 +220,7 @@ def print_tables(result: dict) -> None:
             by_cal.setdefault(r["calibrator"], []).append(r["ece"])
         for cal, values in by_cal.items():
             print(f"mean ECE-15 {cal}: {sum(values) / len(values):.3f} (max {max(values):.3f}, {len(values)} tasks)")
-    for name, sel in result["selective"].items():
+    for name, sel in result.get("selective", {}).items():
         for target, entry in sel.items():
             print(f"\nselective {name}, target accuracy {target}: threshold {entry['threshold']}")
             for task, t in entry["tasks"].items():
@@ -237,6 +245,7 @@ def main():
     parser.add_argument("--variant", action="store_true", help="collect: the min-max W4A16 variant instead")
     parser.add_argument("--baseline", type=Path, help="with --variant: the baseline's collect folder (its model)")
     parser.add_argument("--variant-out", type=Path, help="analyze: the variant's collect folder, for `parent`")
+    parser.add_argument("--only-parent", action="store_true", help="analyze: only the parent rows (needs --variant-out)")
     args = parser.parse_args()
     collect(args) if args.phase == "collect" else analyze(args)
 
