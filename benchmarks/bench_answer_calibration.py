@@ -201,7 +201,8 @@ def without_labels(answers):
 def print_tables(result: dict) -> None:
     print(f"sizes: {result['sizes']}; seed {result['seed']}; collect seconds {result['collect_seconds']}")
     if "fit_tasks" in result:
-        print(f"fit tasks {result['fit_tasks']}; fit seconds: {result['fit_seconds']}; T = {result['temperature']:.3f}; "
+        print(f"fit tasks {result['fit_tasks']}; fit seconds: {result['fit_seconds']}; "
+              f"T = {result['temperature']:.3f}; "
               f"adaptive: {result['adaptive']}")
     for key in ("rows", "leave_one_task_out", "parent"):
         if key not in result:
@@ -245,7 +246,7 @@ def main():
     parser.add_argument("--variant", action="store_true", help="collect: the min-max W4A16 variant instead")
     parser.add_argument("--baseline", type=Path, help="with --variant: the baseline's collect folder (its model)")
     parser.add_argument("--variant-out", type=Path, help="analyze: the variant's collect folder, for `parent`")
-    parser.add_argument("--only-parent", action="store_true", help="analyze: only the parent rows (needs --variant-out)")
+    parser.add_argument("--only-parent", action="store_true", help="analyze: the parent rows only (with --variant-out)")
     args = parser.parse_args()
     collect(args) if args.phase == "collect" else analyze(args)
 
