@@ -165,7 +165,7 @@ def test_calibrator_specs(tiny_model, tmp_path):
 
 def test_task_checks_fail_fast_with_one_line(task_data, tmp_path, monkeypatch):
     monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
-    cases = [(["mmlu", "hellaswag"], task_data, None, "unknown task 'hellaswag'"),
+    cases = [(["mmlu", "no_such_task"], task_data, None, "unknown task 'no_such_task'"),
              (["piqa"], task_data, None, "task 'piqa': data file not found"),
              (["arc_easy"], task_data, 0, "task 'arc_easy' has no examples with limit 0"),
              (["arc_easy"], None, None, "none was given"),
@@ -193,7 +193,8 @@ def test_mmlu_interleaves_subjects_and_takes_shots_from_the_same_subject(task_da
 def test_every_task_reads_the_shared_data():
     counts = harness.check_tasks(list(available()), data_dir(), None)
     assert counts == {"arc_challenge": 1172, "arc_easy": 2376, "boolq": 3270, "lambada": 5153, "mmlu": 14042,
-                      "mmlu_5shot": 14042, "piqa": 1838, "triviaqa": 3000, "truthfulqa_mc1": 817, "truthfulqa_mc2": 817}
+                      "mmlu_5shot": 14042, "piqa": 1838, "triviaqa": 3000, "truthfulqa_mc1": 817, "truthfulqa_mc2": 817,
+                      "openbookqa": 500, "commonsense_qa": 1221, "siqa": 1954, "copa": 100}
 
 
 def test_lm_eval_command_line(tiny_model, task_data, tmp_path):

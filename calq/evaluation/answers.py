@@ -8,6 +8,7 @@ Every row uses the same seed, so intervals of different variants resample the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -63,7 +64,19 @@ def calibration_intervals(conf: torch.Tensor, correct: torch.Tensor, bins: int =
 def answer_calibration(loglikelihoods: list[list[float]], gold: list[list[int]], bins: int = 15, n_boot: int = 1000,
                        seed: int = 0) -> dict:
     """Accuracy, confidence, ECE and Brier of the top choice, with intervals and reliability bins."""
-    conf, correct = confidences(loglikelihoods, gold)
+    return calibration_summary(*confidences(loglikelihoods, gold), bins, n_boot, seed)
+
+
+def generative_confidences(logprobs: list[float | None], tokens: list[int], per_token: bool = False) -> torch.Tensor:
+    """Confidence of each generated answer: its sequence probability exp(log p), or per token exp(log p / tokens).
+    An empty answer (None) has confidence 0: the model said nothing it could be right about."""
+    return torch.tensor([0.0 if lp is None else math.exp(lp / max(n, 1) if per_token else lp)
+                         for lp, n in zip(logprobs, tokens, strict=True)], dtype=torch.float64)
+
+
+def calibration_summary(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15, n_boot: int = 1000,
+                        seed: int = 0) -> dict:
+    """Accuracy, confidence, ECE and Brier of (confidence, correct) pairs, with intervals and reliability bins."""
     stats = CalibrationStats(bins)
     stats.update(conf, correct)
     return {"n": conf.numel(), "accuracy": float(correct.mean()), "confidence": float(conf.mean()),
@@ -76,7 +89,9 @@ def task_rows(variant: str, results: dict, bins: int = 15, n_boot: int = 1000, s
 
     `accuracy` is the task's headline metric (lm-eval's; MC2's is the probability mass on true answers) with a
     bootstrap interval over questions; multiple-choice tasks add the answer-level calibration of the top choice
-    (`top1_accuracy`, `confidence`, `ece`, `brier` with intervals, `reliability`); other tasks have None there.
+    (`top1_accuracy`, `confidence`, `ece`, `brier` with intervals, `reliability`); generative tasks (run_tasks'
+    `answer_logprobs`) the same with confidence = the greedy answer's sequence probability, correct = the task's
+    metric (exact match), and `per_token` with the per-token-normalized probability; other tasks have None there.
     """
     rows = []
     for task, entry in results["tasks"].items():
@@ -88,8 +103,16 @@ def task_rows(variant: str, results: dict, bins: int = 15, n_boot: int = 1000, s
                    "accuracy_ci": bootstrap(n, {"ci": lambda w: w @ scores / n}, n_boot, seed)["ci"],
                    "top1_accuracy": None, "confidence": None, "ece": None, "ece_ci": None, "brier": None, "brier_ci": None,
                    "reliability": None}
+            answers = None
             if res["loglikelihoods"] is not None:
                 answers = answer_calibration(res["loglikelihoods"], entry["gold"], bins, n_boot, seed)
+            elif entry.get("answer_logprobs"):  # generative: confidence = the greedy answer's sequence probability
+                conf = generative_confidences(entry["answer_logprobs"][calibrator], entry["answer_tokens"])
+                answers = calibration_summary(conf, scores, bins, n_boot, seed)
+                per_token = generative_confidences(entry["answer_logprobs"][calibrator], entry["answer_tokens"], True)
+                row["per_token"] = {k: v for k, v in calibration_summary(per_token, scores, bins, n_boot, seed).items()
+                                    if k in ("confidence", "ece", "ece_ci", "brier", "brier_ci")}
+            if answers is not None:
                 row.update(top1_accuracy=answers["accuracy"], **{k: answers[k] for k in (
                     "confidence", "ece", "ece_ci", "brier", "brier_ci", "reliability")})
             rows.append(row)

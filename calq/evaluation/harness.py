@@ -99,6 +99,11 @@ class CalqLM(HFLM):
         self.active = next(iter(self.calibrators))
         self.progress: Progress | None = None
         self._scores: dict[bytes, dict[str, tuple[float, bool]]] = {}
+        # Per request, from the same forward pass: the last hidden state at the last context token (float16)
+        # and the continuation's token count; `_request_keys` maps lm-eval's (context, continuation) strings to it.
+        self.prompt_hidden: dict[bytes, torch.Tensor] = {}
+        self.continuation_tokens: dict[bytes, int] = {}
+        self._request_keys: dict[tuple[str, str], bytes] = {}
         self._generations: dict[tuple[str, str], str] = {}
 
     def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +114,7 @@ class CalqLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
         keys = [_key(ctx, cont) for _, ctx, cont in requests]
+        self._request_keys.update((tuple(strings), key) for (strings, _, _), key in zip(requests, keys) if strings)
         todo = {key: (ctx, cont) for key, (_, ctx, cont) in zip(keys, requests) if key not in self._scores}
         if todo:
             self._score(todo, disable_tqdm)
@@ -130,6 +136,11 @@ class CalqLM(HFLM):
             for i, inp in enumerate(batch):
                 ids[i, :len(inp)] = torch.tensor(inp)  # right padding: causal attention never looks at it
             logits, hidden = self._forward(ids.to(self.device))
+            for i, inp in enumerate(batch):
+                for key, cont in rows[inp]:
+                    # input position len(inp) - len(cont) holds the last context token (it predicts cont[0])
+                    self.prompt_hidden[key] = hidden[i, len(inp) - len(cont)].to("cpu", torch.float16)
+                    self.continuation_tokens[key] = len(cont)
             for name, calibrator in self.calibrators.items():
                 calibrated = calibrator(logits, hidden)
                 for i, inp in enumerate(batch):
@@ -160,34 +171,96 @@ class CalqLM(HFLM):
             if key not in self._generations:
                 todo.setdefault(key, request)
         if todo:
-            self._generations.update(zip(todo, super().generate_until(list(todo.values()), disable_tqdm)))
+            texts = super().generate_until(list(todo.values()), disable_tqdm)
+            self._generations.update(zip(todo, texts))
+            # Answer-level confidence of generative tasks: every calibrator's log-probability of the greedy answer,
+            # scored like a multiple-choice continuation (one more forward pass per question, shared by all).
+            pairs = [((context, text), *self._encode_pair(context, text))
+                     for (context, _), text in zip(todo, texts) if context and text]
+            if pairs:
+                self._loglikelihood_tokens(pairs, disable_tqdm=True)
         return [self._generations[key] for key in keys]
+
+    def answer_score(self, context: str, text: str) -> dict | None:
+        """{calibrator: (log-probability of the generated `text` after `context`, is_greedy)} and its token count,
+        or None when nothing was generated (an empty answer has no probability to read)."""
+        key = self._request_keys.get((context, text))
+        if key is None:
+            return None
+        return {"logprob": {name: ll for name, (ll, _) in self._scores[key].items()},
+                "tokens": self.continuation_tokens[key]}
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
 
-def _task_docs(yaml_path: Path, data_dir):
-    """The documents lm-eval will evaluate, read exactly as lm-eval reads them (the YAML's custom_dataset)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+def _task_manager(root, include_path: list | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
 
-    cfg = load_yaml(yaml_path)
-    return cfg["custom_dataset"](data_dir=data_dir, **cfg.get("dataset_kwargs", {}))[cfg["test_split"]]
+    paths = [str(TASKS_DIR), *(str(p) for p in include_path or [])]
+    return TaskManager(include_path=paths, include_defaults=defaults,
+                       metadata={"data_dir": str(root)} if root is not None else {})
 
 
-def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks") -> dict[str, int]:
-    """Fail fast, before any model loads: unknown task, missing data file, no examples. Returns examples per task."""
+def _check_include_path(include_path: list | None, where: str) -> None:
+    for folder in include_path or []:
+        path = Path(folder)
+        if not path.is_dir():
+            raise CalqError(f"include_path folder not found: {path}", where, "give a folder of lm-eval task YAMLs")
+        if not any(path.rglob("*.yaml")):
+            raise CalqError(f"include_path folder {path} holds no task YAML", where,
+                            "add lm-eval task YAMLs (*.yaml) to it")
+
+
+def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
+                  where: str = "evaluation.tasks") -> dict:
+    """calq task name (or the user's / lm-eval's task name) -> its lm-eval Task, with its documents loaded.
+
+    Order: calq's own tasks (`arc_easy` is `calq_arc_easy`), then the `include_path` folders, then lm-eval's
+    registry (indexed only when a name is not found before). Every failure is a one-line CalqError, raised
+    before any model loads: an unknown name, a missing folder, data that cannot be read (lm-eval's registry
+    tasks read the Hugging Face hub, which needs network).
+    """
     known = available()
     if not tasks:
         raise CalqError("no tasks listed", where, f"list one or more of: {', '.join(known)}")
-    for name in tasks:
-        if name not in known:
-            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}")
-    counts = {}
-    for name in dict.fromkeys(tasks):
+    _check_include_path(include_path, where)
+    manager = _task_manager(data_dir, include_path, defaults=False)
+    lm_names = {name: PREFIX + name if name in known else name for name in dict.fromkeys(tasks)}
+    if any(n not in manager.all_tasks for n in lm_names.values()):
+        with _quiet_lm_eval():
+            manager = _task_manager(data_dir, include_path, defaults=True)
+    for name, lm_name in lm_names.items():
+        if lm_name not in manager.all_tasks:
+            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}, a task of an "
+                            "include_path folder, or a name from lm-eval's registry (`lm_eval ls tasks`)")
+    resolved = {}
+    for name, lm_name in lm_names.items():
         try:
-            n = len(_task_docs(known[name], data_dir))
+            with _quiet_lm_eval():
+                leaves = manager.load([lm_name])["tasks"]  # a group: its tasks
         except CalqError as err:
             raise CalqError(f"task '{name}': {err.what}", where, err.fix) from None
+        except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise anything, ConnectionError to ValueError
+            detail = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise CalqError(f"task '{name}' could not load its data ({detail})", where,
+                            "tasks from lm-eval's registry read the Hugging Face hub (needs network); offline, "
+                            "use calq's tasks or an include_path task with local data") from None
+        for leaf, task in leaves.items():
+            resolved[name if len(leaves) == 1 else leaf] = (leaf, task)
+    return {"manager": manager, "tasks": resolved}
+
+
+def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks",
+                include_path: list | None = None) -> dict[str, int]:
+    """Fail fast, before any model loads: unknown task, missing data file, no examples. Returns examples per task."""
+    root = data_mod.data_dir(str(data_dir) if data_dir else None)
+    return _counts(resolve_tasks(tasks, root, include_path, where), limit, where)
+
+
+def _counts(resolved: dict, limit: int | None, where: str) -> dict[str, int]:
+    counts = {}
+    for name, (_, task) in resolved["tasks"].items():
+        n = len(task.eval_docs)
         if limit is not None:
             n = min(n, limit)
         if n < 1:
@@ -214,48 +287,92 @@ def _metrics(task_results: dict) -> dict[str, float]:
             if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
 
 
-def _gold(sample: dict) -> list[int]:
-    labels = sample["doc"].get("labels")
-    return [i for i, label in enumerate(labels) if label] if labels is not None else [int(sample["target"])]
+def gold_indices(task, doc: dict) -> list[int]:
+    """The correct choices of one multiple-choice document, for every shape lm-eval has.
+
+    Several true answers marked 0/1 per choice (`labels`, TruthfulQA MC2 in calq and lm-eval); several contexts with
+    one continuation (winogrande: the gold is doc_to_text's index, the logged target is the continuation text);
+    a target index, a list of indices or the text of the right choice (as lm-eval's process_results reads them).
+    """
+    choices = task.doc_to_choice(doc)
+    mc2 = doc.get("mc2_targets")
+    labels = doc.get("labels", mc2.get("labels") if isinstance(mc2, dict) else None)
+    if labels is not None and len(labels) == len(choices):
+        return [i for i, label in enumerate(labels) if label]
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    return [choices.index(g) if isinstance(g, str) else int(g) for g in (gold if isinstance(gold, list) else [gold])]
 
 
 def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], limit: int | None, data_dir,
-              batch_size: int, dtype: str = "float32", device: str | None = None, progress: Progress | None = None) -> dict:
+              batch_size: int, dtype: str = "float32", device: str | None = None, progress: Progress | None = None,
+              include_path: list | None = None, features: bool = False) -> dict:
     """Every task under every calibrator, with one forward pass per batch for all calibrators together.
 
     Returns {"limit", "data_dir", "calibrators", "tasks": {task: {"lm_eval_task", "output_type", "metric", "n",
     "gold" (multiple choice: the correct choice indices per question, else None), "calibrators": {name:
     {"metrics": lm-eval's metrics, "scores": the headline metric per question, "loglikelihoods": the choices'
     log-likelihoods per question (multiple choice, else None)}}}}}. The headline metric is the task's first.
+    Generative tasks also give "answer_logprobs" ({calibrator: log-probability of the greedy answer per question,
+    None where the answer is empty}) and "answer_tokens" (its length in tokens): the answer's sequence probability
+    is the confidence of a generative answer. Multiple choice also gives "choice_tokens" (each choice's continuation
+    length in tokens) and, with
+    `features`, "prompt_hidden": the model's last hidden state at the last context token, from the same forward
+    pass that scored the choices, float16 [questions, hidden] (averaged over a question's requests when they have
+    several contexts); not JSON: `split_features` takes these tensors out for a safetensors file.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
-    counts = check_tasks(tasks, root, limit)
+    resolved = resolve_tasks(tasks, root, include_path)
+    counts = _counts(resolved, limit, "evaluation.tasks")
     with _quiet_lm_eval():
         lm = CalqLM(pretrained=str(model_dir), calibrators=calibrators, dtype=dtype, batch_size=batch_size, device=device)
     lm.progress = progress
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(root)})
-    out = {name: {"lm_eval_task": PREFIX + name, "n": n, "calibrators": {}} for name, n in counts.items()}
+    lm_names = {name: leaf for name, (leaf, _) in resolved["tasks"].items()}
+    out = {name: {"lm_eval_task": lm_names[name], "n": n, "calibrators": {}} for name, n in counts.items()}
     for calibrator in calibrators:
         lm.active = calibrator
         with _quiet_lm_eval():
-            results = simple_evaluate(model=lm, tasks=[PREFIX + name for name in counts], limit=limit,
-                                      task_manager=manager, log_samples=True, bootstrap_iters=0)
+            results = simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit,
+                                      task_manager=resolved["manager"], log_samples=True, bootstrap_iters=0)
         for name, entry in out.items():
-            task = PREFIX + name
-            config = results["configs"][task]
-            samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+            task_obj = resolved["tasks"][name][1]
+            config = results["configs"][lm_names[name]]
+            samples = sorted(results["samples"][lm_names[name]], key=lambda s: s["doc_id"])
             metric = config["metric_list"][0]["metric"]
             choice = config["output_type"] == "multiple_choice"
-            entry.update(output_type=config["output_type"], metric=metric, gold=[_gold(s) for s in samples] if choice else None)
+            n_choices = [len(task_obj.doc_to_choice(s["doc"])) for s in samples] if choice else None
+            entry.update(output_type=config["output_type"], metric=metric,
+                         gold=[gold_indices(task_obj, s["doc"]) for s in samples] if choice else None)
+            if choice and "choice_tokens" not in entry:
+                keys = [[lm._request_keys[tuple(args)] for args in s["arguments"][:k]]
+                        for s, k in zip(samples, n_choices)]
+                entry["choice_tokens"] = [[lm.continuation_tokens[key] for key in row] for row in keys]
+                if features:
+                    entry["prompt_hidden"] = torch.stack([
+                        torch.stack([lm.prompt_hidden[key].float() for key in row]).mean(0) for row in keys]).half()
+            if config["output_type"] == "generate_until" and "answer_tokens" not in entry:
+                answers = [lm.answer_score(s["arguments"][0][0], s["resps"][0][0]) for s in samples]
+                entry["answer_tokens"] = [a["tokens"] if a else 0 for a in answers]
+                entry["answer_logprobs"] = {cal: [a["logprob"][cal] if a else None for a in answers]
+                                            for cal in calibrators}
             entry["calibrators"][calibrator] = {
-                "metrics": _metrics(results["results"][task]),
+                "metrics": _metrics(results["results"][lm_names[name]]),
                 "scores": [float(s[metric]) for s in samples],
-                "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples] if choice else None,
+                "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"][:k]] for s, k in zip(samples, n_choices)]
+                if choice else None,
             }
     return {"limit": limit, "data_dir": str(root), "calibrators": list(calibrators), "tasks": out}
+
+
+def split_features(results: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(run_tasks output without tensors, {"<task>.prompt_hidden": tensor}): the JSON part and a safetensors part."""
+    tensors, tasks = {}, {}
+    for name, entry in results["tasks"].items():
+        tasks[name] = {k: v for k, v in entry.items() if k != "prompt_hidden"}
+        if "prompt_hidden" in entry:
+            tensors[f"{name}.prompt_hidden"] = entry["prompt_hidden"].contiguous()
+    return {**results, "tasks": tasks}, tensors
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""Adaptive answer calibrator in the spirit of Thermometer (Shen et al., ICML 2024) and ATS.
+
+A small MLP reads a question's features (the model's last hidden state at the end of the prompt, from the
+forward pass that scored the choices, plus cheap ones: number of choices, score margin, choice-length spread,
+entropy; see answer_features) and predicts a per-question inverse temperature beta > 0; probabilities are
+softmax(beta * choice log-likelihoods), so the top choice and accuracy never change.
+
+Training follows Thermometer: every gradient step uses questions of one fit task (tasks visited in a seeded
+random order), loss = NLL of the gold choices. One fit task is held out from training: the head is
+early-stopped on it, and it is kept only when its NLL there is below that of `answer_temperature` fitted on the
+same training tasks; otherwise the calibrator is that single temperature (fitted on every fit task), and `info`
+says so. The head starts as that temperature (zero last layer), so training only has to learn departures.
+
+For a new task, Thermometer's own recipe uses one temperature per task: the mean of the predicted inverse
+temperatures over that task's unlabelled prompts (`apply(..., per_task_mean=True)`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from calq.calib import answer_temperature
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
+from calq.calib.answer_features import AnswerSet, nll
+from calq.calib.base import register
+from calq.errors import CalqError
+
+CONFIG, WEIGHTS = "answer_adaptive.json", "answer_adaptive.safetensors"
+
+
+LOG_BETA = (-7.0, 5.0)  # predicted log inverse temperature is clamped here: T between e^-5 and about 1100
+
+
+class Head(torch.nn.Module):
+    """standardized features -> Linear -> GELU -> Dropout -> Linear -> exp: one inverse temperature each.
+
+    exp, not softplus: a fit set on which the model is at chance drives beta towards 0, where softplus has no
+    gradient left and the head could not move back up on tasks that need a finite temperature."""
+
+    def __init__(self, n_features: int, width: int = 32, dropout: float = 0.1, beta0: float = 1.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_features, width), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                                       torch.nn.Linear(width, 1))
+        torch.nn.init.zeros_(self.net[-1].weight)
+        with torch.no_grad():  # exp(bias) = beta0
+            self.net[-1].bias.fill_(min(max(math.log(beta0), LOG_BETA[0]), LOG_BETA[1]))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.float() - self.mean) / self.std
+        return self.net(x).squeeze(-1).clamp(*LOG_BETA).exp()
+
+
+class AdaptiveSettings(BaseModel):
+    """The recipe's `calibrators.answer_adaptive:` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    use_hidden: bool = Field(True, description="read the prompt-end hidden state (else only the cheap features)")
+    per_task_mean: bool = Field(False, description="one temperature per task: the mean predicted inverse temperature "
+                                "over its prompts (Thermometer's recipe for a new task)")
+    epochs: int = Field(100, gt=0, description="most passes over the training fit tasks")
+    patience: int = Field(15, gt=0, description="epochs without a better held-out NLL before stopping")
+    width: int = Field(32, gt=0, description="hidden units of the head")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the head")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+
+
+@register
+class AnswerAdaptive(AnswerCalibrator):
+    name = "answer_adaptive"
+    Config = AdaptiveSettings
+
+    def __init__(self, head: Head | None, temperature: float, use_hidden: bool, info: dict,
+                 per_task_mean: bool = False):
+        self.head, self.temperature, self.use_hidden, self.info = head, float(temperature), use_hidden, info
+        self.per_task_mean = per_task_mean
+        self.fit_info = info
+        if head is not None:
+            head.eval()
+
+    @classmethod
+    def fit(cls, data: AnswerFitData, config: AdaptiveSettings | None = None) -> AnswerAdaptive:
+        config = config or AdaptiveSettings()
+        fitted = fit(data.tasks, data.validation_task, seed=data.seed,
+                     **config.model_dump(exclude={"per_task_mean"}))
+        fitted.per_task_mean = config.per_task_mean
+        return fitted
+
+    def inverse_temperatures(self, answers: AnswerSet) -> torch.Tensor:
+        """One predicted beta per question (the fallback temperature's when no head was kept)."""
+        if self.head is None:
+            return torch.full((len(answers),), 1.0 / self.temperature, dtype=torch.float64)
+        with torch.no_grad():
+            return self.head(answers.features(self.use_hidden)).double()
+
+    def apply(self, answers: AnswerSet, per_task_mean: bool | None = None) -> torch.Tensor:
+        """Calibrated probabilities [questions, most choices]; per_task_mean (default: as configured): one beta for
+        the whole set, the mean of the predicted ones over its prompts."""
+        beta = self.inverse_temperatures(answers)
+        mean = self.per_task_mean if per_task_mean is None else per_task_mean
+        return answers.probabilities(beta.mean() if mean else beta)
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"kind": "answer_adaptive", "temperature": self.temperature, "use_hidden": self.use_hidden,
+                  "per_task_mean": self.per_task_mean, "info": self.info, "head": None}
+        if self.head is not None:
+            first = self.head.net[0]
+            config["head"] = {"n_features": first.in_features, "width": first.out_features,
+                              "dropout": self.head.net[2].p}
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / WEIGHTS)
+        (folder / CONFIG).write_text(json.dumps(config, indent=1))
+
+    @classmethod
+    def load(cls, folder, model_config=None) -> AnswerAdaptive:
+        folder = Path(folder)
+        if not (folder / CONFIG).exists():
+            raise CalqError(f"no fitted adaptive answer calibrator in {folder}", "calibrator",
+                            f"expected {CONFIG} there")
+        config = json.loads((folder / CONFIG).read_text())
+        head = None
+        if config["head"] is not None:
+            head = Head(**config["head"])
+            head.load_state_dict(load_file(folder / WEIGHTS))
+        return cls(head, config["temperature"], config["use_hidden"], config["info"], config["per_task_mean"])
+
+
+def _train(head: Head, train: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+           valid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int, epochs: int, patience: int,
+           batch: int, lr: float, weight_decay: float) -> tuple[float, int]:
+    """Thermometer-style: each step one task's minibatch. Returns (best validation NLL, its epoch); head ends there."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def valid_nll() -> float:
+        head.eval()
+        with torch.no_grad():
+            x, scores, mask = valid
+            value = float(nll(torch.softmax(scores * head(x).double()[:, None], 1), mask))
+        head.train()
+        return value
+
+    best, best_epoch, best_state = valid_nll(), 0, {k: v.clone() for k, v in head.state_dict().items()}
+    names = list(train)
+    for epoch in range(1, epochs + 1):
+        steps = [(name, idx) for name in names
+                 for idx in torch.randperm(len(train[name][0]), generator=generator).split(batch)]
+        for k in torch.randperm(len(steps), generator=generator).tolist():
+            name, idx = steps[k]
+            x, scores, mask = train[name]
+            loss = nll(torch.softmax(scores[idx] * head(x[idx]).double()[:, None], 1), mask[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        value = valid_nll()
+        if value < best:
+            best, best_epoch, best_state = value, epoch, {k: v.clone() for k, v in head.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    head.load_state_dict(best_state)
+    return best, best_epoch
+
+
+def fit(tasks: dict[str, AnswerSet], validation_task: str | None = None, use_hidden: bool = True, seed: int = 0,
+        epochs: int = 100, patience: int = 15, batch: int = 64, width: int = 32, dropout: float = 0.1,
+        lr: float = 3e-3, weight_decay: float = 1e-2) -> AnswerAdaptive:
+    """Train on every fit task but `validation_task` (default: the last), early-stop and select on it."""
+    if len(tasks) < 2:
+        raise CalqError(f"the adaptive answer calibrator needs at least two fit tasks, got {len(tasks)}", "fit tasks",
+                        "list two or more multiple-choice fit tasks (one is held out for early stopping)")
+    validation_task = validation_task or list(tasks)[-1]
+    if validation_task not in tasks:
+        raise CalqError(f"validation task '{validation_task}' is not a fit task", "fit tasks",
+                        f"use one of {list(tasks)}")
+    torch.manual_seed(seed)
+    fallback = answer_temperature.fit(list(tasks.values()))
+    train_sets = {name: s for name, s in tasks.items() if name != validation_task}
+    baseline = answer_temperature.fit(list(train_sets.values()))
+    arrays = {name: (s.features(use_hidden), s.scores(), s.gold_mask()) for name, s in tasks.items()}
+    train = {name: arrays[name] for name in train_sets}
+    valid = arrays[validation_task]
+
+    all_x = torch.cat([x for x, _, _ in train.values()])
+    head = Head(all_x.shape[1], width, dropout, beta0=1.0 / baseline.temperature)
+    head.mean.copy_(all_x.mean(0))
+    head.std.copy_(all_x.std(0).clamp(min=1e-4))
+    head_nll, epoch = _train(head, train, valid, seed, epochs, patience, batch, lr, weight_decay)
+    temperature_nll = float(nll(baseline.apply(tasks[validation_task]), valid[2]))
+    kept = head_nll < temperature_nll
+    info = {"validation_task": validation_task, "train_tasks": list(train_sets), "kept": kept, "best_epoch": epoch,
+            "validation_nll_head": head_nll, "validation_nll_temperature": temperature_nll,
+            "temperature_train_tasks": baseline.temperature, "seed": seed, "features": all_x.shape[1]}
+    return AnswerAdaptive(head if kept else None, fallback.temperature, use_hidden, info)

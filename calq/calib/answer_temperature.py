@@ -1,0 +1,83 @@
+"""`answer_temperature`: one temperature T on the softmax over a question's choice log-likelihoods.
+
+Fitted by NLL of the gold choices (the probability mass on them when a question has several) over the
+questions of every fit task together, LBFGS on log T. Dividing every score of a question by the same T > 0
+keeps the top choice, so accuracy never changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
+from calq.calib.answer_features import AnswerSet, nll
+from calq.calib.base import register
+from calq.errors import CalqError
+
+CONFIG = "answer_temperature.json"
+LOG_BOUND = 7.0
+
+
+@register
+class AnswerTemperature(AnswerCalibrator):
+    name = "answer_temperature"
+
+    def __init__(self, temperature: float, kind: str = "answer_temperature", info: dict | None = None):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature, self.kind, self.info = float(temperature), kind, info or {}
+        self.fit_info = {"temperature": self.temperature, **self.info}
+
+    @classmethod
+    def fit(cls, data: AnswerFitData, config=None) -> AnswerTemperature:
+        return fit(list(data.tasks.values()))
+
+    def apply(self, answers: AnswerSet) -> torch.Tensor:
+        """Calibrated probabilities [questions, most choices] (0 at padding)."""
+        return answers.probabilities(1.0 / self.temperature)
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"kind": self.kind, "temperature": self.temperature, "info": self.info}
+        (folder / CONFIG).write_text(json.dumps(config))
+
+    @classmethod
+    def load(cls, folder, model_config=None) -> AnswerTemperature:
+        path = Path(folder) / CONFIG
+        if not path.exists():
+            raise CalqError(f"no fitted answer temperature in {folder}", "calibrator", f"expected {CONFIG} there")
+        config = json.loads(path.read_text())
+        return cls(config["temperature"], config.get("kind", "answer_temperature"), config.get("info"))
+
+
+def fit_inverse_temperature(loss) -> float:
+    """argmin over beta > 0 of loss(beta) (a scalar tensor), by LBFGS on log beta from beta = 1."""
+    log_beta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_beta], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        # bounded (T between e^-7 and e^7): on a set where the model is at chance the NLL keeps falling as T grows,
+        # and the flat gradient past the bound lets LBFGS stop there instead of running out its iterations
+        value = loss(log_beta.clamp(-LOG_BOUND, LOG_BOUND).exp())
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return float(log_beta.detach().clamp(-LOG_BOUND, LOG_BOUND).exp())
+
+
+def fit(answer_sets: list[AnswerSet]) -> AnswerTemperature:
+    """One T for the questions of all sets together (every set needs gold answers)."""
+    n = sum(len(s) for s in answer_sets)
+    if not n:
+        raise ValueError("no questions to fit an answer temperature on")
+    scores = [s.scores() for s in answer_sets]
+    masks = [s.gold_mask() for s in answer_sets]
+    beta = fit_inverse_temperature(
+        lambda b: sum(nll(torch.softmax(sc * b, 1), m) * len(sc) for sc, m in zip(scores, masks)) / n)
+    return AnswerTemperature(1.0 / beta)
