@@ -31,7 +31,7 @@ from calq.evaluation import tokens as token_eval
 from calq.quant import methods
 from calq.quant.base import MethodConfig
 from calq.recipe import Recipe, load_recipe, parse_recipe
-from calq.report.build import write_reports
+from calq.report.build import read_manifest, write_reports
 from calq.runs import RunDir, require_intact, write_text
 
 
@@ -127,6 +127,27 @@ def _write_report(root: Path) -> Report:
         return Report(write_reports(root), root)
     except FileNotFoundError as err:
         raise CalqError(f"missing result file {err.filename}", str(root), "finish the run with `calq run`") from None
+
+
+def export(run_dir: str | Path, formats: list[str] | None = None, variants: list[str] | None = None,
+           progress=None, log=None) -> Report:
+    """Export the variants of a finished run (their calibrators fused) and re-verify each artifact on its runtime:
+    the run's own recipe with its `export:` section set from `formats` / `variants`; only the export stages run."""
+    root = Path(run_dir)
+    if not (root / ".calq" / "run.json").is_file():
+        raise CalqError("not a calq run folder", str(root), "pass the folder a `calq run` wrote")
+    run_folder = RunDir(root)
+    manifest = read_manifest(run_folder)
+    unfinished = [s["name"] for s in manifest["stages"] if not s["name"].startswith("export/")
+                  and not (run_folder.meta / "stages" / f"{s['name']}.json").is_file()]
+    if unfinished:
+        raise CalqError(f"the run has not finished ({', '.join(unfinished[:3])} to run)", str(root),
+                        "finish it with `calq run` first")
+    recipe = dict(manifest["recipe"])
+    spec = dict(recipe.get("export") or {})
+    spec.update({k: list(v) for k, v in (("formats", formats), ("variants", variants)) if v})
+    recipe["export"] = spec
+    return run(recipe, out=root, data_dir=manifest["data_dir"], progress=progress, log=log)
 
 
 def quantize(model, config: dict | MethodConfig, samples: torch.Tensor | None = None):

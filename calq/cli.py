@@ -220,6 +220,30 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     _exit_on_gates(rep)
 
 
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="a finished run folder"),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx (ONNX Runtime) or gguf (llama.cpp); "
+                                               "repeat for several [default: the recipe's export.formats, else onnx]"),
+    variant: Optional[list[str]] = typer.Option(None, "--variant", help="variant to export; repeat for several "
+                                                "[default: the recipe's export.variants, else all]"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    """Export a finished run's variants, calibrator fused, to what runs on a device, and re-verify each artifact on its
+    own runtime (top-1 agreement, perplexity, ECE drift). Artifacts land in RUN/export/<variant>/<format>/; the report
+    gets a Deployed table and the deployed gates. Needs `pip install 'calq[edge]'`."""
+    from calq import api
+
+    try:
+        with _progress() as progress:
+            rep = api.export(run_dir, format, variant, progress=progress,
+                             log=lambda msg: progress.console.print(msg, highlight=False))
+    except CalqError as err:
+        _fail(err, debug)
+    _print_summary(rep.data, run_dir)
+    _exit_on_gates(rep)
+
+
 @app.command("verify")
 def verify_command(run_dir: Path = typer.Argument(..., help="a run folder"),
                    debug: bool = typer.Option(False, "--debug", help="show tracebacks")):

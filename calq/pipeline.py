@@ -41,9 +41,10 @@ from calq import data as data_mod
 from calq import models
 from calq.calib import calibrators, hidden
 from calq.calib import ranges as ranges_mod
-from calq.calib.base import FitData, split
+from calq.calib.base import CalibratedLM, FitData, split
 from calq.errors import CalqError, located
 from calq.evaluation import harness, trust
+from calq.export import base as export_base
 from calq.evaluation import tokens as token_eval
 from calq.models import BASELINE
 from calq.quant import llmc
@@ -52,10 +53,11 @@ from calq.recipe import Recipe
 from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
-GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate")  # `--until` stops after one of the last four
+GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate", "export")  # `--until` stops after one of 2-5
 CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
+EXPORT_VERSION = 1
 CHECK_VERSION = 1
 PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 
@@ -184,6 +186,8 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         tasks = recipe.evaluation.tasks
         task_counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names")
     result.variants = [BASELINE, *(v.label for v in variants)]
+    if recipe.export is not None:
+        check_export(recipe, result.variants)
     if recipe.gates is not None:
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
                     list(recipe.evaluation.tasks.names) if recipe.evaluation.tasks else [])
@@ -243,7 +247,31 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         for name, needs in evaluated_on.items():
             add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
                 settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION])
+    if recipe.export is not None:
+        for name in recipe.export.variants or evaluated_on:
+            for fmt in recipe.export.formats:
+                add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
+                    group="export", settings=[recipe.export.model_dump(exclude={"formats", "variants"}), ev.seq_len,
+                                              ev.bins, EXPORT_VERSION])
     return table
+
+
+def check_export(recipe: Recipe, variants: list[str]) -> None:
+    """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
+    spec = recipe.export
+    for fmt in spec.formats:
+        exporter = export_base.get(fmt, "export.formats")
+        exporter.check_runtime()
+        if spec.calibrator not in ("selected", "none", *exporter.calibrators):
+            raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
+                            f"{', '.join(exporter.calibrators)})", "export.calibrator",
+                            f"use calibrator: selected (the format then falls back to the temperature) or drop {fmt}")
+    for name in spec.variants or ():
+        if name not in variants:
+            raise CalqError(f"unknown variant '{name}'", "export.variants", f"use one of: {', '.join(variants)}")
+    if spec.calibrator in ("temperature", "ats") and spec.calibrator not in recipe.calibrator_names():
+        raise CalqError(f"the {spec.calibrator} calibrator is not fitted in this recipe", "export.calibrator",
+                        "add it to calibrators.use, or export with calibrator: none")
 
 
 def base_source(source: models.ModelSource, run: RunDir) -> models.ModelSource:
@@ -497,6 +525,38 @@ def stage_evaluate(ctx: Context, name: str):
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
     none = result["tokens"]["calibrators"]["none"]
     return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"], "size_bytes": models.size_on_disk(source.location)}
+
+
+def stage_export(ctx: Context, name: str, fmt: str):
+    """The variant exported to `fmt` with its calibrator fused (RUN/export/<variant>/<fmt>/), loaded in its own
+    runtime and re-verified against the PyTorch variant with the same calibrator on held-out windows."""
+    spec, ev = ctx.recipe.export, ctx.recipe.evaluation.tokens
+    source = ctx.variant_source(name)
+    model, _ = models.load(source, "float32")
+    cals, fitted = _load_calibrators(ctx, name, model.config)
+    exporter = export_base.get(fmt)
+    kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
+    note = None
+    if kind not in exporter.calibrators:
+        note = f"{fmt} cannot hold the {kind} calibrator: the global temperature is fused instead"
+        kind = "temperature" if "temperature" in cals else "none"
+    calibrator = None if kind == "none" else cals[kind]
+    reference = model if calibrator is None else CalibratedLM(model, calibrator)
+    options = {}
+    if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
+        m = ctx.recipe.model
+        original = models.resolve(m.id, m.gguf_file, m.revision)
+        options["tokenizer"] = str(Path(original.location) / original.gguf_file) if original.gguf_file else source.location
+    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"][: spec.max_tokens]
+    final = ctx.run.path("export", name, fmt)
+    with atomic_path(final) as tmp, torch.no_grad():
+        tmp.mkdir(parents=True)
+        result = export_base.export_and_verify(fmt, source.location, tmp, lambda ids: reference(input_ids=ids).logits,
+                                               stream, ev.seq_len, calibrator, ev.bins, spec.threads, **options)
+    result.update(calibrator=kind, note=note)
+    out = write_json(ctx.run.path("export", name, f"{fmt}.json"), result)
+    return {"artifact": final, "result": out}, {"top1_agreement": result["verify"]["top1_agreement"],
+                                                "ece_drift": result["verify"]["drift"]["ece"]}
 
 
 def stage_tasks(ctx: Context, name: str):

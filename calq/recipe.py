@@ -136,6 +136,19 @@ class CalibratorsSpec(BaseModel):
         return {name: (self.model_extra or {}).get(name) or calibrators.get(name).Config() for name in self.use}
 
 
+class ExportSpec(Strict):
+    """Each variant exported to what runs on a device, its calibrator fused, and re-verified on that runtime."""
+
+    formats: tuple[str, ...] = Field(("onnx",), description="onnx (ONNX Runtime) and/or gguf (llama.cpp)")
+    variants: tuple[str, ...] | None = Field(None, description="variant names to export (default: every variant, "
+                                                               "baseline included)")
+    calibrator: Literal["none", "temperature", "ats", "selected"] = Field(
+        "selected", description="calibrator fused into the artifact; 'selected': the variant's selected one (a format "
+                                "that cannot hold it, GGUF for ATS, gets the temperature, and the report says so)")
+    max_tokens: int = Field(4096, gt=0, description="held-out evaluation tokens the artifact is re-verified on")
+    threads: int = Field(2, ge=1, description="runtime threads for the re-verification")
+
+
 class Recipe(Strict):
     name: str = Field(description="run name; an output folder belongs to one recipe name")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model to compress")
@@ -145,6 +158,7 @@ class Recipe(Strict):
     evaluation: EvaluationSpec = Field(description="held-out evaluation")
     calibrators: CalibratorsSpec | None = Field(None, description="calibrators fitted per variant (omit: evaluate "
                                                                   "uncalibrated only)")
+    export: ExportSpec | None = Field(None, description="edge export and re-verification on the runtime (omit: none)")
     gates: Gates | None = Field(None, description="release gates: `calq run` exits 1 when one fails")
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")

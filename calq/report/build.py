@@ -47,6 +47,25 @@ def read_manifest(run: RunDir) -> dict:
     return json.loads(path.read_text())
 
 
+def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
+    """One row per exported (variant, format): the artifact on its runtime against the PyTorch variant."""
+    rows = []
+    for stage in manifest["stages"]:
+        path = run.path(f"{stage['name']}.json")
+        if not stage["name"].startswith("export/") or not path.is_file():
+            continue
+        _, variant, fmt = stage["name"].split("/")
+        r = json.loads(path.read_text())
+        v = r["verify"]
+        rows.append({"variant": variant, "format": fmt, "calibrator": r["calibrator"], "note": r.get("note"),
+                     "bytes": r["export"].get("bytes"), "seconds": r["export"].get("seconds"),
+                     "top1": v["top1_agreement"], "max_rel_logit_diff": v["max_rel_logit_diff"],
+                     "ppl_reference": v["reference"]["ppl"], "ppl": v["artifact"]["ppl"],
+                     "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"], "ece_drift": v["drift"]["ece"],
+                     "brier": v["artifact"]["brier"], "tokens": v["positions"], "changes": r["export"].get("changes", [])})
+    return rows
+
+
 def collect(run: RunDir, manifest: dict) -> dict:
     """Assemble report.json's content from the manifest and the stored results (stage markers and result files)."""
     recipe = manifest["recipe"]
@@ -96,6 +115,7 @@ def collect(run: RunDir, manifest: dict) -> dict:
                       if (p := run.path("smoothing", f"{name}.json")).is_file()},
         "skipped": manifest["skipped"],
         "notes": manifest["notes"] + [m["redone"] for m in stages.values() if m.get("redone")],
+        "deployed": deployed_rows(run, manifest),
         "stages": {name: {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]} for name, m in stages.items()},
         "versions": manifest["versions"],
         "machine": manifest["machine"],
@@ -151,6 +171,19 @@ def markdown(report: dict) -> str:
             ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "–"
             brier = f"{r['brier']:.4f}" if r.get("brier") is not None else "–"
             lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | {ece} | {brier} |")
+    if report.get("deployed"):
+        lines += ["", "## Deployed: each artifact on its own runtime", "",
+                  "Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant with the "
+                  "same calibrator, on the same held-out windows.", "",
+                  "| variant | format | calibrator | MB | export (s) | top-1 agreement | max rel. logit diff | "
+                  "ppl PyTorch → runtime | ECE PyTorch → runtime | ECE drift |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["deployed"]:
+            lines.append(f"| {r['variant']} | {r['format']} | {r['calibrator']} | {mb(r['bytes'])} | {r['seconds']:.1f} | "
+                         f"{r['top1']:.4f} | {r['max_rel_logit_diff']:.2g} | {r['ppl_reference']:.2f} → {r['ppl']:.2f} | "
+                         f"{r['ece_reference']:.4f} → {r['ece']:.4f} | {r['ece_drift']:+.4f} |")
+        for r in report["deployed"]:
+            for change in ([r["note"]] if r["note"] else []) + r["changes"]:
+                lines.append(f"- {r['variant']} as {r['format']}: {change}")
     if report.get("gates"):
         g = report["gates"]
         lines += ["", f"## Gates: {'PASSED' if g['passed'] else 'FAILED'}", "", "| gate | value | threshold | passed |", "|---|---:|---:|---|"]

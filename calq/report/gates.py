@@ -36,6 +36,12 @@ class Gates(BaseModel):
         None, description="largest allowed rise of a multiple-choice task's answer-level ECE above the baseline's "
                           "uncalibrated ('none') ECE on that task")
     max_token_ece: float | None = Field(None, ge=0, le=1, description="largest allowed token-level ECE on the held-out text")
+    max_deployed_ece_drift: float | None = Field(
+        None, ge=0, description="largest allowed change of token-level ECE between an exported artifact on its runtime "
+                                "and the PyTorch variant it came from (needs an `export:` section)")
+    min_deployed_top1_agreement: float | None = Field(
+        None, ge=0, le=1, description="smallest allowed share of positions where the exported artifact's top token is "
+                                      "the PyTorch variant's")
 
     def task_gates(self) -> list[str]:
         return [g for g in ("max_accuracy_drop", "max_ece", "max_ece_increase") if getattr(self, g) is not None]
@@ -117,6 +123,16 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
                       for cal, m in ((v.get("calibrated") or {}).get("tokens") or {"none": v}).items()]
         checks = [_check("max_token_ece", row, None, row["ece"], gates.max_token_ece) for row in token_rows if selected(row)]
         results += checks or [_nothing_to_check("max_token_ece", gates)]
+    deployed = [r for r in report.get("deployed") or [] if selected({**r, "calibrator": None})]
+    if gates.max_deployed_ece_drift is not None:
+        checks = [_check("max_deployed_ece_drift", r, r["format"], abs(r["ece_drift"]), gates.max_deployed_ece_drift)
+                  for r in deployed]
+        results += checks or [_nothing_to_check("max_deployed_ece_drift", gates)]
+    if gates.min_deployed_top1_agreement is not None:
+        threshold = gates.min_deployed_top1_agreement
+        checks = [GateResult("min_deployed_top1_agreement", r["variant"], r["calibrator"], r["format"], r["top1"],
+                             threshold, r["top1"] >= threshold - TOLERANCE, r["top1"] - threshold) for r in deployed]
+        results += checks or [_nothing_to_check("min_deployed_top1_agreement", gates)]
     return results
 
 

@@ -194,6 +194,23 @@ def _smoothing(name: str, layers: list[dict]) -> str:
             + _table(["layer", "spread before", "spread after", "reduction"], rows, {1, 2, 3}))
 
 
+def _deployed(report: dict) -> str:
+    rows = [[r["variant"], r["format"], r["calibrator"], mb(r["bytes"]), _num(r["seconds"], 1), _num(r["top1"]),
+             f"{r['max_rel_logit_diff']:.2g}", f"{r['ppl_reference']:.2f} → {r['ppl']:.2f}",
+             f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}"] for r in report.get("deployed") or []]
+    if not rows:
+        return ""
+    changes = "".join(f"<li>{escape(r['variant'])} as {escape(r['format'])}: {escape(c)}</li>"
+                      for r in report["deployed"] for c in ([r["note"]] if r["note"] else []) + r["changes"])
+    return ("<h2>Deployed: each artifact on its own runtime</h2>"
+            '<p class="muted">The exported artifact (calibrator fused) against the PyTorch variant with the same '
+            "calibrator, on the same held-out windows.</p>"
+            + _table(["variant", "format", "calibrator", "size (MB)", "export (s)", "top-1 agreement",
+                      "max rel. logit diff", "ppl PyTorch → runtime", "ECE PyTorch → runtime", "ECE drift"], rows,
+                     {3, 4, 5, 6, 7, 8, 9})
+            + f"<p>What each format changed:</p><ul>{changes}</ul>")
+
+
 def _methods(report: dict) -> str:
     rows = [[v["variant"], v["method"], v["scheme"], v.get("group_size") or "–", mb(v.get("size_bytes")),
              _num(v.get("calibration_seconds"), 1)] for v in report["variants"] if v.get("calibrator", "none") == "none"]
@@ -226,7 +243,7 @@ def render(report: dict) -> str:
             f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
     body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) + _calibrators(report) + _tasks(report) \
-        + _outliers(report) + _methods(report) + _recipe(report)
+        + _deployed(report) + _outliers(report) + _methods(report) + _recipe(report)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
