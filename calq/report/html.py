@@ -18,7 +18,8 @@ from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text
 from calq.runs import write_text
 
 STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;\
+padding:0 1rem;color:#222}
 h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem} th,td{border:1px solid #ddd;padding:.25rem .5rem}
 th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
@@ -44,7 +45,8 @@ def _ci(value, ci, digits: int = 3) -> str:
 
 def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="n">{escape(str(c))}</td>' if i in numeric else f"<td>{escape(str(c))}</td>"
+    body = "".join("<tr>" + "".join(f'<td class="n">{escape(str(c))}</td>' if i in numeric
+                                    else f"<td>{escape(str(c))}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -66,7 +68,8 @@ def _verdict(report: dict) -> str:
     if not failed:
         return f'<div class="verdict pass"><b>PASS</b>: all {len(results)} gate checks passed.</div>'
     items = "".join(f"<li>{escape(_gate_line(r))}</li>" for r in failed)
-    return f'<div class="verdict fail"><b>FAIL</b>: {len(failed)} of {len(results)} gate checks failed.<ul>{items}</ul></div>'
+    return (f'<div class="verdict fail"><b>FAIL</b>: {len(failed)} of {len(results)} gate checks failed.'
+            f'<ul>{items}</ul></div>')
 
 
 def _gate_line(r: dict) -> str:
@@ -79,10 +82,11 @@ def _gates(report: dict) -> str:
     gates = report.get("gates")
     if not gates:
         return ""
-    rows = [[r["gate"], r["variant"] or "–", r["calibrator"] or "–", r["task"] or "–", _num(r["value"]), _num(r["threshold"]),
-             _num(r["margin"]), "pass" if r["passed"] else "FAIL"] for r in gates["results"]]
+    rows = [[r["gate"], r["variant"] or "–", r["calibrator"] or "–", r["task"] or "–", _num(r["value"]),
+             _num(r["threshold"]), _num(r["margin"]), "pass" if r["passed"] else "FAIL"] for r in gates["results"]]
     settings = ", ".join(f"{k}: {v}" for k, v in gates["config"].items() if v is not None)
-    return ("<h2>Gates</h2>" + _table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows, {4, 5, 6})
+    return ("<h2>Gates</h2>"
+            + _table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows, {4, 5, 6})
             + f'<p class="muted">Margin = threshold − value: headroom when positive. Gates: {escape(settings)}.</p>')
 
 
@@ -99,11 +103,14 @@ def _summary(report: dict) -> str:
         mine = [r for r in task_rows if r["variant"] == v["variant"]]
         acc = [_mean([r["accuracy"] for r in mine if r["calibrator"] == c]) for c in calibrators]
         ece = [_mean([r["ece"] for r in mine if r["calibrator"] == c and r["ece"] is not None]) for c in calibrators]
-        rows.append([v["variant"], mb(v.get("size_bytes")), _num(v["ppl"], 2), _num(v["ece"]), *map(_num, acc), *map(_num, ece)])
+        rows.append([v["variant"], mb(v.get("size_bytes")), _num(v["ppl"], 2), _num(v["ece"]),
+                     *map(_num, acc), *map(_num, ece)])
     note = " Task means are unweighted over tasks." if task_rows else ""
-    skipped = "".join(f"<p><b>Skipped variant {escape(name)}</b>: {escape(why)}</p>" for name, why in report.get("skipped", {}).items())
+    skipped = "".join(f"<p><b>Skipped variant {escape(name)}</b>: {escape(why)}</p>"
+                      for name, why in report.get("skipped", {}).items())
     return ("<h2>Summary</h2>" + _table(header, rows, set(range(1, len(header))))
-            + f'<p class="muted">Token-level numbers are uncalibrated (calibrated ones: Calibrators).{note}</p>' + skipped)
+            + f'<p class="muted">Token-level numbers are uncalibrated (calibrated ones: Calibrators).{note}</p>'
+            + skipped)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -112,14 +119,17 @@ def _mean(values: list[float]) -> float | None:
 
 def _tokens(report: dict) -> str:
     ev = report["evaluation"]["tokens"]
-    rows = [[_label(v), _num(v["ppl"], 2), _num(v["accuracy"]), _num(v["confidence"]), _num(v["ece"]), _num(v["adaptive_ece"]),
-             _num(v["brier"]), _num(v["tokens"])] for v in report["variants"]]
-    diagram = plots.reliability_diagram({f"{_label(v)} (ECE {v['ece']:.3f})": v["reliability"] for v in report["variants"]},
+    rows = [[_label(v), _num(v["ppl"], 2), _num(v["accuracy"]), _num(v["confidence"]), _num(v["ece"]),
+             _num(v["adaptive_ece"]), _num(v["brier"]), _num(v["tokens"])] for v in report["variants"]]
+    diagram = plots.reliability_diagram({f"{_label(v)} (ECE {v['ece']:.3f})": v["reliability"]
+                                         for v in report["variants"]},
                                         "next-token reliability")
     return ("<h2>Token-level calibration</h2>"
-            f'<p class="muted">{ev["tokens"]:,} tokens of <code>{escape(str(ev["source"]))}</code> in windows of {ev["seq_len"]}; '
+            f'<p class="muted">{ev["tokens"]:,} tokens of <code>{escape(str(ev["source"]))}</code> '
+            f'in windows of {ev["seq_len"]}; '
             f'ECE with {ev["bins"]} equal-width bins (adaptive ECE: equal-mass bins).</p>'
-            + _table(["variant", "ppl", "top-1 acc", "confidence", "ECE", "adaptive ECE", "Brier", "tokens"], rows, set(range(1, 8)))
+            + _table(["variant", "ppl", "top-1 acc", "confidence", "ECE", "adaptive ECE", "Brier", "tokens"], rows,
+                     set(range(1, 8)))
             + _img(diagram, "token-level reliability diagram"))
 
 
@@ -128,7 +138,8 @@ def _calibrators(report: dict) -> str:
     c = report.get("calibrators")
     if not c:
         return ""
-    out = "<h2>Calibrators</h2><p class=\"muted\">" + calibrators_text(c, code=lambda text: f"<code>{escape(str(text))}</code>") + "</p>"
+    out = ("<h2>Calibrators</h2><p class=\"muted\">"
+           + calibrators_text(c, code=lambda text: f"<code>{escape(str(text))}</code>") + "</p>")
     for part, title in EVAL_SETS.items():
         variants = [v for v in report["variants"] if part in v["calibrated"]]
         if not variants:
@@ -138,11 +149,12 @@ def _calibrators(report: dict) -> str:
                 for v in variants for cal, m in v["calibrated"][part].items()]
         figures = [_img(plots.reliability_diagram({f"{cal} (ECE {m['ece']:.3f})": m["reliability"]
                                                    for cal, m in v["calibrated"][part].items() if m.get("reliability")},
-                                                  f"{v['variant']}: {title}"), f"{v['variant']} {part} reliability diagram")
+                                                  f"{v['variant']}: {title}"),
+                        f"{v['variant']} {part} reliability diagram")
                    for v in variants]
         out += (f"<h3>{escape(title.capitalize())}</h3>"
-                + _table(["variant", "calibrator", "NLL", "acc", "conf", "ECE", "adaptive ECE", "Brier", "tokens"], rows,
-                         set(range(2, 9)))
+                + _table(["variant", "calibrator", "NLL", "acc", "conf", "ECE", "adaptive ECE", "Brier", "tokens"],
+                         rows, set(range(2, 9)))
                 + f'<div class="grid">{"".join(figures)}</div>')
     if report.get("goals"):
         rows = [[g["set"], g["variant"], g["goal"], _num(g["value"]), _num(g["bound"]), "yes" if g["met"] else "NO"]
@@ -162,16 +174,18 @@ def _tasks(report: dict) -> str:
     questions = f"the first {s['limit']}" if s["limit"] else "all"
     out = ("<h2>Tasks (lm-eval)</h2>"
            f'<p class="muted">lm-eval {escape(str(s["lm_eval"]))}, {questions} questions per task, data from '
-           f'<code>{escape(str(s["data_dir"]))}</code>. Answer-level calibration of multiple-choice tasks: softmax over the '
-           f'choices\' log-likelihoods, confidence = top choice; ECE with {s["bins"]} bins. Intervals: {s["level"]:.0%} percentile bootstrap '
+           f'<code>{escape(str(s["data_dir"]))}</code>. Answer-level calibration of multiple-choice tasks: '
+           f'softmax over the choices\' log-likelihoods, confidence = top choice; ECE with {s["bins"]} bins. '
+           f'Intervals: {s["level"]:.0%} percentile bootstrap '
            f'over questions ({s["bootstrap"]} replicates, seed {s["seed"]}).</p>'
-           + _table(["variant", "calibrator", "task", "n", "accuracy [CI]", "confidence", "answer ECE [CI]", "Brier [CI]"],
-                    rows, {3, 5})
+           + _table(["variant", "calibrator", "task", "n", "accuracy [CI]", "confidence", "answer ECE [CI]",
+                     "Brier [CI]"], rows, {3, 5})
            + _img(plots.task_chart(results), "accuracy and answer-level ECE per task"))
     for task in dict.fromkeys(r["task"] for r in results):
         mine = [r for r in results if r["task"] == task and r["reliability"]]
-        figures = [_img(plots.reliability_diagram({f"{r['variant']} (ECE {r['ece']:.3f})": r["reliability"] for r in mine
-                                                   if r["calibrator"] == c}, f"{task}: {c}"), f"{task} {c} reliability diagram")
+        figures = [_img(plots.reliability_diagram({f"{r['variant']} (ECE {r['ece']:.3f})": r["reliability"]
+                                                   for r in mine if r["calibrator"] == c}, f"{task}: {c}"),
+                        f"{task} {c} reliability diagram")
                    for c in dict.fromkeys(r["calibrator"] for r in mine)]
         if figures:
             out += f"<h3>{escape(task)}: answer-level reliability</h3><div class=\"grid\">{''.join(figures)}</div>"
@@ -179,7 +193,8 @@ def _tasks(report: dict) -> str:
 
 
 def _outliers(report: dict) -> str:
-    rows = [[o["layer"], _num(o["ratio"], 1), _num(o["absmax"], 3), _num(o["median_absmax"]), o["channel"], _num(o["tokens"])]
+    rows = [[o["layer"], _num(o["ratio"], 1), _num(o["absmax"], 3), _num(o["median_absmax"]), o["channel"],
+             _num(o["tokens"])]
             for o in report["outliers"]]
     return ("<h2>Activation outliers</h2><p class=\"muted\">Layers whose input has the strongest outlier channel "
             "(channel absmax / median channel absmax) over the calibration samples.</p>"
@@ -197,7 +212,8 @@ def _smoothing(name: str, layers: list[dict]) -> str:
 def _deployed(report: dict) -> str:
     rows = [[r["variant"], r["format"], r["calibrator"], mb(r["bytes"]), _num(r["seconds"], 1), _num(r["top1"]),
              f"{r['max_rel_logit_diff']:.2g}", f"{r['ppl_reference']:.2f} → {r['ppl']:.2f}",
-             f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}"] for r in report.get("deployed") or []]
+             f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}"]
+            for r in report.get("deployed") or []]
     if not rows:
         return ""
     changes = "".join(f"<li>{escape(r['variant'])} as {escape(r['format'])}: {escape(c)}</li>"
@@ -213,9 +229,11 @@ def _deployed(report: dict) -> str:
 
 def _methods(report: dict) -> str:
     rows = [[v["variant"], v["method"], v["scheme"], v.get("group_size") or "–", mb(v.get("size_bytes")),
-             _num(v.get("calibration_seconds"), 1)] for v in report["variants"] if v.get("calibrator", "none") == "none"]
+             _num(v.get("calibration_seconds"), 1)]
+            for v in report["variants"] if v.get("calibrator", "none") == "none"]
     cal = report["calibration"]
-    return ("<h2>Methods</h2>" + _table(["variant", "method", "scheme", "group size", "size (MB)", "calibration (s)"], rows, {3, 4, 5})
+    return ("<h2>Methods</h2>"
+            + _table(["variant", "method", "scheme", "group size", "size (MB)", "calibration (s)"], rows, {3, 4, 5})
             + f'<p class="muted">Calibration: {cal["num_samples"]} samples × {cal["seq_len"]} tokens from '
               f'<code>{escape(str(cal["source"]))}</code> (seed {cal["seed"]}).</p>')
 
@@ -224,7 +242,8 @@ def _recipe(report: dict) -> str:
     stages = [[name, _num(s["seconds"], 1), _num(s["peak_rss_mb"], 0)] for name, s in report["stages"].items()]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     return ("<h2>Stages</h2>" + _table(["stage", "wall (s)", "peak RSS (MB)"], stages, {1, 2})
-            + f"<h2>Versions</h2><p>{escape(versions)} on {escape(report['machine']['platform'])} ({report['machine']['cpus']} CPUs).</p>"
+            + f"<h2>Versions</h2><p>{escape(versions)} on {escape(report['machine']['platform'])} "
+              f"({report['machine']['cpus']} CPUs).</p>"
             + "<h2>Recipe</h2><pre>" + escape(yaml.safe_dump(report["recipe_content"], sort_keys=False)) + "</pre>")
 
 
@@ -232,19 +251,23 @@ def _baseline_check(report: dict) -> str:
     check = report.get("baseline_check")
     if not check:
         return ""
-    lines = baseline_check_lines(check, code=lambda t: f"<code>{escape(str(t))}</code>", bold=lambda t: f"<strong>{t}</strong>")
+    lines = baseline_check_lines(check, code=lambda t: f"<code>{escape(str(t))}</code>",
+                                 bold=lambda t: f"<strong>{t}</strong>")
     return "<h2>Baseline check</h2>" + "".join(f"<p>{line}</p>" for line in lines)
 
 
 def render(report: dict) -> str:
     model = report["model"]
-    notes = [n for n in (model.get("note"), report["calibration"].get("note"), report["evaluation"]["tokens"].get("note")) if n]
+    notes = [n for n in (model.get("note"), report["calibration"].get("note"), report["evaluation"]["tokens"].get("note"))
+             if n]
     head = (f"<h1>calq report: {escape(report['recipe'])}</h1>"
-            f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), created {escape(report["created"])}.</p>'
+            f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), '
+            f'created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
-    body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) + _calibrators(report) + _tasks(report) \
-        + _deployed(report) + _outliers(report) + _methods(report) + _recipe(report)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calq report: {escape(report["recipe"])}</title>'
+    body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) \
+        + _calibrators(report) + _tasks(report) + _deployed(report) + _outliers(report) + _methods(report) + _recipe(report)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
