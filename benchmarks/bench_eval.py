@@ -45,7 +45,8 @@ def main():
     separate = sum(timed({name: cal}) for name, cal in calibrators.items())
     examples = args.limit * len(calibrators)  # example x calibrator scores produced by each design
     print(f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.variant} on {args.task}, {args.limit} examples x {len(calibrators)} calibrators")
+          f"torch {torch.__version__}; {args.variant} on {args.task}, {args.limit} examples x "
+          f"{len(calibrators)} calibrators")
     print("| design | wall (s) | examples x calibrators / s |")
     print("|---|---:|---:|")
     print(f"| shared forward (one pass, three calibrators) | {shared:.1f} | {examples / shared:.1f} |")

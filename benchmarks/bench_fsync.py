@@ -9,9 +9,9 @@
             rename (the data is on the disk when the stage is recorded).
 The folder holds `--shards` safetensors files of random float16 (together `--mb` MB) and a config.json, like a
 save_pretrained checkpoint; with `--model`, what the `base_model` stage writes: that model's save_pretrained
-(weights, config, tokenizer) after dequantizing it once. One process; `--repeat` rounds of the three ways in rotating order, each into a fresh
-folder; prints the fastest round of each (the machine may be shared: the minimum is the least disturbed), its MB/s
-and the ratio to plain, and the sha256 speed alone.
+(weights, config, tokenizer) after dequantizing it once. One process; `--repeat` rounds of the three ways in
+rotating order, each into a fresh folder; prints the fastest round of each (the machine may be shared: the minimum
+is the least disturbed), its MB/s and the ratio to plain, and the sha256 speed alone.
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def _hf_records(dataset_id: str, spec: DataSpec, where: str):
             return list(itertools.islice(ds, spec.max_records))
         return datasets.load_dataset(dataset_id, spec.subset, split=spec.split or "train")
     except Exception as exc:  # offline, unknown id, missing split: all mean "not readable here"
-        raise SourceUnavailable(f"cannot load dataset '{dataset_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+        raise SourceUnavailable(f"cannot load dataset '{dataset_id}' "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                                 where, "check the id, subset and split, or give a local file") from None
 
 
@@ -154,7 +155,8 @@ def _records_to_docs(records, spec: DataSpec, where: str, tokenizer) -> list[str
         elif "instruction" in rec and "output" in rec:
             docs.append(render_instruction(rec, tokenizer))
         else:
-            raise CalqError(f"record {i} has no 'text' field and is not an Alpaca record (fields: {', '.join(rec)})", where,
+            raise CalqError(f"record {i} has no 'text' field and is not an Alpaca record (fields: {', '.join(rec)})",
+                            where,
                             "set text_field to the field holding the text")
     return docs
 
@@ -178,7 +180,8 @@ def _builtin(source: str, split: str | None, where: str) -> list[str]:
         return [d for i, d in enumerate(docs) if i % 5 != 0]
     if split == "test":
         return [d for i, d in enumerate(docs) if i % 5 == 0]
-    raise CalqError(f"builtin:pydoc has splits 'train' and 'test', not '{split}'", where, "set split: train or split: test")
+    raise CalqError(f"builtin:pydoc has splits 'train' and 'test', not '{split}'", where,
+                    "set split: train or split: test")
 
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None, piece_chars: int = 200_000) -> torch.Tensor:
@@ -215,7 +218,8 @@ def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: i
     available = all_windows.shape[0]
     if available < num_samples:
         raise CalqError(
-            f"the data has {stream.numel():,} tokens, fewer than num_samples × seq_len = {num_samples} × {seq_len} = {num_samples * seq_len:,}",
+            f"the data has {stream.numel():,} tokens, fewer than num_samples × seq_len = "
+            f"{num_samples} × {seq_len} = {num_samples * seq_len:,}",
             where, f"use a larger source, or lower num_samples/seq_len (at most {available} samples of {seq_len})")
     chosen = sorted(random.Random(seed).sample(range(available), num_samples))
     return all_windows[chosen].clone()
@@ -227,7 +231,8 @@ def fingerprint(spec: DataSpec, data_root: Path | None) -> list:
     for source in (spec.source, spec.fallback):
         if not source or source.startswith(("builtin:", "hf:")):
             continue
-        path = data_root / source[len(DATA_PREFIX):] if source.startswith(DATA_PREFIX) and data_root else Path(source).expanduser()
+        path = (data_root / source[len(DATA_PREFIX):] if source.startswith(DATA_PREFIX) and data_root
+                else Path(source).expanduser())
         if path.is_file():
             st = path.stat()
             parts.append([str(path), st.st_size, st.st_mtime_ns])

@@ -50,9 +50,11 @@ def tiny_recipe(working_model, texts, tmp_path):
     return {
         "name": "tiny",
         "model": {"id": str(working_model)},
-        "calibration": {"data": {"source": str(texts["calib"])}, "num_samples": 8, "seq_len": 32, "allow_any_size": True},
+        "calibration": {"data": {"source": str(texts["calib"])}, "num_samples": 8, "seq_len": 32,
+                        "allow_any_size": True},
         "variants": [{"method": "minmax", "scheme": "w8a8"}, {"method": "minmax", "scheme": "w4a16", "group_size": 32}],
-        "evaluation": {"tokens": {"data": {"source": str(texts["heldout"])}, "max_tokens": 2048, "seq_len": 64, "batch_size": 4}},
+        "evaluation": {"tokens": {"data": {"source": str(texts["heldout"])}, "max_tokens": 2048, "seq_len": 64,
+                                  "batch_size": 4}},
     }
 
 

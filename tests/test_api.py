@@ -173,7 +173,8 @@ def test_revision_reaches_config_tokenizer_and_weights(monkeypatch):
         return from_pretrained
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recorder("config"))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder("tokenizer", type("Tok", (), {"pad_token": "x"})()))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        recorder("tokenizer", type("Tok", (), {"pad_token": "x"})()))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recorder("weights"))
     source = models.resolve("org/model", revision="v2")
     with pytest.raises(CalqError):

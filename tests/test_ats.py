@@ -14,7 +14,8 @@ from calq.errors import CalqError
 def tiny(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    return (AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_model))
 
 
 def records(n: int, seed: int = 0) -> list[dict]:
@@ -175,7 +176,8 @@ def test_head_for_another_model_is_a_clear_error(tiny, tmp_path):
 
     model, _ = tiny
     ats.save_head(ats.AtsHead(model.config), tmp_path / "ats_head")
-    other = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    other = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(CalqError, match="hidden_size=64, but this model has hidden_size=32"):
         ats.load_head(tmp_path / "ats_head", other)
     bigger = model.config.__class__(**{**model.config.to_dict(), "intermediate_size": 200})
@@ -199,7 +201,8 @@ def test_too_little_fit_data_is_a_clear_error(tiny, cached, tmp_path):
 
 def test_logits_the_cache_cannot_reproduce_are_a_clear_error(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(model.config, "final_logit_softcapping", 1.0, raising=False)  # Logits would cap, the model does not
+    # Logits would cap, the model does not
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 1.0, raising=False)
     with pytest.raises(CalqError, match="differs from the model's logits"):
         hidden.cache_hidden(model, tok, records(2), tmp_path / "x.safetensors")
 

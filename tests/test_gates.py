@@ -20,7 +20,8 @@ from calq.report import html
 from calq.report.gates import Gates, check_gates, evaluate_gates, gates_section
 
 COLORS = ["red", "green", "blue", "yellow"]
-THINGS = ["apple", "brick", "cloud", "daisy", "ember", "frost", "grape", "heron"]  # distinct first letters: easy to learn
+# distinct first letters: easy to learn
+THINGS = ["apple", "brick", "cloud", "daisy", "ember", "frost", "grape", "heron"]
 
 
 temperature_2 = Temperature(2.0)
@@ -32,7 +33,8 @@ def learn_answers(folder, questions):
 
     model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     prompts = [f"{q['query']}\nAnswer:" for q in questions]  # the calq_arc_easy prompt
-    batch = tok([f"{p} {q['choices'][q['gold']]}" for p, q in zip(prompts, questions)], padding=True, return_tensors="pt")
+    batch = tok([f"{p} {q['choices'][q['gold']]}" for p, q in zip(prompts, questions)], padding=True,
+                return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     for i, prompt in enumerate(prompts):
         labels[i, :len(tok(prompt)["input_ids"])] = -100  # learn the answer, not the question
@@ -53,7 +55,8 @@ def quantized_copy(source, folder, num_bits: int, strategy: str, ignore: list[st
     llmc.quiet_logs(str(folder.parent / "llmcompressor.log"))  # not into the working directory
     model, tok = models.load(models.ModelSource(str(source), kind="folder"))
     weights = {"num_bits": num_bits, "type": "int", "symmetric": True, "strategy": strategy}
-    llmc.run_oneshot(model, [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=ignore)], None)
+    llmc.run_oneshot(model, [QuantizationModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=ignore)], None)
     model.save_pretrained(folder, save_compressed=True)
     tok.save_pretrained(folder)
     return folder
@@ -72,7 +75,8 @@ def report(tmp_path_factory, texts):
     folders = {"baseline": baseline, "w8": quantized_copy(baseline, root / "w8", 8, "channel", ["lm_head"]),
                "w2": quantized_copy(baseline, root / "w2", 2, "tensor", [])}
     calibrators = {"none": identity, "temperature": temperature_2}
-    per_variant = {name: harness.run_tasks(folder, calibrators, ["arc_easy"], None, root / "data", 8) for name, folder in folders.items()}
+    per_variant = {name: harness.run_tasks(folder, calibrators, ["arc_easy"], None, root / "data", 8)
+                   for name, folder in folders.items()}
     rows = []
     for name, folder in folders.items():
         model, tok = models.load(models.ModelSource(str(folder), kind="folder"))
@@ -80,15 +84,20 @@ def report(tmp_path_factory, texts):
         result = tokens.evaluate(model, stream, 64, 4)["calibrators"]["none"]
         rows.append({"variant": name, "method": "none" if name == "baseline" else "minmax", "scheme": name,
                      "group_size": None, "size_bytes": 1000, "calibration_seconds": None, **result})
-    rep = {"recipe": "tiny", "created": "2026-01-01T00:00:00", "model": {"id": "tiny", "source": str(baseline), "dtype": "float32", "note": None},
+    rep = {"recipe": "tiny", "created": "2026-01-01T00:00:00",
+           "model": {"id": "tiny", "source": str(baseline), "dtype": "float32", "note": None},
            "calibration": {"source": "calib.txt", "num_samples": 8, "seq_len": 32, "seed": 0, "note": None},
-           "evaluation": {"tokens": {"source": str(texts["heldout"]), "tokens": rows[0]["tokens"], "seq_len": 64, "bins": 15, "note": None}},
+           "evaluation": {"tokens": {"source": str(texts["heldout"]), "tokens": rows[0]["tokens"], "seq_len": 64,
+                                     "bins": 15, "note": None}},
            "variants": rows, "tasks": answers.tasks_section(per_variant, 15, 200, 0, "0.4.13"),
-           "outliers": [{"layer": "model.layers.0.mlp.down_proj", "ratio": 9.5, "absmax": 1.2, "median_absmax": 0.13, "channel": 7, "tokens": 256}],
-           "smoothing": {"w8": [{"layer": "model.layers.0.mlp.up_proj", "spread_before": 9.0, "spread_after": 3.0, "reduction": 3.0}]},
+           "outliers": [{"layer": "model.layers.0.mlp.down_proj", "ratio": 9.5, "absmax": 1.2, "median_absmax": 0.13,
+                         "channel": 7, "tokens": 256}],
+           "smoothing": {"w8": [{"layer": "model.layers.0.mlp.up_proj", "spread_before": 9.0, "spread_after": 3.0,
+                                 "reduction": 3.0}]},
            "skipped": {"awq-w4a16": "autoawq is not installed"},
            "stages": {"samples": {"seconds": 0.1, "peak_rss_mb": 500.0}}, "versions": versions(),
-           "machine": {"platform": "test", "cpus": 2}, "recipe_content": {"name": "tiny", "variants": [{"method": "minmax", "scheme": "w8a8"}]}}
+           "machine": {"platform": "test", "cpus": 2},
+           "recipe_content": {"name": "tiny", "variants": [{"method": "minmax", "scheme": "w8a8"}]}}
     rep["gates"] = gates_section(Gates(max_accuracy_drop=0.1), rep)
     return rep
 
@@ -153,17 +162,20 @@ def test_gate_values_thresholds_and_margins():
     token = results["max_token_ece", "q4", "none", None]  # a variant row without calibrated results is uncalibrated
     assert not token.passed and token.name == "max_token_ece [q4/none]"
 
-    at_threshold = evaluate_gates(Gates(variant="q4", calibrator="none", tasks=("mmlu",), max_accuracy_drop=0.05), SYNTHETIC)
+    at_threshold = evaluate_gates(Gates(variant="q4", calibrator="none", tasks=("mmlu",), max_accuracy_drop=0.05),
+                                  SYNTHETIC)
     assert at_threshold[0].passed  # 0.50 - 0.45 is a hair above 0.05 in floats
 
     only = evaluate_gates(Gates(calibrator="ats", tasks=("mmlu",), max_accuracy_drop=0.05), SYNTHETIC)
     assert [(r.variant, r.calibrator, r.task, r.passed) for r in only] == [("q4", "ats", "mmlu", True)]
     nothing = evaluate_gates(Gates(tasks=("triviaqa",), max_ece=0.5), SYNTHETIC)
-    assert len(nothing) == 1 and nothing[0].value is None and not nothing[0].passed  # a gate never passes by matching nothing
+    # a gate never passes by matching nothing
+    assert len(nothing) == 1 and nothing[0].value is None and not nothing[0].passed
 
 
 def test_gate_names_are_checked_before_a_run():
-    check_gates(Gates(variant="q4", calibrator="ats", tasks=("mmlu",), max_ece=0.1), ["baseline", "q4"], ["none", "ats"], ["mmlu"])
+    check_gates(Gates(variant="q4", calibrator="ats", tasks=("mmlu",), max_ece=0.1), ["baseline", "q4"],
+                ["none", "ats"], ["mmlu"])
     cases = [(Gates(variant="q8"), "unknown variant 'q8'"), (Gates(calibrator="platt"), "unknown calibrator 'platt'"),
              (Gates(tasks=("piqa",)), "task 'piqa' is not evaluated"), (Gates(max_ece=0.1), None)]
     for gates, message in cases:
@@ -179,7 +191,8 @@ def test_gates_schema_forbids_unknown_keys_and_documents_every_key():
 
 
 PROBE = """<script>addEventListener("load", () => { const images = [...document.images];
-document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length + "/" + images.length; });</script>"""
+document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length + "/" + \
+images.length; });</script>"""
 
 
 def test_html_report_is_self_contained_and_renders_in_chromium(report, tmp_path):
@@ -188,18 +201,22 @@ def test_html_report_is_self_contained_and_renders_in_chromium(report, tmp_path)
     images = text.count("<img ")
     assert images >= 4 and text.count('src="data:image/png;base64,') == images
     assert "http://" not in text and "https://" not in text
-    assert text.index("FAIL") < text.index("Summary") < text.index("Token-level calibration") < text.index("Tasks (lm-eval)")
-    for part in ("max_accuracy_drop [w2/none/arc_easy]", "Skipped variant awq-w4a16", "Activation outliers", "SmoothQuant", "Versions"):
+    assert (text.index("FAIL") < text.index("Summary") < text.index("Token-level calibration")
+            < text.index("Tasks (lm-eval)"))
+    for part in ("max_accuracy_drop [w2/none/arc_easy]", "Skipped variant awq-w4a16", "Activation outliers",
+                 "SmoothQuant", "Versions"):
         assert part in text
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000"]
     probe = tmp_path / "probe.html"
     probe.write_text(text.replace("</body>", PROBE + "</body>"))
-    dom = subprocess.run([chromium, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([chromium, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
     assert f'data-images-loaded="{images}/{images}"' in dom
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()],

@@ -39,10 +39,12 @@ def task_data(tmp_path_factory):
     questions = [{"query": f"Question: Which colour goes with the {thing}?", "choices": COLORS, "gold": i % 4}
                  for i, thing in enumerate(["sky", "grass", "sun", "snow", "coal", "sea"])]
     (root / "mc" / "arc_easy.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    (root / "mc" / "lambada_openai.jsonl").write_text("".join(json.dumps({"context": f"The {w} sat on the", "continuation": "mat"}) + "\n"
-                                                              for w in ("cat", "dog", "bird")))
+    (root / "mc" / "lambada_openai.jsonl").write_text("".join(
+        json.dumps({"context": f"The {w} sat on the", "continuation": "mat"}) + "\n"
+        for w in ("cat", "dog", "bird")))
     (root / "mc" / "triviaqa_sm_sub.jsonl").write_text("".join(
-        json.dumps({"context": f"Question: What colour is {x}?\nAnswer:", "answer": "Blue", "aliases": ["Blue", "blue"]}) + "\n"
+        json.dumps({"context": f"Question: What colour is {x}?\nAnswer:", "answer": "Blue",
+                    "aliases": ["Blue", "blue"]}) + "\n"
         for x in ("the sky", "the sea")))
     for split, counts in (("test", {"alpha": 2, "beta": 1}), ("dev", {"alpha": 6, "beta": 6})):
         (root / "mmlu" / split).mkdir(parents=True)
@@ -53,7 +55,8 @@ def task_data(tmp_path_factory):
                 writer.writerows([f"{subject} {split} question {i}?", *COLORS, i % 4] for i in range(n))
     (root / "truthfulqa").mkdir()
     (root / "truthfulqa" / "mc_task.json").write_text(json.dumps([
-        {"question": "Is the sky green?", "mc1_targets": {"No.": 1, "Yes.": 0}, "mc2_targets": {"No.": 1, "Not at all.": 1, "Yes.": 0}}]))
+        {"question": "Is the sky green?", "mc1_targets": {"No.": 1, "Yes.": 0},
+         "mc2_targets": {"No.": 1, "Not at all.": 1, "Yes.": 0}}]))
     return root
 
 
@@ -78,7 +81,8 @@ def test_calibrated_loglikelihoods_match_lm_eval_and_the_calibrator(tiny_model, 
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(task_data)})
     hf = simple_evaluate(model="hf", model_args={"pretrained": str(tiny_model), "device": "cpu", "dtype": "float32"},
                          tasks=["calq_arc_easy"], task_manager=manager, limit=3, bootstrap_iters=0)
-    hf_lls = [[r[0] for r in s["filtered_resps"]] for s in sorted(hf["samples"]["calq_arc_easy"], key=lambda s: s["doc_id"])]
+    hf_lls = [[r[0] for r in s["filtered_resps"]]
+              for s in sorted(hf["samples"]["calq_arc_easy"], key=lambda s: s["doc_id"])]
     assert sum(entry["calibrators"]["none"]["loglikelihoods"], []) == pytest.approx(sum(hf_lls, []), abs=1e-4)
 
     # `temperature` scores log_softmax(logits / 2), checked against a direct computation
@@ -109,7 +113,8 @@ def test_one_forward_pass_serves_every_calibrator(tiny_model, task_data, monkeyp
         return len(calls), result
 
     one, _ = forwards({"none": identity}, ["arc_easy", "lambada"])
-    three, result = forwards({"none": identity, "temperature": temperature_2, "ats": hidden_scaled}, ["arc_easy", "lambada"])
+    three, result = forwards({"none": identity, "temperature": temperature_2, "ats": hidden_scaled},
+                             ["arc_easy", "lambada"])
     assert three == one == 4  # 3 x 4 choices + 3 LAMBADA texts = 15 inputs, batches of 4
     lambada = result["tasks"]["lambada"]["calibrators"]
     assert lambada["none"]["scores"] == lambada["ats"]["scores"]  # is-greedy: a positive scale keeps the argmax
@@ -136,7 +141,8 @@ def test_sampling_with_a_calibrator_is_refused(tiny_model):
     from lm_eval.api.instance import Instance
 
     lm = harness.CalqLM(str(tiny_model), calibrators={"temperature": temperature_2}, device="cpu")
-    request = Instance("generate_until", doc={}, arguments=("Question: sky?\nAnswer:", {"do_sample": True, "until": ["\n"]}), idx=0)
+    request = Instance("generate_until", doc={},
+                       arguments=("Question: sky?\nAnswer:", {"do_sample": True, "until": ["\n"]}), idx=0)
     with pytest.raises(CalqError, match="sampled generation"):
         lm.generate_until([request])
 
@@ -157,8 +163,8 @@ def test_calibrator_specs(tiny_model, tmp_path):
     logits, hidden = torch.randn(1, 5, model.config.vocab_size), torch.randn(1, 5, model.config.hidden_size)
     assert name == "ats" and torch.allclose(loaded(logits, hidden), head(logits, hidden))
     assert torch.equal(F.softmax(logits, -1).argmax(-1), F.softmax(loaded(logits, hidden), -1).argmax(-1))
-    for spec, message in (("temperature:-1", "positive"), ("bogus:1", "unknown calibrator"), ("ats", "needs an argument"),
-                          (f"ats:{tmp_path / 'missing'}", "no ATS head")):
+    for spec, message in (("temperature:-1", "positive"), ("bogus:1", "unknown calibrator"),
+                          ("ats", "needs an argument"), (f"ats:{tmp_path / 'missing'}", "no ATS head")):
         with pytest.raises(CalqError, match=message):
             harness.parse_calibrator(spec, model)
 
@@ -201,7 +207,8 @@ def test_lm_eval_command_line(tiny_model, task_data, tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "-m", "calq.evaluation.harness", "--model", "calq",
                            "--model_args", f"pretrained={tiny_model},calibrator=temperature:1.5", "--device", "cpu",
-                           "--tasks", "calq_arc_easy", "--limit", "2", "--metadata", json.dumps({"data_dir": str(task_data)})],
+                           "--tasks", "calq_arc_easy", "--limit", "2",
+                           "--metadata", json.dumps({"data_dir": str(task_data)})],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "calq_arc_easy" in proc.stdout and "acc" in proc.stdout

@@ -29,7 +29,8 @@ def markers(out) -> dict[str, float]:
 
 
 def numbers(report) -> list:
-    return [{k: v[k] for k in ("variant", "ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier", "tokens", "size_bytes")}
+    return [{k: v[k] for k in ("variant", "ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier", "tokens",
+                               "size_bytes")}
             for v in report["variants"]]
 
 
@@ -184,7 +185,8 @@ def test_tasks_html_and_gates_set_the_exit_code(tiny_recipe, write_recipe, alpac
     report = json.loads((out / "report.json").read_text())
     rows = report["tasks"]["results"]
     assert {(r["variant"], r["calibrator"], r["task"]) for r in rows} == {
-        (v, c, t) for v in ("baseline", "minmax-w4a16-g32") for c in ("none", "temperature", "ats") for t in ("arc_easy", "boolq")}
+        (v, c, t) for v in ("baseline", "minmax-w4a16-g32") for c in ("none", "temperature", "ats")
+        for t in ("arc_easy", "boolq")}
     assert all(r["n"] == 8 and r["ece"] is not None for r in rows)
     assert report["gates"]["passed"] is True
     html = (out / "report.html").read_text()
@@ -196,7 +198,8 @@ def test_tasks_html_and_gates_set_the_exit_code(tiny_recipe, write_recipe, alpac
     # an impossible threshold fails the release: exit code 1, with the failing gate named; nothing recomputed
     tiny_recipe["gates"] = {"max_token_ece": 0.0}
     before = markers_for(out, ["tasks/baseline", "evaluate/baseline"])
-    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out), "--data-dir", str(data_dir())])
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out),
+                                 "--data-dir", str(data_dir())])
     assert result.exit_code == 1, result.output
     assert "gates failed" in result.output and "max_token_ece" in result.output
     assert markers_for(out, ["tasks/baseline", "evaluate/baseline"]) == before
@@ -213,7 +216,8 @@ def test_unknown_task_and_gate_names_are_refused_before_any_model_loads(tiny_rec
     assert result.exit_code == 2 and "unknown variant 'awq-w4a16'" in result.output
 
 
-def test_without_a_data_folder_the_sections_that_need_one_are_left_out(tiny_recipe, write_recipe, tmp_path, monkeypatch):
+def test_without_a_data_folder_the_sections_that_need_one_are_left_out(tiny_recipe, write_recipe, tmp_path,
+                                                                         monkeypatch):
     monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]
     tiny_recipe["calibrators"] = {"data": {"source": "@data/llamafactory/alpaca_en_demo.json"}}
@@ -223,7 +227,8 @@ def test_without_a_data_folder_the_sections_that_need_one_are_left_out(tiny_reci
     report = run(write_recipe(tiny_recipe), out)
     assert "tasks" not in report and report["calibrators"] is None
     assert [r["gate"] for r in report["gates"]["results"]] == ["max_token_ece"]
-    assert any("calibrators skipped" in n for n in report["notes"]) and any("tasks skipped" in n for n in report["notes"])
+    assert (any("calibrators skipped" in n for n in report["notes"])
+            and any("tasks skipped" in n for n in report["notes"]))
 
 
 def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, tmp_path):
@@ -239,7 +244,8 @@ def test_fit_ats_stops_after_the_calibrators(tiny_recipe, write_recipe, alpaca, 
     assert not (out / "eval").exists() and not (out / "report.json").exists()
     fitted = markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"])
     assert run(write_recipe(tiny_recipe), out)["variants"][1]["selected"]
-    assert markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"]) == fitted  # the full run reuses the fit
+    # the full run reuses the fit
+    assert markers_for(out, ["calibrate/baseline", "calibrate/minmax-w4a16-g32"]) == fitted
 
 
 def test_a_method_version_bump_redoes_only_its_variants(tiny_recipe, write_recipe, monkeypatch):
@@ -253,4 +259,5 @@ def test_a_method_version_bump_redoes_only_its_variants(tiny_recipe, write_recip
     monkeypatch.setattr(MinMax, "version", 2)
     after = plan(recipe, None).keys
     changed = {stage for stage in before if before[stage] != after[stage]}
-    assert changed == {f"{stage}/{v}" for stage in ("quantize", "evaluate") for v in ("minmax-w8a8", "minmax-w4a16-g32")}
+    assert changed == {f"{stage}/{v}" for stage in ("quantize", "evaluate")
+                       for v in ("minmax-w8a8", "minmax-w4a16-g32")}

@@ -63,7 +63,8 @@ VARIANTS = {
     "minmax-w8a8": dict(method="minmax", scheme="w8a8"),
     "minmax-w4a16": dict(method="minmax", scheme="w4a16", group_size=32),
     "smoothquant-w8a8": dict(method="smoothquant", scheme="w8a8"),
-    "smoothquant-w8a8-dynamic": dict(method="smoothquant", scheme="w8a8", dynamic_activations=True, smoothing_strength=0.5),
+    "smoothquant-w8a8-dynamic": dict(method="smoothquant", scheme="w8a8", dynamic_activations=True,
+                                     smoothing_strength=0.5),
     "awq-w4a16": dict(method="awq", scheme="w4a16", group_size=32, max_samples=4, max_seq_len=16),
     "awq-w4a16-sym": dict(method="awq", scheme="w4a16", group_size=32, symmetric=True),
 }
@@ -181,7 +182,8 @@ def test_awq_refuses_architecture_without_mappings():
 @pytest.mark.parametrize("method,scheme,supported", [("awq", "w8a8", "w4a16"), ("autoawq", "w8a8", "w4a16"),
                                                      ("smoothquant", "w4a16", "w8a8")])
 def test_scheme_the_method_cannot_do_fails_when_the_recipe_is_read(method, scheme, supported, tiny_recipe):
-    tiny_recipe["variants"].append({"method": method, "scheme": scheme, "group_size": 32 if scheme == "w4a16" else None})
+    tiny_recipe["variants"].append({"method": method, "scheme": scheme,
+                                    "group_size": 32 if scheme == "w4a16" else None})
     with pytest.raises(CalqError) as err:
         parse_recipe(tiny_recipe)
     assert err.value.what.startswith("'variants[2].scheme': ")
@@ -199,7 +201,8 @@ def test_unknown_method_or_scheme(spec, where, text):
 
 
 @pytest.mark.parametrize("spec,text", [
-    (dict(method="awq", scheme="w4a16", smoothing_strength=0.5), "does not apply to method awq (it is a setting of: smoothquant)"),
+    (dict(method="awq", scheme="w4a16", smoothing_strength=0.5),
+     "does not apply to method awq (it is a setting of: smoothquant)"),
     (dict(method="minmax", scheme="w4a16", dynamic_activations=True), "dynamic_activations applies to w8a8 only"),
     (dict(method="minmax", scheme="w8a8", group_size=64), "group_size applies to w4a16 only"),
 ])
@@ -252,11 +255,13 @@ def test_smoothquant_outlier_reduction(tiny_model, samples):
     variant.apply(model, samples)
     # as the pipeline measures it: Linear inputs of the unquantized model vs the smoothed, quantized one
     before = ranges.by_layer(ranges.collect(base, samples))
-    rows = {r["layer"]: r for r in smoothquant.outlier_reduction(before, ranges.by_layer(ranges.collect(model, samples)))}
+    rows = {r["layer"]: r
+            for r in smoothquant.outlier_reduction(before, ranges.by_layer(ranges.collect(model, samples)))}
     assert rows.keys() == before.keys()
     q = rows["model.layers.0.self_attn.q_proj"]
     assert q["spread_before"] > 10 and q["reduction"] > 3
-    assert rows["model.layers.0.self_attn.o_proj"]["reduction"] < q["reduction"] / 2  # not smoothed; moved only by quantization upstream
+    # not smoothed; moved only by quantization upstream
+    assert rows["model.layers.0.self_attn.o_proj"]["reduction"] < q["reduction"] / 2
 
 
 def test_outlier_reduction_is_a_pure_function():

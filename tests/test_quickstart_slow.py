@@ -1,4 +1,5 @@
-"""End to end on the real bundled SmolLM2-135M (about 13 minutes on 2 cores): the quickstart recipe as `make demo` runs it."""
+"""End to end on the real bundled SmolLM2-135M (about 13 minutes on 2 cores): the quickstart recipe as `make demo`
+runs it."""
 
 import json
 import os

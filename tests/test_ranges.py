@@ -33,7 +33,8 @@ def test_collected_ranges_match_a_direct_computation(tiny_model, tmp_path):
 
 
 def test_outlier_summary_ranks_by_absmax_over_median():
-    flat = {"min": -torch.ones(8), "max": torch.ones(8), "absmax": torch.ones(8), "mean_abs": torch.ones(8), "tokens": torch.tensor([5])}
+    flat = {"min": -torch.ones(8), "max": torch.ones(8), "absmax": torch.ones(8), "mean_abs": torch.ones(8),
+            "tokens": torch.tensor([5])}
     spiky = {**flat, "absmax": torch.tensor([1.0] * 7 + [50.0])}
     rows = ranges.outlier_summary({"a": flat, "b": spiky}, top_k=2)
     assert [r["layer"] for r in rows] == ["b", "a"]

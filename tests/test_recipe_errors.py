@@ -68,7 +68,8 @@ def test_data_dir_source_without_data_dir_or_fallback(tiny_recipe, write_recipe,
 
 def test_unknown_method_and_scheme(tiny_recipe, write_recipe):
     tiny_recipe["variants"][0]["method"] = "gptq9"
-    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"), "variants[0].method", "unknown method 'gptq9'")
+    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"), "variants[0].method",
+                          "unknown method 'gptq9'")
     tiny_recipe["variants"][0] = {"method": "minmax", "scheme": "w3a3"}
     assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"), "unknown scheme 'w3a3'")
 
@@ -82,14 +83,16 @@ def test_impossible_group_size_names_layers_and_a_size_that_works(tiny_recipe, w
 
 def test_evaluating_on_the_calibration_text(tiny_recipe, write_recipe):
     tiny_recipe["evaluation"]["tokens"]["data"] = tiny_recipe["calibration"]["data"]
-    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"), "evaluation text is the calibration text")
+    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"),
+                          "evaluation text is the calibration text")
 
 
 def test_empty_data(tiny_recipe, write_recipe, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     tiny_recipe["calibration"]["data"]["source"] = str(empty)
-    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--out", tmp_path / "run"), "no records in", "empty.jsonl", "calibration.data")
+    assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--out", tmp_path / "run"), "no records in",
+                          "empty.jsonl", "calibration.data")
 
 
 def test_fewer_tokens_than_samples_times_length(tiny_recipe, write_recipe, tmp_path):

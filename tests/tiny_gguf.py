@@ -35,7 +35,8 @@ def _vocab(text: str, specials: list[str], words: int) -> tuple[list[str], list[
 
 def write_tiny_gguf(path: Path, text: str, arch: str = "llama", add_bos: bool | None = True, hidden: int = 64,
                     layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, ffn: int = 128,
-                    words: int = 200, sliding_window: int = 16, rope_scaling: float | None = None, seed: int = 0) -> Path:
+                    words: int = 200, sliding_window: int = 16, rope_scaling: float | None = None,
+                    seed: int = 0) -> Path:
     """A tiny `llama` or `gemma3` GGUF (float32 tensors). `add_bos=None` leaves `tokenizer.ggml.add_bos_token` out;
     `rope_scaling` writes a linear RoPE scaling factor (Gemma 3 4B and larger have 8)."""
     from gguf import GGUFWriter

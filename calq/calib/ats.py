@@ -46,17 +46,27 @@ class AtsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the loss on positions the frozen model gets wrong; 1 - alpha weighs cross-entropy on the positions it gets right (paper: 0.5)")
-    smoothing: Literal["uniform", "top_k", "none"] = Field("none", description="target on wrong positions: 'uniform' over the whole vocabulary (the paper), 'top_k' (uniform over the frozen model's top_k tokens) or 'none' (the next token, so the loss is plain cross-entropy)")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of the loss on positions the frozen model gets wrong; 1 - alpha weighs "
+                                     "cross-entropy on the positions it gets right (paper: 0.5)")
+    smoothing: Literal["uniform", "top_k", "none"] = Field(
+        "none", description="target on wrong positions: 'uniform' over the whole vocabulary (the paper), 'top_k' "
+                            "(uniform over the frozen model's top_k tokens) or 'none' (the next token, so the loss is "
+                            "plain cross-entropy)")
     top_k: int = Field(5, ge=1, description="tokens in the smoothed target when smoothing is top_k")
-    reweight: bool = Field(True, description="weigh the right and the wrong positions as two groups (each group's mean, times 1 - alpha and alpha) rather than by how many positions each has")
-    init_from_temperature: bool = Field(True, description="start the head at the fitted global temperature (its output bias = -log T) instead of at the identity")
+    reweight: bool = Field(
+        True, description="weigh the right and the wrong positions as two groups (each group's mean, times 1 - alpha "
+                          "and alpha) rather than by how many positions each has")
+    init_from_temperature: bool = Field(
+        True, description="start the head at the fitted global temperature (its output bias = -log T) instead of at "
+                          "the identity")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
     epochs: int = Field(3, ge=1, description="at most this many passes over the training records")
     patience: int = Field(1, ge=1, description="stop after this many epochs without a better validation metric")
     batch_size: int = Field(8, ge=1, description="records per optimizer step")
-    min_response_tokens: int = Field(2000, ge=1, description="fewer response tokens than this in the fit data is an error")
+    min_response_tokens: int = Field(2000, ge=1,
+                                     description="fewer response tokens than this in the fit data is an error")
     early_stop_by: Literal["ece", "nll"] = Field("ece", description="validation metric for early stopping")
     seed: int = Field(0, description="seed for the head's initialization and the record order")
 
@@ -116,7 +126,8 @@ class AtsHead(nn.Module, Calibrator):
     def scale(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_scale(hidden, attention_mask).exp().clamp(max=MAX_SCALE)
 
-    def forward(self, logits: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, hidden: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return Calibrator.__call__(self, logits, hidden, attention_mask)
 
     @classmethod
@@ -143,8 +154,10 @@ def _weights(correct: torch.Tensor, cfg: AtsConfig) -> torch.Tensor:
     return torch.where(correct, right, wrong)
 
 
-def _terms(logits: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor, cfg: AtsConfig) -> torch.Tensor:
-    """Per-position loss: cross-entropy of the scaled logits on right positions, cross-entropy against the smoothed target on wrong ones."""
+def _terms(logits: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor,
+           cfg: AtsConfig) -> torch.Tensor:
+    """Per-position loss: cross-entropy of the scaled logits on right positions, cross-entropy against the smoothed
+    target on wrong ones."""
     u = logits * scale[:, None]
     lse = torch.logsumexp(u, dim=-1)
     nll = lse - u.gather(-1, targets[:, None])[:, 0]
@@ -168,7 +181,8 @@ def selective_smoothing_loss(logits: torch.Tensor, scale: torch.Tensor, targets:
 
 # ---- fit -------------------------------------------------------------------------------------------
 
-def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Logits, cfg: AtsConfig, chunk: int) -> float:
+def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Logits, cfg: AtsConfig,
+          chunk: int) -> float:
     hidden, targets, correct = cached.batch(records, logits.device)
     keep = targets != -100
     opt.zero_grad()
@@ -217,7 +231,8 @@ def fit(data: FitData, cfg: AtsConfig) -> AtsHead:
         with torch.no_grad():
             head.out.bias.fill_(-math.log(temperature))
     by = cfg.early_stop_by
-    base = evaluate_cached(cached, val, logits, {"none": identity, "temperature": Temperature(temperature), "ats": head},
+    base = evaluate_cached(cached, val, logits,
+                           {"none": identity, "temperature": Temperature(temperature), "ats": head},
                            cfg.batch_size, data.chunk)
     best_epoch, best_state, best = None, identity_state, base["none"]
     if base["ats"][by] < best[by]:
@@ -278,7 +293,8 @@ def load_head(folder: str | Path, model_config, where: str = "calibrator") -> At
     try:
         head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     except RuntimeError as exc:
-        raise CalqError(f"the ATS head in {folder} does not match this model's layer shapes ({str(exc).splitlines()[-1].strip()})",
+        raise CalqError(f"the ATS head in {folder} does not match this model's layer shapes "
+                        f"({str(exc).splitlines()[-1].strip()})",
                         where, "fit the head on this model's hidden states") from None
     head.fit_info = meta.get("fit") or {}
     return head.eval().requires_grad_(False)  # for inference; fit() trains a head of its own

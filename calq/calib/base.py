@@ -146,7 +146,8 @@ class CalibratedLM(nn.Module):
 
     Works for full-sequence forward passes (scoring, evaluation, lm-eval loglikelihood), padded on either side.
     `generate()` is not supported: with a KV cache the model returns hidden states for the new tokens only, and a
-    calibrator that attends over positions (the ATS head) needs its own keys and values for every earlier position, which this wrapper does not cache.
+    calibrator that attends over positions (the ATS head) needs its own keys and values for every earlier position,
+    which this wrapper does not cache.
     """
 
     def __init__(self, model: nn.Module, calibrator: Calibrator):
@@ -163,9 +164,11 @@ class CalibratedLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
         if past_key_values is not None:
-            raise NotImplementedError("CalibratedLM scores whole sequences; it does not take past_key_values (see its docstring)")
+            raise NotImplementedError("CalibratedLM scores whole sequences; it does not take past_key_values "
+                                      "(see its docstring)")
         keep_hidden = kwargs.pop("output_hidden_states", False)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                         **kwargs)
         hidden = out.hidden_states[-1]
         out.logits = self.calibrator(out.logits, hidden, attention_mask)
         if not keep_hidden:

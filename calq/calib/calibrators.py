@@ -56,5 +56,6 @@ def parse(spec: str | None, model_config) -> tuple[str, Calibrator]:
     name, _, arg = (spec or "none").partition(":")
     cls = get(name)
     if name != "none" and not arg:
-        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator", f"write {name}:<folder of a fitted one>")
+        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator",
+                        f"write {name}:<folder of a fitted one>")
     return name, cls.from_arg(arg, model_config)

@@ -1,4 +1,5 @@
-"""Hidden states of the frozen model on instruction records, cached once so that fitting a calibrator costs only the head.
+"""Hidden states of the frozen model on instruction records, cached once so that fitting a calibrator costs only the
+head.
 
 The cache is one safetensors file. For every token of every record it holds the last hidden state (after the
 final norm) in float16, the next-token target (-100 where the next token is not part of the response) and
@@ -45,7 +46,8 @@ class Logits:
 
 
 def encode(record: dict, tokenizer, max_len: int, bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An Alpaca record rendered with the chat template: (input ids [T], next-token targets [T], -100 outside the response).
+    """An Alpaca record rendered with the chat template: (input ids [T], next-token targets [T], -100 outside the
+    response).
 
     The response is the answer text and everything after it (the end-of-turn tokens), located by its characters,
     so it works with any template that keeps the answer verbatim. `bos` (`models.bos_policy`) goes first unless the
@@ -81,7 +83,8 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
         try:
             ids, targets = encode(rec, tokenizer, max_len, bos)
         except ValueError as exc:
-            raise CalqError(f"record {i}: {exc}", where, "use a tokenizer whose chat template keeps the answer text") from None
+            raise CalqError(f"record {i}: {exc}", where,
+                            "use a tokenizer whose chat template keeps the answer text") from None
         if (targets != -100).any():
             encoded.append((ids, targets))
     if not encoded:
@@ -101,7 +104,8 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
         for b, i in enumerate(batch):
             n = len(encoded[i][0])
             ids[b, :n], mask[b, :n] = encoded[i][0], 1
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False)
         h = out.hidden_states[-1]
         if start == 0:
             _check_output_layer(logits_fn(h), out.logits, mask.to(device).bool())
@@ -129,7 +133,8 @@ def _check_output_layer(recomputed: torch.Tensor, logits: torch.Tensor, mask: to
     diff = (recomputed - logits.float())[mask].abs().max()
     if diff > max(1e-3, 8 * torch.finfo(logits.dtype).eps) * logits[mask].float().abs().max() + 1e-4:
         raise CalqError(f"lm_head(last hidden state) differs from the model's logits by {float(diff):.3g}",
-                        "ats", "this architecture post-processes its logits in a way calq does not reproduce; use temperature scaling")
+                        "ats", "this architecture post-processes its logits in a way calq does not reproduce; "
+                               "use temperature scaling")
 
 
 @dataclass

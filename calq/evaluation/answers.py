@@ -42,7 +42,8 @@ def bootstrap(n: int, statistics: dict[str, Callable[[torch.Tensor], torch.Tenso
     values: dict[str, list[torch.Tensor]] = {name: [] for name in statistics}
     for start in range(0, n_boot, CHUNK):
         draws = torch.randint(n, (min(CHUNK, n_boot - start), n), generator=generator)
-        weights = torch.zeros(draws.shape, dtype=torch.float64).scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float64))
+        weights = torch.zeros(draws.shape, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(draws.shape, dtype=torch.float64))
         for name, statistic in statistics.items():
             values[name].append(statistic(weights))
     q = torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2], dtype=torch.float64)
@@ -101,7 +102,8 @@ def task_rows(variant: str, results: dict, bins: int = 15, n_boot: int = 1000, s
             row = {"variant": variant, "calibrator": calibrator, "task": task, "metric": entry["metric"], "n": n,
                    "accuracy": float(scores.mean()),
                    "accuracy_ci": bootstrap(n, {"ci": lambda w: w @ scores / n}, n_boot, seed)["ci"],
-                   "top1_accuracy": None, "confidence": None, "ece": None, "ece_ci": None, "brier": None, "brier_ci": None,
+                   "top1_accuracy": None, "confidence": None, "ece": None, "ece_ci": None, "brier": None,
+                   "brier_ci": None,
                    "reliability": None}
             answers = None
             if res["loglikelihoods"] is not None:
@@ -125,4 +127,5 @@ def tasks_section(per_variant: dict[str, dict], bins: int, n_boot: int, seed: in
     settings = {"limit": first["limit"], "data_dir": first["data_dir"], "calibrators": first["calibrators"],
                 "bins": bins, "bootstrap": n_boot, "level": LEVEL, "seed": seed, "lm_eval": lm_eval_version}
     return {"settings": settings,
-            "results": [row for variant, res in per_variant.items() for row in task_rows(variant, res, bins, n_boot, seed)]}
+            "results": [row for variant, res in per_variant.items()
+                        for row in task_rows(variant, res, bins, n_boot, seed)]}

@@ -29,8 +29,9 @@ class BaselineCheck(BaseModel):
     """The recipe's `model.check`: the bounds the loaded baseline must meet before any long work."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    tokens: int = Field(512, ge=16, description="next-token predictions scored at the start of the evaluation text "
-                                                "(perplexity and top-1, against the best unigram model of those tokens)")
+    tokens: int = Field(
+        512, ge=16, description="next-token predictions scored at the start of the evaluation text "
+                                "(perplexity and top-1, against the best unigram model of those tokens)")
     max_ppl: float | None = Field(None, gt=0, description="also refuse a baseline perplexity above this")
     margin: float = Field(1.0, gt=0, description="refuse when perplexity > margin × the unigram perplexity")
     max_ppl_ratio: float = Field(1.05, ge=1, description="GGUF: transformers vs llama.cpp perplexity on the same ids, "

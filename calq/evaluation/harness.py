@@ -88,11 +88,13 @@ class CalqLM(HFLM):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise CalqError(f"unsupported dtype '{dtype}'", "dtype", "use float32, bfloat16 or float16")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise CalqError(f"batch_size must be a positive whole number, got '{batch_size}'", "batch_size", "e.g. batch_size=8")
+            raise CalqError(f"batch_size must be a positive whole number, got '{batch_size}'", "batch_size",
+                            "e.g. batch_size=8")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = models.load(models.resolve(str(pretrained)), dtype)
-        super().__init__(pretrained=model.to(device), tokenizer=tokenizer, backend="causal", batch_size=int(batch_size), **kwargs)
+        super().__init__(pretrained=model.to(device), tokenizer=tokenizer, backend="causal", batch_size=int(batch_size),
+                         **kwargs)
         self.calibrators = dict(calibrators) if calibrators else dict([parse_calibrator(calibrator, model)])
         for cal in self.calibrators.values():
             cal.to(device).eval()
@@ -326,7 +328,8 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
     resolved = resolve_tasks(tasks, root, include_path)
     counts = _counts(resolved, limit, "evaluation.tasks")
     with _quiet_lm_eval():
-        lm = CalqLM(pretrained=str(model_dir), calibrators=calibrators, dtype=dtype, batch_size=batch_size, device=device)
+        lm = CalqLM(pretrained=str(model_dir), calibrators=calibrators, dtype=dtype, batch_size=batch_size,
+                    device=device)
     lm.progress = progress
     lm_names = {name: leaf for name, (leaf, _) in resolved["tasks"].items()}
     out = {name: {"lm_eval_task": lm_names[name], "n": n, "calibrators": {}} for name, n in counts.items()}

@@ -70,7 +70,7 @@ def check_awq_mappings(config) -> None:
     patterns = [p for m in default_mappings for p in (m.smooth_layer, *m.balance_layers)]
     unmatched = [p for p in patterns if not any(match_name(n, p) for n in names)]
     if unmatched:
-        raise CalqError(f"llm-compressor has no AWQ mappings for {arch}, and its Llama-style default mappings do not fit it "
-                        f"(no layer matches '{unmatched[0]}')", "method",
+        raise CalqError(f"llm-compressor has no AWQ mappings for {arch}, and its Llama-style default mappings do not "
+                        f"fit it (no layer matches '{unmatched[0]}')", "method",
                         "use method minmax for w4a16, or a model whose architecture llm-compressor maps for AWQ "
                         "(Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...)")

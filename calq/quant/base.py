@@ -48,7 +48,8 @@ class MethodConfig(BaseModel):
     method: str = Field(description="quantization method (the list is at the end of `calq keys`)")
     scheme: str = Field(description="w8a8 (int8 weights and activations) or w4a16 (int4 group-wise weights)")
     group_size: int | None = Field(None, gt=0, description="w4a16: int4 group size along the input dimension "
-                                                           "(default 128); must divide every quantized layer's input width")
+                                                           "(default 128); must divide every quantized layer's input "
+                                                           "width")
     symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
     dynamic_activations: bool | None = Field(
         None, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from "
@@ -120,8 +121,8 @@ class MethodConfig(BaseModel):
         """The scheme as compressed-tensors config groups (the format vLLM and transformers load)."""
         if self.scheme == "w8a8":
             dynamic = bool(self.dynamic_activations)
-            activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token" if dynamic else "tensor",
-                           "dynamic": dynamic}
+            activations = {"num_bits": 8, "type": "int", "symmetric": True,
+                           "strategy": "token" if dynamic else "tensor", "dynamic": dynamic}
             weights = {"num_bits": 8, "type": "int", "symmetric": True if self.symmetric is None else self.symmetric,
                        "strategy": "channel"}
             return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}
@@ -135,7 +136,8 @@ class MethodConfig(BaseModel):
         return QuantizationModifier(config_groups=self.config_groups(), ignore=list(self.ignore))
 
     def check_group_size(self, widths: dict[str, int]) -> None:
-        """The group size must divide the input width of every quantized layer; name the layers and a size that works."""
+        """The group size must divide the input width of every quantized layer; name the layers and a size that
+        works."""
         if self.scheme != "w4a16":
             return
         group = self.group_size or 128
@@ -145,6 +147,7 @@ class MethodConfig(BaseModel):
         sizes = sorted(set(widths.values()))
         working = [g for g in (256, 128, 64, 32, 16) if all(w % g == 0 for w in sizes)]
         shown = ", ".join(f"{n} ({widths[n]})" for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        fix = f"set group_size: {working[0]}" if working else "set group_size to a divisor of " + ", ".join(map(str, sizes))
+        fix = (f"set group_size: {working[0]}" if working
+               else "set group_size to a divisor of " + ", ".join(map(str, sizes)))
         raise CalqError(f"group_size {group} does not divide the input width of {len(bad)} layers: {shown}",
                         "group_size", fix)

@@ -32,7 +32,8 @@ class SmoothQuant(MethodConfig):
     @classmethod
     def _strength(cls, v):
         if not 0 < v < 1:
-            raise ValueError("smoothing_strength must lie strictly between 0 and 1 (SmoothQuant's alpha; 0.5-0.8 is usual)")
+            raise ValueError("smoothing_strength must lie strictly between 0 and 1 "
+                             "(SmoothQuant's alpha; 0.5-0.8 is usual)")
         return v
 
     def quantize(self, model, samples):
@@ -57,7 +58,8 @@ def _spread(absmax: torch.Tensor) -> float:
     return absmax.max().item() / median if median > 0 else math.inf
 
 
-def outlier_reduction(before: dict[str, dict[str, torch.Tensor]], after: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+def outlier_reduction(before: dict[str, dict[str, torch.Tensor]],
+                      after: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
     """Range dicts as `calq.calib.ranges.load` returns them. Per layer (in both), the absmax spread (max channel
     absmax / median channel absmax) before and after smoothing and by what factor smoothing reduced it; strongest
     outliers first. Layers that SmoothQuant does not smooth (o_proj, down_proj in Llama) keep a factor near 1."""

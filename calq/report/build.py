@@ -21,7 +21,8 @@ METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
 
 def goals(rows: list[dict]) -> list[dict]:
     """The calibration goals, checked on every held-out set: each variant's selected calibrator is at least as
-    well calibrated as `none`; each quantized variant's selected calibrator is at or below the baseline's uncalibrated ECE."""
+    well calibrated as `none`; each quantized variant's selected calibrator is at or below the baseline's
+    uncalibrated ECE."""
     out = []
     base = rows[0]
     for part in EVAL_SETS:
@@ -34,7 +35,8 @@ def goals(rows: list[dict]) -> list[dict]:
                         "value": chosen, "bound": cal["none"]["ece"], "met": chosen <= cal["none"]["ece"]})
             if row is not base and base["calibrated"].get(part):
                 bound = base["calibrated"][part]["none"]["ece"]
-                out.append({"set": part, "variant": row["variant"], "goal": f"{row['selected']} ECE <= baseline's uncalibrated ECE",
+                out.append({"set": part, "variant": row["variant"],
+                            "goal": f"{row['selected']} ECE <= baseline's uncalibrated ECE",
                             "value": chosen, "bound": bound, "met": chosen <= bound})
     return out
 
@@ -61,8 +63,9 @@ def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
                      "bytes": r["export"].get("bytes"), "seconds": r["export"].get("seconds"),
                      "top1": v["top1_agreement"], "max_rel_logit_diff": v["max_rel_logit_diff"],
                      "ppl_reference": v["reference"]["ppl"], "ppl": v["artifact"]["ppl"],
-                     "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"], "ece_drift": v["drift"]["ece"],
-                     "brier": v["artifact"]["brier"], "tokens": v["positions"], "changes": r["export"].get("changes", [])})
+                     "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"],
+                     "ece_drift": v["drift"]["ece"], "brier": v["artifact"]["brier"], "tokens": v["positions"],
+                     "changes": r["export"].get("changes", [])})
     return rows
 
 
@@ -90,7 +93,8 @@ def collect(run: RunDir, manifest: dict) -> dict:
                      "group_size": quant.get("group_size"), "size_bytes": size,
                      "calibration_seconds": quant["calibration_seconds"],
                      "calibration_samples": quant.get("calibration_samples"),
-                     **{k: result[k] for k in METRICS}, "tokens": result["tokens"], "reliability": result["reliability"],
+                     **{k: result[k] for k in METRICS}, "tokens": result["tokens"],
+                     "reliability": result["reliability"],
                      "selected": evaluated.get("selected"),
                      "temperature": (evaluated.get("fit") or {}).get("temperature", {}).get("temperature"),
                      "validation": evaluated.get("validation"),
@@ -128,14 +132,17 @@ def markdown(report: dict) -> str:
     lines = [f"# calq report: {report['recipe']}", ""]
     lines += [f"Model `{report['model']['source']}` ({report['model']['dtype']}).",
               *([f"Note: {report['model']['note']}."] if report["model"].get("note") else []), "",
-              f"Calibration: {cal['num_samples']} samples × {cal['seq_len']} tokens from `{cal['source']}` (seed {cal['seed']}).",
+              f"Calibration: {cal['num_samples']} samples × {cal['seq_len']} tokens from `{cal['source']}` "
+              f"(seed {cal['seed']}).",
               f"Token-level evaluation: {ev['tokens']:,} tokens of `{ev['source']}` in windows of {ev['seq_len']}; "
               f"ECE with {ev['bins']} equal-width bins (adaptive ECE: equal-mass bins).", ""]
     for note in (cal.get("note"), ev.get("note"), *report.get("notes", [])):
         if note:
             lines += [f"Data note: {note}.", ""]
     if report.get("baseline_check"):
-        lines += ["## Baseline check", "", *baseline_check_lines(report["baseline_check"], code=lambda t: f"`{t}`", bold=lambda t: f"**{t}**"), ""]
+        lines += ["## Baseline check", "",
+                  *baseline_check_lines(report["baseline_check"], code=lambda t: f"`{t}`", bold=lambda t: f"**{t}**"),
+                  ""]
     lines += ["## Variants", "",
               "| variant | size (MB) | calib. (s) | ppl | acc | conf | ECE | adaptive ECE | Brier |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -150,43 +157,53 @@ def markdown(report: dict) -> str:
             rows = [v for v in report["variants"] if part in v["calibrated"]]
             if not rows:
                 continue
-            lines += ["", f"### {title.capitalize()}", "", "| variant | calibrator | NLL | acc | conf | ECE | adaptive ECE | Brier | tokens |",
+            lines += ["", f"### {title.capitalize()}", "",
+                      "| variant | calibrator | NLL | acc | conf | ECE | adaptive ECE | Brier | tokens |",
                       "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
             for v in rows:
                 for cal, m in v["calibrated"][part].items():
                     mark = " *" if cal == v["selected"] else ""
-                    lines.append(f"| {v['variant']} | {cal}{mark} | {m['nll']:.4f} | {m['accuracy']:.4f} | {m['confidence']:.4f} | "
-                                 f"{m['ece']:.4f} | {m['adaptive_ece']:.4f} | {m['brier']:.4f} | {m['tokens']:,} |")
+                    lines.append(f"| {v['variant']} | {cal}{mark} | {m['nll']:.4f} | {m['accuracy']:.4f} | "
+                                 f"{m['confidence']:.4f} | {m['ece']:.4f} | {m['adaptive_ece']:.4f} | "
+                                 f"{m['brier']:.4f} | {m['tokens']:,} |")
         if report.get("goals"):
-            lines += ["", "### Goals", "", "| set | variant | goal | value | bound | met |", "|---|---|---|---:|---:|---|"]
+            lines += ["", "### Goals", "", "| set | variant | goal | value | bound | met |",
+                      "|---|---|---|---:|---:|---|"]
             for g in report["goals"]:
-                lines.append(f"| {g['set']} | {g['variant']} | {g['goal']} | {g['value']:.4f} | {g['bound']:.4f} | {'yes' if g['met'] else '**no**'} |")
+                lines.append(f"| {g['set']} | {g['variant']} | {g['goal']} | {g['value']:.4f} | {g['bound']:.4f} | "
+                             f"{'yes' if g['met'] else '**no**'} |")
     if report.get("tasks"):
         t = report["tasks"]["settings"]
         lines += ["", "## Tasks (lm-eval)", "",
-                  f"At most {t['limit']} examples per task from `{t['data_dir']}`; answer-level calibration from a softmax over the "
-                  f"choices' log-likelihoods ({t['bins']} bins; {t['level']:.0%} bootstrap intervals, {t['bootstrap']} resamples, seed {t['seed']}).", "",
-                  "| variant | calibrator | task | n | accuracy | answer ECE | Brier |", "|---|---|---|---:|---:|---:|---:|"]
+                  f"At most {t['limit']} examples per task from `{t['data_dir']}`; answer-level calibration from a "
+                  f"softmax over the choices' log-likelihoods ({t['bins']} bins; {t['level']:.0%} bootstrap intervals, "
+                  f"{t['bootstrap']} resamples, seed {t['seed']}).", "",
+                  "| variant | calibrator | task | n | accuracy | answer ECE | Brier |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for r in report["tasks"]["results"]:
             ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "–"
             brier = f"{r['brier']:.4f}" if r.get("brier") is not None else "–"
-            lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | {ece} | {brier} |")
+            lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | "
+                         f"{ece} | {brier} |")
     if report.get("deployed"):
         lines += ["", "## Deployed: each artifact on its own runtime", "",
-                  "Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant with the "
-                  "same calibrator, on the same held-out windows.", "",
+                  "Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant "
+                  "with the same calibrator, on the same held-out windows.", "",
                   "| variant | format | calibrator | MB | export (s) | top-1 agreement | max rel. logit diff | "
-                  "ppl PyTorch → runtime | ECE PyTorch → runtime | ECE drift |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "ppl PyTorch → runtime | ECE PyTorch → runtime | ECE drift |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["deployed"]:
-            lines.append(f"| {r['variant']} | {r['format']} | {r['calibrator']} | {mb(r['bytes'])} | {r['seconds']:.1f} | "
-                         f"{r['top1']:.4f} | {r['max_rel_logit_diff']:.2g} | {r['ppl_reference']:.2f} → {r['ppl']:.2f} | "
-                         f"{r['ece_reference']:.4f} → {r['ece']:.4f} | {r['ece_drift']:+.4f} |")
+            lines.append(f"| {r['variant']} | {r['format']} | {r['calibrator']} | {mb(r['bytes'])} | "
+                         f"{r['seconds']:.1f} | {r['top1']:.4f} | {r['max_rel_logit_diff']:.2g} | "
+                         f"{r['ppl_reference']:.2f} → {r['ppl']:.2f} | {r['ece_reference']:.4f} → {r['ece']:.4f} | "
+                         f"{r['ece_drift']:+.4f} |")
         for r in report["deployed"]:
             for change in ([r["note"]] if r["note"] else []) + r["changes"]:
                 lines.append(f"- {r['variant']} as {r['format']}: {change}")
     if report.get("gates"):
         g = report["gates"]
-        lines += ["", f"## Gates: {'PASSED' if g['passed'] else 'FAILED'}", "", "| gate | value | threshold | passed |", "|---|---:|---:|---|"]
+        lines += ["", f"## Gates: {'PASSED' if g['passed'] else 'FAILED'}", "", "| gate | value | threshold | passed |",
+                  "|---|---:|---:|---|"]
         for r in g["results"]:
             value = f"{r['value']:.4f}" if r["value"] is not None else "nothing to check"
             lines.append(f"| {r['name']} | {value} | {r['threshold']} | {'yes' if r['passed'] else '**no**'} |")
@@ -197,11 +214,13 @@ def markdown(report: dict) -> str:
               "measured over the calibration samples.", "",
               "| layer | ratio | absmax | median absmax | channel | tokens |", "|---|---:|---:|---:|---:|---:|"]
     for o in report["outliers"]:
-        lines.append(f"| {o['layer']} | {o['ratio']:.1f} | {o['absmax']:.3f} | {o['median_absmax']:.4f} | {o['channel']} | {o['tokens']:,} |")
+        lines.append(f"| {o['layer']} | {o['ratio']:.1f} | {o['absmax']:.3f} | {o['median_absmax']:.4f} | "
+                     f"{o['channel']} | {o['tokens']:,} |")
     for name, rows in report.get("smoothing", {}).items():
         lines += ["", f"## SmoothQuant's effect on the activation spread ({name})", "",
                   "Channel absmax / median channel absmax of each Linear input, unquantized vs smoothed-and-quantized, "
-                  "on the same calibration samples; layers not preceded by a norm (o_proj, down_proj) are not smoothed.", "",
+                  "on the same calibration samples; layers not preceded by a norm (o_proj, down_proj) are not "
+                  "smoothed.", "",
                   "| layer | spread before | spread after | reduction |", "|---|---:|---:|---:|"]
         for o in rows:
             red = f"{o['reduction']:.1f}×" if o["reduction"] is not None else "–"

@@ -26,8 +26,10 @@ def baseline_check_lines(check: dict, code, bold) -> list[str]:
     GGUF the model against llama.cpp reading the same file."""
     b = check["baseline"]
     bos = "none" if b["bos"] is None else f"id {b['bos']}"
-    bound = "the bound" + (f" × {b['margin']}" if b["margin"] != 1 else "") + (f"; max_ppl {b['max_ppl']}" if b["max_ppl"] else "")
-    lines = [(f"{b['tokens']} tokens of {code(b['source'])} (BOS: {bos}): perplexity {b['ppl']:.2f}, top-1 {b['top1']:.4f}; "
+    bound = ("the bound" + (f" × {b['margin']}" if b["margin"] != 1 else "")
+             + (f"; max_ppl {b['max_ppl']}" if b["max_ppl"] else ""))
+    lines = [(f"{b['tokens']} tokens of {code(b['source'])} (BOS: {bos}): perplexity {b['ppl']:.2f}, "
+              f"top-1 {b['top1']:.4f}; "
               f"the best unigram model of the same tokens: perplexity {b['unigram_ppl']:.2f}, "
               f"top-1 {b['unigram_top1']:.4f} ({bound}).")]
     c = check.get("llama_cpp")

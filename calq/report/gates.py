@@ -25,17 +25,22 @@ from calq.errors import CalqError
 class Gates(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    variant: str | None = Field(None, description="candidate variant the gates check (default: every quantized variant)")
-    calibrator: str | None = Field(None, description="candidate calibrator: none, temperature or ats (default: every calibrator)")
-    tasks: tuple[str, ...] | None = Field(None, description="tasks the task gates check (default: every evaluated task)")
+    variant: str | None = Field(
+        None, description="candidate variant the gates check (default: every quantized variant)")
+    calibrator: str | None = Field(
+        None, description="candidate calibrator: none, temperature or ats (default: every calibrator)")
+    tasks: tuple[str, ...] | None = Field(
+        None, description="tasks the task gates check (default: every evaluated task)")
     max_accuracy_drop: float | None = Field(
         None, description="largest allowed drop of a task's accuracy below the baseline's with the same calibrator, "
                           "in absolute terms (0.02 = 2 points)")
-    max_ece: float | None = Field(None, ge=0, le=1, description="largest allowed answer-level ECE on a multiple-choice task")
+    max_ece: float | None = Field(
+        None, ge=0, le=1, description="largest allowed answer-level ECE on a multiple-choice task")
     max_ece_increase: float | None = Field(
         None, description="largest allowed rise of a multiple-choice task's answer-level ECE above the baseline's "
                           "uncalibrated ('none') ECE on that task")
-    max_token_ece: float | None = Field(None, ge=0, le=1, description="largest allowed token-level ECE on the held-out text")
+    max_token_ece: float | None = Field(
+        None, ge=0, le=1, description="largest allowed token-level ECE on the held-out text")
     max_deployed_ece_drift: float | None = Field(
         None, ge=0, description="largest allowed change of token-level ECE between an exported artifact on its runtime "
                                 "and the PyTorch variant it came from (needs an `export:` section)")
@@ -64,7 +69,8 @@ class GateResult:
         return f"{self.gate} [{where}]"
 
 
-def check_gates(gates: Gates, variants: list[str], calibrators: list[str], tasks: list[str], where: str = "gates") -> None:
+def check_gates(gates: Gates, variants: list[str], calibrators: list[str], tasks: list[str],
+                where: str = "gates") -> None:
     """Before a run: every name a gate uses exists, and task gates have tasks to check."""
     for key, value, known in (("variant", gates.variant, variants), ("calibrator", gates.calibrator, calibrators)):
         if value is not None and value not in known:
@@ -83,8 +89,8 @@ TOLERANCE = 1e-9  # a value exactly at its threshold passes despite float roundi
 
 
 def _check(gate: str, row: dict, task: str | None, value: float, threshold: float) -> GateResult:
-    return GateResult(gate, row["variant"], row.get("calibrator"), task, value, threshold, value <= threshold + TOLERANCE,
-                      threshold - value)
+    return GateResult(gate, row["variant"], row.get("calibrator"), task, value, threshold,
+                      value <= threshold + TOLERANCE, threshold - value)
 
 
 def _nothing_to_check(gate: str, gates: Gates) -> GateResult:
@@ -111,7 +117,8 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
         variant_ok = row["variant"] == gates.variant if gates.variant else row["variant"] != baseline
         return variant_ok and gates.calibrator in (None, row.get("calibrator", "none"))
 
-    task_rows = [r for r in (report.get("tasks") or {}).get("results", []) if gates.tasks is None or r["task"] in gates.tasks]
+    task_rows = [r for r in (report.get("tasks") or {}).get("results", [])
+                 if gates.tasks is None or r["task"] in gates.tasks]
     base = {(r["calibrator"], r["task"]): r for r in task_rows if r["variant"] == baseline}
     results = []
     for gate in gates.task_gates():
@@ -121,7 +128,8 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
     if gates.max_token_ece is not None:
         token_rows = [{"variant": v["variant"], "calibrator": cal, "ece": m["ece"]} for v in report["variants"]
                       for cal, m in ((v.get("calibrated") or {}).get("tokens") or {"none": v}).items()]
-        checks = [_check("max_token_ece", row, None, row["ece"], gates.max_token_ece) for row in token_rows if selected(row)]
+        checks = [_check("max_token_ece", row, None, row["ece"], gates.max_token_ece)
+                  for row in token_rows if selected(row)]
         results += checks or [_nothing_to_check("max_token_ece", gates)]
     deployed = [r for r in report.get("deployed") or [] if selected({**r, "calibrator": None})]
     if gates.max_deployed_ece_drift is not None:

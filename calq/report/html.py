@@ -86,7 +86,8 @@ def _gates(report: dict) -> str:
              _num(r["threshold"]), _num(r["margin"]), "pass" if r["passed"] else "FAIL"] for r in gates["results"]]
     settings = ", ".join(f"{k}: {v}" for k, v in gates["config"].items() if v is not None)
     return ("<h2>Gates</h2>"
-            + _table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows, {4, 5, 6})
+            + _table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows,
+                     {4, 5, 6})
             + f'<p class="muted">Margin = threshold − value: headroom when positive. Gates: {escape(settings)}.</p>')
 
 
@@ -258,14 +259,15 @@ def _baseline_check(report: dict) -> str:
 
 def render(report: dict) -> str:
     model = report["model"]
-    notes = [n for n in (model.get("note"), report["calibration"].get("note"), report["evaluation"]["tokens"].get("note"))
-             if n]
+    notes = [n for n in (model.get("note"), report["calibration"].get("note"),
+                         report["evaluation"]["tokens"].get("note")) if n]
     head = (f"<h1>calq report: {escape(report['recipe'])}</h1>"
             f'<p class="muted">Model <code>{escape(model["source"])}</code> ({escape(model["dtype"])}), '
             f'created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
     body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) \
-        + _calibrators(report) + _tasks(report) + _deployed(report) + _outliers(report) + _methods(report) + _recipe(report)
+        + _calibrators(report) + _tasks(report) + _deployed(report) + _outliers(report) + _methods(report) \
+        + _recipe(report)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")

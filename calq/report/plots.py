@@ -27,8 +27,10 @@ def reliability_diagram(series: dict[str, list[dict]], title: str) -> bytes:
     for label, bins in series.items():
         filled = [b for b in bins if b["count"]]
         total = sum(b["count"] for b in bins) or 1
-        line, = top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", markersize=3, label=label)
-        bottom.stairs([b["count"] / total for b in bins], [bins[0]["lo"], *(b["hi"] for b in bins)], color=line.get_color())
+        line, = top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", markersize=3,
+                         label=label)
+        bottom.stairs([b["count"] / total for b in bins], [bins[0]["lo"], *(b["hi"] for b in bins)],
+                      color=line.get_color())
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
     top.legend(fontsize=7, loc="upper left")
     top.grid(alpha=0.3)
@@ -61,8 +63,9 @@ def task_chart(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "ece"))
                 low.append(row[metric] - ci[0])
                 high.append(ci[1] - row[metric])
             ax.bar(xs, values, width, yerr=[low, high], capsize=2, label=f"{variant} / {calibrator}",
-                   color=f"C{variants.index(variant) % 10}", hatch=HATCHES[calibrators.index(calibrator) % len(HATCHES)],
-                   edgecolor="white", linewidth=0, error_kw={"linewidth": 0.8})
+                   color=f"C{variants.index(variant) % 10}",
+                   hatch=HATCHES[calibrators.index(calibrator) % len(HATCHES)], edgecolor="white", linewidth=0,
+                   error_kw={"linewidth": 0.8})
         ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)

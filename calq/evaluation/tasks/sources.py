@@ -26,7 +26,8 @@ def _path(data_dir, source: str) -> Path:
                         "pass --data-dir or set CALQ_DATA_DIR (lm-eval's CLI: --metadata '{\"data_dir\": \"...\"}')")
     path = root / source
     if not path.exists():
-        raise CalqError(f"data file not found: {path}", None, "point the data folder at a copy of the shared data (see its README)")
+        raise CalqError(f"data file not found: {path}", None,
+                        "point the data folder at a copy of the shared data (see its README)")
     return path
 
 
@@ -66,7 +67,8 @@ def mmlu(data_dir=None, source: str = "mmlu", shots: int = 0, **_) -> dict:
         if shots:
             dev = _mmlu_rows(_path(data_dir, f"{source}/dev/{subject}_dev.csv"))[:shots]
             prefix = "".join(f"{_mmlu_block(r)}\nAnswer: {LETTERS[r['answer']]}\n\n" for r in dev)
-        per_subject.append([{**r, "subject": subject.replace("_", " "), "shots": prefix} for r in _mmlu_rows(test_file)])
+        per_subject.append([{**r, "subject": subject.replace("_", " "), "shots": prefix}
+                            for r in _mmlu_rows(test_file)])
     longest = max((len(rows) for rows in per_subject), default=0)
     return _dataset([rows[i] for i in range(longest) for rows in per_subject if i < len(rows)])
 
