@@ -30,7 +30,8 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(description="local file, '@data/<path under --data-dir>', 'hf:<dataset id>' or 'builtin:pydoc'")
+    source: str = Field(min_length=1, description="local file, '@data/<path under --data-dir>', 'hf:<dataset id>' or "
+                                                  "'builtin:pydoc'")
     split: str | None = Field(
         None, description="dataset split for hf: sources (default 'train'); 'train'/'test' halves for builtin:pydoc")
     subset: str | None = Field(None, description="dataset config name for hf: sources (e.g. 'wikitext-2-raw-v1')")

@@ -23,7 +23,7 @@ from calq.errors import CalqError
 
 
 class Gates(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     variant: str | None = Field(
         None, description="candidate variant the gates check (default: every quantized variant)")
