@@ -90,14 +90,16 @@ def prepare(recipe: str | Path | dict | Recipe, out: str | Path | None = None,
 
 def run(recipe: str | Path | dict | Recipe | Prepared, out: str | Path | None = None,
         data_dir: str | Path | None = None, until: str | None = None, executor=None, progress=None, log=None,
-        debug: bool = False) -> Report | None:
+        debug: bool = False, address: str | None = None) -> Report | None:
     """Run a recipe (a YAML path, a dict, a Recipe, or what `prepare` returned) into its run folder, reusing
     finished stages (a stage whose outputs were damaged is redone, with a note); returns the report, or None when
     `until` ('ranges', 'quantize', 'calibrate' or 'evaluate') stops before it. One process writes a run folder at a
-    time: a second one gets CalqError naming the first. `progress` is a rich Progress and `log` a function of one
-    line, both optional."""
+    time: a second one gets CalqError naming the first. `executor` is "local" (default), "ray" (a local Ray, or the
+    cluster at `address`: auto, ray://host:port) or an object with `run(ctx, stages)`. `progress` is a rich Progress
+    and `log` a function of one line, both optional."""
     if until is not None and until not in pipeline.GROUPS[1:]:
         raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(pipeline.GROUPS[1:])}")
+    executor = _executor(executor, address)
     p = recipe if isinstance(recipe, Prepared) else prepare(recipe, out, data_dir)
     if until == "calibrate" and p.recipe.calibrators is None:
         raise CalqError("the recipe has no `calibrators` section to fit", "calibrators", "add one (`calq keys` lists its keys)")
@@ -111,6 +113,22 @@ def run(recipe: str | Path | dict | Recipe | Prepared, out: str | Path | None = 
         if until is not None:
             return None
         return _write_report(p.run.root)
+
+
+def _executor(executor, address: str | None):
+    if executor == "ray":
+        try:
+            from calq.ray_executor import RayExecutor
+        except ImportError:
+            raise CalqError("ray is not installed", "--executor", "pip install 'calq[ray]'") from None
+        return RayExecutor(address)
+    if address is not None:
+        raise CalqError("an address is for the Ray executor", "--address", "add --executor ray, or drop --address")
+    if executor in (None, "local"):
+        return pipeline.LocalExecutor()
+    if isinstance(executor, str) or not hasattr(executor, "run"):
+        raise CalqError(f"unknown executor {executor!r}", "--executor", "use local or ray")
+    return executor
 
 
 def report(run_dir: str | Path) -> Report:

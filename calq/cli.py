@@ -69,6 +69,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and list the stages (done or to run); load no model"),
     until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
+    executor: str = typer.Option("local", "--executor", help="local (this process) or ray (one Ray task per stage; the run folder must be on storage every worker sees)"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the cluster (auto, ray://host:10001); default: a local Ray"),
 ):
     """Run a recipe: calibration samples, activation ranges, quantized variants, calibrators, evaluation, report.
 
@@ -89,8 +91,8 @@ def run(
                 _show_plan(prepared)
                 return
             with _progress() as progress:
-                report = api.run(prepared, until=until, progress=progress, debug=debug,
-                                 log=lambda msg: progress.console.print(msg, highlight=False))
+                report = api.run(prepared, until=until, progress=progress, debug=debug, executor=executor,
+                                 address=address, log=lambda msg: progress.console.print(msg, highlight=False))
     except CalqError as err:
         _fail(err, debug)
     except KeyboardInterrupt as exc:
@@ -116,7 +118,7 @@ def fit_ats(
     Each variant's calibrators land in RUN/calibrators/<variant>/<calibrator>/ (ats/: head.safetensors + config.json;
     temperature/: temperature.json), with calibrators.json holding the validation metrics and the selected one.
     """
-    run(recipe, out, data_dir, False, "calibrate", debug)
+    run(recipe, out, data_dir, False, "calibrate", debug, "local", None)
 
 
 def _interrupted(exc: KeyboardInterrupt, run_dir):

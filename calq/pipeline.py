@@ -49,7 +49,7 @@ from calq.evaluation import tokens as token_eval
 from calq.models import BASELINE
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable
-from calq.recipe import Recipe
+from calq.recipe import Recipe, StageResources
 from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
@@ -197,7 +197,28 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         raise CalqError(f"cannot load the tokenizer of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
                         "check the id or path; hub ids need network access") from None
     result.stages = stage_table(recipe, source, data_root, variants, task_counts, bos)
+    for key in recipe.resources:
+        if not any(_match(key, s) for s in result.stages):
+            raise CalqError(f"'{key}' names no stage of this run", f"resources.{key}",
+                            "use a stage group (quantize, calibrate, evaluate), kind (tasks) or name "
+                            "(`calq run --dry-run` lists them)")
     return result
+
+
+def _match(key: str, stage: Stage) -> int:
+    """How specifically a `resources` key names a stage: 3 its name, 2 a prefix of it (quantize), 1 its group, 0 not."""
+    if stage.name == key:
+        return 3
+    return 2 if stage.name.startswith(key + "/") else int(stage.group == key)
+
+
+def stage_resources(recipe: Recipe, stage: Stage) -> tuple[str | None, StageResources]:
+    """The recipe's `resources` entry for a stage (the most specific key), or the defaults; with the key."""
+    ranked = sorted((_match(k, stage), len(k), k) for k in recipe.resources if _match(k, stage))
+    if not ranked:
+        return None, StageResources()
+    key = ranked[-1][2]
+    return key, recipe.resources[key]
 
 
 def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | None, variants: list[MethodConfig],
@@ -309,6 +330,18 @@ def write_manifest(run: RunDir, recipe: Recipe, result: Plan, data_root: Path | 
     })
 
 
+def worker_context(root: str | Path, source: models.ModelSource, data_root: Path | None) -> Context:
+    """A stage's Context in another process or machine (executors other than LocalExecutor): the recipe as run is
+    read from the run folder's manifest, which also checks that this machine sees the folder; no progress or log."""
+    run = RunDir(root)
+    manifest = run.meta / "manifest.json"
+    if not manifest.is_file():
+        raise CalqError(f"this worker does not see the run folder ({manifest} is missing)", str(root),
+                        "put the run folder (and the data folder) on storage every worker sees, at the same path")
+    recipe = Recipe.model_validate(json.loads(manifest.read_text())["recipe"])
+    return Context(recipe, run, data_root, source)
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -405,7 +438,7 @@ def stage_ranges(ctx: Context):
 def stage_quantize(ctx: Context, variant: MethodConfig):
     model, tokenizer = models.load(ctx.source, ctx.recipe.model.dtype)
     llmc.quiet_logs(str(ctx.run.path("logs", "llmcompressor.log")), console=ctx.debug)
-    samples = _samples(ctx)
+    samples = _samples(ctx) if variant.needs_data() else None  # the table orders this stage after samples only then
     start = time.perf_counter()
     with located(f"variants[{ctx.recipe.variants.index(variant)}]"):
         variant.apply(model, samples)

@@ -149,6 +149,14 @@ class ExportSpec(Strict):
     threads: int = Field(2, ge=1, description="runtime threads for the re-verification")
 
 
+class StageResources(Strict):
+    """What one stage asks of the Ray executor (the local executor ignores it)."""
+
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved for the stage")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved for the stage (Ray sets CUDA_VISIBLE_DEVICES)")
+    max_retries: int = Field(2, ge=0, le=10, description="times Ray reruns the stage when its worker dies")
+
+
 class Recipe(Strict):
     name: str = Field(description="run name; an output folder belongs to one recipe name")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model to compress")
@@ -162,6 +170,10 @@ class Recipe(Strict):
     gates: Gates | None = Field(None, description="release gates: `calq run` exits 1 when one fails")
     output: str | None = Field(None, description="run folder (default runs/<name>; --out overrides)")
     outliers_top_k: int = Field(10, ge=1, description="layers listed in the report's outlier summary")
+    resources: dict[str, StageResources] = Field(
+        default_factory=dict, description="--executor ray only: resources per stage, keyed by a stage group "
+                                          "(quantize), kind (tasks) or name (tasks/baseline); the most specific key "
+                                          "wins; unlisted stages get 1 CPU, 0 GPUs, 2 retries")
 
     @field_validator("name")
     @classmethod
@@ -309,7 +321,7 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             continue
         rows.append((key + ("[]" if many and sub else ""), default, field.description or ""))
         if sub is not None:
-            rows.extend(describe_keys(sub, key + ("[]." if many else ".")))
+            rows.extend(describe_keys(sub, key + ("[]." if many else ".<stage>." if "dict" in str(ann) else ".")))
         if sub is CalibratorsSpec:
             for cal in calibrators.names():
                 rows.extend(describe_keys(calibrators.get(cal).Config, f"{key}.{cal}."))

@@ -1,0 +1,91 @@
+"""The Ray executor on a local two-CPU Ray: the same folder and report as the local executor, stages side by side,
+a killed worker retried, and runs that resume each other across executors."""
+
+import json
+import logging
+import re
+
+import pytest
+
+import calq
+from calq.errors import CalqError
+
+ray = pytest.importorskip("ray")
+from calq.ray_executor import KILL_ENV, RayExecutor  # noqa: E402
+
+W4 = "quantize/minmax-w4a16-g32"  # a stage of the tiny recipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def numbers(out) -> dict:
+    """report.json without what differs between two runs of one recipe: the time it was made, and timings."""
+    report = json.loads((out / "report.json").read_text())
+    for v in report["variants"]:
+        v.pop("calibration_seconds")
+    return {k: v for k, v in report.items() if k not in ("created", "stages")}
+
+
+def markers(out) -> dict:
+    folder = out / ".calq" / "stages"
+    return {str(p.relative_to(folder))[:-5]: json.loads(p.read_text())["key"] for p in sorted(folder.rglob("*.json"))}
+
+
+def lines() -> tuple[list, callable]:
+    seen = []
+    return seen, seen.append
+
+
+def test_ray_run_writes_the_local_runs_folder_and_report(tiny_recipe, tmp_path):
+    local = calq.run(tiny_recipe, out=tmp_path / "local")
+    executor = RayExecutor()
+    on_ray = calq.run(tiny_recipe, out=tmp_path / "ray", executor=executor)
+    assert numbers(tmp_path / "ray") == numbers(tmp_path / "local") and on_ray.exit_code == local.exit_code == 0
+    assert markers(tmp_path / "ray") == markers(tmp_path / "local")
+
+    # the two quantize stages need nothing: Ray ran them (or another independent pair) side by side
+    spans = executor.timings
+    assert set(spans) == set(markers(tmp_path / "ray"))  # every stage ran on Ray
+    overlapping = [(a, b) for a in spans for b in spans if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
+    assert overlapping, spans
+
+
+def test_a_killed_worker_is_retried_and_the_run_finishes(tiny_recipe, tmp_path, monkeypatch):
+    flag = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"{W4}={flag}")
+    calq.run(tiny_recipe, out=tmp_path / "run", executor="ray", until="quantize")
+    assert flag.exists()  # the worker died once, after writing the outputs and before the marker
+    assert (tmp_path / "run" / ".calq" / "stages" / f"{W4}.json").is_file()
+    assert not list((tmp_path / "run").rglob(".*.tmp-*"))
+
+
+def test_runs_resume_across_executors(tiny_recipe, tmp_path, monkeypatch):
+    # Ray gives up on a stage whose worker dies on every try: a one-line error, and the local executor resumes
+    recipe = {**tiny_recipe, "resources": {"quantize": {"max_retries": 0}}}
+    monkeypatch.setenv(KILL_ENV, f"{W4}={tmp_path / 'killed'}")
+    with pytest.raises(CalqError, match=re.escape(f"stage {W4} failed on Ray after 0 retries")):
+        calq.run(recipe, out=tmp_path / "a", executor="ray")
+    monkeypatch.delenv(KILL_ENV)
+    done_on_ray = set(markers(tmp_path / "a"))
+    seen, log = lines()
+    calq.run(recipe, out=tmp_path / "a", log=log)
+    assert done_on_ray and all(f"{name} [dim](reused)" in " ".join(seen) for name in done_on_ray)
+
+    # and the other way: stopped locally, finished on Ray
+    calq.run(recipe, out=tmp_path / "b", until="ranges")
+    seen, log = lines()
+    calq.run(recipe, out=tmp_path / "b", executor="ray", log=log)
+    assert "✓[/] ranges [dim](reused)" in " ".join(seen)
+    assert numbers(tmp_path / "b") == numbers(tmp_path / "a")
+
+
+def test_resources_name_stages_and_must_fit_the_cluster(tiny_recipe, tmp_path):
+    with pytest.raises(CalqError, match=re.escape("resources.quantise: 'quantise' names no stage")):
+        calq.run({**tiny_recipe, "resources": {"quantise": {"num_gpus": 1}}}, out=tmp_path / "a", executor="ray")
+    with pytest.raises(CalqError, match="asks for 1 CPUs and 1 GPUs; the Ray cluster has 2 CPUs and 0 GPUs"):
+        calq.run({**tiny_recipe, "resources": {"quantize": {"num_gpus": 1}}}, out=tmp_path / "b", executor="ray")
