@@ -29,24 +29,25 @@ from ray.exceptions import RayError, RayTaskError
 from calq import models, pipeline
 from calq.errors import CalqError
 
-# Fault injection for the retry test: "<stage name>=<flag file>" kills the worker right after that stage's outputs
-# are written (before its marker), once: the flag file records that it happened.
+# Fault injection for the retry tests, read on the driver: "<stage name>=<flag file>" kills the worker right after
+# that stage's outputs are written (before its marker), once: the flag file records that it happened.
 KILL_ENV = "CALQ_RAY_KILL_AFTER"
 # Passed on to every worker, so workers on other machines are as quiet as this process.
-WORKER_ENV = ("TQDM_DISABLE", "LLM_COMPRESSOR_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "TRITON_INTERPRET", KILL_ENV)
+WORKER_ENV = ("TQDM_DISABLE", "LLM_COMPRESSOR_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "TRITON_INTERPRET")
 
 
-def run_stage(root: str, source: models.ModelSource, data_root: str | None, stage: pipeline.Stage, *upstream):
+def run_stage(root: str, source: models.ModelSource, data_root: str | None, kill: str, stage: pipeline.Stage,
+              *upstream):
     """The body of one stage's Ray task (`upstream`: the records of the stages it needs, only there for ordering).
     Returns the stage record and the wall-clock start and end of the stage in this worker."""
     start = time.time()
     ctx = pipeline.worker_context(root, source, Path(data_root) if data_root else None)
-    rec = ctx.run.run_stage(stage.name, stage.key, _with_fault(stage), ctx, *stage.args)
+    rec = ctx.run.run_stage(stage.name, stage.key, _with_fault(stage, kill), ctx, *stage.args)
     return rec, start, time.time()
 
 
-def _with_fault(stage: pipeline.Stage):
-    name, _, flag = os.environ.get(KILL_ENV, "").partition("=")
+def _with_fault(stage: pipeline.Stage, kill: str):
+    name, _, flag = kill.partition("=")
     if name != stage.name or Path(flag).exists():
         return stage.fn
 
@@ -92,6 +93,7 @@ class RayExecutor:
         env = {"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
         root = str(ctx.run.root.resolve())
         data_root = str(ctx.data_root.resolve()) if ctx.data_root else None
+        kill = os.environ.get(KILL_ENV, "")
         refs, sent = {}, {}
         for stage in stages:
             rec = ctx.run.finished(stage.name, stage.key)
@@ -103,7 +105,7 @@ class RayExecutor:
             upstream = [refs[n] for n in stage.needs if n in refs]  # the others are finished or not selected
             refs[stage.name] = task.options(name=stage.name, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                             max_retries=res.max_retries, retry_exceptions=False, runtime_env=env,
-                                            ).remote(root, ctx.source, data_root, stage, *upstream)
+                                            ).remote(root, ctx.source, data_root, kill, stage, *upstream)
             sent[refs[stage.name]] = stage
         bar = ctx.progress.add_task(f"{len(sent)} stages on Ray", total=len(sent)) if ctx.progress and sent else None
         pending = list(sent)

@@ -66,15 +66,16 @@ def test_a_killed_worker_is_retried_and_the_run_finishes(tiny_recipe, tmp_path, 
 
 def test_runs_resume_across_executors(tiny_recipe, tmp_path, monkeypatch):
     # Ray gives up on a stage whose worker dies on every try: a one-line error, and the local executor resumes
-    recipe = {**tiny_recipe, "resources": {"quantize": {"max_retries": 0}}}
-    monkeypatch.setenv(KILL_ENV, f"{W4}={tmp_path / 'killed'}")
-    with pytest.raises(CalqError, match=re.escape(f"stage {W4} failed on Ray after 0 retries")):
+    recipe = {**tiny_recipe, "resources": {"evaluate": {"max_retries": 0}}}
+    last = "evaluate/minmax-w4a16-g32"  # its worker dies after its inputs are done
+    monkeypatch.setenv(KILL_ENV, f"{last}={tmp_path / 'killed'}")
+    with pytest.raises(CalqError, match=re.escape(f"resources.evaluate: stage {last} failed on Ray after 0 retries")):
         calq.run(recipe, out=tmp_path / "a", executor="ray")
     monkeypatch.delenv(KILL_ENV)
     done_on_ray = set(markers(tmp_path / "a"))
     seen, log = lines()
     calq.run(recipe, out=tmp_path / "a", log=log)
-    assert done_on_ray and all(f"{name} [dim](reused)" in " ".join(seen) for name in done_on_ray)
+    assert {"eval_tokens", W4} <= done_on_ray and last not in done_on_ray and all(f"{name} [dim](reused)" in " ".join(seen) for name in done_on_ray)
 
     # and the other way: stopped locally, finished on Ray
     calq.run(recipe, out=tmp_path / "b", until="ranges")
