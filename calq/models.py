@@ -57,12 +57,13 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load(source: ModelSource, dtype: str = "float32"):
-    """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model."""
+def load(source: ModelSource, dtype: str = "float32", device_map: str | None = None):
+    """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model.
+    `device_map` ("auto": layers spread over the visible GPUs, then CPU memory) is passed to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     check_gguf_architecture(source)
-    kwargs = source_kwargs(source)
+    kwargs = source_kwargs(source) | ({"device_map": device_map} if device_map else {})
     try:
         tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_dtype(dtype), **kwargs)

@@ -226,7 +226,9 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     """Every stage of the run in execution order, each with its key. `bos`: the BOS id the tokenizer starts every
     text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys."""
     cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
-    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(exclude={"check"}), source.describe())}
+    # placement changes where a model runs, not what it computes: it is left out of the keys
+    model = recipe.model.model_dump(exclude={"check", "device_map"})
+    keys = {"model": stable_hash(CODE_VERSION, model, source.describe())}
     with_bos = [["bos", bos]] if bos is not None else []  # no BOS: the keys of earlier runs stay valid
     table: list[Stage] = []
 
@@ -504,7 +506,7 @@ def stage_calibrate(ctx: Context, name: str):
     """Cache this model's hidden states on the fit and held-out responses; fit every calibrator the recipe lists
     on the fit records' training split, validate them on its validation split and select one."""
     spec = ctx.recipe.calibrators
-    model, tokenizer = models.load(ctx.variant_source(name), ctx.recipe.model.dtype)
+    model, tokenizer = models.load(ctx.variant_source(name), ctx.recipe.model.dtype, ctx.recipe.model.device_map)
     records = json.loads(ctx.run.path("instructions.json").read_text())
     final = ctx.run.path("calibrators", name)
     with atomic_path(final) as tmp:
@@ -539,7 +541,7 @@ def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:
 def stage_evaluate(ctx: Context, name: str):
     ev = ctx.recipe.evaluation.tokens
     source = ctx.variant_source(name)
-    model, tokenizer = models.load(source, ctx.recipe.model.dtype)
+    model, tokenizer = models.load(source, ctx.recipe.model.dtype, ctx.recipe.model.device_map)
     cals, fitted = _load_calibrators(ctx, name, model.config)
     device = next(model.parameters()).device
     cals = {n: c.to(device) for n, c in cals.items()}

@@ -38,6 +38,9 @@ class ModelSpec(Strict):
                                                    "tokenizer and weights all come from it")
     check: BaselineCheck = Field(default_factory=BaselineCheck,
                                  description="the baseline check before any long work (calq.evaluation.baseline)")
+    device_map: str | None = Field(None, description="placement for the calibrate and evaluate stages' model, passed "
+                                                     "to from_pretrained (auto: spread over the visible GPUs through "
+                                                     "accelerate); omit: one device")
 
 
 class CalibrationSpec(Strict):

@@ -90,3 +90,17 @@ def test_resources_name_stages_and_must_fit_the_cluster(tiny_recipe, tmp_path):
         calq.run({**tiny_recipe, "resources": {"quantise": {"num_gpus": 1}}}, out=tmp_path / "a", executor="ray")
     with pytest.raises(CalqError, match="asks for 1 CPUs and 1 GPUs; the Ray cluster has 2 CPUs and 0 GPUs"):
         calq.run({**tiny_recipe, "resources": {"quantize": {"num_gpus": 1}}}, out=tmp_path / "b", executor="ray")
+
+
+def test_device_map_reaches_from_pretrained_and_leaves_the_keys(tiny_recipe, tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from calq import api, models
+
+    placed = {**tiny_recipe, "model": {**tiny_recipe["model"], "device_map": "auto"}}
+    assert api.prepare(placed).plan.keys == api.prepare(tiny_recipe).plan.keys  # placement reruns nothing
+    given = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: given.append(kw) or load(*a, **kw))
+    models.load(models.resolve(str(tiny_model)), device_map="auto")  # accelerate places it (on the CPU here)
+    assert given[0]["device_map"] == "auto"
