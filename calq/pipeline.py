@@ -18,6 +18,7 @@ another executor can run the same table without touching any stage.
     eval_tokens          base_model                              eval_tokens.safetensors
     evaluate/<v>         eval_tokens, calibrate/<v>              eval/<v>.json
     tasks/<v>            calibrate/<v>                           tasks/<v>.json
+    (evaluation.tasks.split: tasks/<v>/<task> per task -> tasks/<v>/<task>.json; tasks/<v> merges them)
 """
 
 from __future__ import annotations
@@ -268,8 +269,15 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
             settings=[ev.seq_len, ev.bins, EVALUATE_VERSION, *with_bos])  # batch_size changes speed, not results
     if tasks is not None:
         for name, needs in evaluated_on.items():
-            add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
-                settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION])
+            if not (tasks.split and len(task_counts) > 1):
+                add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
+                    settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION])
+                continue
+            for task in task_counts:  # one stage per task; each keeps the forward pass shared by all calibrators
+                add(f"tasks/{name}/{task}", stage_tasks, name, (task,), needs=needs, group="evaluate",
+                    settings=[[task], tasks.limit, {task: task_counts[task]}, str(data_root), TASKS_VERSION])
+            add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_counts), group="evaluate",
+                needs=tuple(f"tasks/{name}/{task}" for task in task_counts), settings=TASKS_VERSION)
     if recipe.export is not None:
         for name in recipe.export.variants or evaluated_on:
             for fmt in recipe.export.formats:
@@ -594,8 +602,9 @@ def stage_export(ctx: Context, name: str, fmt: str):
                                                 "ece_drift": result["verify"]["drift"]["ece"]}
 
 
-def stage_tasks(ctx: Context, name: str):
-    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluation.harness)."""
+def stage_tasks(ctx: Context, name: str, only: tuple[str, ...] = ()):
+    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluation.harness).
+    With `only` (evaluation.tasks.split), those tasks alone, into tasks/<variant>/<task>.json."""
     spec = ctx.recipe.evaluation.tasks
     source = ctx.variant_source(name)
     cals, _ = _load_calibrators(ctx, name, models.load_config(source))
@@ -605,7 +614,16 @@ def stage_tasks(ctx: Context, name: str):
         if bar is not None:
             bar(done, total, f"tasks {name}: {description}")
 
-    result = harness.run_tasks(source.location, cals, list(spec.names), spec.limit, ctx.data_root, spec.batch_size,
-                               dtype=ctx.recipe.model.dtype, progress=progress)
+    result = harness.run_tasks(source.location, cals, list(only or spec.names), spec.limit, ctx.data_root,
+                               spec.batch_size, dtype=ctx.recipe.model.dtype, progress=progress)
+    out = write_json(ctx.run.path("tasks", name, f"{only[0]}.json") if only else ctx.run.path("tasks", f"{name}.json"),
+                     result)
+    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
+
+
+def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):
+    """The per-task results of one variant (evaluation.tasks.split) as one tasks/<variant>.json, in recipe order."""
+    parts = [json.loads(ctx.run.path("tasks", name, f"{task}.json").read_text()) for task in names]
+    result = {**parts[0], "tasks": {task: part["tasks"][task] for task, part in zip(names, parts)}}
     out = write_json(ctx.run.path("tasks", f"{name}.json"), result)
     return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}

@@ -105,6 +105,7 @@ class RayExecutor:
             upstream = [refs[n] for n in stage.needs if n in refs]  # the others are finished or not selected
             refs[stage.name] = task.options(name=stage.name, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                             max_retries=res.max_retries, retry_exceptions=False, runtime_env=env,
+                                            memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
                                             ).remote(root, ctx.source, data_root, kill, stage, *upstream)
             sent[refs[stage.name]] = stage
         bar = ctx.progress.add_task(f"{len(sent)} stages on Ray", total=len(sent)) if ctx.progress and sent else None

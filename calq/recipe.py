@@ -83,6 +83,8 @@ class TasksSpec(Strict):
     batch_size: int = Field(8, ge=1, description="requests per forward pass")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
     seed: int = Field(0, description="bootstrap seed")
+    split: bool = Field(False, description="one stage per task (tasks/<variant>/<task>), merged into the variant's "
+                                           "results: the Ray executor runs them side by side")
 
 
 class EvaluationSpec(Strict):
@@ -157,6 +159,7 @@ class StageResources(Strict):
 
     num_cpus: float = Field(1, ge=0, description="CPUs reserved for the stage")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved for the stage (Ray sets CUDA_VISIBLE_DEVICES)")
+    memory_gb: float | None = Field(None, gt=0, description="CPU memory reserved for the stage (Ray schedules on it)")
     max_retries: int = Field(2, ge=0, le=10, description="times Ray reruns the stage when its worker dies")
 
 

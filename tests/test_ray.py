@@ -104,3 +104,27 @@ def test_device_map_reaches_from_pretrained_and_leaves_the_keys(tiny_recipe, tin
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: given.append(kw) or load(*a, **kw))
     models.load(models.resolve(str(tiny_model)), device_map="auto")  # accelerate places it (on the CPU here)
     assert given[0]["device_map"] == "auto"
+
+
+def test_tasks_split_per_task_merge_into_the_same_results(tiny_recipe, tmp_path):
+    data = tmp_path / "data"
+    (data / "mc").mkdir(parents=True)
+    for task in ("arc_easy", "arc_challenge"):
+        questions = [{"query": f"Question: {task} {i}?", "choices": ["red", "green", "blue"], "gold": i % 3}
+                     for i in range(4)]
+        (data / "mc" / f"{task}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy", "arc_challenge"], "limit": 4, "bootstrap": 20}
+    whole = calq.run(tiny_recipe, out=tmp_path / "whole", data_dir=data)
+    tiny_recipe["evaluation"]["tasks"]["split"] = True
+    split = calq.run(tiny_recipe, out=tmp_path / "split", data_dir=data)
+    assert {"tasks/baseline/arc_easy", "tasks/baseline/arc_challenge"} <= set(markers(tmp_path / "split"))
+    for v in ("baseline", "minmax-w4a16-g32"):
+        one, merged = (json.loads((tmp_path / run / "tasks" / f"{v}.json").read_text()) for run in ("whole", "split"))
+        assert list(merged["tasks"]) == list(one["tasks"]) == ["arc_easy", "arc_challenge"]
+        for task, entry in one["tasks"].items():
+            for cal, r in entry["calibrators"].items():
+                got = merged["tasks"][task]["calibrators"][cal]
+                assert got["scores"] == r["scores"]  # batches differ (one task per pass): log-likelihoods to rounding
+                assert sum(got["loglikelihoods"], []) == pytest.approx(sum(r["loglikelihoods"], []), rel=1e-5)
+    assert split.exit_code == whole.exit_code
