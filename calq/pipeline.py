@@ -551,7 +551,7 @@ def stage_evaluate(ctx: Context, name: str):
     source = ctx.variant_source(name)
     model, tokenizer = models.load(source, ctx.recipe.model.dtype, ctx.recipe.model.device_map)
     cals, fitted = _load_calibrators(ctx, name, model.config)
-    device = next(model.parameters()).device
+    device = model.get_output_embeddings().weight.device  # where the logits are, also with a device_map
     cals = {n: c.to(device) for n, c in cals.items()}
     stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
     # windows of seq_len, BOS first when the tokenizer starts texts with it; evaluate cuts them at seq_len again

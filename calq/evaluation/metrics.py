@@ -50,7 +50,7 @@ class CalibrationStats:
         self.brier_sum = 0.0
 
     def update(self, confidence: torch.Tensor, correct: torch.Tensor, nll: torch.Tensor | None = None) -> None:
-        confidence, correct = confidence.double().flatten(), correct.double().flatten()
+        confidence, correct = confidence.double().flatten().cpu(), correct.double().flatten().cpu()  # model on a GPU
         idx = torch.clamp((confidence * self.fine_bins).long(), 0, self.fine_bins - 1)
         self.count.index_add_(0, idx, torch.ones_like(confidence))
         self.conf_sum.index_add_(0, idx, confidence)

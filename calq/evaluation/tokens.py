@@ -23,13 +23,14 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, bins: i
     if windows.shape[0] == 0:
         raise ValueError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {seq_len}")
     stats = {name: CalibrationStats(bins) for name in calibrators}
+    device = next(model.parameters()).device  # the first layer's, when a device_map spreads the model
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
+        batch = windows[start:start + batch_size].to(device)
         out = model(input_ids=batch, output_hidden_states=needs_hidden)
         logits = out.logits[:, :-1]
         hidden = out.hidden_states[-1][:, :-1] if needs_hidden else None
         for name, calibrate in calibrators.items():
-            stats[name].update_from_logits(calibrate(logits, hidden), batch[:, 1:])
+            stats[name].update_from_logits(calibrate(logits, hidden), batch[:, 1:].to(logits.device))
         if progress:
             progress(min(start + batch_size, windows.shape[0]))
     return {"windows": windows.shape[0], "seq_len": seq_len,
