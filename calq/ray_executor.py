@@ -119,6 +119,8 @@ class RayExecutor:
                 except RayError as err:
                     raise _stage_error(ctx, stage, err) from None
                 ctx.run.records[stage.name], self.timings[stage.name] = rec, (start, end)
+                if rec.redone:
+                    ctx.log(f"[yellow]note:[/] {rec.redone}")
                 state = "reused" if rec.reused else f"{rec.seconds:.1f} s, peak {rec.peak_rss_mb:,.0f} MB"
                 ctx.log(f"[green]✓[/] {stage.name} [dim]({state})[/]")
                 if bar is not None:
