@@ -69,8 +69,10 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and list the stages (done or to run); load no model"),
     until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
-    executor: str = typer.Option("local", "--executor", help="local (this process) or ray (one Ray task per stage; the run folder must be on storage every worker sees)"),
-    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the cluster (auto, ray://host:10001); default: a local Ray"),
+    executor: str = typer.Option("local", "--executor", help="local (this process) or ray (one Ray task per stage; "
+                                 "the run folder must be on storage every worker sees)"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the cluster (auto, "
+                                          "ray://host:10001); default: a local Ray"),
 ):
     """Run a recipe: calibration samples, activation ranges, quantized variants, calibrators, evaluation, report.
 

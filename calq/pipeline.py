@@ -626,4 +626,5 @@ def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):
     parts = [json.loads(ctx.run.path("tasks", name, f"{task}.json").read_text()) for task in names]
     result = {**parts[0], "tasks": {task: part["tasks"][task] for task, part in zip(names, parts)}}
     out = write_json(ctx.run.path("tasks", f"{name}.json"), result)
-    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
+    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()}
+                             for t, v in result["tasks"].items()}

@@ -11,7 +11,7 @@ import calq
 from calq.errors import CalqError
 
 ray = pytest.importorskip("ray")
-from calq.ray_executor import KILL_ENV, RayExecutor
+from calq.ray_executor import KILL_ENV, RayExecutor  # noqa: E402
 
 W4 = "quantize/minmax-w4a16-g32"  # a stage of the tiny recipe
 
@@ -51,7 +51,8 @@ def test_ray_run_writes_the_local_runs_folder_and_report(tiny_recipe, tmp_path):
     # the two quantize stages need nothing: Ray ran them (or another independent pair) side by side
     spans = executor.timings
     assert set(spans) == set(markers(tmp_path / "ray"))  # every stage ran on Ray
-    overlapping = [(a, b) for a in spans for b in spans if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
+    overlapping = [(a, b) for a in spans for b in spans
+                   if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
     assert overlapping, spans
 
 
@@ -75,7 +76,8 @@ def test_runs_resume_across_executors(tiny_recipe, tmp_path, monkeypatch):
     done_on_ray = set(markers(tmp_path / "a"))
     seen, log = lines()
     calq.run(recipe, out=tmp_path / "a", log=log)
-    assert {"eval_tokens", W4} <= done_on_ray and last not in done_on_ray and all(f"{name} [dim](reused)" in " ".join(seen) for name in done_on_ray)
+    assert {"eval_tokens", W4} <= done_on_ray and last not in done_on_ray
+    assert all(f"{name} [dim](reused)" in " ".join(seen) for name in done_on_ray)
 
     # and the other way: stopped locally, finished on Ray
     calq.run(recipe, out=tmp_path / "b", until="ranges")
@@ -129,3 +131,15 @@ def test_tasks_split_per_task_merge_into_the_same_results(tiny_recipe, tmp_path)
                 assert [x for q in got["loglikelihoods"] for x in q] == pytest.approx(
                     [x for q in r["loglikelihoods"] for x in q], rel=1e-5)
     assert split.exit_code == whole.exit_code
+
+
+def test_cli_refuses_an_unknown_executor_or_a_stray_address(tiny_recipe, write_recipe):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    path = write_recipe(tiny_recipe)
+    for args, text in ((["--executor", "dask"], "unknown executor 'dask'"),
+                       (["--address", "auto"], "an address is for the Ray executor")):
+        result = CliRunner().invoke(app, ["run", str(path), *args])
+        assert result.exit_code == 2 and text in result.output, result.output
