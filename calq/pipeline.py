@@ -228,8 +228,8 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys."""
     cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
     # placement changes where a model runs, not what it computes: it is left out of the keys
-    model = recipe.model.model_dump(exclude={"check", "device_map"})
-    keys = {"model": stable_hash(CODE_VERSION, model, source.describe())}
+    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(exclude={"check", "device_map"}),
+                                 source.describe())}
     with_bos = [["bos", bos]] if bos is not None else []  # no BOS: the keys of earlier runs stay valid
     table: list[Stage] = []
 
