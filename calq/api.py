@@ -81,7 +81,8 @@ def prepare(recipe: str | Path | dict | Recipe, out: str | Path | None = None,
     root = Path(out or r.output or Path("runs") / r.name)
     data_root = data_mod.data_dir(str(data_dir) if data_dir else None)
     if data_root is not None and not data_root.is_dir():
-        raise CalqError(f"data folder not found: {data_root}", "--data-dir", "pass an existing folder (e.g. ../shared/data)")
+        raise CalqError(f"data folder not found: {data_root}", "--data-dir",
+                        "pass an existing folder (e.g. ../shared/data)")
     r, notes = pipeline.without_unavailable_data(r, data_root)
     result = pipeline.plan(r, data_root)
     result.notes = notes
@@ -102,7 +103,8 @@ def run(recipe: str | Path | dict | Recipe | Prepared, out: str | Path | None = 
     executor = _executor(executor, address)
     p = recipe if isinstance(recipe, Prepared) else prepare(recipe, out, data_dir)
     if until == "calibrate" and p.recipe.calibrators is None:
-        raise CalqError("the recipe has no `calibrators` section to fit", "calibrators", "add one (`calq keys` lists its keys)")
+        raise CalqError("the recipe has no `calibrators` section to fit", "calibrators",
+                        "add one (`calq keys` lists its keys)")
     with p.run.lock():
         p.run.claim(p.recipe.name)
         write_text(p.run.path("recipe.yaml"), p.text)

@@ -64,10 +64,14 @@ def _fail(err: CalqError, debug: bool):
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe (see `calq keys`)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, else runs/<name>)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from [default: $CALQ_DATA_DIR]"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and list the stages (done or to run); load no model"),
-    until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, calibrate or evaluate (tasks included); no report"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, "
+                                                                 "else runs/<name>)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from "
+                                                                     "[default: $CALQ_DATA_DIR]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and list the stages (done or to run); "
+                                                          "load no model"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, "
+                                                              "calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
     executor: str = typer.Option("local", "--executor", help="local (this process) or ray (one Ray task per stage; "
                                  "the run folder must be on storage every worker sees)"),
@@ -111,8 +115,10 @@ def run(
 @app.command("fit-ats")
 def fit_ats(
     recipe: Path = typer.Argument(..., help="YAML recipe with a `calibrators` section"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, else runs/<name>)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from [default: $CALQ_DATA_DIR]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default: the recipe's `output`, "
+                                                                 "else runs/<name>)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from "
+                                                                     "[default: $CALQ_DATA_DIR]"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
 ):
     """Fit the calibrators (global temperature, ATS head, ...) of every variant and stop: `calq run --until calibrate`.
@@ -177,13 +183,15 @@ def _progress():
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
     return Progress(*columns, console=console, transient=True)
 
 
 def _show_plan(prepared):
     plan, run_dir = prepared.plan, prepared.run
-    console.print(f"recipe '{prepared.recipe.name}' is valid. model: {plan.source.describe()}; run folder: {run_dir.root}")
+    console.print(f"recipe '{prepared.recipe.name}' is valid. model: {plan.source.describe()}; "
+                  f"run folder: {run_dir.root}")
     table = Table("stage", "needs", "status")
     for stage in plan.stages:
         table.add_row(stage.name, ", ".join(stage.needs) or "–",
@@ -197,9 +205,11 @@ def _show_plan(prepared):
 def _print_summary(report: dict, root: Path):
     from calq.report.common import mb
 
-    table = Table("variant", "size MB", "ppl", "acc", "conf", "ECE", "Brier", title=f"token-level calibration ({report['evaluation']['tokens']['tokens']:,} tokens)")
+    table = Table("variant", "size MB", "ppl", "acc", "conf", "ECE", "Brier",
+                  title=f"token-level calibration ({report['evaluation']['tokens']['tokens']:,} tokens)")
     for v in report["variants"]:
-        table.add_row(v["variant"], mb(v["size_bytes"]), f"{v['ppl']:.2f}", f"{v['accuracy']:.4f}", f"{v['confidence']:.4f}", f"{v['ece']:.4f}", f"{v['brier']:.4f}")
+        table.add_row(v["variant"], mb(v["size_bytes"]), f"{v['ppl']:.2f}", f"{v['accuracy']:.4f}",
+                      f"{v['confidence']:.4f}", f"{v['ece']:.4f}", f"{v['brier']:.4f}")
     Console().print(table)
     Console().print(f"report: {root / 'report.html'} ({root / 'report.md'}; all numbers: {root / 'report.json'})")
 
@@ -282,7 +292,8 @@ def keys():
     Console().print(f"methods: {', '.join(METHODS)}; schemes: {', '.join(SCHEMES)}; calibrators: {', '.join(names())}")
 
 
-bench_app = typer.Typer(help="Speed of the Triton kernels on a CUDA GPU, as ratio tables (markdown, ready for BENCHMARKS.md).",
+bench_app = typer.Typer(help="Speed of the Triton kernels on a CUDA GPU, as ratio tables "
+                             "(markdown, ready for BENCHMARKS.md).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -339,7 +350,8 @@ def bench_decode(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="a calq variant folder (RUN/variants/NAME): "
                                               "its kernels against its own weights decompressed to bf16 "
                                               "[default: a random Llama-2-7B-shaped model, min-max quantized]"),
-    layers: int = typer.Option(32, "--layers", help="decoder layers of the random model (32 as Llama-2-7B; fewer for a quick look)"),
+    layers: int = typer.Option(32, "--layers", help="decoder layers of the random model "
+                                                    "(32 as Llama-2-7B; fewer for a quick look)"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes (rows decoded together)"),
     prompt: int = typer.Option(128, "--prompt", help="prompt tokens, prefilled untimed"),
     tokens: int = typer.Option(128, "--tokens", help="tokens generated per row; all but the first are timed"),
@@ -363,7 +375,8 @@ def bench_decode(
         if tokens < 2:
             raise CalqError(f"--tokens {tokens} leaves no decode step to time", "--tokens", "give 2 or more")
         if checkpoint is not None and not (checkpoint / "config.json").is_file():
-            raise CalqError(f"no config.json in {checkpoint}", "--checkpoint", "give a variant folder, RUN/variants/NAME")
+            raise CalqError(f"no config.json in {checkpoint}", "--checkpoint",
+                            "give a variant folder, RUN/variants/NAME")
         bench.require_cuda("calq bench decode")
         if checkpoint is not None:
             from transformers import AutoModelForCausalLM
@@ -395,7 +408,8 @@ def bench_decode(
             rows.append([str(b), name, f"{rates[name]:.1f}", f"{1e3 / per_row:.2f}", f"{rates[name] / reference:.2f}",
                          f"{gb:.2f}", f"{gb * per_row:.0f}"])
     out.print("\n" + bench.markdown("greedy decoding", ["batch", "model", "tokens/s", "ms/step", "speed-up",
-                                                        "weights GB", "weight GB/s"], rows), highlight=False, soft_wrap=True)
+                                                        "weights GB", "weight GB/s"], rows),
+              highlight=False, soft_wrap=True)
     if checkpoint is not None:
         ids = torch.randint(0, base.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
         outputs = [Decoder(m, prompt + tokens).generate(ids, tokens)[0] for m in models.values()]

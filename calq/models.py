@@ -46,7 +46,8 @@ def resolve(model_id: str, gguf_file: str | None = None, revision: str | None = 
         return ModelSource(str(path.parent.resolve()), path.name, kind="gguf")
     if path.exists() or model_id.startswith((".", "/", "~")):
         if not (path / "config.json").is_file() and not gguf_file:
-            raise CalqError(f"no model folder with config.json at {path}", "model.id", "give a folder saved by save_pretrained, a .gguf file, or a hub id")
+            raise CalqError(f"no model folder with config.json at {path}", "model.id",
+                            "give a folder saved by save_pretrained, a .gguf file, or a hub id")
         if gguf_file and not (path / gguf_file).is_file():
             raise CalqError(f"GGUF file {gguf_file} not found in {path}", "model.gguf_file", "check the file name")
         return ModelSource(str(path.resolve()), gguf_file, kind="gguf" if gguf_file else "folder")
@@ -209,7 +210,8 @@ def load_config(source: ModelSource):
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether a layer name matches a recipe `ignore` entry: a name, a name suffix, or 're:<regex>'."""
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p)
+               for p in patterns)
 
 
 def linear_input_widths(config) -> dict[str, int]:

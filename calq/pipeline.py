@@ -45,8 +45,8 @@ from calq.calib import ranges as ranges_mod
 from calq.calib.base import CalibratedLM, FitData, split
 from calq.errors import CalqError, located
 from calq.evaluation import harness, trust
-from calq.export import base as export_base
 from calq.evaluation import tokens as token_eval
+from calq.export import base as export_base
 from calq.models import BASELINE
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable
@@ -177,8 +177,8 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
             result.skipped[v.label] = exc.line()
             continue
         if not any(not models.is_ignored(k, v.ignore) for k in widths):
-            raise CalqError(f"ignore leaves no Linear layer to quantize ({len(widths)} layers)", f"variants[{i}].ignore",
-                            "ignore fewer layers (the default is lm_head only)")
+            raise CalqError(f"ignore leaves no Linear layer to quantize ({len(widths)} layers)",
+                            f"variants[{i}].ignore", "ignore fewer layers (the default is lm_head only)")
         variants.append(v)
     if recipe.calibrators is not None:
         instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
@@ -363,7 +363,8 @@ class LocalExecutor:
 
     def run(self, ctx: Context, stages: list[Stage]) -> None:
         for stage in stages:
-            task = ctx.progress.add_task(stage.name, total=None) if ctx.progress else None  # elapsed time while it works
+            # elapsed time while it works
+            task = ctx.progress.add_task(stage.name, total=None) if ctx.progress else None
             try:
                 rec = ctx.run.run_stage(stage.name, stage.key, stage.fn, ctx, *stage.args)
                 if rec.redone:
@@ -442,7 +443,8 @@ def stage_ranges(ctx: Context):
     with atomic_path(out) as tmp:
         ranges_mod.save(collected, tmp, {"samples": str(samples.shape[0]), "seq_len": str(samples.shape[1])})
     summary = ranges_mod.outlier_summary(ranges_mod.load(out), ctx.recipe.outliers_top_k)
-    return {"ranges": out, "outliers": write_json(ctx.run.path("outliers.json"), summary)}, {"layers": len(collected) // 5}
+    return ({"ranges": out, "outliers": write_json(ctx.run.path("outliers.json"), summary)},
+            {"layers": len(collected) // 5})
 
 
 def stage_quantize(ctx: Context, variant: MethodConfig):
@@ -531,7 +533,8 @@ def stage_calibrate(ctx: Context, name: str):
                        progress=(lambda what, done, total: bar(done, total, f"{what} {name}")) if bar else None)
         fitted, validation, selected = calibrators.fit_all(data, spec.settings(), spec.select_by)
         calibrators.save_all(fitted, tmp)
-        write_json(tmp / "calibrators.json", {"selected": selected, "validation": validation, "select_by": spec.select_by,
+        write_json(tmp / "calibrators.json", {"selected": selected, "validation": validation,
+                                              "select_by": spec.select_by,
                                               "fit": {n: c.fit_info for n, c in fitted.items()}, "caches": caches})
     return {"calibrators": final}, {"selected": selected, "validation": validation}
 
@@ -563,7 +566,8 @@ def stage_evaluate(ctx: Context, name: str):
         with torch.no_grad():
             cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
             result["responses"] = {"calibrators": hidden.evaluate_cached(
-                cached, torch.arange(len(cached)), hidden.Logits(model), cals, chunk=ctx.recipe.calibrators.logits_chunk)}
+                cached, torch.arange(len(cached)), hidden.Logits(model), cals,
+                chunk=ctx.recipe.calibrators.logits_chunk)}
         result.update(selected=fitted["selected"], validation=fitted["validation"], fit=fitted["fit"])
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
     none = result["tokens"]["calibrators"]["none"]
@@ -589,7 +593,8 @@ def stage_export(ctx: Context, name: str, fmt: str):
     if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
         m = ctx.recipe.model
         original = models.resolve(m.id, m.gguf_file, m.revision)
-        options["tokenizer"] = str(Path(original.location) / original.gguf_file) if original.gguf_file else source.location
+        options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
+                                else source.location)
     stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"][: spec.max_tokens]
     final = ctx.run.path("export", name, fmt)
     with atomic_path(final) as tmp, torch.no_grad():
@@ -618,7 +623,8 @@ def stage_tasks(ctx: Context, name: str, only: tuple[str, ...] = ()):
                                spec.batch_size, dtype=ctx.recipe.model.dtype, progress=progress)
     out = write_json(ctx.run.path("tasks", name, f"{only[0]}.json") if only else ctx.run.path("tasks", f"{name}.json"),
                      result)
-    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
+    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()}
+                             for t, v in result["tasks"].items()}
 
 
 def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):

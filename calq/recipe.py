@@ -208,7 +208,8 @@ class Recipe(Strict):
 # ---- reading a recipe, and errors that name the key ------------------------------------------------
 
 def _as_value_error(check, value, what: str):
-    """Run a check that raises CalqError inside a pydantic validator, as the ValueError pydantic reports with the key."""
+    """Run a check that raises CalqError inside a pydantic validator, as the ValueError pydantic reports with the
+    key."""
     try:
         return check(value, what)
     except CalqError as err:
@@ -238,8 +239,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
+        sub = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if sub is None:
             return None
         model = sub
@@ -278,7 +279,8 @@ def explain(err: ValidationError, where: str) -> CalqError:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise CalqError(f"recipe file not found: {path}", None, "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+        raise CalqError(f"recipe file not found: {path}", None,
+                        "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -309,8 +311,8 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
+        sub = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if field.is_required():
             default = "required"
         elif field.default_factory is not None:
