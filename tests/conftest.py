@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,3 +72,15 @@ def write_recipe(tmp_path):
 def data_dir() -> Path | None:
     value = os.environ.get("CALQ_DATA_DIR")
     return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture
+def alpaca(tmp_path):
+    """60 Alpaca-style instruction records (pydoc topics as answers), for calibrators."""
+    from pydoc_data.topics import topics
+
+    texts = sorted(set(topics.values()))
+    records = [{"instruction": f"Explain topic {i}.", "input": "", "output": texts[i][:300]} for i in range(60)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -23,17 +23,6 @@ from calq.evaluation import harness
 README = Path(__file__).parent.parent / "README.md"
 
 
-@pytest.fixture
-def alpaca(tmp_path):
-    from pydoc_data.topics import topics
-
-    texts = sorted(set(topics.values()))
-    records = [{"instruction": f"Explain topic {i}.", "input": "", "output": texts[i][:300]} for i in range(60)]
-    path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
 def with_calibrators(recipe: dict, alpaca: Path, **extra) -> dict:
     recipe["variants"] = recipe["variants"][1:]  # w4a16 only: keeps the test short
     recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10, "max_len": 128,

@@ -128,17 +128,6 @@ def test_kill_9_then_rerun_gives_the_same_report(tiny_recipe, write_recipe, tmp_
     assert list(out.rglob(".*.tmp-*")) == []  # temporary files of the killed run were swept
 
 
-@pytest.fixture
-def alpaca(tmp_path):
-    from pydoc_data.topics import topics
-
-    texts = sorted(set(topics.values()))
-    records = [{"instruction": f"Explain topic {i}.", "input": "", "output": texts[i][:300]} for i in range(60)]
-    path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
 def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_recipe, alpaca, tmp_path):
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]  # w4a16 only: keeps the test short
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
