@@ -87,6 +87,11 @@ class Context:
 
         return update
 
+    def original_source(self) -> models.ModelSource:
+        """The model as the recipe names it (for a GGUF: the file itself, not the dequantized folder)."""
+        m = self.recipe.model
+        return models.resolve(m.id, m.gguf_file, m.revision)
+
     def variant_source(self, name: str) -> models.ModelSource:
         if name == BASELINE:
             return self.source
@@ -389,9 +394,8 @@ def execute(ctx: Context, result: Plan, until: str | None = None, executor=None)
 
 def stage_base_model(ctx: Context):
     """GGUF weights dequantized once into an ordinary transformers folder that every later stage loads."""
-    m = ctx.recipe.model
-    source = models.resolve(m.id, m.gguf_file, m.revision)
-    model, tokenizer = models.load(source, m.dtype)
+    source = ctx.original_source()
+    model, tokenizer = models.load(source, ctx.recipe.model.dtype)
     final = ctx.run.path("base_model")
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp)
@@ -406,7 +410,7 @@ def stage_baseline_check(ctx: Context):
     m = ctx.recipe.model
     model, tokenizer = models.load(ctx.source, m.dtype)
     texts = data_mod.load_texts(ctx.recipe.evaluation.tokens.data, "evaluation.tokens.data", ctx.data_root, tokenizer)
-    original = models.resolve(m.id, m.gguf_file, m.revision)
+    original = ctx.original_source()
     gguf = Path(original.location) / original.gguf_file if original.gguf_file else None
     info = trust.verify(model, tokenizer, texts.docs, texts.name, gguf, **m.check.model_dump())
     if not info["passed"]:
@@ -591,8 +595,7 @@ def stage_export(ctx: Context, name: str, fmt: str):
     reference = model if calibrator is None else CalibratedLM(model, calibrator)
     options = {}
     if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
-        m = ctx.recipe.model
-        original = models.resolve(m.id, m.gguf_file, m.revision)
+        original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
                                 else source.location)
     stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"][: spec.max_tokens]
