@@ -17,8 +17,11 @@ another executor can run the same table without touching any stage.
     calibrate/<v>        instructions, quantize/<v>              calibrators/<v>/
     eval_tokens          base_model                              eval_tokens.safetensors
     evaluate/<v>         eval_tokens, calibrate/<v>              eval/<v>.json
-    tasks/<v>            calibrate/<v>                           tasks/<v>.json
+    tasks/<v>            calibrate/<v>                           tasks/<v>.json (+ .safetensors: prompt features)
     (evaluation.tasks.split: tasks/<v>/<task> per task -> tasks/<v>/<task>.json; tasks/<v> merges them)
+    fit_tasks/<v>        quantize/<v>                            fit_tasks/<v>.json + .safetensors (answer_calibration)
+    answers/<v>          fit_tasks/<v>, tasks/<v> (+ answers/baseline for `parent`)
+                                                                 answers/<v>/<calibrator>/, answers/<v>.json
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from calq.calib import calibrators, hidden
 from calq.calib import ranges as ranges_mod
 from calq.calib.base import CalibratedLM, FitData, split
 from calq.errors import CalqError, located
-from calq.evaluation import harness, trust
+from calq.evaluation import answer_calibration, harness, trust
 from calq.evaluation import tokens as token_eval
 from calq.export import base as export_base
 from calq.models import BASELINE
@@ -58,6 +61,7 @@ GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate", "export")  #
 CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
+ANSWERS_VERSION = 1
 EXPORT_VERSION = 1
 CHECK_VERSION = 1
 PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
@@ -187,22 +191,31 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         variants.append(v)
     if recipe.calibrators is not None:
         instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
-    task_counts = None
+    task_counts = fit_counts = None
     if recipe.evaluation.tasks is not None:
         tasks = recipe.evaluation.tasks
-        task_counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names")
+        task_counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names",
+                                          list(tasks.include_path))
+        answers = tasks.answer_calibration
+        if answers is not None:
+            where = "evaluation.tasks.answer_calibration"
+            fit_counts = harness.check_tasks(list(answers.fit_tasks), data_root, answers.fit_limit,
+                                             f"{where}.fit_tasks", list(tasks.include_path), multiple_choice=True)
+            answer_calibration.check_split(list(fit_counts), list(task_counts), fit_counts, list(answers.use), where)
     result.variants = [BASELINE, *(v.label for v in variants)]
     if recipe.export is not None:
         check_export(recipe, result.variants)
     if recipe.gates is not None:
+        answers = recipe.evaluation.tasks.answer_calibration if recipe.evaluation.tasks else None
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
-                    list(recipe.evaluation.tasks.names) if recipe.evaluation.tasks else [])
+                    list(recipe.evaluation.tasks.names) if recipe.evaluation.tasks else [],
+                    ["none", *answers.use] if answers else None, list(answers.targets) if answers else [])
     try:
         bos = models.bos_policy(models.load_tokenizer(source))
     except OSError as exc:
         raise CalqError(f"cannot load the tokenizer of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
                         "check the id or path; hub ids need network access") from None
-    result.stages = stage_table(recipe, source, data_root, variants, task_counts, bos)
+    result.stages = stage_table(recipe, source, data_root, variants, task_counts, bos, fit_counts)
     for key in recipe.resources:
         if not any(_match(key, s) for s in result.stages):
             raise CalqError(f"'{key}' names no stage of this run", f"resources.{key}",
@@ -228,7 +241,8 @@ def stage_resources(recipe: Recipe, stage: Stage) -> tuple[str | None, StageReso
 
 
 def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | None, variants: list[MethodConfig],
-                task_counts: dict[str, int] | None, bos: int | None = None) -> list[Stage]:
+                task_counts: dict[str, int] | None, bos: int | None = None,
+                fit_counts: dict[str, int] | None = None) -> list[Stage]:
     """Every stage of the run in execution order, each with its key. `bos`: the BOS id the tokenizer starts every
     text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys."""
     cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
@@ -273,16 +287,31 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs), group="evaluate",
             settings=[ev.seq_len, ev.bins, EVALUATE_VERSION, *with_bos])  # batch_size changes speed, not results
     if tasks is not None:
+        answers = tasks.answer_calibration
+        # added only when set, so the keys of runs made before these options stay valid
+        extra = [*([["include_path", tasks.include_path]] if tasks.include_path else []),
+                 *([["features", True]] if answers else [])]
         for name, needs in evaluated_on.items():
             if not (tasks.split and len(task_counts) > 1):
                 add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
-                    settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION])
+                    settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION, *extra])
                 continue
             for task in task_counts:  # one stage per task; each keeps the forward pass shared by all calibrators
                 add(f"tasks/{name}/{task}", stage_tasks, name, (task,), needs=needs, group="evaluate",
-                    settings=[[task], tasks.limit, {task: task_counts[task]}, str(data_root), TASKS_VERSION])
+                    settings=[[task], tasks.limit, {task: task_counts[task]}, str(data_root), TASKS_VERSION, *extra])
             add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_counts), group="evaluate",
                 needs=tuple(f"tasks/{name}/{task}" for task in task_counts), settings=TASKS_VERSION)
+        if answers is not None:
+            for name, needs in fitted_on.items():
+                add(f"fit_tasks/{name}", stage_fit_tasks, name, needs=needs, group="calibrate",
+                    settings=[answers.fit_tasks, answers.fit_limit, fit_counts, str(data_root), tasks.include_path,
+                              TASKS_VERSION])
+            for name in fitted_on:
+                parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and "parent" in answers.use \
+                    else ()
+                add(f"answers/{name}", stage_answers, name, needs=(f"fit_tasks/{name}", f"tasks/{name}", *parent),
+                    group="evaluate", settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}),
+                                                tasks.bootstrap, tasks.seed, ev.bins, ANSWERS_VERSION])
     if recipe.export is not None:
         for name in recipe.export.variants or evaluated_on:
             for fmt in recipe.export.formats:
@@ -610,30 +639,99 @@ def stage_export(ctx: Context, name: str, fmt: str):
                                                 "ece_drift": result["verify"]["drift"]["ece"]}
 
 
-def stage_tasks(ctx: Context, name: str, only: tuple[str, ...] = ()):
-    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluation.harness).
-    With `only` (evaluation.tasks.split), those tasks alone, into tasks/<variant>/<task>.json."""
+def _run_tasks(ctx: Context, name: str, cals: dict, tasks: list[str], limit: int | None, features: bool) -> dict:
     spec = ctx.recipe.evaluation.tasks
-    source = ctx.variant_source(name)
-    cals, _ = _load_calibrators(ctx, name, models.load_config(source))
     bar = ctx.track(f"tasks {name}", None)
 
     def progress(description, done, total):
         if bar is not None:
             bar(done, total, f"tasks {name}: {description}")
 
-    result = harness.run_tasks(source.location, cals, list(only or spec.names), spec.limit, ctx.data_root,
-                               spec.batch_size, dtype=ctx.recipe.model.dtype, progress=progress)
-    out = write_json(ctx.run.path("tasks", name, f"{only[0]}.json") if only else ctx.run.path("tasks", f"{name}.json"),
-                     result)
-    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()}
-                             for t, v in result["tasks"].items()}
+    return harness.run_tasks(ctx.variant_source(name).location, cals, tasks, limit, ctx.data_root, spec.batch_size,
+                             dtype=ctx.recipe.model.dtype, progress=progress, include_path=list(spec.include_path),
+                             features=features)
+
+
+def _write_task_results(path: Path, result: dict) -> dict[str, Path]:
+    """run_tasks output as JSON, its prompt features (features=True) in a safetensors file beside it."""
+    part, tensors = harness.split_features(result)
+    out = {"result": write_json(path, part)}
+    if tensors:
+        out["features"] = path.with_suffix(".safetensors")
+        with atomic_path(out["features"]) as tmp:
+            save_file(tensors, str(tmp))
+    return out
+
+
+def _read_task_results(path: Path) -> dict:
+    features = path.with_suffix(".safetensors")
+    return harness.join_features(json.loads(path.read_text()),
+                                 load_file(str(features)) if features.is_file() else {})
+
+
+def _task_metrics(result: dict) -> dict:
+    return {t: {c: r["metrics"] for c, r in v["calibrators"].items()} for t, v in result["tasks"].items()}
+
+
+def stage_tasks(ctx: Context, name: str, only: tuple[str, ...] = ()):
+    """lm-eval tasks under every calibrator: one forward pass per batch serves them all (calq.evaluation.harness).
+    With `only` (evaluation.tasks.split), those tasks alone, into tasks/<variant>/<task>.json."""
+    spec = ctx.recipe.evaluation.tasks
+    cals, _ = _load_calibrators(ctx, name, models.load_config(ctx.variant_source(name)))
+    result = _run_tasks(ctx, name, cals, list(only or spec.names), spec.limit, spec.answer_calibration is not None)
+    path = ctx.run.path("tasks", name, f"{only[0]}.json") if only else ctx.run.path("tasks", f"{name}.json")
+    return _write_task_results(path, result), _task_metrics(result)
 
 
 def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):
     """The per-task results of one variant (evaluation.tasks.split) as one tasks/<variant>.json, in recipe order."""
-    parts = [json.loads(ctx.run.path("tasks", name, f"{task}.json").read_text()) for task in names]
+    parts = [_read_task_results(ctx.run.path("tasks", name, f"{task}.json")) for task in names]
     result = {**parts[0], "tasks": {task: part["tasks"][task] for task, part in zip(names, parts)}}
-    out = write_json(ctx.run.path("tasks", f"{name}.json"), result)
-    return {"result": out}, {t: {c: r["metrics"] for c, r in v["calibrators"].items()}
-                             for t, v in result["tasks"].items()}
+    return _write_task_results(ctx.run.path("tasks", f"{name}.json"), result), _task_metrics(result)
+
+
+def stage_fit_tasks(ctx: Context, name: str):
+    """The answer calibrators' fit tasks on this variant, uncalibrated, with the prompt features they read."""
+    spec = ctx.recipe.evaluation.tasks.answer_calibration
+    result = _run_tasks(ctx, name, {"none": calibrators.get("none")()}, list(spec.fit_tasks), spec.fit_limit, True)
+    return _write_task_results(ctx.run.path("fit_tasks", f"{name}.json"), result), _task_metrics(result)
+
+
+def _answer_sets(ctx: Context, kind: str, name: str) -> dict:
+    return answer_calibration.answer_sets(_read_task_results(ctx.run.path(kind, f"{name}.json")))
+
+
+def _parent_probabilities(ctx: Context) -> dict[str, torch.Tensor]:
+    """The calibrated baseline's answer probabilities on its fit tasks (its selected answer calibrator applied)."""
+    selected = json.loads(ctx.run.path("answers", f"{BASELINE}.json").read_text())["selected"]
+    sets = _answer_sets(ctx, "fit_tasks", BASELINE)
+    if selected == "none":
+        return {t: s.probabilities() for t, s in sets.items()}
+    with located(f"answers/{BASELINE}/{selected}"):
+        calibrator = calibrators.get(selected).load(ctx.run.path("answers", BASELINE, selected))
+    return {t: calibrator.apply(s) for t, s in sets.items()}
+
+
+def stage_answers(ctx: Context, name: str):
+    """Answer calibrators of one variant: fitted on the fit tasks, selected leave-one-fit-task-out, evaluated on the
+    evaluation tasks (never fitted); `parent` (quantized variants) fitted label-free against the calibrated baseline."""
+    tasks = ctx.recipe.evaluation.tasks
+    spec = tasks.answer_calibration
+    settings = spec.settings()
+    parents = None
+    if "parent" in settings:
+        if name == BASELINE:
+            del settings["parent"]
+        else:
+            parents = _parent_probabilities(ctx)
+    fitted, section = answer_calibration.calibrate_answers(
+        _answer_sets(ctx, "fit_tasks", name), _answer_sets(ctx, "tasks", name), settings, list(spec.targets),
+        spec.select_by, ctx.recipe.evaluation.tokens.bins, tasks.bootstrap, tasks.seed, parents)
+    folder = ctx.run.path("answers", name)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        for calibrator_name, calibrator in fitted.items():
+            calibrator.save(tmp / calibrator_name)
+    out = write_json(ctx.run.path("answers", f"{name}.json"), {"variant": name, **section})
+    return {"calibrators": folder, "result": out}, {"selected": section["selected"],
+                                                    "not_fitted": section["not_fitted"]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,52 +73,17 @@ class TokenEvalSpec(Strict):
         return self
 
 
-class TasksSpec(Strict):
-    """Benchmarks through the lm-eval harness, for every variant × calibrator."""
-
-    names: tuple[str, ...] = Field(description="calq's task names: mmlu, mmlu_5shot, truthfulqa_mc1, truthfulqa_mc2, "
-                                               "arc_easy, arc_challenge, piqa, boolq, lambada, triviaqa "
-                                               "(read from --data-dir)")
-    limit: int | None = Field(200, ge=1, description="examples per task (None: all)")
-    batch_size: int = Field(8, ge=1, description="requests per forward pass")
-    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
-    seed: int = Field(0, description="bootstrap seed")
-    split: bool = Field(False, description="one stage per task (tasks/<variant>/<task>), merged into the variant's "
-                                           "results: the Ray executor runs them side by side")
-
-
-class EvaluationSpec(Strict):
-    tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
-    tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval "
-                                                      "(omit: none)")
-
-
-class CalibratorsSpec(BaseModel):
-    """Calibrators fitted on each variant's own hidden states. Besides the keys below, each calibrator in `use`
-    may have a section of its own settings under its name (`ats: {lr: 1e-4}`; `calq keys` lists them)."""
+class CalibratorSection(BaseModel):
+    """A section listing calibrators in `use`, each with an optional settings section under its own name, validated by
+    that calibrator's Config (so an error names the key)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-
-    data: DataSpec = Field(description="instruction data: Alpaca-style records (instruction, input, output), rendered "
-                                       "with the chat template; the loss covers response tokens only")
-    fit_records: int = Field(300, ge=2, description="records the calibrators are fitted on (val_fraction of them "
-                                                    "validate)")
-    heldout_records: int = Field(200, ge=1, description="further records whose responses are the held-out evaluation "
-                                                        "set (never fitted)")
-    seed: int = Field(0, description="seed for splitting the records into fit, validation and held-out")
-    use: tuple[str, ...] = Field(("temperature", "ats"), description="calibrators to fit (none is always included)")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation "
-                                                             "(early stopping and selection)")
-    select_by: Literal["ece", "nll"] = Field("ece", description="validation metric that selects each variant's "
-                                                                "calibrator")
-    max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are "
-                                                "cut)")
-    logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden "
-                                                      "states (memory: chunk x vocab floats)")
+    level: ClassVar[str] = "token"
+    use: tuple[str, ...]
 
     @model_validator(mode="after")
     def _calibrator_settings(self):
-        known = [n for n in calibrators.names() if n != "none"]
+        known = [n for n in calibrators.names(self.level) if n != "none"]
         for name in self.use:
             if name not in known:
                 raise ValueError(f"unknown calibrator '{name}' in use; known: {', '.join(known)}")
@@ -139,6 +104,80 @@ class CalibratorsSpec(BaseModel):
     def settings(self) -> dict[str, BaseModel]:
         """{calibrator name: its settings} for every calibrator in `use`."""
         return {name: (self.model_extra or {}).get(name) or calibrators.get(name).Config() for name in self.use}
+
+
+class AnswerCalibrationSpec(CalibratorSection):
+    """Answer-level calibrators fitted per variant on multiple-choice fit tasks and evaluated on the evaluation tasks,
+    which they never see. Besides the keys below, each calibrator in `use` may have a section of its own settings
+    under its name (`answer_adaptive: {width: 64}`; `calq keys` lists them)."""
+
+    level: ClassVar[str] = "answer"
+    fit_tasks: tuple[str, ...] = Field(("openbookqa", "commonsense_qa", "siqa", "copa"),
+                                       description="multiple-choice tasks the answer calibrators are fitted on (never "
+                                                   "one of the evaluation tasks)")
+    fit_limit: int | None = Field(200, ge=1, description="questions per fit task (None: all)")
+    use: tuple[str, ...] = Field(("answer_temperature", "answer_adaptive", "parent"),
+                                 description="answer calibrators to fit (none is always included; parent, label-free, "
+                                             "is fitted on quantized variants only)")
+    select_by: Literal["ece", "nll"] = Field("ece", description="leave-one-fit-task-out metric that selects each "
+                                                                "variant's answer calibrator")
+    targets: tuple[float, ...] = Field((0.8,), description="target accuracies for selective prediction: the "
+                                                           "confidence threshold is fitted on the fit tasks")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, targets):
+        if any(not 0 < t < 1 for t in targets):
+            raise ValueError(f"target accuracies must lie between 0 and 1, got {list(targets)}")
+        return targets
+
+
+class TasksSpec(Strict):
+    """Benchmarks through the lm-eval harness, for every variant × calibrator."""
+
+    names: tuple[str, ...] = Field(description="calq's task names: mmlu, mmlu_5shot, truthfulqa_mc1, truthfulqa_mc2, "
+                                               "arc_easy, arc_challenge, piqa, boolq, lambada, triviaqa, openbookqa, "
+                                               "commonsense_qa, siqa, copa (read from --data-dir); tasks of the "
+                                               "include_path folders; any name in lm-eval's registry (its data comes "
+                                               "from the hub: needs network)")
+    include_path: tuple[str, ...] = Field((), description="folders of your own lm-eval task YAMLs, as lm-eval's "
+                                                          "--include_path (relative to the working directory)")
+    answer_calibration: AnswerCalibrationSpec | None = Field(
+        None, description="answer-level calibrators fitted on separate fit tasks (omit: none)")
+    limit: int | None = Field(200, ge=1, description="examples per task (None: all)")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
+    seed: int = Field(0, description="bootstrap seed")
+    split: bool = Field(False, description="one stage per task (tasks/<variant>/<task>), merged into the variant's "
+                                           "results: the Ray executor runs them side by side")
+
+
+class EvaluationSpec(Strict):
+    tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
+    tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval "
+                                                      "(omit: none)")
+
+
+class CalibratorsSpec(CalibratorSection):
+    """Calibrators fitted on each variant's own hidden states. Besides the keys below, each calibrator in `use`
+    may have a section of its own settings under its name (`ats: {lr: 1e-4}`; `calq keys` lists them)."""
+
+    data: DataSpec = Field(description="instruction data: Alpaca-style records (instruction, input, output), rendered "
+                                       "with the chat template; the loss covers response tokens only")
+    fit_records: int = Field(300, ge=2, description="records the calibrators are fitted on (val_fraction of them "
+                                                    "validate)")
+    heldout_records: int = Field(200, ge=1, description="further records whose responses are the held-out evaluation "
+                                                        "set (never fitted)")
+    seed: int = Field(0, description="seed for splitting the records into fit, validation and held-out")
+    use: tuple[str, ...] = Field(("temperature", "ats"), description="calibrators to fit (none is always included)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation "
+                                                             "(early stopping and selection)")
+    select_by: Literal["ece", "nll"] = Field("ece", description="validation metric that selects each variant's "
+                                                                "calibrator")
+    max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are "
+                                                "cut)")
+    logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden "
+                                                      "states (memory: chunk x vocab floats)")
 
 
 class ExportSpec(Strict):
@@ -330,7 +369,9 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
         rows.append((key + ("[]" if many and sub else ""), default, field.description or ""))
         if sub is not None:
             rows.extend(describe_keys(sub, key + ("[]." if many else ".<stage>." if "dict" in str(ann) else ".")))
-        if sub is CalibratorsSpec:
-            for cal in calibrators.names():
-                rows.extend(describe_keys(calibrators.get(cal).Config, f"{key}.{cal}."))
+        for spec, level in ((CalibratorsSpec, "token"), (AnswerCalibrationSpec, "answer")):
+            if sub is spec:
+                for cal in calibrators.names(level):
+                    if getattr(calibrators.get(cal), "Config", None) is not None:
+                        rows.extend(describe_keys(calibrators.get(cal).Config, f"{key}.{cal}."))
     return rows

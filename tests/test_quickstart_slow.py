@@ -38,5 +38,10 @@ def test_quickstart_on_the_bundled_model(tmp_path):
             assert len(accuracies) == 1  # calibrators rescale; they never change the argmax
     rows = report["tasks"]["results"]
     assert len(rows) == 3 * 3 and all(r["task"] == "arc_easy" and r["n"] == 50 for r in rows)
+    answers = report["answers"]["results"]
+    for variant in by:  # the selected answer calibrator, fitted on other tasks, repairs ARC-Easy's answer ECE
+        mine = {r["calibrator"]: r for r in answers if r["variant"] == variant and r["task"] == "arc_easy"}
+        chosen = next(r for r in mine.values() if r["selected"])
+        assert chosen["ece"] < mine["none"]["ece"] and chosen["accuracy"] == mine["none"]["accuracy"]
     assert report["gates"]["passed"] is True
     assert (out / "report.html").stat().st_size > 10_000

@@ -1,11 +1,12 @@
 """Answer-level calibration of one variant end to end, from `harness.run_tasks(..., features=True)` output.
 
     check_split(fit_tasks, eval_tasks, counts)          # before any model loads: overlap, too few questions
-    sets = answer_sets(results)                          # {task: AnswerSet} of every multiple-choice task
-    fitted, seconds = fit_answer_calibrators({t: sets[t] for t in fit_tasks}, {"answer_temperature": None, ...})
-    section = answer_section(fitted, sets, fit_tasks, eval_tasks, targets=[0.8])
+    fit_sets, eval_sets = answer_sets(fit_results), answer_sets(eval_results)   # {task: AnswerSet}
+    fitted, section = calibrate_answers(fit_sets, eval_sets, {"answer_temperature": None, ...}, targets=[0.8])
 
-The fit tasks and the evaluation tasks never overlap: every evaluation row is on a task no calibrator saw.
+The fit tasks and the evaluation tasks never overlap: every evaluation row is on a task no calibrator saw. Each
+variant's answer calibrator is selected by leave-one-fit-task-out: every candidate is refitted without one fit task
+and scored on it, so selection too uses only tasks the candidate did not see.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pydantic import BaseModel
 
 from calq.calib import calibrators
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
-from calq.calib.answer_features import AnswerSet, top_choice
+from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.errors import CalqError
-from calq.evaluation.selective import bands, selective_report, summary
+from calq.evaluation.metrics import ece
+from calq.evaluation.selective import bands, curve, selective_report, summary
 
 MIN_FIT_QUESTIONS = 20
 
@@ -88,8 +90,9 @@ def answer_section(fitted: dict[str, AnswerCalibrator], sets: dict[str, AnswerSe
         answers = sets[task]
         for name in every:
             p = probabilities(name, answers)
+            conf, correct = top_choice(p, answers.gold)
             rows.append({"task": task, "calibrator": name, **summary(p, answers.gold, bins, n_boot, seed),
-                         "bands": bands(*top_choice(p, answers.gold))})
+                         "bands": bands(conf, correct), "risk_coverage": curve(conf, correct)})
     fit_gold = [sets[t].gold for t in fit_tasks]
     selective = {name: selective_report([probabilities(name, sets[t]) for t in fit_tasks], fit_gold,
                                         {t: (probabilities(name, sets[t]), sets[t].gold) for t in eval_tasks},
@@ -97,3 +100,59 @@ def answer_section(fitted: dict[str, AnswerCalibrator], sets: dict[str, AnswerSe
                  for name in every}
     return {"fit_tasks": list(fit_tasks), "eval_tasks": list(eval_tasks), "rows": rows, "selective": selective,
             "fit_info": {name: c.fit_info for name, c in fitted.items()}}
+
+
+def _score(probabilities: torch.Tensor, answers: AnswerSet, select_by: str, bins: int) -> float:
+    if select_by == "nll":
+        return float(nll(probabilities, answers.gold_mask()))
+    return ece(*top_choice(probabilities, answers.gold), bins)
+
+
+def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseModel | None], select_by: str = "ece",
+                       bins: int = 15, seed: int = 0, parent_probabilities: dict[str, torch.Tensor] | None = None
+                       ) -> dict[str, dict]:
+    """{calibrator: {"per_task": {fit task: its `select_by` when fitted on the other fit tasks}, "mean", "error"}},
+    `none` first. A calibrator that cannot be fitted without one of the tasks has mean None and the reason."""
+    out = {"none": {"per_task": {t: _score(s.probabilities(), s, select_by, bins) for t, s in fit_sets.items()}}}
+    for name, config in settings.items():
+        per_task, error = {}, None
+        try:
+            for held, answers in fit_sets.items():
+                rest = {t: s for t, s in fit_sets.items() if t != held}
+                parents = {t: parent_probabilities[t] for t in rest} if parent_probabilities else None
+                fitted, _ = fit_answer_calibrators(rest, {name: config}, seed, parents)
+                per_task[held] = _score(fitted[name].apply(answers), answers, select_by, bins)
+        except CalqError as err:
+            error = err.what
+        out[name] = {"per_task": per_task, "error": error}
+    for entry in out.values():
+        entry["mean"] = sum(entry["per_task"].values()) / len(entry["per_task"]) if not entry.get("error") else None
+    return out
+
+
+def calibrate_answers(fit_sets: dict[str, AnswerSet], eval_sets: dict[str, AnswerSet],
+                      settings: dict[str, BaseModel | None], targets: list[float] = (0.8,), select_by: str = "ece",
+                      bins: int = 15, n_boot: int = 1000, seed: int = 0,
+                      parent_probabilities: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, AnswerCalibrator], dict]:
+    """Fit every calibrator in `settings` on all fit tasks, select one by leave-one-fit-task-out `select_by` (`none`
+    is a candidate, so the selected one was never worse than none there), evaluate all on the evaluation tasks.
+    A calibrator that cannot be fitted (parent with too few agreeing prompts, ...) is left out with its reason.
+    Returns (fitted, answer_section(...) plus "selected", "selection", "fit_seconds", "not_fitted")."""
+    selection = leave_one_task_out(fit_sets, settings, select_by, bins, seed, parent_probabilities)
+    fitted, seconds, not_fitted = {}, {}, {}
+    for name, config in settings.items():
+        try:
+            one, secs = fit_answer_calibrators(fit_sets, {name: config}, seed, parent_probabilities)
+        except CalqError as err:
+            not_fitted[name] = err.what
+            continue
+        fitted.update(one)
+        seconds.update(secs)
+    candidates = [n for n in selection if n == "none" or (n in fitted and selection[n]["mean"] is not None)]
+    selected = min(candidates, key=lambda n: selection[n]["mean"])
+    section = answer_section(fitted, {**fit_sets, **eval_sets}, list(fit_sets), list(eval_sets), targets, bins,
+                             n_boot, seed)
+    section.update(selected=selected, select_by=select_by, selection=selection, fit_seconds=seconds,
+                   not_fitted=not_fitted)
+    return fitted, section

@@ -253,10 +253,17 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
 
 
 def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks",
-                include_path: list | None = None) -> dict[str, int]:
-    """Fail fast, before any model loads: unknown task, missing data file, no examples. Returns examples per task."""
+                include_path: list | None = None, multiple_choice: bool = False) -> dict[str, int]:
+    """Fail fast, before any model loads: unknown task, missing data file, no examples, and with `multiple_choice`
+    a task of another kind. Returns examples per task (a group's tasks one by one)."""
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
-    return _counts(resolve_tasks(tasks, root, include_path, where), limit, where)
+    resolved = resolve_tasks(tasks, root, include_path, where)
+    for name, (_, task) in resolved["tasks"].items():
+        kind = task.config.output_type
+        if multiple_choice and kind != "multiple_choice":
+            raise CalqError(f"task '{name}' is {kind}, not multiple choice", where,
+                            "answer calibrators are fitted on multiple-choice tasks only")
+    return _counts(resolved, limit, where)
 
 
 def _counts(resolved: dict, limit: int | None, where: str) -> dict[str, int]:
@@ -366,6 +373,13 @@ def run_tasks(model_dir, calibrators: dict[str, Calibrator], tasks: list[str], l
                 if choice else None,
             }
     return {"limit": limit, "data_dir": str(root), "calibrators": list(calibrators), "tasks": out}
+
+
+def join_features(results: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The inverse of split_features: each task's "prompt_hidden" back from the tensors."""
+    return {**results, "tasks": {name: {**entry, **({"prompt_hidden": tensors[f"{name}.prompt_hidden"]}
+                                                   if f"{name}.prompt_hidden" in tensors else {})}
+                                 for name, entry in results["tasks"].items()}}
 
 
 def split_features(results: dict) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -55,6 +55,13 @@ def risk_coverage(conf: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tens
     return k / conf.numel(), errors / k
 
 
+def curve(conf: torch.Tensor, correct: torch.Tensor, points: int = 50) -> dict[str, list[float]]:
+    """The risk-coverage curve at about `points` evenly spaced coverages (for a plot)."""
+    coverage, risk = risk_coverage(conf, correct)
+    idx = torch.unique(torch.linspace(0, coverage.numel() - 1, min(points, coverage.numel())).round().long())
+    return {"coverage": [round(float(c), 4) for c in coverage[idx]], "risk": [round(float(r), 4) for r in risk[idx]]}
+
+
 def aurc(conf: torch.Tensor, correct: torch.Tensor) -> float:
     return float(risk_coverage(conf, correct)[1].mean())
 

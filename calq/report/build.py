@@ -11,6 +11,7 @@ import yaml
 from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
+from calq.report import answers as answer_report
 from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
 from calq.report.gates import Gates, gates_section
 from calq.report.html import write_html
@@ -185,6 +186,13 @@ def markdown(report: dict) -> str:
             brier = f"{r['brier']:.4f}" if r.get("brier") is not None else "–"
             lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | "
                          f"{ece} | {brier} |")
+    if report.get("answers"):
+        lines += ["", "## Answer-level calibration (tasks the calibrators never saw)"]
+        for table in answer_report.tables(report["answers"]):
+            numeric = table["numeric"]
+            lines += ["", f"### {table['title']}", "", table["note"], "", "| " + " | ".join(table["header"]) + " |",
+                      "|" + "|".join("---:" if i in numeric else "---" for i in range(len(table["header"]))) + "|",
+                      *("| " + " | ".join(row) + " |" for row in table["rows"])]
     if report.get("deployed"):
         lines += ["", "## Deployed: each artifact on its own runtime", "",
                   "Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant "
@@ -246,6 +254,13 @@ def write_reports(run_root: str | Path) -> dict:
         per_variant = {name: json.loads(run.path("tasks", f"{name}.json").read_text()) for name in manifest["variants"]}
         report["tasks"] = tasks_section(per_variant, recipe["evaluation"]["tokens"]["bins"], spec["bootstrap"],
                                         spec["seed"], manifest["versions"]["lm_eval"])
+        if spec.get("answer_calibration"):
+            answers = spec["answer_calibration"]
+            report["answers"] = answer_report.answers_section(
+                {name: json.loads(run.path("answers", f"{name}.json").read_text()) for name in manifest["variants"]},
+                {"fit_limit": answers["fit_limit"], "select_by": answers["select_by"],
+                 "targets": [str(t) for t in answers["targets"]], "bins": recipe["evaluation"]["tokens"]["bins"],
+                 "bootstrap": spec["bootstrap"], "seed": spec["seed"]})
     gates = Gates.model_validate(recipe["gates"]) if recipe.get("gates") else None
     report["gates"] = gates_section(gates, report, baseline=BASELINE)
     write_json(run.path("report.json"), report)

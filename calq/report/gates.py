@@ -8,6 +8,8 @@ A recipe's `gates:` picks candidates (a variant and a calibrator, or all of them
       max_accuracy_drop: 0.02     # per task, below the baseline with the same calibrator
       max_ece_increase: 0.01      # per task, above the baseline's uncalibrated answer-level ECE
       max_token_ece: 0.05
+      max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator
+      min_coverage: 0.2           # answered share at the threshold fitted for the first target accuracy
 
 Each threshold yields one check per candidate (and task); a threshold with nothing to check fails, so a
 gate can never pass by matching nothing.
@@ -48,8 +50,26 @@ class Gates(BaseModel):
         None, ge=0, le=1, description="smallest allowed share of positions where the exported artifact's top token is "
                                       "the PyTorch variant's")
 
+    answer_calibrator: str | None = Field(
+        None, description="answer calibrator the answer gates check (default: each variant's selected one)")
+    max_answer_ece: float | None = Field(
+        None, ge=0, le=1, description="largest allowed answer-level ECE on an evaluation task, with the answer "
+                                      "calibrator (needs evaluation.tasks.answer_calibration)")
+    min_auroc: float | None = Field(
+        None, ge=0, le=1, description="smallest allowed AUROC of the answer confidence for right vs wrong answers")
+    min_coverage: float | None = Field(
+        None, ge=0, le=1, description="smallest allowed share of questions answered at the confidence threshold "
+                                      "fitted for `coverage_target` accuracy")
+    coverage_target: float | None = Field(
+        None, gt=0, lt=1, description="target accuracy of min_coverage (default: the first of "
+                                      "answer_calibration.targets)")
+
     def task_gates(self) -> list[str]:
-        return [g for g in ("max_accuracy_drop", "max_ece", "max_ece_increase") if getattr(self, g) is not None]
+        return [g for g in ("max_accuracy_drop", "max_ece", "max_ece_increase", *ANSWER_GATES)
+                if getattr(self, g) is not None]
+
+
+ANSWER_GATES = ("max_answer_ece", "min_auroc", "min_coverage")
 
 
 @dataclass(frozen=True)
@@ -70,11 +90,24 @@ class GateResult:
 
 
 def check_gates(gates: Gates, variants: list[str], calibrators: list[str], tasks: list[str],
-                where: str = "gates") -> None:
-    """Before a run: every name a gate uses exists, and task gates have tasks to check."""
-    for key, value, known in (("variant", gates.variant, variants), ("calibrator", gates.calibrator, calibrators)):
+                answer_calibrators: list[str] | None = None, targets: list[float] = (), where: str = "gates") -> None:
+    """Before a run: every name a gate uses exists, task gates have tasks to check, answer gates have answer
+    calibrators (`answer_calibrators`: none and those fitted; None without answer calibration)."""
+    for key, value, known in (("variant", gates.variant, variants), ("calibrator", gates.calibrator, calibrators),
+                              ("answer_calibrator", gates.answer_calibrator, answer_calibrators or [])):
         if value is not None and value not in known:
-            raise CalqError(f"unknown {key} '{value}'", f"{where}.{key}", f"use one of: {', '.join(known)}")
+            raise CalqError(f"unknown {key} '{value}'", f"{where}.{key}",
+                            f"use one of: {', '.join(known)}" if known else "add evaluation.tasks.answer_calibration")
+    needs_answers = [g for g in ANSWER_GATES if getattr(gates, g) is not None]
+    if needs_answers and answer_calibrators is None:
+        raise CalqError(f"{needs_answers[0]} needs answer calibration, and the recipe has none",
+                        f"{where}.{needs_answers[0]}", "add evaluation.tasks.answer_calibration or remove the gate")
+    if gates.min_coverage is not None and not targets:
+        raise CalqError("min_coverage needs a target accuracy", f"{where}.min_coverage",
+                        "list one in evaluation.tasks.answer_calibration.targets")
+    if gates.coverage_target is not None and gates.coverage_target not in targets:
+        raise CalqError(f"coverage_target {gates.coverage_target} is not one of the targets {list(targets)}",
+                        f"{where}.coverage_target", "add it to evaluation.tasks.answer_calibration.targets")
     for task in gates.tasks or ():
         if task not in tasks:
             raise CalqError(f"task '{task}' is not evaluated", f"{where}.tasks",
@@ -121,10 +154,11 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
                  if gates.tasks is None or r["task"] in gates.tasks]
     base = {(r["calibrator"], r["task"]): r for r in task_rows if r["variant"] == baseline}
     results = []
-    for gate in gates.task_gates():
+    for gate in (g for g in gates.task_gates() if g not in ANSWER_GATES):
         checks = [_check(gate, row, row["task"], value, getattr(gates, gate)) for row in filter(selected, task_rows)
                   if (value := _task_value(gate, row, base)) is not None]
         results += checks or [_nothing_to_check(gate, gates)]
+    results += _answer_gates(gates, report, selected)
     if gates.max_token_ece is not None:
         token_rows = [{"variant": v["variant"], "calibrator": cal, "ece": m["ece"]} for v in report["variants"]
                       for cal, m in ((v.get("calibrated") or {}).get("tokens") or {"none": v}).items()]
@@ -141,6 +175,34 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
         checks = [GateResult("min_deployed_top1_agreement", r["variant"], r["calibrator"], r["format"], r["top1"],
                              threshold, r["top1"] >= threshold - TOLERANCE, r["top1"] - threshold) for r in deployed]
         results += checks or [_nothing_to_check("min_deployed_top1_agreement", gates)]
+    return results
+
+
+def _answer_gates(gates: Gates, report: dict, selected) -> list[GateResult]:
+    """max_answer_ece, min_auroc, min_coverage on report["answers"]["results"]: each candidate variant's selected
+    answer calibrator (or `answer_calibrator`) on each evaluation task."""
+    answers = report.get("answers") or {}
+    rows = [r for r in answers.get("results", []) if selected({**r, "calibrator": None})
+            and (r["calibrator"] == gates.answer_calibrator if gates.answer_calibrator else r["selected"])
+            and (gates.tasks is None or r["task"] in gates.tasks)]
+    target = str(gates.coverage_target or (answers.get("settings", {}).get("targets") or [None])[0])
+    results = []
+    for gate, value_of, at_least in (("max_answer_ece", lambda r: r["ece"], False),
+                                     ("min_auroc", lambda r: r["auroc"], True),
+                                     ("min_coverage", lambda r: r["coverage"].get(target, {}).get("coverage"), True)):
+        threshold = getattr(gates, gate)
+        if threshold is None:
+            continue
+        checks = []
+        for r in rows:
+            value = value_of(r)
+            if value is None:  # AUROC of a task answered all right or all wrong: nothing to rank
+                continue
+            ok = value >= threshold - TOLERANCE if at_least else value <= threshold + TOLERANCE
+            checks.append(GateResult(gate, r["variant"], r["calibrator"], r["task"], value, threshold, ok,
+                                     value - threshold if at_least else threshold - value))
+        results += checks or [GateResult(gate, gates.variant, gates.answer_calibrator, None, None, threshold, False,
+                                         None)]
     return results
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from calq.report import answers as answer_report
 from calq.report import plots
 from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
 from calq.runs import write_text
@@ -193,6 +194,20 @@ def _tasks(report: dict) -> str:
     return out
 
 
+def _answers(report: dict) -> str:
+    section = report.get("answers")
+    if not section:
+        return ""
+    out = "<h2>Answer-level calibration (tasks the calibrators never saw)</h2>"
+    for table in answer_report.tables(section):
+        out += (f"<h3>{escape(table['title'])}</h3><p class=\"muted\">{escape(table['note'])}</p>"
+                + _table(table["header"], table["rows"], table["numeric"]))
+        if table["title"] == "Summary":
+            chosen = [r for r in section["results"] if r["selected"] or r["calibrator"] == "none"]
+            out += _img(plots.risk_coverage(chosen), "risk-coverage curves per evaluation task")
+    return out
+
+
 def _outliers(report: dict) -> str:
     rows = [[o["layer"], _num(o["ratio"], 1), _num(o["absmax"], 3), _num(o["median_absmax"]), o["channel"],
              _num(o["tokens"])]
@@ -266,8 +281,8 @@ def render(report: dict) -> str:
             f'created {escape(report["created"])}.</p>'
             + "".join(f'<p class="muted">Note: {escape(n)}.</p>' for n in notes))
     body = head + _verdict(report) + _gates(report) + _baseline_check(report) + _summary(report) + _tokens(report) \
-        + _calibrators(report) + _tasks(report) + _deployed(report) + _outliers(report) + _methods(report) \
-        + _recipe(report)
+        + _calibrators(report) + _tasks(report) + _answers(report) + _deployed(report) + _outliers(report) \
+        + _methods(report) + _recipe(report)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<title>calq report: {escape(report["recipe"])}</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")

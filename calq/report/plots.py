@@ -74,4 +74,23 @@ def task_chart(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "ece"))
     return _png(fig)
 
 
+def risk_coverage(rows: list[dict]) -> bytes:
+    """One panel per task: the error rate among the answered questions against the share answered (most confident
+    first), a line per variant / calibrator. A useful confidence falls to the left; a flat line ranks no better than
+    chance."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig = Figure(figsize=(min(3.2 * len(tasks), 16) + 2.6, 3.0), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
+    for ax, task in zip(axes, tasks):
+        for r in (r for r in rows if r["task"] == task):
+            ax.plot(r["risk_coverage"]["coverage"], r["risk_coverage"]["risk"], linewidth=1.2,
+                    label=f"{r['variant']} / {r['calibrator']}", linestyle="--" if r["calibrator"] == "none" else "-")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="coverage", title=task)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("risk (error rate)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    return _png(fig)
+
+
 HATCHES = ("", "///", "...", "xxx", "\\\\\\")

@@ -1,0 +1,106 @@
+"""The report's answer-level calibration section (answers/<variant>.json of every variant), and its tables, which
+report.md and report.html render alike."""
+
+from __future__ import annotations
+
+from calq.models import BASELINE
+
+
+def answers_section(per_variant: dict[str, dict], settings: dict) -> dict:
+    """report.json's `answers`: {"settings", "variants": {variant: selection and fit details}, "results": one row per
+    variant x answer calibrator x evaluation task, with `selected`, `coverage` per target accuracy and, for quantized
+    variants, `ece_vs_baseline` (this row's ECE minus the baseline's selected calibrator's on the task)}."""
+    first = next(iter(per_variant.values()))
+    base = per_variant.get(BASELINE)
+    base_ece = {r["task"]: r["ece"] for r in base["rows"] if r["calibrator"] == base["selected"]} if base else {}
+    results, variants = [], {}
+    for variant, sec in per_variant.items():
+        for r in sec["rows"]:
+            coverage = {target: {**rep["tasks"][r["task"]], "threshold": rep["threshold"]}
+                        for target, rep in sec["selective"][r["calibrator"]].items()}
+            vs_base = r["ece"] - base_ece[r["task"]] if variant != BASELINE and r["task"] in base_ece else None
+            results.append({"variant": variant, **r, "selected": r["calibrator"] == sec["selected"],
+                            "coverage": coverage, "ece_vs_baseline": vs_base})
+        variants[variant] = {k: sec[k] for k in ("selected", "select_by", "selection", "fit_seconds", "not_fitted",
+                                                 "fit_info")}
+    return {"settings": {**settings, "fit_tasks": first["fit_tasks"], "eval_tasks": first["eval_tasks"]},
+            "variants": variants, "results": results}
+
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(value, ci, digits: int = 3) -> str:
+    return _f(value, digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if value is not None and ci else "")
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summary_rows(section: dict) -> list[dict]:
+    """Per variant: the selected answer calibrator and its mean / worst ECE over the evaluation tasks against none."""
+    out = []
+    for variant, info in section["variants"].items():
+        mine = [r for r in section["results"] if r["variant"] == variant]
+        chosen = [r for r in mine if r["selected"]]
+        none = [r for r in mine if r["calibrator"] == "none"]
+        out.append({"variant": variant, "selected": info["selected"],
+                    "mean_ece_none": _mean([r["ece"] for r in none]),
+                    "mean_ece": _mean([r["ece"] for r in chosen]),
+                    "max_ece": max((r["ece"] for r in chosen), default=None),
+                    "mean_auroc": _mean([r["auroc"] for r in chosen]),
+                    "mean_ece_vs_baseline": _mean([r["ece_vs_baseline"] for r in chosen])})
+    return out
+
+
+def tables(section: dict) -> list[dict]:
+    """[{"title", "note", "header", "rows", "numeric"}]: the summary, every row, the selection, selective prediction
+    and confidence bands, as strings."""
+    s = section["settings"]
+    limit = f"at most {s['fit_limit']} questions each" if s.get("fit_limit") else "all questions"
+    summary = {"title": "Summary",
+               "note": f"Answer calibrators fitted per variant on {', '.join(s['fit_tasks'])} ({limit}); evaluated on "
+                       f"{', '.join(s['eval_tasks'])}, which no calibrator saw. Each variant's calibrator is selected "
+                       f"by leave-one-fit-task-out {s['select_by']} (`none` is a candidate). ECE: {s['bins']} "
+                       f"equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}).",
+               "header": ["variant", "selected", "mean ECE none", "mean ECE selected", "worst task ECE",
+                          "mean AUROC", "mean ECE − calibrated baseline's"],
+               "rows": [[r["variant"], r["selected"], _f(r["mean_ece_none"]), _f(r["mean_ece"]), _f(r["max_ece"]),
+                         _f(r["mean_auroc"]), _f(r["mean_ece_vs_baseline"], 4) if r["variant"] != BASELINE else "–"]
+                        for r in summary_rows(section)], "numeric": {2, 3, 4, 5, 6}}
+    every = {"title": "Every answer calibrator on every evaluation task", "note": "* = the variant's selected one.",
+             "header": ["variant", "calibrator", "task", "n", "accuracy", "confidence", "ECE-15 [CI]", "ECE-10 mass",
+                        "smooth ECE", "Brier", "AUROC [CI]", "AURC"],
+             "rows": [[r["variant"], r["calibrator"] + (" *" if r["selected"] else ""), r["task"], str(r["n"]),
+                       _f(r["accuracy"]), _f(r["confidence"]), _ci(r["ece"], r["ece_ci"]), _f(r["ece_mass"]),
+                       _f(r["smece"]), _f(r["brier"]), _ci(r["auroc"], r["auroc_ci"]), _f(r["aurc"])]
+                      for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 11}}
+    fit_tasks = list(s["fit_tasks"])
+    selection = {"title": "Selection (leave one fit task out)",
+                 "note": f"{s['select_by']} on each fit task of the calibrator fitted on the other fit tasks.",
+                 "header": ["variant", "calibrator", "mean", *fit_tasks],
+                 "rows": [[variant, name + (" *" if name == info["selected"] else ""), _f(e["mean"], 4),
+                           *(_f(e["per_task"].get(t), 4) for t in fit_tasks)] if not e.get("error") else
+                          [variant, name, f"not selectable: {e['error']}", *("–" for _ in fit_tasks)]
+                          for variant, info in section["variants"].items() for name, e in info["selection"].items()],
+                 "numeric": set(range(2, 3 + len(fit_tasks)))}
+    chosen = [r for r in section["results"] if r["selected"]]
+    selective = {"title": "Selective prediction: answer only when confidence ≥ threshold",
+                 "note": "The threshold is fitted on the fit tasks for each target accuracy; coverage and accuracy are "
+                         "what it reaches on each evaluation task (selected calibrators).",
+                 "header": ["variant", "calibrator", "target", "threshold", "task", "coverage [CI]", "accuracy [CI]"],
+                 "rows": [[r["variant"], r["calibrator"], target, _f(c["threshold"], 4), r["task"],
+                           _ci(c["coverage"], c["coverage_ci"]), _ci(c["accuracy"], c["accuracy_ci"])]
+                          for r in chosen for target, c in r["coverage"].items()], "numeric": {2, 3}}
+    bands = {"title": "Confidence bands", "note": "Questions by confidence of the selected calibrator: how many, and "
+                                                   "the accuracy measured in each band.",
+             "header": ["variant", "calibrator", "task",
+                        *(f"{b['band']} ({b['lo']:.1f}–{b['hi']:.1f}): n, conf, acc" for b in chosen[0]["bands"])]
+             if chosen else [],
+             "rows": [[r["variant"], r["calibrator"], r["task"],
+                       *(f"{b['count']}, {_f(b['confidence'], 2)}, {_f(b['accuracy'], 2)}" for b in r["bands"])]
+                      for r in chosen], "numeric": set()}
+    return [summary, every, selection, selective, bands]
