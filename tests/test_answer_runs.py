@@ -4,9 +4,9 @@ task YAMLs (include_path); and bad input failing before any model loads."""
 
 import json
 import random
-import textwrap
 
 import pytest
+from test_task_shapes import yaml_task
 
 import calq
 from calq import pipeline
@@ -24,21 +24,10 @@ def write_task(folder, name: str, n: int, seed: int, choices: int) -> None:
     rows = [{"question": f"What colour is {rng.choice(WORDS)} number {i}?", "options": options,
              "label": rng.randrange(choices)} for i in range(n)]
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / f"{name}.yaml").write_text(textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {folder / f"{name}.jsonl"}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+    (folder / f"{name}.yaml").write_text(yaml_task(name, folder / f"{name}.jsonl", """\
+        doc_to_text: "Question: {{question}}\\nAnswer:"
         doc_to_choice: options
         doc_to_target: label
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
         """))
 
 
@@ -56,7 +45,9 @@ def answer_recipe(tiny_recipe, mc_tasks, **answers) -> dict:
                 "names": ["eval_x", "eval_y"], "limit": 24, "batch_size": 16, "bootstrap": 50,
                 "include_path": [str(mc_tasks)],
                 "answer_calibration": {"fit_tasks": ["fit_a", "fit_b", "fit_c"], "fit_limit": 24,
-                                       "answer_adaptive": {"epochs": 5, "patience": 2}, **answers}}}}
+                                       **({} if "use" in answers else {"answer_adaptive": {"epochs": 5,
+                                                                                           "patience": 2}}),
+                                       **answers}}}}
 
 
 def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe, mc_tasks, tmp_path):
@@ -132,3 +123,19 @@ def test_answer_gates_need_answer_calibration(tiny_recipe, mc_tasks, tmp_path):
     del recipe["evaluation"]["tasks"]["answer_calibration"]
     with pytest.raises(CalqError, match="max_answer_ece needs answer calibration"):
         pipeline.plan(parse_recipe({**recipe, "gates": {"max_answer_ece": 0.1}}), tmp_path)
+
+
+def test_split_task_stages_keep_the_features_answer_calibration_reads(tiny_recipe, mc_tasks, tmp_path):
+    recipe = answer_recipe(tiny_recipe, mc_tasks, use=["answer_temperature"])
+    recipe["evaluation"]["tasks"]["split"] = True
+    out = tmp_path / "run"
+    calq.run(recipe, out=out, data_dir=tmp_path)
+    from safetensors.torch import load_file
+
+    merged = load_file(str(out / "tasks" / "baseline.safetensors"))
+    parts = {t: load_file(str(out / "tasks" / "baseline" / f"{t}.safetensors")) for t in ("eval_x", "eval_y")}
+    for task, part in parts.items():
+        assert (merged[f"{task}.prompt_hidden"] == part[f"{task}.prompt_hidden"]).all()
+    rows = json.loads((out / "report.json").read_text())["answers"]["results"]
+    assert {(r["variant"], r["task"]) for r in rows if r["calibrator"] == "answer_temperature"} == {
+        (v, t) for v in ("baseline", "minmax-w4a16-g32") for t in ("eval_x", "eval_y")}
