@@ -152,7 +152,7 @@ def without_unavailable_data(recipe: Recipe, data_root: Path | None) -> tuple[Re
         if gates is not None and gates.task_gates():
             notes.append(f"gates skipped: {', '.join(gates.task_gates())} (no tasks)")
             gates = gates.model_copy(update={g: None for g in gates.task_gates()})
-            gates = gates if gates.max_token_ece is not None else None
+            gates = gates if gates.thresholds() else None
     if update.get("calibrators", cal) is None and gates is not None and gates.calibrator not in (None, "none"):
         notes.append(f"gates skipped: they check calibrator '{gates.calibrator}', which was not fitted")
         gates = None

@@ -64,6 +64,10 @@ class Gates(BaseModel):
         None, gt=0, lt=1, description="target accuracy of min_coverage (default: the first of "
                                       "answer_calibration.targets)")
 
+    def thresholds(self) -> list[str]:
+        """The gates set (every max_/min_ key with a value)."""
+        return [g for g in type(self).model_fields if g.startswith(("max_", "min_")) and getattr(self, g) is not None]
+
     def task_gates(self) -> list[str]:
         return [g for g in ("max_accuracy_drop", "max_ece", "max_ece_increase", *ANSWER_GATES)
                 if getattr(self, g) is not None]
