@@ -222,7 +222,22 @@ def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: i
             f"the data has {stream.numel():,} tokens, fewer than num_samples × seq_len = "
             f"{num_samples} × {seq_len} = {num_samples * seq_len:,}",
             where, f"use a larger source, or lower num_samples/seq_len (at most {available} samples of {seq_len})")
-    chosen = sorted(random.Random(seed).sample(range(available), num_samples))
+    return all_windows[chosen_windows(available, num_samples, seed)].clone()
+
+
+def chosen_windows(available: int, num_samples: int, seed: int) -> list[int]:
+    """Which of `available` windows `sample_windows` takes with `seed` (sorted indices)."""
+    return sorted(random.Random(seed).sample(range(available), num_samples))
+
+
+def free_windows(stream: torch.Tensor, seq_len: int, taken: list[int], count: int, seed: int,
+                 bos: int | None = None) -> torch.Tensor:
+    """Up to `count` windows of `stream` (the `windows` grid, BOS first when given) other than the indices `taken`,
+    chosen with `seed` and kept in stream order: text beside the windows another stage took, never overlapping
+    them. [n, seq_len]; n is 0 when every window is taken."""
+    all_windows = windows(stream, seq_len, bos)
+    free = sorted(set(range(all_windows.shape[0])) - set(taken))
+    chosen = sorted(random.Random(seed).sample(free, min(count, len(free))))
     return all_windows[chosen].clone()
 
 

@@ -14,7 +14,8 @@ another executor can run the same table without touching any stage.
     ranges               samples                                 ranges.safetensors, outliers.json
     quantize/<v>         samples (when the method reads data)    variants/<v>/ (+ method artifacts)
     instructions         -                                       instructions.json
-    calibrate/<v>        instructions, quantize/<v>              calibrators/<v>/
+    validation_text      base_model                              validation_text.safetensors
+    calibrate/<v>        instructions, validation_text, quantize/<v>  calibrators/<v>/
     eval_tokens          base_model                              eval_tokens.safetensors
     evaluate/<v>         eval_tokens, calibrate/<v>              eval/<v>.json
     tasks/<v>            calibrate/<v>                           tasks/<v>.json (+ .safetensors: prompt features)
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from calq import data as data_mod
 from calq import models
-from calq.calib import calibrators, hidden
+from calq.calib import calibrators, hidden, select
 from calq.calib import ranges as ranges_mod
 from calq.calib.base import CalibratedLM, FitData, split
 from calq.errors import CalqError, located
@@ -191,6 +192,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         variants.append(v)
     if recipe.calibrators is not None:
         instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
+        check_validation_text(recipe, data_root)
     task_counts = fit_counts = None
     if recipe.evaluation.tasks is not None:
         tasks = recipe.evaluation.tasks
@@ -277,8 +279,14 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         add("instructions", stage_instructions, group="calibrate",
             settings=[spec.model_dump(include={"data", "fit_records", "heldout_records", "seed"}),
                       data_mod.fingerprint(spec.data, data_root)])
+        text = spec.validation_text
+        if text is not None:
+            add("validation_text", stage_validation_text, needs=base, group="calibrate",
+                settings=[text.model_dump(), spec.seed, cal.model_dump(),
+                          data_mod.fingerprint(text.data or cal.data, data_root), *with_bos])
         for name, needs in fitted_on.items():
-            add(f"calibrate/{name}", stage_calibrate, name, needs=("instructions", *needs), group="calibrate",
+            add(f"calibrate/{name}", stage_calibrate, name, group="calibrate",
+                needs=("instructions", *(("validation_text",) if text is not None else ()), *needs),
                 settings=spec.model_dump(exclude={"data", "fit_records", "heldout_records"}))
             evaluated_on[name] = (f"calibrate/{name}",)
     add("eval_tokens", stage_eval_tokens, needs=base, group="evaluate",
@@ -453,8 +461,7 @@ def stage_samples(ctx: Context):
     texts = data_mod.load_texts(cal.data, "calibration.data", ctx.data_root, tokenizer)
     if texts.note:
         ctx.log(f"[yellow]note:[/] {texts.note}")
-    need = cal.num_samples * cal.seq_len
-    stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=need * 8)
+    stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=_sample_pool(cal))
     samples = data_mod.sample_windows(stream, cal.num_samples, cal.seq_len, cal.seed, "calibration",
                                       bos=models.bos_policy(tokenizer))
     out = ctx.run.path("samples.safetensors")
@@ -462,6 +469,11 @@ def stage_samples(ctx: Context):
         save_file({"input_ids": samples}, str(tmp), metadata={"source": texts.name})
     return {"samples": out}, {"source": texts.name, "note": texts.note, "tokens_read": int(stream.numel()),
                               "num_samples": cal.num_samples, "seq_len": cal.seq_len, "seed": cal.seed}
+
+
+def _sample_pool(cal) -> int:
+    """Tokens of the calibration text the samples are drawn from (the rest of the text is never read for them)."""
+    return cal.num_samples * cal.seq_len * 8
 
 
 def _samples(ctx: Context) -> torch.Tensor:
@@ -545,9 +557,51 @@ def stage_instructions(ctx: Context):
                               "heldout_records": spec.heldout_records, "seed": spec.seed}
 
 
+def check_validation_text(recipe: Recipe, data_root: Path | None) -> None:
+    """The calibrators' plain-text validation data is available and is not the evaluation text (before long work)."""
+    text, ev = recipe.calibrators.validation_text, recipe.evaluation.tokens.data
+    if text is None or text.data is None:  # the default, the calibration text, is checked against it in plan()
+        return
+    data_mod.check_available(text.data, "calibrators.validation_text.data", data_root)
+    validated = {(text.data.source, text.data.split), (text.data.fallback, text.data.split)} - {(None, text.data.split)}
+    if validated & {(ev.source, ev.split), (ev.fallback, ev.split)}:
+        raise CalqError("the calibrators' validation text is the evaluation text", "calibrators.validation_text.data",
+                        "validate on other text: another file or split, or omit data (the calibration text)")
+
+
+def stage_validation_text(ctx: Context):
+    """Windows of plain text (calibration.seq_len tokens) the calibrators are validated on beside the instruction
+    responses: from `calibrators.validation_text.data`, or by default from the calibration text, never a window the
+    calibration samples took. Never the evaluation text (plan() refuses it)."""
+    spec, cal, seed = ctx.recipe.calibrators.validation_text, ctx.recipe.calibration, ctx.recipe.calibrators.seed
+    tokenizer = models.load_tokenizer(ctx.source)
+    bos = models.bos_policy(tokenizer)
+    count = max(1, spec.tokens // cal.seq_len)
+    where = "calibration.data" if spec.data is None else "calibrators.validation_text.data"
+    texts = data_mod.load_texts(spec.data or cal.data, where, ctx.data_root, tokenizer)
+    taken: list[int] = []
+    if spec.data is None:  # the samples' windows are the first ones of this stream's grid: leave them out
+        stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=_sample_pool(cal) + count * cal.seq_len)
+        pool = data_mod.windows(stream[:_sample_pool(cal)], cal.seq_len, bos).shape[0]
+        taken = data_mod.chosen_windows(pool, min(cal.num_samples, pool), cal.seed)
+    else:
+        stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=count * cal.seq_len)
+    windows = data_mod.free_windows(stream, cal.seq_len, taken, count, seed, bos)
+    if windows.shape[0] == 0:
+        raise CalqError(f"{texts.name} has no window of {cal.seq_len} tokens left for validation", where,
+                        "give calibrators.validation_text.data, or more text")
+    out = ctx.run.path("validation_text.safetensors")
+    with atomic_path(out) as tmp:
+        save_file({"input_ids": windows}, str(tmp), metadata={"source": texts.name})
+    return {"windows": out}, {"source": texts.name, "note": texts.note, "windows": windows.shape[0],
+                              "seq_len": cal.seq_len, "tokens": int(windows.numel()),
+                              "left_out_sample_windows": len(taken)}
+
+
 def stage_calibrate(ctx: Context, name: str):
-    """Cache this model's hidden states on the fit and held-out responses; fit every calibrator the recipe lists
-    on the fit records' training split, validate them on its validation split and select one."""
+    """Cache this model's hidden states on the fit and held-out responses (and the validation text); fit every
+    calibrator the recipe lists on the fit records' training split, validate them on its validation split and on the
+    validation text, and select one (calq.calib.select)."""
     spec = ctx.recipe.calibrators
     model, tokenizer = models.load(ctx.variant_source(name), ctx.recipe.model.dtype, ctx.recipe.model.device_map)
     records = json.loads(ctx.run.path("instructions.json").read_text())
@@ -559,17 +613,24 @@ def stage_calibrate(ctx: Context, name: str):
             caches[part] = hidden.cache_hidden(model, tokenizer, records[part], tmp / f"{part}_hidden.safetensors",
                                                max_len=spec.max_len, where="calibrators.data",
                                                progress=ctx.track(f"hidden states {name} ({part})", len(records[part])))
+        text = None
+        if spec.validation_text is not None:
+            windows = load_file(str(ctx.run.path("validation_text.safetensors")))["input_ids"]
+            caches["text"] = hidden.cache_windows(model, windows, tmp / "text_hidden.safetensors",
+                                                  progress=ctx.track(f"hidden states {name} (text)", len(windows)))
+            text = hidden.load_cached(tmp / "text_hidden.safetensors")
         cached = hidden.load_cached(tmp / "fit_hidden.safetensors")
         train, val = split(len(cached), spec.val_fraction, spec.seed)
         bar = ctx.track(f"fit calibrators {name}", None)
         data = FitData(cached, train, val, hidden.Logits(model), model.config, spec.logits_chunk,
                        progress=(lambda what, done, total: bar(done, total, f"{what} {name}")) if bar else None)
-        fitted, validation, selected = calibrators.fit_all(data, spec.settings(), spec.select_by)
+        fitted, validation, selected = calibrators.fit_all(data, spec.settings(), spec.select_by, text=text)
         calibrators.save_all(fitted, tmp)
+        worst = {n: select.worst_change(validation, n, spec.select_by) for n in fitted}
         write_json(tmp / "calibrators.json", {"selected": selected, "validation": validation,
-                                              "select_by": spec.select_by,
+                                              "select_by": spec.select_by, "worst_change": worst,
                                               "fit": {n: c.fit_info for n, c in fitted.items()}, "caches": caches})
-    return {"calibrators": final}, {"selected": selected, "validation": validation}
+    return {"calibrators": final}, {"selected": selected, "validation": validation, "worst_change": worst}
 
 
 def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:

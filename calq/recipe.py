@@ -158,6 +158,16 @@ class EvaluationSpec(Strict):
                                                       "(omit: none)")
 
 
+class ValidationTextSpec(Strict):
+    """Plain text the calibrators are validated and selected on besides the instruction responses, so that the selected
+    one is checked on the kind of text the token-level evaluation reports. Never the evaluation text."""
+
+    data: DataSpec | None = Field(None, description="plain text for validation (never evaluation.tokens.data); "
+                                                    "default: calibration.data, windows the calibration samples "
+                                                    "did not take")
+    tokens: int = Field(8192, gt=0, description="validation tokens, in windows of calibration.seq_len")
+
+
 class CalibratorsSpec(CalibratorSection):
     """Calibrators fitted on each variant's own hidden states. Besides the keys below, each calibrator in `use`
     may have a section of its own settings under its name (`ats: {lr: 1e-4}`; `calq keys` lists them)."""
@@ -173,7 +183,11 @@ class CalibratorsSpec(CalibratorSection):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the fit records held out for validation "
                                                              "(early stopping and selection)")
     select_by: Literal["ece", "nll"] = Field("ece", description="validation metric that selects each variant's "
-                                                                "calibrator")
+                                                                "calibrator (the one whose worst validation domain "
+                                                                "changes it least relative to none)")
+    validation_text: ValidationTextSpec | None = Field(
+        default_factory=ValidationTextSpec, description="plain-text validation domain beside the instruction "
+                                                        "responses (null: instruction responses only)")
     max_len: int = Field(512, ge=8, description="tokens per record when hidden states are cached (longer records are "
                                                 "cut)")
     logits_chunk: int = Field(1024, ge=1, description="positions per chunk when logits are recomputed from hidden "

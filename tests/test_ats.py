@@ -141,9 +141,10 @@ def test_fit_trains_only_the_head_and_never_returns_worse_than_identity(tiny, ca
 
     train, val = split(len(cached), 0.25, 0)
     data = FitData(cached, train, val, logits, model.config, chunk=64)
-    fitted, validation, selected = calibrators.fit_all(data, {"temperature": None, "ats": cfg})
+    fitted, domains, selected = calibrators.fit_all(data, {"temperature": None, "ats": cfg})
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    validation = domains["instructions"]  # the only validation domain without plain text
     assert validation["ats"]["ece"] <= validation["none"]["ece"] + 1e-9
     assert validation[selected]["ece"] == min(v["ece"] for v in validation.values())
     assert fitted["temperature"].temperature == data.memo["temperature"] > 0  # fitted once, shared with ATS
@@ -152,8 +153,8 @@ def test_fit_trains_only_the_head_and_never_returns_worse_than_identity(tiny, ca
 
 def test_selection_prefers_the_simpler_calibrator_on_ties():
     m = {"none": {"ece": 0.05, "nll": 2.0}, "temperature": {"ece": 0.03, "nll": 2.0}, "ats": {"ece": 0.03, "nll": 1.9}}
-    assert select(m, "ece") == "temperature"
-    assert select(m, "nll") == "ats"
+    assert select({"instructions": m}, "ece") == "temperature"
+    assert select({"instructions": m}, "nll") == "ats"
 
 
 def test_save_load_round_trip_and_calibrated_model(tiny, tmp_path):

@@ -8,11 +8,12 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
 import calq.calib
 from calq.calib.base import REGISTRY, Calibrator, FitData
-from calq.calib.hidden import evaluate_cached
+from calq.calib.hidden import Cached, evaluate_cached
 from calq.calib.select import select
 from calq.errors import CalqError
 
@@ -30,15 +31,22 @@ def names(level: str = "token") -> list[str]:
     return [name for name, cls in REGISTRY.items() if cls.level == level]
 
 
-def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece",
-            batch_size: int = 8) -> tuple[dict[str, Calibrator], dict[str, dict], str]:
+def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece", batch_size: int = 8,
+            text: Cached | None = None) -> tuple[dict[str, Calibrator], dict[str, dict], str]:
     """Fit `none` and each calibrator named in `settings` ({name: its config}) on `data.train`; validate them all
-    on `data.val` in one pass; select the best. Returns (fitted, validation metrics, selected name)."""
+    on `data.val` (domain `instructions`) and on every window of `text` (domain `text`: plain text held apart from
+    any evaluation text), one pass each; select the one whose worst domain changes least against `none`
+    (calq.calib.select). Returns (fitted, {domain: {calibrator: metrics}}, selected name)."""
     fitted = {"none": get("none").fit(data, None)}
     for name, config in settings.items():
         fitted[name] = get(name).fit(data, config)
-    validation = evaluate_cached(data.cached, data.val, data.logits, fitted, batch_size, data.chunk)
-    validation = {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in validation.items()}
+    domains = {"instructions": (data.cached, data.val)}
+    if text is not None:
+        domains["text"] = (text, torch.arange(len(text)))
+    validation = {}
+    for domain, (cached, records) in domains.items():
+        metrics = evaluate_cached(cached, records, data.logits, fitted, batch_size, data.chunk)
+        validation[domain] = {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in metrics.items()}
     return fitted, validation, select(validation, select_by)
 
 

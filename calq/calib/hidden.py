@@ -90,10 +90,29 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
     if not encoded:
         raise CalqError(f"none of the {len(records)} records has response tokens within {max_len} tokens", where,
                         "give records with non-empty 'output', or raise max_len")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    info = _cache(model, encoded, path, pad, batch_size, progress)
+    return {"records": len(encoded), "skipped": len(records) - len(encoded), **info, "max_len": max_len}
 
+
+@torch.no_grad()
+def cache_windows(model, windows: torch.Tensor, path: str | Path, batch_size: int = 4,
+                  progress: Callable[[int], None] | None = None) -> dict:
+    """The same cache for windows of plain text [n, T]: one record per window, every next token scored (as the
+    token-level evaluation scores them)."""
+    encoded = []
+    for ids in windows:
+        targets = torch.full_like(ids, -100)
+        targets[:-1] = ids[1:]
+        encoded.append((ids, targets))
+    return {"records": len(encoded), **_cache(model, encoded, path, 0, batch_size, progress)}
+
+
+def _cache(model, encoded: list[tuple[torch.Tensor, torch.Tensor]], path: str | Path, pad: int, batch_size: int,
+           progress: Callable[[int], None] | None) -> dict:
+    """One forward pass over (ids, targets) sequences, right-padded in batches of similar length; writes the cache."""
     logits_fn = Logits(model)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
     hidden, targets, correct = [None] * len(encoded), [None] * len(encoded), [None] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -121,8 +140,7 @@ def cache_hidden(model, tokenizer, records: list[dict], path: str | Path, max_le
     tensors = {"hidden": torch.cat(hidden), "targets": torch.cat(targets), "correct": torch.cat(correct),
                "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
     config = model.config.get_text_config()
-    info = {"records": len(encoded), "skipped": len(records) - len(encoded), "tokens": int(lengths.sum()),
-            "response_tokens": int((tensors["targets"] != -100).sum()), "max_len": max_len,
+    info = {"tokens": int(lengths.sum()), "response_tokens": int((tensors["targets"] != -100).sum()),
             "model_type": config.model_type, "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
     save_file(tensors, str(path), metadata={k: str(v) for k, v in info.items()})
     return info

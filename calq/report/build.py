@@ -12,7 +12,7 @@ from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
 from calq.report import answers as answer_report
-from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb, validation_table
 from calq.report.gates import Gates, gates_section
 from calq.report.html import write_html
 from calq.runs import RunDir, write_json, write_text
@@ -112,7 +112,8 @@ def collect(run: RunDir, manifest: dict) -> dict:
         "baseline_check": stages.get("baseline_check", {}).get("info"),
         "calibration": samples,
         "evaluation": {"tokens": {**eval_data, "seq_len": ev["seq_len"], "bins": ev["bins"]}},
-        "calibrators": instructions and {**instructions, "settings": recipe["calibrators"]},
+        "calibrators": instructions and {**instructions, "settings": recipe["calibrators"],
+                                         "validation_text": stages.get("validation_text", {}).get("info")},
         "variants": rows,
         "goals": goals(rows),
         "outliers": json.loads(run.path("outliers.json").read_text()),
@@ -154,6 +155,10 @@ def markdown(report: dict) -> str:
     if report.get("calibrators"):
         c = report["calibrators"]
         lines += ["", "## Calibrators", "", calibrators_text(c, code=lambda text: f"`{text}`")]
+        header, rows = validation_table(report)
+        if rows:
+            lines += ["", "### Validation (selection)", "", "| " + " | ".join(header) + " |",
+                      "|---|---|" + "---:|" * (len(header) - 2), *("| " + " | ".join(r) + " |" for r in rows)]
         for part, title in EVAL_SETS.items():
             rows = [v for v in report["variants"] if part in v["calibrated"]]
             if not rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from calq.calib.select import worst_change
+
 EVAL_SETS = {"tokens": "held-out text", "responses": "held-out instruction responses"}
 
 
@@ -15,10 +17,39 @@ def calibrators_text(c: dict, code) -> str:
     settings = c["settings"]
     fitted = ", ".join(f"{name} ({', '.join(f'{k} {v}' for k, v in settings[name].items())})" if settings.get(name)
                        else name for name in settings["use"])
+    text = c.get("validation_text")
+    validated = (f" and on {text['tokens']:,} tokens of plain text from {code(text['source'])} (windows of "
+                 f"{text['seq_len']}; never the evaluation text"
+                 + (f", nor a calibration sample: {text['left_out_sample_windows']} sample windows left out"
+                    if text.get("left_out_sample_windows") else "") + ")") if text else ""
     return (f"Fitted per variant on that model's own hidden states: {fitted}. Data: {c['fit_records']} fit records "
             f"({settings['val_fraction']:.0%} of them validate) and {c['heldout_records']} held-out records from "
-            f"{code(c['source'])} (seed {c['seed']}); the selected calibrator (*) has the best validation "
-            f"{settings['select_by']}.")
+            f"{code(c['source'])} (seed {c['seed']}). Validated on the validation records{validated}; the selected "
+            f"calibrator (*) has the smallest worst-domain change of validation {settings['select_by']} against "
+            "none, so it is never worse than none on a validation domain.")
+
+
+VALIDATION_DOMAINS = {"instructions": "instruction responses", "text": "plain text"}
+
+
+def validation_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the selection: every variant x calibrator, ECE and NLL per validation domain, and the
+    worst-domain relative change of the selection metric against none. No rows for runs validated on one domain
+    before domains were recorded."""
+    by = (report.get("calibrators") or {}).get("settings", {}).get("select_by", "ece")
+    variants = [v for v in report["variants"] if v.get("validation") and "none" not in v["validation"]]
+    if not variants:
+        return [], []
+    domains = list(variants[0]["validation"])
+    header = ["variant", "calibrator",
+              *(f"{VALIDATION_DOMAINS.get(d, d)} {m}" for d in domains for m in ("ECE", "NLL")), f"worst {by} change"]
+    rows = []
+    for v in variants:
+        for cal in v["validation"][domains[0]]:
+            cells = [f"{v['validation'][d][cal][m]:.4f}" for d in domains for m in ("ece", "nll")]
+            change = worst_change(v["validation"], cal, by)
+            rows.append([v["variant"], cal + (" *" if cal == v["selected"] else ""), *cells, f"{change:+.1%}"])
+    return header, rows
 
 
 def baseline_check_lines(check: dict, code, bold) -> list[str]:

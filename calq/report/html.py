@@ -15,7 +15,7 @@ import yaml
 
 from calq.report import answers as answer_report
 from calq.report import plots
-from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb, validation_table
 from calq.runs import write_text
 
 STYLE = """
@@ -142,6 +142,9 @@ def _calibrators(report: dict) -> str:
         return ""
     out = ("<h2>Calibrators</h2><p class=\"muted\">"
            + calibrators_text(c, code=lambda text: f"<code>{escape(str(text))}</code>") + "</p>")
+    header, rows = validation_table(report)
+    if rows:
+        out += "<h3>Validation (selection)</h3>" + _table(header, rows, set(range(2, len(header))))
     for part, title in EVAL_SETS.items():
         variants = [v for v in report["variants"] if part in v["calibrated"]]
         if not variants:
