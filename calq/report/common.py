@@ -25,8 +25,8 @@ def calibrators_text(c: dict, code) -> str:
     return (f"Fitted per variant on that model's own hidden states: {fitted}. Data: {c['fit_records']} fit records "
             f"({settings['val_fraction']:.0%} of them validate) and {c['heldout_records']} held-out records from "
             f"{code(c['source'])} (seed {c['seed']}). Validated on the validation records{validated}; the selected "
-            f"calibrator (*) has the smallest worst-domain change of validation {settings['select_by']} against "
-            "none, so it is never worse than none on a validation domain.")
+            "calibrator (*) has the smallest worst-domain change of validation "
+            f"{settings['select_by'].upper()} against none, so it is never worse than none on a validation domain.")
 
 
 VALIDATION_DOMAINS = {"instructions": "instruction responses", "text": "plain text"}
@@ -42,7 +42,8 @@ def validation_table(report: dict) -> tuple[list[str], list[list[str]]]:
         return [], []
     domains = list(variants[0]["validation"])
     header = ["variant", "calibrator",
-              *(f"{VALIDATION_DOMAINS.get(d, d)} {m}" for d in domains for m in ("ECE", "NLL")), f"worst {by} change"]
+              *(f"{VALIDATION_DOMAINS.get(d, d)} {m}" for d in domains for m in ("ECE", "NLL")),
+              f"worst {by.upper()} change"]
     rows = []
     for v in variants:
         for cal in v["validation"][domains[0]]:
