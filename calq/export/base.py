@@ -27,6 +27,7 @@ from calq.evaluation.metrics import CalibrationStats
 
 EXTRA = "pip install 'calq[edge]'"
 INFO_FILE = "export.json"
+DECODE_PROMPT, DECODE_NEW = 32, 16  # greedy generation check of a decode graph: prompt tokens, new tokens
 
 
 class Session(Protocol):
@@ -56,6 +57,12 @@ class Exporter:
 
     def session(self, out_dir: str | Path, threads: int = 1) -> Session:
         raise NotImplementedError
+
+    def verify_generation(self, out_dir: str | Path, reference_logits: Callable, prompt: torch.Tensor,
+                          new_tokens: int, threads: int = 1) -> dict | None:
+        """Formats with a decode graph of their own: greedy generation on the runtime against the reference (a dict
+        stored as verify.json's `decode`); None for the others."""
+        return None
 
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -156,6 +163,9 @@ def export_and_verify(fmt: str, checkpoint_dir: str | Path, out_dir: str | Path,
     exporter.check_runtime()
     info = exporter.export(checkpoint_dir, out_dir, calibrator, **options)
     result = verify(reference_logits, exporter.session(out_dir, threads=threads).score, stream, seq_len, bins)
+    decode = exporter.verify_generation(out_dir, reference_logits, stream[:DECODE_PROMPT], DECODE_NEW, threads)
+    if decode is not None:
+        result["decode"] = decode
     (Path(out_dir) / "verify.json").write_text(json.dumps(result, indent=2))
     return {"export": info, "verify": result}
 

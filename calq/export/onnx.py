@@ -11,13 +11,22 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   compressed-tensors does it: per token, scale = max|x| / 127.5 (dynamic), or calq's static per-tensor input
   scale; round half to even, clip to [-128, 127]; then the int32 sums times activation scale times channel scale.
   (onnxruntime's DynamicQuantizeLinear is per-tensor uint8, which is not calq's scheme.)
-Outputs: `logits` (calibrated: logits / T, or the ATS head on the last hidden state) and `raw_logits`.
-There is no decode graph with a KV cache: the artifact scores whole sequences (the ATS head attends over every
-earlier position and has no cache of its own).
+Two graphs in one folder, with the same quantized layers:
+- model.onnx scores whole sequences: input_ids [B, T] -> `logits` (calibrated: logits / T, or the ATS head on the
+  last hidden state) and `raw_logits`, both [B, T, V].
+- decode.onnx generates with a KV cache (transformers' DynamicCache, built from flat tensors inside the traced
+  wrapper): input_ids [B, S], attention_mask [B, P + S], position_ids [B, S], past_key_values.<i>.key/value
+  [B, H_kv, P, D] -> `logits` [B, S, V] and present.<i>.key/value [B, H_kv, P + S, D]. Prefill passes an empty cache
+  (P = 0), then one token per call. Its `logits` carry only the global temperature (logits / T): the ATS head
+  attends over every earlier hidden state and has no cache of its own, so with an ATS calibrator decode.onnx gives
+  the raw logits and calibrated scoring is model.onnx's. Its weights point into model.onnx.data (no second copy).
+`OnnxExporter.verify_generation` checks the decode graph: greedy tokens against the PyTorch variant's, and every
+decode step's logits against model.onnx's on the same sequence.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,10 +37,12 @@ from torch import nn
 
 from calq.errors import CalqError
 from calq.export import variant as variants
-from calq.export.base import Exporter, calibrator_kind, directory_size, register, require, write_info
+from calq.export.base import INFO_FILE, Exporter, calibrator_kind, directory_size, register, require, write_info
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+DECODE_FILE = "decode.onnx"
+DECODE_DATA_FILE = "decode.onnx.data"
 MAX_BLOCK = 128
 
 
@@ -54,6 +65,37 @@ class _Scoring(nn.Module):
         else:
             calibrated = raw * 1.0  # a node of its own, so the two outputs are distinct values
         return calibrated, raw
+
+
+class _Decode(nn.Module):
+    """(input_ids [B, S], attention_mask [B, P + S], position_ids [B, S], past keys and values [B, H_kv, P, D], two per
+    layer) -> (logits [B, S, V] divided by the temperature if any, present keys and values [B, H_kv, P + S, D])."""
+
+    def __init__(self, model: nn.Module, temperature: float | None):
+        super().__init__()
+        self.model = model  # the same attribute name as _Scoring: the initializers get the same names in both graphs
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        logits = out.logits if self.temperature is None else out.logits / self.temperature
+        return logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+
+
+def cache_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a transformers causal LM config."""
+    config = config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 def block_size(group_size: int) -> int:
@@ -184,16 +226,63 @@ class OnnxExporter(Exporter):
 
     def export(self, checkpoint_dir, out_dir, calibrator=None) -> dict:
         self.check(checkpoint_dir, calibrator)
+        start = time.perf_counter()
+        variant = variants.read(checkpoint_dir)
+        config = variant.model.config
+        vocab = config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(0)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (MODEL_FILE, DATA_FILE, DECODE_FILE, DECODE_DATA_FILE):
+            (out_dir / stale).unlink(missing_ok=True)
+
+        example = torch.randint(0, vocab, (2, 16), generator=generator)
+        proto, blocks = self._quantized_graph(
+            _Scoring(variant.model, calibrator), (example,), variant, input_names=["input_ids"],
+            output_names=["logits", "raw_logits"], dynamic_shapes=({0: "batch", 1: "sequence"},))
+        _save(proto, out_dir, MODEL_FILE, DATA_FILE)
+        scoring_seconds = time.perf_counter() - start
+
+        # Example sizes all different and above 1, so torch.export keeps every dimension symbolic; an empty past
+        # (prefill) runs on the exported graph too.
+        layers, kv_heads, head_dim = cache_shape(config)
+        batch, new, past = 2, 3, 5
+        example = (torch.randint(0, vocab, (batch, new), generator=generator),
+                   torch.ones(batch, past + new, dtype=torch.long),
+                   torch.arange(past, past + new).expand(batch, -1),
+                   [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * layers)])
+        temperature = getattr(calibrator, "temperature", None) if calibrator_kind(calibrator) == "temperature" \
+            else None
+        proto, _ = self._quantized_graph(
+            _Decode(variant.model, temperature), example, variant,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
+            output_names=["logits", *past_names(layers, "present")],
+            dynamic_shapes=({0: "batch", 1: "sequence"}, {0: "batch", 1: "total_sequence"},
+                            {0: "batch", 1: "sequence"}, [{0: "batch", 2: "past_sequence"}] * (2 * layers)))
+        shared = _point_at_stored(proto, out_dir, MODEL_FILE)
+        _save(proto, out_dir, DECODE_FILE, DECODE_DATA_FILE)
+        kind = calibrator_kind(calibrator)
+        decode_logits = "raw / temperature" if kind == "temperature" else "raw"
+        return write_info(out_dir, {
+            "format": self.name, "scheme": variant.scheme, "calibrator": kind,
+            "files": [name for name in (MODEL_FILE, DATA_FILE, DECODE_FILE, DECODE_DATA_FILE)
+                      if (out_dir / name).is_file()],
+            "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
+            "seconds_scoring_graph": scoring_seconds, "outputs": ["logits", "raw_logits"],
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
+            "decode_graph": {
+                "file": DECODE_FILE, "logits": decode_logits, "weights_shared_with_model_onnx": shared,
+                "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "float32"},
+                "note": _decode_note(kind)}})
+
+    def _quantized_graph(self, module: nn.Module, args: tuple, variant: variants.Variant, **names) -> tuple:
+        """`module` traced by torch.onnx (dynamo), each quantized Linear's MatMul replaced by calq's integers, then
+        optimized by onnxscript: (ModelProto, MatMulNBits block sizes used)."""
         import onnx
         import onnxscript
 
-        start = time.perf_counter()
-        variant = variants.read(checkpoint_dir)
-        vocab = variant.model.config.get_text_config().vocab_size
-        example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-        program = torch.onnx.export(_Scoring(variant.model, calibrator).eval(), (example,), dynamo=True, optimize=False,
-                                    input_names=["input_ids"], output_names=["logits", "raw_logits"],
-                                    dynamic_shapes=({0: "batch", 1: "sequence"},), verbose=False)
+        program = torch.onnx.export(module.eval(), args, dynamo=True, optimize=False, verbose=False, **names)
         proto = program.model_proto
         graph = _Graph(proto.graph)
         blocks = set()
@@ -209,24 +298,85 @@ class OnnxExporter(Exporter):
             graph.replace(weight, nodes)
         if variant.layers:
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        proto = onnxscript.optimizer.optimize(proto)
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (out_dir / MODEL_FILE, out_dir / DATA_FILE):
-            stale.unlink(missing_ok=True)
-        onnx.save_model(proto, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        return write_info(out_dir, {
-            "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
-            "files": [MODEL_FILE, DATA_FILE], "bytes": directory_size(out_dir),
-            "seconds": time.perf_counter() - start, "outputs": ["logits", "raw_logits"],
-            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-            "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
-            "decode_graph": "not exported: the artifact scores whole sequences (no KV cache)"})
+        return onnxscript.optimizer.optimize(proto), blocks
 
     def session(self, out_dir, threads: int = 1) -> OnnxSession:
         return OnnxSession(Path(out_dir) / MODEL_FILE, threads)
+
+    def decoder(self, out_dir, threads: int = 1) -> OnnxDecoder:
+        return OnnxDecoder(Path(out_dir) / DECODE_FILE, threads)
+
+    @torch.no_grad()
+    def verify_generation(self, out_dir, reference_logits, prompt: torch.Tensor, new_tokens: int,
+                          threads: int = 1) -> dict:
+        """decode.onnx against the PyTorch reference and against model.onnx: greedy generation of `new_tokens` after
+        `prompt` (token ids [T]) on ONNX Runtime vs greedy tokens from `reference_logits` (input_ids [B, T] -> logits
+        [B, T, V], recomputed over the whole sequence each step), and the logits of every prefill and decode step vs
+        model.onnx's on the same sequence (its `logits`, or `raw_logits` when decode.onnx carries no calibrator)."""
+        out_dir = Path(out_dir)
+        decode_logits = json.loads((out_dir / INFO_FILE).read_text())["decode_graph"]["logits"]
+        tokens, step_logits = self.decoder(out_dir, threads).generate(prompt, new_tokens)
+        reference = prompt.clone()
+        for _ in range(new_tokens):
+            next_token = reference_logits(reference[None])[0, -1].argmax()
+            reference = torch.cat([reference, next_token[None]])
+        expected = reference[prompt.numel():]
+        calibrated, raw = self.session(out_dir, threads).run(torch.cat([prompt, tokens[:-1]])[None])
+        full = raw[0] if decode_logits == "raw" else calibrated[0]
+        mismatches = (tokens != expected).nonzero()
+        return {"prompt_tokens": prompt.numel(), "new_tokens": new_tokens, "decode_logits": decode_logits,
+                "greedy_tokens_equal": bool(torch.equal(tokens, expected)),
+                "greedy_token_agreement": float((tokens == expected).float().mean()),
+                "first_mismatch": int(mismatches[0]) if mismatches.numel() else None,
+                "max_abs_diff_vs_model_onnx": float((step_logits - full).abs().max()),
+                "max_rel_diff_vs_model_onnx": float((step_logits - full).abs().max() / full.abs().max())}
+
+
+def _save(proto, out_dir: Path, model_file: str, data_file: str) -> None:
+    import onnx
+
+    onnx.save_model(proto, str(out_dir / model_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_file, size_threshold=1024)
+
+
+def _point_at_stored(proto, out_dir: Path, model_file: str) -> int:
+    """Point each initializer of `proto` whose type, shape and bytes equal a tensor stored in `model_file`'s external
+    data at that data (decode.onnx reads model.onnx.data instead of holding a second copy of the weights). Matched by
+    content: the optimizer names the folded (transposed) weights differently in each graph. Returns the count."""
+    import hashlib
+
+    from onnx import TensorProto, load_model
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    def key(tensor, data: bytes) -> tuple:
+        return tensor.data_type, tuple(tensor.dims), hashlib.blake2b(data).digest()
+
+    stored = {}
+    for reference in load_model(str(out_dir / model_file), load_external_data=False).graph.initializer:
+        if uses_external_data(reference):
+            info = ExternalDataInfo(reference)
+            with open(out_dir / info.location, "rb") as data:
+                data.seek(info.offset or 0)
+                stored[key(reference, data.read(info.length))] = reference
+    shared = 0
+    for init in proto.graph.initializer:
+        reference = stored.get(key(init, init.raw_data)) if init.HasField("raw_data") else None
+        if reference is not None:
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.extend(reference.external_data)
+            shared += 1
+    return shared
+
+
+def _decode_note(kind: str) -> str:
+    if kind == "ats":
+        return ("decode.onnx gives the raw logits: the ATS head attends over every earlier hidden state and has no "
+                "KV cache of its own; calibrated scores come from model.onnx")
+    if kind == "temperature":
+        return "decode.onnx's logits are divided by the global temperature (the whole calibrator)"
+    return "decode.onnx gives the model's logits (no calibrator)"
 
 
 class OnnxSession:
@@ -245,6 +395,44 @@ class OnnxSession:
 
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.numpy().astype(np.int64)})[0])
+
+
+class OnnxDecoder:
+    """decode.onnx in ONNX Runtime: one prefill call with an empty cache, then one token per call."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        ort = require("onnxruntime", "onnx")
+        if not path.is_file():
+            raise CalqError(f"no ONNX decode graph at {path}", str(path), "export the variant again with this calq")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present = [name.replace("past_key_values", "present") for name in (i.name for i in self.past)]
+
+    def step(self, input_ids: np.ndarray, cache: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids [B, S] after `cache` (None: empty) -> (logits [B, S, V], the cache extended by S positions)."""
+        batch, new = input_ids.shape
+        if cache is None:
+            cache = [np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past]
+        past = cache[0].shape[2]
+        feeds = {"input_ids": input_ids.astype(np.int64),
+                 "attention_mask": np.ones((batch, past + new), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(past, past + new, dtype=np.int64), (batch, new)).copy()}
+        feeds.update({i.name: tensor for i, tensor in zip(self.past, cache)})
+        logits, *present = self.session.run(["logits", *self.present], feeds)
+        return logits, present
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V])."""
+        logits, cache = self.step(prompt.numpy()[None], None)
+        rows, tokens = [logits[0]], []
+        for i in range(new_tokens):
+            tokens.append(int(rows[-1][-1].argmax()))
+            if i + 1 < new_tokens:
+                logits, cache = self.step(np.array([[tokens[-1]]]), cache)
+                rows.append(logits[0])
+        return torch.tensor(tokens), torch.from_numpy(np.concatenate(rows))
 
 
 def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int) -> list[str]:
