@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(abspath ../shared/data)
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench-kernels bench-decode clean
+.PHONY: install demo demo-edge test test-all bench-kernels bench-decode clean
 
 $(BIN)/calq: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ install: $(BIN)/calq
 
 demo: install
 	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart $(if $(wildcard $(DATA_DIR)),--data-dir $(DATA_DIR))
+
+# One AWQ W4A16 variant exported to ONNX Runtime (model.onnx + decode.onnx) and GGUF (llama.cpp), each re-verified on
+# its runtime (recipes/quickstart-edge.yaml). The edge extra builds llama-cpp-python from source (about 8 minutes).
+$(VENV)/.edge-extras: $(BIN)/calq
+	CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+		$(BIN)/pip install -q -e ".[edge]"
+	touch $@
+
+demo-edge: $(VENV)/.edge-extras
+	$(BIN)/calq run recipes/quickstart-edge.yaml --out runs/quickstart-edge $(if $(wildcard $(DATA_DIR)),--data-dir $(DATA_DIR))
 
 test: $(VENV)/.test-extras
 	$(BIN)/ruff check .

@@ -1,0 +1,205 @@
+"""Edge speed on this CPU: prefill and greedy decode tokens/s of the bundled model's variants on PyTorch eager,
+ONNX Runtime (calq's decode.onnx, KV cache) and llama.cpp (calq's GGUF), in one process so the ratios share a load.
+
+    python benchmarks/bench_edge_speed.py --data-dir /work/shared/data --out /tmp/bench-edge [--threads 2]
+
+Variants: the baseline (float32) and calq's min-max W4A16 g64 (asymmetric; needs no data), made as
+benchmarks/bench_export.py makes them. Artifacts: ONNX (model.onnx + decode.onnx, MatMulNBits with calq's int4,
+accuracy_level 0: float32 activations) and GGUF (baseline F16; W4A16 as Q4_1 with calq's int4), each exported once
+into --out (reused when present). The prompt is the first --prompt tokens of wikitext-2 test.
+
+Every runtime runs the same loop: one prefill call over the prompt (logits for every position, as in scoring), then
+greedy steps of one token each on its KV cache (PyTorch: transformers' DynamicCache; ONNX Runtime: decode.onnx's
+past/present tensors; llama.cpp: its own cache, float16) until --new tokens. Prefill tok/s = prompt / prefill time;
+decode tok/s = the new tokens after the first (which prefill gives) / time of the decode steps. Medians over
+--repeats after one warm-up. The load average is recorded before and after each runtime: figures taken at load > 2
+(other work on the 2 cores) are inflated, and the JSON says so.
+Writes <out>/edge-speed.json and prints a markdown table (BENCHMARKS.md, "Edge speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calq import models
+from calq.export import get
+
+try:
+    from bench_export import _version, prepare  # same folder: run as `python benchmarks/bench_edge_speed.py`
+except ImportError:
+    from benchmarks.bench_export import _version, prepare
+
+
+def timed(run, repeats: int) -> tuple[float, float, list[int]]:
+    """One warm-up, then `repeats` runs of `run() -> (prefill seconds, decode seconds, tokens)`: medians, tokens."""
+    run()
+    prefill, decode = [], []
+    for _ in range(repeats):
+        p, d, tokens = run()
+        prefill.append(p)
+        decode.append(d)
+    return statistics.median(prefill), statistics.median(decode), tokens
+
+
+def pytorch_run(model, prompt: torch.Tensor, new: int):
+    from transformers import DynamicCache
+
+    def run():
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model(input_ids=prompt[None], past_key_values=DynamicCache(config=model.config), use_cache=True)
+            prefill = time.perf_counter() - start
+            tokens, cache = [int(out.logits[0, -1].argmax())], out.past_key_values
+            start = time.perf_counter()
+            for _ in range(new - 1):
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+            return prefill, time.perf_counter() - start, tokens
+    return run
+
+
+def onnx_run(decoder, prompt: torch.Tensor, new: int):
+    def run():
+        start = time.perf_counter()
+        logits, cache = decoder.step(prompt.numpy()[None], None)
+        prefill = time.perf_counter() - start
+        tokens = [int(logits[0, -1].argmax())]
+        start = time.perf_counter()
+        for _ in range(new - 1):
+            logits, cache = decoder.step(np.array([[tokens[-1]]]), cache)
+            tokens.append(int(logits[0, -1].argmax()))
+        return prefill, time.perf_counter() - start, tokens
+    return run
+
+
+def llama_run(llm, prompt: torch.Tensor, new: int):
+    ids = prompt.tolist()
+
+    def run():
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - start
+        tokens = [int(llm.scores[len(ids) - 1].argmax())]
+        start = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([tokens[-1]])
+            tokens.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        return prefill, time.perf_counter() - start, tokens
+    return run
+
+
+def export_once(fmt: str, folder: Path, out: Path, **options) -> dict:
+    info_file = out / "export.json"
+    if fmt == "onnx" and not (out / "decode.onnx").is_file() or not info_file.is_file():
+        return get(fmt).export(folder, out, **options)
+    return json.loads(info_file.read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-edge"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--onnx-variants", default="minmax-w4a16-g64", help="comma list; 'baseline' adds ~5 min")
+    parser.add_argument("--run", type=Path, help="a finished calq run with an export section: measure its variant "
+                        "--variant and its artifacts (RUN/variants/<v>, RUN/export/<v>/<format>) instead of min-max")
+    parser.add_argument("--variant", default="awq-w4a16-g64")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calq.export.gguf import LlamaCppSession
+    from calq.quant import llmc
+
+    llmc.quiet_logs(str(args.out / "llmcompressor.log"))
+    folders = prepare(args.out)
+    exports = {name: args.out / "export" / name for name in folders}
+    if args.run is not None:
+        del folders["minmax-w4a16-g64"], exports["minmax-w4a16-g64"]
+        folders[args.variant], exports[args.variant] = args.run / "variants" / args.variant, args.run / "export" / \
+            args.variant
+        args.onnx_variants = args.onnx_variants.replace("minmax-w4a16-g64", args.variant)
+    tokenizer = AutoTokenizer.from_pretrained(folders["baseline"])
+    text = (args.data_dir / "wikitext2/wiki.test.raw").read_text()[: args.prompt * 16]
+    prompt = torch.tensor(tokenizer(text).input_ids[: args.prompt])
+    source = models.resolve("smollm2-135m")
+
+    rows = []
+
+    def measure(variant, runtime, artifact, run, export_s=None):
+        load_before = os.getloadavg()[0]
+        prefill, decode, tokens = timed(run, args.repeats)
+        load_after = os.getloadavg()[0]
+        rows.append({"variant": variant, "runtime": runtime, "artifact": artifact, "export_s": export_s,
+                     "prefill_tok_s": args.prompt / prefill, "decode_tok_s": (args.new - 1) / decode,
+                     "load_before": load_before, "load_after": load_after, "tokens": tokens})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
+
+    for name, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        measure(name, "pytorch eager", "float32 weights (compressed-tensors decompressed)" if name != "baseline"
+                else "float32", pytorch_run(model, prompt, args.new))
+        del model
+        if name in args.onnx_variants.split(","):
+            out = exports[name] / "onnx"
+            info = export_once("onnx", folder, out)
+            decoder = get("onnx").decoder(out, threads=args.threads)
+            measure(name, f"onnxruntime {_version('onnxruntime')}", "decode.onnx " + (
+                "MatMulNBits int4, accuracy_level 0" if name != "baseline" else "float32"),
+                onnx_run(decoder, prompt, args.new), info.get("seconds"))
+            del decoder
+        out = exports[name] / "gguf"
+        info = export_once("gguf", folder, out, tokenizer=Path(source.location) / source.gguf_file)
+        session = LlamaCppSession(out / "model.gguf", args.threads, n_ctx=args.prompt + args.new)
+        measure(name, f"llama.cpp (llama-cpp-python {_version('llama-cpp-python')})",
+                "GGUF " + ("Q4_1 (calq's int4)" if name != "baseline" else "F16"),
+                llama_run(session.llm, prompt, args.new), info.get("seconds"))
+        del session
+
+    loads = [r[k] for r in rows for k in ("load_before", "load_after")]
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _cpu(), "cores": os.cpu_count(),
+            "threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+            "max_load_average": max(loads),
+            "inflated": max(loads) > 2,  # other work shared the cores: slower than on an idle machine
+            "versions": {p: _version(p) for p in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf",
+                                                  "llama-cpp-python", "compressed-tensors")}}
+    (args.out / "edge-speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(json.dumps(meta))
+    print(table(rows))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def table(rows: list[dict]) -> str:
+    anchor = {r["variant"]: r for r in rows if r["runtime"] == "pytorch eager"}
+    lines = ["| variant | runtime | artifact | prefill tok/s | decode tok/s | × PyTorch (prefill / decode) | load |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        a = anchor[r["variant"]]
+        lines.append(f"| {r['variant']} | {r['runtime']} | {r['artifact']} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s'] / a['prefill_tok_s']:.2f} / "
+                     f"{r['decode_tok_s'] / a['decode_tok_s']:.2f} | {r['load_before']:.1f}–{r['load_after']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
