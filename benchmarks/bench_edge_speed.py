@@ -170,6 +170,7 @@ def main():
                 llama_run(session.llm, prompt, args.new), info.get("seconds"))
         del session
 
+    add_agreement(rows)
     loads = [r[k] for r in rows for k in ("load_before", "load_after")]
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _cpu(), "cores": os.cpu_count(),
             "threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
@@ -182,6 +183,15 @@ def main():
     print(table(rows))
 
 
+def add_agreement(rows: list[dict]) -> None:
+    """Each row's greedy tokens against PyTorch eager's for the same variant: equal, and the first differing step."""
+    anchor = {r["variant"]: r["tokens"] for r in rows if r["runtime"] == "pytorch eager"}
+    for r in rows:
+        want = anchor[r["variant"]]
+        r["tokens_equal_pytorch"] = r["tokens"] == want
+        r["first_token_mismatch"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], want)) if a != b), None)
+
+
 def _cpu() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -191,13 +201,15 @@ def _cpu() -> str:
 
 def table(rows: list[dict]) -> str:
     anchor = {r["variant"]: r for r in rows if r["runtime"] == "pytorch eager"}
-    lines = ["| variant | runtime | artifact | prefill tok/s | decode tok/s | × PyTorch (prefill / decode) | load |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| variant | runtime | artifact | prefill tok/s | decode tok/s | × PyTorch (prefill / decode) | "
+             "greedy tokens = PyTorch | load |", "|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         a = anchor[r["variant"]]
+        same = "–" if r is a else "all" if r["tokens_equal_pytorch"] else f"first {r['first_token_mismatch']}"
         lines.append(f"| {r['variant']} | {r['runtime']} | {r['artifact']} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s'] / a['prefill_tok_s']:.2f} / "
-                     f"{r['decode_tok_s'] / a['decode_tok_s']:.2f} | {r['load_before']:.1f}–{r['load_after']:.1f} |")
+                     f"{r['decode_tok_s'] / a['decode_tok_s']:.2f} | {same} | "
+                     f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
     return "\n".join(lines)
 
 
