@@ -7,7 +7,9 @@ Adding a format is one module with an `Exporter` subclass decorated with `@regis
   the format changes against the PyTorch variant (the re-verification measures it);
 - `check_runtime()`: raise CalqError when the runtime package is missing (call it before long work too);
 - `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
-  the (calibrated) logits [B, T, V] as a float32 torch tensor.
+  the (calibrated) logits [B, T, V] as a float32 torch tensor;
+- `verify_generation(out_dir, reference_logits, prompt, new_tokens)` (optional, formats with a decode graph of their
+  own: onnx): greedy generation on the runtime against the reference, stored as verify.json's `decode`.
 A calibrator is None, a `calq.calib.temperature.Temperature` or a `calq.calib.ats.AtsHead`.
 """
 
