@@ -12,7 +12,7 @@ from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
 from calq.report import answers as answer_report
-from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb, validation_table
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, deployed_decode, mb, validation_table
 from calq.report.gates import Gates, gates_section
 from calq.report.html import write_html
 from calq.runs import RunDir, write_json, write_text
@@ -66,7 +66,7 @@ def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
                      "ppl_reference": v["reference"]["ppl"], "ppl": v["artifact"]["ppl"],
                      "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"],
                      "ece_drift": v["drift"]["ece"], "brier": v["artifact"]["brier"], "tokens": v["positions"],
-                     "changes": r["export"].get("changes", [])})
+                     "changes": r["export"].get("changes", []), "decode": v.get("decode")})
     return rows
 
 
@@ -211,6 +211,8 @@ def markdown(report: dict) -> str:
                          f"{r['ppl_reference']:.2f} → {r['ppl']:.2f} | {r['ece_reference']:.4f} → {r['ece']:.4f} | "
                          f"{r['ece_drift']:+.4f} |")
         for r in report["deployed"]:
+            if r.get("decode"):
+                lines.append(f"- {r['variant']} as {r['format']}: {deployed_decode(r['decode'])}")
             for change in ([r["note"]] if r["note"] else []) + r["changes"]:
                 lines.append(f"- {r['variant']} as {r['format']}: {change}")
     if report.get("gates"):

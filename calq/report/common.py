@@ -75,3 +75,12 @@ def baseline_check_lines(check: dict, code, bold) -> list[str]:
     else:
         lines.append(f"Verdict: {bold('failed')}{'' if check['enforced'] else ' (not enforced)'}: {check['problem']}.")
     return lines
+
+
+def deployed_decode(d: dict) -> str:
+    """The decode graph's generation check in one sentence (report.md and report.html)."""
+    tokens = ("the same greedy tokens as PyTorch" if d["greedy_tokens_equal"]
+              else f"greedy tokens differ from PyTorch's from step {d['first_mismatch']}")
+    return (f"its decode graph (KV cache, {d['decode_logits']} logits) generated {d['new_tokens']} tokens after "
+            f"{d['prompt_tokens']}: {tokens}; step logits within {d['max_abs_diff_vs_model_onnx']:.2g} of the "
+            "scoring graph's")

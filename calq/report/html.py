@@ -15,7 +15,7 @@ import yaml
 
 from calq.report import answers as answer_report
 from calq.report import plots
-from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, mb, validation_table
+from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, deployed_decode, mb, validation_table
 from calq.runs import write_text
 
 STYLE = """
@@ -236,7 +236,9 @@ def _deployed(report: dict) -> str:
     if not rows:
         return ""
     changes = "".join(f"<li>{escape(r['variant'])} as {escape(r['format'])}: {escape(c)}</li>"
-                      for r in report["deployed"] for c in ([r["note"]] if r["note"] else []) + r["changes"])
+                      for r in report["deployed"]
+                      for c in ([deployed_decode(r["decode"])] if r.get("decode") else [])
+                      + ([r["note"]] if r["note"] else []) + r["changes"])
     return ("<h2>Deployed: each artifact on its own runtime</h2>"
             '<p class="muted">The exported artifact (calibrator fused) against the PyTorch variant with the same '
             "calibrator, on the same held-out windows.</p>"
