@@ -40,7 +40,7 @@ demo-edge: $(VENV)/.edge-extras
 
 test: $(VENV)/.test-extras
 	$(BIN)/ruff check .
-	CALQ_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(if $(wildcard $(DATA_DIR)),CALQ_DATA_DIR=$(DATA_DIR)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
 test-all: test

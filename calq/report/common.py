@@ -66,7 +66,9 @@ def baseline_check_lines(check: dict, code, bold) -> list[str]:
               f"top-1 {b['unigram_top1']:.4f} ({bound}).")]
     c = check.get("llama_cpp")
     if c:
-        same = "identical" if c["tokens_equal"] else "different"
+        same = "identical" if c["tokens_equal"] else (
+            f"{c['token_match']:.1%} alike (first difference at token {c['first_token_mismatch']}: "
+            f"{c['differing_pieces'][0]} here, {c['differing_pieces'][1]} in llama.cpp)")
         lines.append(f"GGUF against llama.cpp on the same ids: perplexity {c['ppl_transformers']:.2f} vs "
                      f"{c['ppl_llama_cpp']:.2f} (at most {c['max_ppl_ratio']:g}× apart), next-token agreement "
                      f"{c['top1_agreement']:.1%} (at least {c['min_agreement']:.0%}), token ids {same} (BOS included).")
