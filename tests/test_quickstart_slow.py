@@ -1,4 +1,4 @@
-"""End to end on the real bundled SmolLM2-135M (about 13 minutes on 2 cores): the quickstart recipe as `make demo`
+"""End to end on the real bundled SmolLM2-135M (about 22 minutes on 2 cores): the quickstart recipe as `make demo`
 runs it."""
 
 import json
