@@ -292,6 +292,51 @@ def keys():
     Console().print(f"methods: {', '.join(METHODS)}; schemes: {', '.join(SCHEMES)}; calibrators: {', '.join(names())}")
 
 
+@app.command()
+def doctor(
+    recipe: Optional[Path] = typer.Argument(None, help="a recipe: exit 2 unless everything it needs works here"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="the data folder to check "
+                                                                     "[default: $CALQ_DATA_DIR]"),
+    executor: str = typer.Option("local", "--executor", help="local or ray: ray needs the ray package"),
+    as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
+):
+    """Can this machine run calq, or RECIPE? Python and package versions, the CPU and its features, threads, the
+    accelerator, the data folder, and each native runtime (llama.cpp, ONNX Runtime) probed for real on a tiny model in
+    a child process: ok, missing, crashed (with the signal) or failed, each with the fix. llama.cpp also says what
+    its build was compiled for (portable, or this CPU only). Exit 0 when everything RECIPE needs works (with no
+    RECIPE: when nothing installed is broken), 2 otherwise."""
+    import dataclasses
+    import json
+
+    from calq import doctor as doc
+    from calq.data import data_dir as resolve_data_dir
+
+    parsed = None
+    if recipe is not None:
+        from calq.recipe import load_recipe
+
+        try:
+            parsed = load_recipe(recipe)
+        except CalqError as err:
+            _fail(err, False)
+    with console.status("probing the runtimes in child processes"):
+        found = doc.diagnose(parsed, resolve_data_dir(str(data_dir) if data_dir else None), executor)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(f) for f in found], indent=2))
+    else:
+        from rich.markup import escape
+
+        colour = {doc.OK: "green", doc.WARN: "yellow", doc.MISSING: "yellow", doc.CRASHED: "red", doc.FAILED: "red"}
+        out = Console()
+        for f in found:
+            status = f"[{colour.get(f.status, 'white')}]{f.status:<8}[/]"
+            needed = " [bold](needed)[/]" if f.needed else ""
+            out.print(f"{status} [bold]{escape(f.what)}[/]{needed}: {escape(f.detail)}", highlight=False)
+            if f.fix and f.status != doc.OK:
+                out.print(f"         fix: {escape(f.fix)}", highlight=False)
+    raise typer.Exit(doc.exit_code(found))
+
+
 bench_app = typer.Typer(help="Speed of the Triton kernels on a CUDA GPU, as ratio tables "
                              "(markdown, ready for BENCHMARKS.md).",
                         no_args_is_help=True)

@@ -13,6 +13,9 @@ class CalqError(Exception):
         self.what, self.where, self.fix = what, where, fix
         super().__init__(self.line())
 
+    def __reduce__(self):  # keeps what/where/fix when raised in a child process (calq.isolation)
+        return type(self), (self.what, self.where, self.fix)
+
     def line(self) -> str:
         parts = [f"{self.where}: {self.what}" if self.where else self.what]
         if self.fix:

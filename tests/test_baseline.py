@@ -204,8 +204,9 @@ def test_the_check_scores_windows_that_start_with_bos(trained, heldout):
 
 @pytest.mark.parametrize("add_bos, expected", [(True, 1), (False, None), (None, 1)])  # absent: SentencePiece adds BOS
 def test_gguf_tokenizer_follows_the_files_bos_and_eos(tmp_path, add_bos, expected):
-    from tiny_gguf import write_tiny_gguf
     from transformers import AutoTokenizer
+
+    from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", _topics(0, 5), add_bos=add_bos, words=40)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
@@ -218,8 +219,9 @@ def test_gguf_tokenizer_follows_the_files_bos_and_eos(tmp_path, add_bos, expecte
 
 
 def test_a_gemma3_gguf_is_refused_naming_the_upstream_issue(tmp_path):
-    from tiny_gguf import write_tiny_gguf
     from transformers import AutoTokenizer
+
+    from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny-gemma3.gguf", _topics(0, 5), arch="gemma3", words=40)
     # the upstream bug itself: frequent words come out as single characters (when this fails, re-verify gemma3)
@@ -255,9 +257,8 @@ def _gguf_model(folder, name):
 
 def test_llama_cpp_agrees_with_transformers_on_a_tiny_llama_gguf(tmp_path, heldout):
     pytest.importorskip("llama_cpp")
-    from tiny_gguf import write_tiny_gguf
-
     from calq.evaluation.gguf_check import cross_check
+    from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", _topics(0, 40))
     model, tokenizer = _gguf_model(tmp_path, path.name)
@@ -266,11 +267,33 @@ def test_llama_cpp_agrees_with_transformers_on_a_tiny_llama_gguf(tmp_path, heldo
     assert result["passed"], result["problem"]
 
 
+def test_a_llama_cpp_crash_in_the_cross_check_is_one_line_or_could_not_run(tmp_path, heldout, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from standin_runtime import crash_while_reading
+
+    from calq.evaluation import gguf_check
+    from calq.evaluation.trust import verify
+    from calq.isolation import RuntimeCrashed
+    from calq.report.common import baseline_check_lines
+    from calq.tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", _topics(0, 40))
+    model, tokenizer = _gguf_model(tmp_path, path.name)
+    monkeypatch.setattr(gguf_check, "llama_cpp_reading", crash_while_reading)
+    with pytest.raises(RuntimeCrashed, match=r"model.check: llama.cpp crashed with SIGSEGV while cross-checking "
+                                             r"tiny.gguf .* fix: rebuild llama-cpp-python .*enforce: false"):
+        verify(model, tokenizer, [heldout], "heldout.txt", gguf_path=path, tokens=128, max_ppl=1e9)
+    result = verify(model, tokenizer, [heldout], "heldout.txt", gguf_path=path, tokens=128, max_ppl=1e9,
+                    enforce=False)
+    assert "llama.cpp crashed with SIGSEGV" in result["llama_cpp"]["could_not_run"]
+    lines = baseline_check_lines(result, str, str)
+    assert any("could not run" in line for line in lines)
+
+
 def test_llama_cpp_exposes_the_gemma3_tokenizer_bug(tmp_path, heldout):
     pytest.importorskip("llama_cpp")
-    from tiny_gguf import write_tiny_gguf
-
     from calq.evaluation.gguf_check import cross_check
+    from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny-gemma3.gguf", _topics(0, 40), arch="gemma3")
     model, tokenizer = _gguf_model(tmp_path, path.name)  # what calq would get without the architecture gate
@@ -306,10 +329,10 @@ def test_the_bundled_model_passes_and_agrees_with_llama_cpp():
 def test_gemma3_gguf_weights_against_llama_cpp_on_the_same_ids(tmp_path, heldout, shape, agrees):
     """Why calq refuses gemma3 GGUFs beyond the tokenizer; a failure here means transformers changed: re-verify."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from tiny_gguf import write_tiny_gguf
     from transformers import AutoModelForCausalLM
 
     from calq.evaluation.baseline import score
+    from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "g3.gguf", _topics(0, 40), arch="gemma3", layers=7, heads=2, kv_heads=1, **shape)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()

@@ -12,12 +12,15 @@ SmolLM2-135M Q4_1: see README "Baseline check".
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from calq import isolation
 from calq.errors import CalqError
 from calq.evaluation.baseline import score
 from calq.models import VERIFIED_GGUF_ARCHITECTURES, bos_policy, gguf_architecture, with_bos
@@ -29,13 +32,19 @@ MIN_AGREEMENT = 0.90  # share of positions where both predict the same next toke
 # ['\n   ', '3'] there on indented text), which costs a few ids in a thousand, not a broken model.
 MIN_TOKEN_MATCH = 0.95
 
-def _llama(path: str | Path, n_ctx: int):
+
+def llama_cpp_reading(path: str, piece: str, ids: list[int], threads: int) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's token ids for `piece` and its logits [len(ids) - 1, V] on `ids` (runs in a child process)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids), logits_all=True, verbose=False,
+                n_threads=threads)
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                 n_threads=max(1, torch.get_num_threads()))
+        theirs = llm.tokenize(piece.encode("utf-8"), add_bos=True, special=False)[: len(ids)]
+        llm.eval(ids)  # our ids for both: the models are compared on the same input, whatever the tokenizers do
+        return theirs, llm.scores[: len(ids) - 1].copy()
+    finally:
+        llm.close()
 
 
 def cross_check(path: str | Path, model, tokenizer, text: str, tokens: int = 512,
@@ -45,22 +54,21 @@ def cross_check(path: str | Path, model, tokenizer, text: str, tokens: int = 512
 
     Returns None when llama-cpp-python is not installed (then only the architecture gate and the baseline check
     protect the run); otherwise the numbers for the report, raising one CalqError line when they disagree beyond
-    the bounds (unless `enforce` is False)."""
+    the bounds (unless `enforce` is False). llama.cpp runs in a child process: a crash there raises
+    calq.isolation.RuntimeCrashed (one line) whatever `enforce` says; the caller decides whether the run goes on."""
     start = time.perf_counter()
     piece = text[: 16 * (tokens + 1)]  # enough characters for the tokens compared; cut the same for both readers
     ours = with_bos(tokenizer(piece, add_special_tokens=False)["input_ids"], bos_policy(tokenizer))[: tokens + 1]
     if len(ours) < tokens + 1:
         raise CalqError(f"the text has {len(ours)} tokens, fewer than the {tokens + 1} the GGUF cross-check needs",
                         f"{where}.tokens", "lower model.check.tokens or use a longer evaluation text")
-    llm = _llama(path, tokens + 1)
-    if llm is None:
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    try:
-        theirs = llm.tokenize(piece.encode("utf-8"), add_bos=True, special=False)[: tokens + 1]
-        llm.eval(ours)  # our ids for both: the models are compared on the same input, whatever the tokenizers do
-        logits = torch.from_numpy(llm.scores[: len(ours) - 1].copy()).float()
-    finally:
-        llm.close()
+    theirs, scores = isolation.run(
+        "llama.cpp", f"cross-checking {Path(path).name} against transformers' reading of it", llama_cpp_reading,
+        str(path), piece, ours, max(1, torch.get_num_threads()), where=where,
+        fix=f"{isolation.LLAMA_CPP_FIX}; or set {where}.enforce: false to record the check as could-not-run and go on")
+    logits = torch.from_numpy(scores).float()
     mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if mismatch is None and len(ours) != len(theirs):
         mismatch = min(len(ours), len(theirs))

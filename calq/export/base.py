@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from calq import isolation
 from calq.errors import CalqError
 from calq.evaluation.metrics import CalibrationStats
 
@@ -41,6 +42,8 @@ class Exporter:
     calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # calibrator kinds the format can carry
     packages: tuple[str, ...] = ()  # python modules that write the format
     runtime: str = ""  # the python module that runs it (session, verification)
+    runtime_name: str = ""  # the runtime in words, for a crash's line ("llama.cpp")
+    crash_fix: str = ""  # what to do when the runtime crashes
 
     def check(self, checkpoint_dir: str | Path, calibrator=None) -> None:
         for package in self.packages:
@@ -59,6 +62,12 @@ class Exporter:
 
     def session(self, out_dir: str | Path, threads: int = 1) -> Session:
         raise NotImplementedError
+
+    def isolated(self, factory: Callable, out_dir: str | Path, *args, **kwargs) -> isolation.Isolated:
+        """`factory(out_dir, ...)` (a session or decoder of this format) in a child process: a crash of the runtime
+        raises one RuntimeCrashed line instead of ending calq."""
+        return isolation.Isolated(self.runtime_name, f"running {Path(out_dir)}", factory, out_dir, *args,
+                                  where=f"export.{self.name}", fix=self.crash_fix, **kwargs)
 
     def verify_generation(self, out_dir: str | Path, reference_logits: Callable, prompt: torch.Tensor,
                           new_tokens: int, threads: int = 1) -> dict | None:
@@ -158,13 +167,15 @@ def export_and_verify(fmt: str, checkpoint_dir: str | Path, out_dir: str | Path,
                       stream: torch.Tensor, seq_len: int, calibrator=None, bins: int = 15, threads: int = 2,
                       **options) -> dict:
     """One (variant, format) export stage: write the artifact to `out_dir`, load it in its runtime, re-verify it on
-    `stream` against `reference_logits` (the PyTorch variant with the same calibrator), store verify.json.
+    `stream` against `reference_logits` (the PyTorch variant with the same calibrator), store verify.json. The runtime
+    runs in a child process (calq.isolation): its crash fails the stage with one line, not the whole process.
     `options` go to the exporter (gguf: tokenizer=<source .gguf or tokenizer folder>)."""
     exporter = get(fmt)
     exporter.check(checkpoint_dir, calibrator)
     exporter.check_runtime()
     info = exporter.export(checkpoint_dir, out_dir, calibrator, **options)
-    result = verify(reference_logits, exporter.session(out_dir, threads=threads).score, stream, seq_len, bins)
+    with exporter.isolated(exporter.session, out_dir, threads=threads) as session:
+        result = verify(reference_logits, session.score, stream, seq_len, bins)
     decode = exporter.verify_generation(out_dir, reference_logits, stream[:DECODE_PROMPT], DECODE_NEW, threads)
     if decode is not None:
         result["decode"] = decode

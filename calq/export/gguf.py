@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calq import isolation
 from calq.errors import CalqError
 from calq.export import variant as variants
 from calq.export.base import Exporter, calibrator_kind, register, require, write_info
@@ -89,6 +90,8 @@ class GgufExporter(Exporter):
     calibrators = ("none", "temperature")
     packages = ("gguf",)
     runtime = "llama_cpp"
+    runtime_name = "llama.cpp"
+    crash_fix = isolation.LLAMA_CPP_FIX
 
     def __init__(self, float_type: str = "f16"):
         if float_type not in ("f16", "f32"):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calq import isolation
 from calq.errors import CalqError
 from calq.export import variant as variants
 from calq.export.base import INFO_FILE, Exporter, calibrator_kind, directory_size, register, require, write_info
@@ -204,6 +205,8 @@ class OnnxExporter(Exporter):
     name = "onnx"
     packages = ("onnx", "onnxscript")
     runtime = "onnxruntime"
+    runtime_name = "ONNX Runtime"
+    crash_fix = isolation.ONNXRUNTIME_FIX
 
     def __init__(self, accuracy_level: int = 0):
         """accuracy_level of MatMulNBits: 0 computes with float32 activations (calq's numbers); 4 lets onnxruntime
@@ -315,13 +318,15 @@ class OnnxExporter(Exporter):
         model.onnx's on the same sequence (its `logits`, or `raw_logits` when decode.onnx carries no calibrator)."""
         out_dir = Path(out_dir)
         decode_logits = json.loads((out_dir / INFO_FILE).read_text())["decode_graph"]["logits"]
-        tokens, step_logits = self.decoder(out_dir, threads).generate(prompt, new_tokens)
+        with self.isolated(self.decoder, out_dir, threads) as decoder:
+            tokens, step_logits = decoder.generate(prompt, new_tokens)
         reference = prompt.clone()
         for _ in range(new_tokens):
             next_token = reference_logits(reference[None])[0, -1].argmax()
             reference = torch.cat([reference, next_token[None]])
         expected = reference[prompt.numel():]
-        calibrated, raw = self.session(out_dir, threads).run(torch.cat([prompt, tokens[:-1]])[None])
+        with self.isolated(self.session, out_dir, threads) as session:
+            calibrated, raw = session.run(torch.cat([prompt, tokens[:-1]])[None])
         full = raw[0] if decode_logits == "raw" else calibrated[0]
         mismatches = (tokens != expected).nonzero()
         return {"prompt_tokens": prompt.numel(), "new_tokens": new_tokens, "decode_logits": decode_logits,

@@ -65,7 +65,9 @@ def baseline_check_lines(check: dict, code, bold) -> list[str]:
               f"the best unigram model of the same tokens: perplexity {b['unigram_ppl']:.2f}, "
               f"top-1 {b['unigram_top1']:.4f} ({bound}).")]
     c = check.get("llama_cpp")
-    if c:
+    if c and "could_not_run" in c:
+        lines.append(f"GGUF against llama.cpp: {bold('could not run')} ({c['could_not_run']}); not enforced.")
+    elif c:
         same = "identical" if c["tokens_equal"] else (
             f"{c['token_match']:.1%} alike (first difference at token {c['first_token_mismatch']}: "
             f"{c['differing_pieces'][0]} here, {c['differing_pieces'][1]} in llama.cpp)")

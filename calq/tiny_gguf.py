@@ -1,5 +1,6 @@
 """Tiny GGUF files written with the `gguf` package: random weights, a SentencePiece-style vocabulary built from a text,
-tokenizer metadata as llama.cpp's converter writes it. Used to compare transformers' reading of a GGUF with llama.cpp's.
+tokenizer metadata as llama.cpp's converter writes it. `calq doctor` probes llama.cpp with one; the tests compare
+transformers' reading of a GGUF with llama.cpp's on them.
 """
 
 from __future__ import annotations
