@@ -19,17 +19,22 @@ $(BIN)/calq: pyproject.toml
 # llama-cpp-python builds from source (about 8 minutes on 2 cores), only the library calq uses, and portable:
 # GGML_NATIVE=OFF compiles for the x86-64 AVX2 baseline (SSE4.2, AVX, AVX2, FMA, F16C, BMI2) or plain ARMv8, so the
 # build runs on any such CPU, not only on the one that built it (a native build on an AVX-512 + AMX server crashed).
-# LLAMA_NATIVE=1 builds for this machine's exact CPU instead (faster here, crashes elsewhere: see README, "Native parts").
-# --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
+# LLAMA_NATIVE=1 builds for this machine's exact CPU instead (faster here, may crash elsewhere: README, "Native runtimes").
+# --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags. The stamp names the version and
+# the target, so changing either rebuilds, and nothing else does (order-only: a pyproject.toml edit does not).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	$(if $(LLAMA_NATIVE),-DGGML_NATIVE=ON,-DGGML_NATIVE=OFF)
-$(VENV)/.llama-cpp: $(BIN)/calq
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(if $(LLAMA_NATIVE),native,portable)
+$(LLAMA_STAMP): | $(BIN)/calq
+	rm -f $(VENV)/.llama-cpp-*
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --force-reinstall --no-deps --no-cache-dir \
+		"llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"  # its dependencies (numpy, jinja2, diskcache)
 	touch $@
 
 # The test extras: pytest, ruff, triton, and the edge runtimes the export tests run (onnxruntime, llama-cpp-python).
-$(VENV)/.test-extras: $(VENV)/.llama-cpp
+$(VENV)/.test-extras: $(BIN)/calq $(LLAMA_STAMP)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
@@ -40,7 +45,7 @@ demo: install
 
 # One AWQ W4A16 variant exported to ONNX Runtime (model.onnx + decode.onnx) and GGUF (llama.cpp), each re-verified on
 # its runtime (recipes/quickstart-edge.yaml). The edge extra builds llama-cpp-python from source (about 8 minutes).
-$(VENV)/.edge-extras: $(VENV)/.llama-cpp
+$(VENV)/.edge-extras: $(BIN)/calq $(LLAMA_STAMP)
 	$(BIN)/pip install -q -e ".[edge]"
 	touch $@
 

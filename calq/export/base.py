@@ -66,7 +66,7 @@ class Exporter:
     def isolated(self, factory: Callable, out_dir: str | Path, *args, **kwargs) -> isolation.Isolated:
         """`factory(out_dir, ...)` (a session or decoder of this format) in a child process: a crash of the runtime
         raises one RuntimeCrashed line instead of ending calq."""
-        return isolation.Isolated(self.runtime_name, f"running {Path(out_dir)}", factory, out_dir, *args,
+        return isolation.Isolated(self.runtime_name, f"running the {self.name} artifact", factory, out_dir, *args,
                                   where=f"export.{self.name}", fix=self.crash_fix, **kwargs)
 
     def verify_generation(self, out_dir: str | Path, reference_logits: Callable, prompt: torch.Tensor,
