@@ -83,6 +83,12 @@ def run(
     Finished stages are reused when their inputs are unchanged, so an interrupted run resumes where it stopped
     and an edited recipe reruns only what depends on the edit.
     """
+    from calq.recipe import load_recipe
+
+    try:
+        load_recipe(recipe)  # api imports torch and transformers (seconds): a bad recipe is reported before them
+    except CalqError as err:
+        _fail(err, debug)
     from calq import api
     from calq.interrupts import stop_signals
 
@@ -280,7 +286,7 @@ def verify_command(run_dir: Path = typer.Argument(..., help="a run folder"),
 @app.command()
 def keys():
     """List every recipe key with its default and meaning."""
-    from calq.calib.calibrators import names
+    from calq.calib.registry import names
     from calq.quant.base import SCHEMES
     from calq.quant.methods import METHODS
     from calq.recipe import describe_keys

@@ -1,4 +1,5 @@
-"""The calibrator contract and its one registry (the pipeline, the lm-eval model, the report and the recipe use it).
+"""The calibrator contract and `register`, which fills the one registry (calq.calib.registry: the pipeline, the lm-eval
+model, the report and the recipe use it).
 
 A token-level calibrator multiplies each position's logits by one positive scale predicted from the model's
 last hidden states (after the final norm), so the argmax and token-level accuracy never change:
@@ -29,16 +30,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import nn
 
 from calq.calib.hidden import Cached, Logits
-
-REGISTRY: dict[str, type[Calibrator]] = {}
-
-
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from calq.calib.registry import REGISTRY, NoSettings
 
 
 @dataclass

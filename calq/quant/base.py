@@ -19,12 +19,14 @@ Errors name keys relative to the variant ('group_size'); the caller adds where t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from calq.errors import CalqError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMES = ("w8a8", "w4a16")
 REGISTRY: dict[str, type[MethodConfig]] = {}
