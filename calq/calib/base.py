@@ -19,7 +19,8 @@ last hidden states (after the final norm), so the argmax and token-level accurac
 Registered calibrators are fitted per variant when the recipe lists them (`calibrators.use`), evaluated with one
 forward pass of the model for all of them, selected by `calq.calib.select`, shown in the report and loadable in the
 lm-eval model as `calibrator=<name>:<folder>`. Adding one is one file: calq's own live in this package and are
-discovered by `calq.calib.calibrators`; others register on import.
+discovered by `calq.calib.calibrators` (and declare their name, level and settings in `calq.calib.registry.OWN` too,
+so that a recipe is checked without importing torch); others register on import.
 """
 
 from __future__ import annotations
