@@ -16,7 +16,7 @@ from rich.table import Table
 
 from calq.errors import CalqError
 
-if "--debug" not in sys.argv:
+if not {"--debug", "--verbose"} & set(sys.argv):
     # The libraries' own tqdm bars interleave with ours; tqdm reads this when it is first imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
     # llm-compressor warns "No accelerator available!" on import, before calq can route its logs to the run folder
@@ -73,6 +73,7 @@ def run(
     until: Optional[str] = typer.Option(None, "--until", help="stop after this group of stages: ranges, quantize, "
                                                               "calibrate or evaluate (tasks included); no report"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
+    verbose: bool = typer.Option(False, "--verbose", help="show the libraries' own progress bars, warnings and logs"),
     executor: str = typer.Option("local", "--executor", help="local (this process) or ray (one Ray task per stage; "
                                  "the run folder must be on storage every worker sees)"),
     address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the cluster (auto, "
@@ -83,10 +84,16 @@ def run(
     Finished stages are reused when their inputs are unchanged, so an interrupted run resumes where it stopped
     and an edited recipe reruns only what depends on the edit.
     """
+    from calq.recipe import load_recipe
+
+    try:
+        load_recipe(recipe)  # api imports torch and transformers (seconds): a bad recipe is reported before them
+    except CalqError as err:
+        _fail(err, debug)
     from calq import api
     from calq.interrupts import stop_signals
 
-    _quiet_libraries(debug)
+    _quiet_libraries(verbose or debug)
     prepared = None
     try:
         with stop_signals(lambda: prepared.run.current_stage if prepared else None):
@@ -120,13 +127,14 @@ def fit_ats(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder that '@data/...' sources are read from "
                                                                      "[default: $CALQ_DATA_DIR]"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and llm-compressor's logs"),
+    verbose: bool = typer.Option(False, "--verbose", help="show the libraries' own progress bars, warnings and logs"),
 ):
     """Fit the calibrators (global temperature, ATS head, ...) of every variant and stop: `calq run --until calibrate`.
 
     Each variant's calibrators land in RUN/calibrators/<variant>/<calibrator>/ (ats/: head.safetensors + config.json;
     temperature/: temperature.json), with calibrators.json holding the validation metrics and the selected one.
     """
-    run(recipe, out, data_dir, False, "calibrate", debug, "local", None)
+    run(recipe, out, data_dir, False, "calibrate", debug, verbose, "local", None)
 
 
 def _interrupted(exc: KeyboardInterrupt, run_dir):
@@ -157,11 +165,15 @@ def _exit_on_gates(report):
         Console().print("[green]all gates passed[/]")
 
 
-def _quiet_libraries(debug: bool):
-    """Our progress bars replace the libraries' own; --debug brings theirs back."""
-    if debug:
+def _quiet_libraries(verbose: bool):
+    """Our progress bars replace the libraries' own, and their warnings and logs stay off the console; --verbose (or
+    --debug) brings them back."""
+    if verbose:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
     import datasets
     import transformers
 
@@ -171,6 +183,8 @@ def _quiet_libraries(debug: bool):
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    warnings.simplefilter("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch.onnx: "torchvision is not installed. Skipping ..."
 
 
 def _progress():
@@ -242,12 +256,14 @@ def export_command(
     variant: Optional[list[str]] = typer.Option(None, "--variant", help="variant to export; repeat for several "
                                                 "[default: the recipe's export.variants, else all]"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    verbose: bool = typer.Option(False, "--verbose", help="show the libraries' own progress bars, warnings and logs"),
 ):
     """Export a finished run's variants, calibrator fused, to what runs on a device, and re-verify each artifact on its
     own runtime (top-1 agreement, perplexity, ECE drift). Artifacts land in RUN/export/<variant>/<format>/; the report
     gets a Deployed table and the deployed gates. Needs `pip install 'calq[edge]'`."""
     from calq import api
 
+    _quiet_libraries(verbose or debug)
     try:
         with _progress() as progress:
             rep = api.export(run_dir, format, variant, progress=progress,
@@ -280,7 +296,7 @@ def verify_command(run_dir: Path = typer.Argument(..., help="a run folder"),
 @app.command()
 def keys():
     """List every recipe key with its default and meaning."""
-    from calq.calib.calibrators import names
+    from calq.calib.registry import names
     from calq.quant.base import SCHEMES
     from calq.quant.methods import METHODS
     from calq.recipe import describe_keys

@@ -12,12 +12,15 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from calq.errors import CalqError
 from calq.models import bos_policy
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_PREFIX = "@data/"
 
@@ -188,6 +191,8 @@ def _builtin(source: str, split: str | None, where: str) -> list[str]:
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None, piece_chars: int = 200_000) -> torch.Tensor:
     """Documents tokenized and joined with EOS (then BOS, when the tokenizer starts every text with it), in order,
     stopping once `max_tokens` are gathered. Windows cut from the stream get their own BOS (`windows`)."""
+    import torch
+
     bos = bos_policy(tokenizer)
     separator = [t for t in (tokenizer.eos_token_id, bos) if t is not None]
     ids: list[int] = []
@@ -203,6 +208,8 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None, piec
 def windows(stream: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows of `seq_len` tokens [n, seq_len]. With a BOS id (`models.bos_policy`),
     every window is BOS followed by the next seq_len - 1 tokens of the stream, as the model saw text in training."""
+    import torch
+
     step = seq_len - (bos is not None)
     n = stream.numel() // step
     body = stream[: n * step].view(n, step)

@@ -6,10 +6,12 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from calq.errors import CalqError
+
+if TYPE_CHECKING:
+    import torch
 
 BASELINE = "baseline"  # the unquantized model's variant name in a run
 
@@ -55,6 +57,8 @@ def resolve(model_id: str, gguf_file: str | None = None, revision: str | None = 
 
 
 def _dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -216,6 +220,7 @@ def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
 
 def linear_input_widths(config) -> dict[str, int]:
     """in_features of every Linear layer, read from a weightless (meta-device) copy of the model."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

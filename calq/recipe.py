@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calq.calib import calibrators
+from calq.calib import registry
 from calq.data import DataSpec
 from calq.errors import CalqError
 from calq.evaluation.baseline import BaselineCheck
@@ -83,7 +83,7 @@ class CalibratorSection(BaseModel):
 
     @model_validator(mode="after")
     def _calibrator_settings(self):
-        known = [n for n in calibrators.names(self.level) if n != "none"]
+        known = [n for n in registry.names(self.level) if n != "none"]
         for name in self.use:
             if name not in known:
                 raise ValueError(f"unknown calibrator '{name}' in use; known: {', '.join(known)}")
@@ -94,16 +94,22 @@ class CalibratorSection(BaseModel):
                 raise ValueError(f"unknown key '{key}' ({hint})")
             if key not in self.use:
                 raise ValueError(f"settings for '{key}', which `use` does not list; add it to use or remove them")
+            settings = registry.settings(key)
             try:
-                self.model_extra[key] = calibrators.get(key).Config.model_validate(value or {})
+                self.model_extra[key] = settings.model_validate(value or {})
             except ValidationError as err:
                 e = err.errors()[0]
-                raise ValueError(f"{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+                where = f"{key}.{'.'.join(map(str, e['loc']))}"
+                if e["type"] == "extra_forbidden":
+                    close = difflib.get_close_matches(str(e["loc"][-1]), list(settings.model_fields), n=1)
+                    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(settings.model_fields)}"
+                    raise ValueError(f"unknown key '{where}' ({hint})") from None
+                raise ValueError(f"{where}: {e['msg']}") from None
         return self
 
     def settings(self) -> dict[str, BaseModel]:
         """{calibrator name: its settings} for every calibrator in `use`."""
-        return {name: (self.model_extra or {}).get(name) or calibrators.get(name).Config() for name in self.use}
+        return {name: (self.model_extra or {}).get(name) or registry.settings(name)() for name in self.use}
 
 
 class AnswerCalibrationSpec(CalibratorSection):
@@ -385,7 +391,6 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             rows.extend(describe_keys(sub, key + ("[]." if many else ".<stage>." if "dict" in str(ann) else ".")))
         for spec, level in ((CalibratorsSpec, "token"), (AnswerCalibrationSpec, "answer")):
             if sub is spec:
-                for cal in calibrators.names(level):
-                    if getattr(calibrators.get(cal), "Config", None) is not None:
-                        rows.extend(describe_keys(calibrators.get(cal).Config, f"{key}.{cal}."))
+                for cal in registry.names(level):
+                    rows.extend(describe_keys(registry.settings(cal), f"{key}.{cal}."))
     return rows

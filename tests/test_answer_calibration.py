@@ -109,11 +109,11 @@ def test_parent_calibrates_a_variant_without_labels():
 
 
 def test_answer_calibrators_are_in_the_one_registry_at_the_answer_level(tmp_path):
-    from calq.calib import calibrators
+    from calq.calib import calibrators, registry
     from calq.calib.answer_base import AnswerFitData
 
-    assert {"answer_temperature", "answer_adaptive", "parent"} <= set(calibrators.names("answer"))
-    assert not {"answer_temperature", "answer_adaptive", "parent"} & set(calibrators.names("token"))
+    assert {"answer_temperature", "answer_adaptive", "parent"} <= set(registry.names("answer"))
+    assert not {"answer_temperature", "answer_adaptive", "parent"} & set(registry.names("token"))
     tasks = tasks_with_varying_overconfidence()
     data = AnswerFitData(tasks, seed=0)
     held, _ = synthetic(500, seed=60, overconfidence=2.0)

@@ -114,3 +114,25 @@ def test_unsafe_names_are_refused_before_any_work(tiny_recipe, write_recipe, tmp
         tiny_recipe["variants"][0]["name"] = "../../escape"
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "escape" in one_error_line(result.output)
+
+
+def test_the_console_shows_calqs_lines_and_not_the_libraries_bars_or_warnings(tiny_recipe, write_recipe, tmp_path):
+    """lm-eval draws its bars with `disable=` given, which TQDM_DISABLE alone cannot hide, and torch and the exporters
+    warn on their own: without --verbose, a run with a tasks stage shows calq's lines only."""
+    data = tmp_path / "data"
+    (data / "mc").mkdir(parents=True)
+    questions = [{"query": f"Question: Which colour goes with {i}?", "choices": ["red", "green", "blue"], "gold": i % 3}
+                 for i in range(6)]
+    (data / "mc" / "arc_easy.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy"], "limit": 6, "bootstrap": 50}
+    # calq.cli, imported by this test module, set these in this process: the CLI below must set them itself
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "LLM_COMPRESSOR_LOG_LEVEL")}
+    proc = subprocess.run([sys.executable, "-m", "calq.cli", "run", str(write_recipe(tiny_recipe)),
+                           "--out", str(tmp_path / "run"), "--data-dir", str(data)],
+                          capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "✓ tasks/baseline" in output and "report:" in output
+    assert "Tokenizing inputs" not in output and "it/s]" not in output
+    assert not [line for line in output.splitlines() if "warn" in line.lower()], output

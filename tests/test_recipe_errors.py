@@ -1,12 +1,18 @@
 """Bad input: one line saying what, where and how to fix; exit code 2; nothing already written is lost."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from calq.cli import app
 
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -38,6 +44,38 @@ def test_misspelled_key_suggests_the_closest(tiny_recipe, write_recipe):
     tiny_recipe["calibration"]["num_sample"] = tiny_recipe["calibration"].pop("num_samples")
     assert_one_line_error(*calq("run", write_recipe(tiny_recipe), "--dry-run"),
                           "unknown key 'calibration.num_sample'", "did you mean 'num_samples'")
+
+
+def test_a_bad_recipe_is_reported_before_torch_is_imported(tmp_path):
+    """The recipe is checked before torch, transformers, llm-compressor and lm-eval load (seconds): in a fresh
+    process, `calq run` on a recipe with a typo exits 2 with one line and none of them imported."""
+    recipe = {"name": "typo", "calibration": {"data": {"source": "calib.txt"}},
+              "variants": [{"method": "minmax", "scheme": "w8a8"}],
+              "evaluation": {"tokens": {"data": {"source": "heldout.txt"}}},
+              "calibrators": {"data": {"source": "alpaca.json"}, "ats": {"alpah": 0.3}}}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    script = ("import sys\n"
+              "from typer.testing import CliRunner\n"
+              "from calq.cli import app\n"
+              "result = CliRunner().invoke(app, ['run', sys.argv[1]])\n"
+              "heavy = {'torch', 'transformers', 'llmcompressor', 'lm_eval'} & set(sys.modules)\n"
+              "assert not heavy, heavy\n"
+              "print(result.output, end='')\n"
+              "sys.exit(result.exit_code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert not proc.stderr, proc.stderr
+    assert_one_line_error(proc.returncode, proc.stdout, "unknown key 'ats.alpah'", "did you mean 'alpha'")
+
+
+def test_calqs_own_calibrators_are_declared_for_the_recipe():
+    """calq.calib.registry.OWN lets a recipe be checked without importing the calibrators (they import torch)."""
+    from calq.calib import calibrators, registry
+
+    own = {name: (cls.level, cls.Config) for name, cls in calibrators.REGISTRY.items()
+           if cls.__module__.startswith("calq.")}
+    assert own == registry.OWN
 
 
 def test_wrong_type(tiny_recipe, write_recipe):

@@ -22,13 +22,13 @@ import math
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from calq.calib import answer_temperature
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll
 from calq.calib.base import register
+from calq.calib.registry import AdaptiveSettings
 from calq.errors import CalqError
 
 CONFIG, WEIGHTS = "answer_adaptive.json", "answer_adaptive.safetensors"
@@ -56,21 +56,6 @@ class Head(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = (features.float() - self.mean) / self.std
         return self.net(x).squeeze(-1).clamp(*LOG_BETA).exp()
-
-
-class AdaptiveSettings(BaseModel):
-    """The recipe's `calibrators.answer_adaptive:` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    use_hidden: bool = Field(True, description="read the prompt-end hidden state (else only the cheap features)")
-    per_task_mean: bool = Field(False, description="one temperature per task: the mean predicted inverse temperature "
-                                "over its prompts (Thermometer's recipe for a new task)")
-    epochs: int = Field(100, gt=0, description="most passes over the training fit tasks")
-    patience: int = Field(15, gt=0, description="epochs without a better held-out NLL before stopping")
-    width: int = Field(32, gt=0, description="hidden units of the head")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the head")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
 
 
 @register

@@ -25,50 +25,19 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from calq.calib.base import Calibrator, FitData, identity, register
 from calq.calib.hidden import Cached, Logits, evaluate_cached
+from calq.calib.registry import AtsConfig
 from calq.calib.temperature import Temperature, global_temperature
 from calq.errors import CalqError
 
 MAX_SCALE = 10.0
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
-
-
-class AtsConfig(BaseModel):
-    """How the ATS head is fitted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    alpha: float = Field(
-        0.5, ge=0, le=1, description="weight of the loss on positions the frozen model gets wrong; 1 - alpha weighs "
-                                     "cross-entropy on the positions it gets right (paper: 0.5)")
-    smoothing: Literal["uniform", "top_k", "none"] = Field(
-        "none", description="target on wrong positions: 'uniform' over the whole vocabulary (the paper), 'top_k' "
-                            "(uniform over the frozen model's top_k tokens) or 'none' (the next token, so the loss is "
-                            "plain cross-entropy)")
-    top_k: int = Field(5, ge=1, description="tokens in the smoothed target when smoothing is top_k")
-    reweight: bool = Field(
-        True, description="weigh the right and the wrong positions as two groups (each group's mean, times 1 - alpha "
-                          "and alpha) rather than by how many positions each has")
-    init_from_temperature: bool = Field(
-        True, description="start the head at the fitted global temperature (its output bias = -log T) instead of at "
-                          "the identity")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
-    epochs: int = Field(3, ge=1, description="at most this many passes over the training records")
-    patience: int = Field(1, ge=1, description="stop after this many epochs without a better validation metric")
-    batch_size: int = Field(8, ge=1, description="records per optimizer step")
-    min_response_tokens: int = Field(2000, ge=1,
-                                     description="fewer response tokens than this in the fit data is an error")
-    early_stop_by: Literal["ece", "nll"] = Field("ece", description="validation metric for early stopping")
-    seed: int = Field(0, description="seed for the head's initialization and the record order")
 
 
 def _layer_classes(config):

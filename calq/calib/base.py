@@ -1,4 +1,5 @@
-"""The calibrator contract and its one registry (the pipeline, the lm-eval model, the report and the recipe use it).
+"""The calibrator contract and `register`, which fills the one registry (calq.calib.registry: the pipeline, the lm-eval
+model, the report and the recipe use it).
 
 A token-level calibrator multiplies each position's logits by one positive scale predicted from the model's
 last hidden states (after the final norm), so the argmax and token-level accuracy never change:
@@ -18,7 +19,8 @@ last hidden states (after the final norm), so the argmax and token-level accurac
 Registered calibrators are fitted per variant when the recipe lists them (`calibrators.use`), evaluated with one
 forward pass of the model for all of them, selected by `calq.calib.select`, shown in the report and loadable in the
 lm-eval model as `calibrator=<name>:<folder>`. Adding one is one file: calq's own live in this package and are
-discovered by `calq.calib.calibrators`; others register on import.
+discovered by `calq.calib.calibrators` (and declare their name, level and settings in `calq.calib.registry.OWN` too,
+so that a recipe is checked without importing torch); others register on import.
 """
 
 from __future__ import annotations
@@ -29,16 +31,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import nn
 
 from calq.calib.hidden import Cached, Logits
-
-REGISTRY: dict[str, type[Calibrator]] = {}
-
-
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from calq.calib.registry import REGISTRY, NoSettings
 
 
 @dataclass

@@ -27,10 +27,6 @@ def get(name: str) -> type[Calibrator]:
     return REGISTRY[name]
 
 
-def names(level: str = "token") -> list[str]:
-    return [name for name, cls in REGISTRY.items() if cls.level == level]
-
-
 def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece", batch_size: int = 8,
             text: Cached | None = None) -> tuple[dict[str, Calibrator], dict[str, dict], str]:
     """Fit `none` and each calibrator named in `settings` ({name: its config}) on `data.train`; validate them all

@@ -16,7 +16,7 @@ import time
 import torch
 from pydantic import BaseModel
 
-from calq.calib import calibrators
+from calq.calib import calibrators, registry
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.errors import CalqError
@@ -41,7 +41,7 @@ def check_split(fit_tasks: list[str], eval_tasks: list[str], counts: dict[str, i
         if counts is not None and counts.get(task, 0) < MIN_FIT_QUESTIONS:
             raise CalqError(f"fit task '{task}' has {counts.get(task, 0)} questions", where,
                             f"give each fit task at least {MIN_FIT_QUESTIONS} (raise its limit)")
-    known = calibrators.names("answer")
+    known = registry.names("answer")
     for name in names:
         if name not in known:
             raise CalqError(f"unknown answer calibrator '{name}'", where, f"use one of: {', '.join(known)}")

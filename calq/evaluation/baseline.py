@@ -17,12 +17,15 @@ a wide margin (the bundled SmolLM2-135M: see README "Baseline check"); a randoml
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from calq.data import windows
 from calq.errors import CalqError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BaselineCheck(BaseModel):
@@ -48,18 +51,22 @@ WHAT_TO_CHECK = ("check the tokenizer (the ids must be those the model was train
 
 def unigram(targets: torch.Tensor) -> dict:
     """Perplexity and top-1 accuracy of the maximum-likelihood unigram model of `targets` on `targets` itself."""
+    import torch
+
     counts = torch.bincount(targets.flatten()).double()
     counts = counts[counts > 0]
     p = counts / counts.sum()
     return {"ppl": math.exp(float(-(p * p.log()).sum())), "top1": float(p.max())}
 
 
-@torch.no_grad()
 def score(model, token_windows: torch.Tensor, limit: int | None = None) -> dict:
     """Perplexity, top-1 accuracy and argmax predictions of `model` on the next-token predictions inside
     `token_windows` [n, L] (each window's first token is context only), the first `limit` of them in order."""
+    import torch
+
     device = next(model.parameters()).device
-    logits = model(input_ids=token_windows.to(device)).logits[:, :-1].float()
+    with torch.no_grad():
+        logits = model(input_ids=token_windows.to(device)).logits[:, :-1].float()
     logits, targets = logits.reshape(-1, logits.shape[-1])[:limit], token_windows[:, 1:].reshape(-1)[:limit].to(device)
     nll = torch.nn.functional.cross_entropy(logits, targets)
     predictions = logits.argmax(-1)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -72,6 +73,12 @@ def _key(context: list[int], continuation: list[int]) -> bytes:
     # A digest, not the token tuples: a five-shot MMLU run holds tens of thousands of long requests.
     ids = np.asarray([*context, -1, *continuation], dtype=np.int64)
     return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+
+
+def _bars_off() -> bool:
+    """lm-eval passes `disable=` to its progress bars itself, which wins over TQDM_DISABLE (tqdm's environment variables
+    only change its defaults), so CalqLM passes this on: `calq run` sets TQDM_DISABLE unless --verbose."""
+    return bool(os.environ.get("TQDM_DISABLE"))
 
 
 def _samples(gen_kwargs: dict) -> bool:
@@ -113,6 +120,12 @@ class CalqLM(HFLM):
         with torch.no_grad():
             out = self.model(ids, output_hidden_states=True)
         return out.logits, out.hidden_states[-1]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm or _bars_off())
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return super().loglikelihood_rolling(requests, disable_tqdm or _bars_off())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
         keys = [_key(ctx, cont) for _, ctx, cont in requests]
@@ -161,6 +174,7 @@ class CalqLM(HFLM):
         bar.close()
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        disable_tqdm = disable_tqdm or _bars_off()
         if any(_samples(r.args[1]) for r in requests):
             if self.calibrators[self.active].name != "none":
                 raise CalqError("sampled generation with a calibrator is not supported", "generation_kwargs",

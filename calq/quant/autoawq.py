@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from calq.errors import CalqError
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -64,6 +65,7 @@ def check_model(config) -> None:
     if config.model_type not in model_map:
         raise CalqError(f"AutoAWQ 0.2.9 does not handle model type '{config.model_type}'", "method",
                         "use method awq (llm-compressor)")
+    import torch
     from awq.utils.module import get_named_linears
     from transformers import AutoModelForCausalLM
 

@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from typing import ClassVar, Literal
 from unittest import mock
 
-import torch
-
 from calq.errors import CalqError
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, register
@@ -41,6 +39,8 @@ def no_pinning_without_accelerator():
     is available" (older torch: "Found no NVIDIA driver"). Without an accelerator the inputs never leave
     the CPU, so skipping the pinning changes nothing else. tests/test_quant_methods.py fails once the
     unpatched call stops raising, i.e. when this patch can go."""
+    import torch
+
     if torch.accelerator.is_available():
         yield
         return
@@ -53,6 +53,7 @@ def no_pinning_without_accelerator():
 def check_awq_mappings(config) -> None:
     """llm-compressor maps architectures to AWQ (norm -> projections) mappings and silently falls back to
     Llama-style mappings for the others; refuse an architecture where those would not fit."""
+    import torch
     from compressed_tensors.utils import match_name
     from llmcompressor.modifiers.transform.awq import (
         AWQ_DYNAMIC_MAPPING_REGISTRY,

@@ -12,19 +12,23 @@ how it quantizes (as llm-compressor's modifiers do); registering it (`@register`
             ...                               # modify `model` in place (llm-compressor modifiers + oneshot)
             return model
 
-A method module is discovered by `calq.quant.methods`, so adding a method is one file in this package.
+A method module is discovered by `calq.quant.methods`, so adding a method is one file in this package. It imports
+torch and llm-compressor inside its functions only: the recipe schema is built from these classes, and `calq run`
+checks a recipe before torch is imported (tests/test_recipe_errors.py).
 Errors name keys relative to the variant ('group_size'); the caller adds where the variant is ('variants[1]').
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from calq.errors import CalqError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMES = ("w8a8", "w4a16")
 REGISTRY: dict[str, type[MethodConfig]] = {}

@@ -9,14 +9,15 @@ spread. The QuantizationModifier that follows is the same W8A8 config as minmax.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator
 
-from calq.calib import ranges
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, register
+
+if TYPE_CHECKING:
+    import torch
 
 SPREAD_SAMPLES = 32  # calibration samples on which the effect on the activation spread is measured
 
@@ -47,6 +48,8 @@ class SmoothQuant(MethodConfig):
 
         The hooks see each Linear's input before its activation quantizer, so the spread 'after' is what
         SmoothQuant left for the int8 activation scale to cover."""
+        from calq.calib import ranges
+
         samples = samples[:SPREAD_SAMPLES]
         before = ranges.by_layer(ranges.collect(load_base(), samples))
         after = ranges.by_layer(ranges.collect(quantized, samples))
