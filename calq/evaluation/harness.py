@@ -39,6 +39,8 @@ model input is identical (the one-token answers A/B/C/D of one MMLU question) sh
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -253,9 +255,10 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
 
 
 def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks",
-                include_path: list | None = None, multiple_choice: bool = False) -> dict[str, int]:
+                include_path: list | None = None, multiple_choice: bool = False) -> dict[str, dict]:
     """Fail fast, before any model loads: unknown task, missing data file, no examples, and with `multiple_choice`
-    a task of another kind. Returns examples per task (a group's tasks one by one)."""
+    a task of another kind. Returns per task (a group's tasks one by one) {"n": examples, "sha256": of the examples
+    evaluated}: what identifies the task's data in resume keys, wherever the data folder is."""
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
     resolved = resolve_tasks(tasks, root, include_path, where)
     for name, (_, task) in resolved["tasks"].items():
@@ -263,7 +266,15 @@ def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "eva
         if multiple_choice and kind != "multiple_choice":
             raise CalqError(f"task '{name}' is {kind}, not multiple choice", where,
                             "answer calibrators are fitted on multiple-choice tasks only")
-    return _counts(resolved, limit, where)
+    return {name: {"n": n, "sha256": _docs_sha256(resolved["tasks"][name][1], n)}
+            for name, n in _counts(resolved, limit, where).items()}
+
+
+def _docs_sha256(task, n: int) -> str:
+    digest = hashlib.sha256()
+    for doc in itertools.islice(task.eval_docs, n):  # lm-eval's `limit` evaluates the first n
+        digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _counts(resolved: dict, limit: int | None, where: str) -> dict[str, int]:
