@@ -220,3 +220,20 @@ def test_lm_eval_command_line(tiny_model, task_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "calq_arc_easy" in proc.stdout and "acc" in proc.stdout
 
+
+def test_calq_lm_eval_takes_batch_size_and_device_in_model_args_or_as_options(tiny_model, task_data, tmp_path,
+                                                                              monkeypatch):
+    """lm-eval's command line passes --batch_size (1 when not given) and --device beside the model_args: a key in both
+    is no TypeError (lm-eval 0.4.13's own `hf` model raises one), and model_args wins."""
+    sizes = []
+    init = harness.CalqLM.__init__
+    monkeypatch.setattr(harness.CalqLM, "__init__", lambda self, *a, **k: init(self, *a, **k) or sizes.append(
+        (self.batch_size, str(self.device))))
+    monkeypatch.chdir(tmp_path)
+    common = ["--tasks", "calq_arc_easy", "--limit", "2", "--metadata", json.dumps({"data_dir": str(task_data)})]
+    for model_args, options in ((",batch_size=8,device=cpu", ["--batch_size", "2", "--device", "cpu"]),
+                                ("", ["--batch_size", "3", "--device", "cpu"])):
+        monkeypatch.setattr(sys, "argv", ["calq-lm-eval", "--model", "calq", "--model_args",
+                                          f"pretrained={tiny_model}{model_args}", *options, *common])
+        harness.main()  # the calq-lm-eval entry point
+    assert sizes == [(8, "cpu"), (3, "cpu")]

@@ -19,7 +19,8 @@ model_args:
                  or any registered calibrator: calq.calib.base)
     dtype        float32 (default) | bfloat16 | float16
     device       default cuda when available, else cpu
-    batch_size   model inputs per forward pass (a whole number; no "auto")
+    batch_size   model inputs per forward pass (a whole number; no "auto"); here or as --batch_size, and when
+                 both are given model_args wins (so does `device` over --device)
     any other HFLM argument (max_length, add_bos_token, ...) passes through.
 
 Where lm-eval scores, the scores are calibrated: every log-likelihood (multiple choice, loglikelihood and
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from calq import data as data_mod
@@ -109,6 +111,17 @@ class CalqLM(HFLM):
         self.continuation_tokens: dict[bytes, int] = {}
         self._request_keys: dict[tuple[str, str], bytes] = {}
         self._generations: dict[tuple[str, str], str] = {}
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> CalqLM:
+        # lm-eval adds its --batch_size (1 when not given), --max_batch_size and --device to the model_args: passing
+        # one twice is a TypeError in lm-eval's LM, so a key given in model_args wins over the command-line option.
+        extra = {k: v for k, v in (additional_config or {}).items() if k not in arg_dict}
+        return super().create_from_arg_obj(arg_dict, extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> CalqLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, last hidden state after the final norm): everything any calibrator needs."""
