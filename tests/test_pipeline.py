@@ -105,24 +105,21 @@ def test_a_moved_run_with_moved_and_touched_inputs_reuses_every_stage(tiny_recip
                  for i, word in enumerate(["sky", "sea", "sun", "snow"])]
     (first / "data" / "mc" / "arc_easy.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
 
-    def recipe_at(root):
-        tiny_recipe["model"]["id"] = str(root / "model")
-        tiny_recipe["calibration"]["data"]["source"] = str(root / "data" / "calib.txt")  # a plain path
-        tiny_recipe["evaluation"]["tokens"]["data"]["source"] = "@data/heldout.txt"  # under --data-dir
-        return tiny_recipe
-
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]
     tiny_recipe["calibrators"] = {"data": {"source": "@data/alpaca.json"}, "use": ["temperature"], "fit_records": 30,
                                   "heldout_records": 10, "max_len": 128, "validation_text": {"tokens": 256}}
+    tiny_recipe["evaluation"]["tokens"]["data"]["source"] = "@data/heldout.txt"  # under --data-dir
     tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy"], "limit": 4, "bootstrap": 10}
 
-    def run_at(root, out):
+    def run_at(root):
+        tiny_recipe["model"]["id"] = str(root / "model")
+        tiny_recipe["calibration"]["data"]["source"] = str(root / "data" / "calib.txt")  # a plain path
         path = root / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe_at(root)))
-        result = runner.invoke(app, ["run", str(path), "--out", str(out), "--data-dir", str(root / "data")])
+        path.write_text(yaml.safe_dump(tiny_recipe))
+        result = runner.invoke(app, ["run", str(path), "--out", str(root / "run"), "--data-dir", str(root / "data")])
         assert result.exit_code == 0, result.output
 
-    run_at(first, first / "run")
+    run_at(first)
     moved = tmp_path / "elsewhere" / "moved"
     shutil.copytree(first, moved)  # markers keep their mtimes: a stage done again rewrites its marker
     shutil.rmtree(first)
@@ -132,7 +129,7 @@ def test_a_moved_run_with_moved_and_touched_inputs_reuses_every_stage(tiny_recip
     stages = json.loads((moved / "run" / ".calq" / "manifest.json").read_text())["stages"]
     assert len(done) == len(stages) and any(s["name"] == "tasks/baseline" for s in stages)
 
-    run_at(moved, moved / "run")
+    run_at(moved)
     assert {p: p.stat().st_mtime_ns for p in done} == done
 
 
