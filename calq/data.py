@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calq.errors import CalqError
 from calq.models import bos_policy
+from calq.runs import content_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -248,18 +249,22 @@ def free_windows(stream: torch.Tensor, seq_len: int, taken: list[int], count: in
     return all_windows[chosen].clone()
 
 
-def fingerprint(spec: DataSpec, data_root: Path | None) -> list:
-    """What identifies the data for resume keys: the spec, plus size and mtime of any local file it names."""
-    parts: list = [spec.model_dump(), str(data_root)]
-    for source in (spec.source, spec.fallback):
+def fingerprint(spec: DataSpec, data_root: Path | None) -> dict:
+    """What identifies the data for resume keys: the spec's settings, and for its source and fallback the sha256 of a
+    local file (None when it is missing: the fallback is read), or the name of any other source. Never a path or a
+    time, so the same data copied to another place, or touched, keeps its keys."""
+    sources = {}
+    for field in ("source", "fallback"):
+        source = getattr(spec, field)
         if not source or source.startswith(("builtin:", "hf:")):
+            sources[field] = source
             continue
-        path = (data_root / source[len(DATA_PREFIX):] if source.startswith(DATA_PREFIX) and data_root
-                else Path(source).expanduser())
-        if path.is_file():
-            st = path.stat()
-            parts.append([str(path), st.st_size, st.st_mtime_ns])
-    return parts
+        if source.startswith(DATA_PREFIX):
+            path = data_root / source[len(DATA_PREFIX):] if data_root else None
+        else:
+            path = Path(source).expanduser()
+        sources[field] = content_sha256(path) if path is not None and path.is_file() else None
+    return {**spec.model_dump(exclude={"source", "fallback"}), **sources}
 
 
 def check_available(spec: DataSpec, where: str, data_root: Path | None) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calq.errors import CalqError
+from calq.runs import content_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,20 @@ def resolve(model_id: str, gguf_file: str | None = None, revision: str | None = 
             raise CalqError(f"GGUF file {gguf_file} not found in {path}", "model.gguf_file", "check the file name")
         return ModelSource(str(path.resolve()), gguf_file, kind="gguf" if gguf_file else "folder")
     return ModelSource(model_id, gguf_file, revision, kind="hub")
+
+
+def identity(source: ModelSource) -> dict:
+    """What names the model in resume keys: a hub id (with its GGUF file and revision) or bundled file as it is; a
+    local GGUF file or model folder by the sha256 of its files (the top-level ones from_pretrained reads), never by
+    its path, so a moved or copied model keeps its keys."""
+    if source.kind == "hub":
+        return {"hub": source.location, "gguf_file": source.gguf_file, "revision": source.revision}
+    if source.kind == "bundled":
+        return {"bundled": source.gguf_file}
+    folder = Path(source.location)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return {"files": {p.name: content_sha256(p) for p in files}}
 
 
 def _dtype(name: str) -> torch.dtype:

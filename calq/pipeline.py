@@ -193,17 +193,18 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
     if recipe.calibrators is not None:
         instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
         check_validation_text(recipe, data_root)
-    task_counts = fit_counts = None
+    task_docs = fit_docs = None
     if recipe.evaluation.tasks is not None:
         tasks = recipe.evaluation.tasks
-        task_counts = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names",
-                                          list(tasks.include_path))
+        task_docs = harness.check_tasks(list(tasks.names), data_root, tasks.limit, "evaluation.tasks.names",
+                                        list(tasks.include_path))
         answers = tasks.answer_calibration
         if answers is not None:
             where = "evaluation.tasks.answer_calibration"
-            fit_counts = harness.check_tasks(list(answers.fit_tasks), data_root, answers.fit_limit,
-                                             f"{where}.fit_tasks", list(tasks.include_path), multiple_choice=True)
-            answer_calibration.check_split(list(fit_counts), list(task_counts), fit_counts, list(answers.use), where)
+            fit_docs = harness.check_tasks(list(answers.fit_tasks), data_root, answers.fit_limit,
+                                           f"{where}.fit_tasks", list(tasks.include_path), multiple_choice=True)
+            answer_calibration.check_split(list(fit_docs), list(task_docs), {t: d["n"] for t, d in fit_docs.items()},
+                                           list(answers.use), where)
     result.variants = [BASELINE, *(v.label for v in variants)]
     if recipe.export is not None:
         check_export(recipe, result.variants)
@@ -217,7 +218,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
     except OSError as exc:
         raise CalqError(f"cannot load the tokenizer of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
                         "check the id or path; hub ids need network access") from None
-    result.stages = stage_table(recipe, source, data_root, variants, task_counts, bos, fit_counts)
+    result.stages = stage_table(recipe, source, data_root, variants, task_docs, bos, fit_docs)
     for key in recipe.resources:
         if not any(_match(key, s) for s in result.stages):
             raise CalqError(f"'{key}' names no stage of this run", f"resources.{key}",
@@ -243,14 +244,15 @@ def stage_resources(recipe: Recipe, stage: Stage) -> tuple[str | None, StageReso
 
 
 def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | None, variants: list[MethodConfig],
-                task_counts: dict[str, int] | None, bos: int | None = None,
-                fit_counts: dict[str, int] | None = None) -> list[Stage]:
+                task_docs: dict[str, dict] | None, bos: int | None = None,
+                fit_docs: dict[str, dict] | None = None) -> list[Stage]:
     """Every stage of the run in execution order, each with its key. `bos`: the BOS id the tokenizer starts every
-    text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys."""
+    text with (models.bos_policy); samples and evaluation windows start with it, so it is part of their keys.
+    `task_docs`, `fit_docs`: what harness.check_tasks returned (examples per task and their sha256)."""
     cal, ev, spec, tasks = recipe.calibration, recipe.evaluation.tokens, recipe.calibrators, recipe.evaluation.tasks
-    # placement changes where a model runs, not what it computes: it is left out of the keys
-    keys = {"model": stable_hash(CODE_VERSION, recipe.model.model_dump(exclude={"check", "device_map"}),
-                                 source.describe())}
+    # placement changes where a model runs, not what it computes: it is left out of the keys. The model and the data
+    # enter by content (models.identity, data_mod.fingerprint), never by path: a moved run folder keeps its keys.
+    keys = {"model": stable_hash(CODE_VERSION, recipe.model.dtype, models.identity(source))}
     with_bos = [["bos", bos]] if bos is not None else []  # no BOS: the keys of earlier runs stay valid
     table: list[Stage] = []
 
@@ -262,11 +264,10 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     if source.gguf_file:
         add("base_model", stage_base_model)
     add("samples", stage_samples, needs=base,
-        settings=[cal.model_dump(), data_mod.fingerprint(cal.data, data_root), *with_bos])
+        settings=[cal.model_dump(exclude={"data"}), data_mod.fingerprint(cal.data, data_root), *with_bos])
     # before any long work (ranges, quantization); not a need of later stages: its settings must not rekey them
     add("baseline_check", stage_baseline_check, needs=base,
-        settings=[recipe.model.check.model_dump(), ev.data.model_dump(), data_mod.fingerprint(ev.data, data_root),
-                  CHECK_VERSION])
+        settings=[recipe.model.check.model_dump(), data_mod.fingerprint(ev.data, data_root), CHECK_VERSION])
     add("ranges", stage_ranges, needs=("samples",), settings=recipe.outliers_top_k, group="ranges")
     fitted_on = {BASELINE: base}
     for v in variants:
@@ -277,12 +278,12 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     evaluated_on = dict(fitted_on)
     if spec is not None:
         add("instructions", stage_instructions, group="calibrate",
-            settings=[spec.model_dump(include={"data", "fit_records", "heldout_records", "seed"}),
+            settings=[spec.model_dump(include={"fit_records", "heldout_records", "seed"}),
                       data_mod.fingerprint(spec.data, data_root)])
         text = spec.validation_text
         if text is not None:
             add("validation_text", stage_validation_text, needs=base, group="calibrate",
-                settings=[text.model_dump(), spec.seed, cal.model_dump(),
+                settings=[text.model_dump(exclude={"data"}), spec.seed, cal.model_dump(exclude={"data"}),
                           data_mod.fingerprint(text.data or cal.data, data_root), *with_bos])
         for name, needs in fitted_on.items():
             add(f"calibrate/{name}", stage_calibrate, name, group="calibrate",
@@ -290,7 +291,7 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
                 settings=spec.model_dump(exclude={"data", "fit_records", "heldout_records"}))
             evaluated_on[name] = (f"calibrate/{name}",)
     add("eval_tokens", stage_eval_tokens, needs=base, group="evaluate",
-        settings=[ev.data.model_dump(), ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
+        settings=[ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
     for name, needs in evaluated_on.items():
         add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs), group="evaluate",
             settings=[ev.seq_len, ev.bins, EVALUATE_VERSION, *with_bos])  # batch_size changes speed, not results
@@ -300,19 +301,19 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         extra = [*([["include_path", tasks.include_path]] if tasks.include_path else []),
                  *([["features", True]] if answers else [])]
         for name, needs in evaluated_on.items():
-            if not (tasks.split and len(task_counts) > 1):
+            if not (tasks.split and len(task_docs) > 1):
                 add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
-                    settings=[tasks.names, tasks.limit, task_counts, str(data_root), TASKS_VERSION, *extra])
+                    settings=[tasks.names, tasks.limit, task_docs, TASKS_VERSION, *extra])
                 continue
-            for task in task_counts:  # one stage per task; each keeps the forward pass shared by all calibrators
+            for task in task_docs:  # one stage per task; each keeps the forward pass shared by all calibrators
                 add(f"tasks/{name}/{task}", stage_tasks, name, (task,), needs=needs, group="evaluate",
-                    settings=[[task], tasks.limit, {task: task_counts[task]}, str(data_root), TASKS_VERSION, *extra])
-            add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_counts), group="evaluate",
-                needs=tuple(f"tasks/{name}/{task}" for task in task_counts), settings=TASKS_VERSION)
+                    settings=[[task], tasks.limit, {task: task_docs[task]}, TASKS_VERSION, *extra])
+            add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_docs), group="evaluate",
+                needs=tuple(f"tasks/{name}/{task}" for task in task_docs), settings=TASKS_VERSION)
         if answers is not None:
             for name, needs in fitted_on.items():
                 add(f"fit_tasks/{name}", stage_fit_tasks, name, needs=needs, group="calibrate",
-                    settings=[answers.fit_tasks, answers.fit_limit, fit_counts, str(data_root), tasks.include_path,
+                    settings=[answers.fit_tasks, answers.fit_limit, fit_docs, tasks.include_path,
                               TASKS_VERSION])
             for name in fitted_on:
                 parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and "parent" in answers.use \

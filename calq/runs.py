@@ -44,6 +44,8 @@ STAGE_WORDS = {"base_model": "dequantization", "samples": "sampling", "ranges": 
 # sha256 of files just written by atomic_path, keyed by path, with the (size, mtime_ns, inode) they had then:
 # a stage's marker takes them from here instead of reading the bytes a second time.
 _written: dict[str, tuple[tuple[int, int, int], str]] = {}
+# sha256 of input files by (absolute path, size, mtime_ns): content_sha256 reads each once per process.
+_contents: dict[tuple[str, int, int], str] = {}
 
 
 def stable_hash(*parts: Any) -> str:
@@ -153,17 +155,32 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_digest(path: Path) -> dict[str, Any]:
     """{"size", "sha256"} of a file: from atomic_path's record when the file is unchanged since, else read."""
     st = path.stat()
     seen = _written.pop(str(path), None)
     if seen is not None and seen[0] == _signature(st):
         return {"size": st.st_size, "sha256": seen[1]}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return {"size": st.st_size, "sha256": digest.hexdigest()}
+    return {"size": st.st_size, "sha256": _sha256(path)}
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of an input file (data, model weights) for resume keys, so that they name content, not places.
+    Read once per process for each (absolute path, size, mtime_ns)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _contents:
+        _contents[key] = _sha256(path)
+    return _contents[key]
 
 
 class PeakRSS:

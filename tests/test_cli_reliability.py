@@ -50,18 +50,40 @@ def test_a_second_calq_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_rec
         proc.wait()
 
 
+# `calq run` whose first checkpoint save (quantize/minmax-w8a8) writes its files, then says so in a file and waits:
+# the signal reaches a stage known to be running, with a temporary folder to clean up.
+PAUSED_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from transformers import PreTrainedModel
+    from calq.cli import app
+
+    save, flag = PreTrainedModel.save_pretrained, Path(sys.argv.pop(1))
+
+    def save_then_wait(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        flag.touch()
+        time.sleep(120)
+
+    PreTrainedModel.save_pretrained = save_then_wait
+    app()
+""")
+
+
 def test_sigterm_during_a_stage_exits_143_and_the_run_resumes(tiny_recipe, write_recipe, tmp_path):
-    path, out = write_recipe(tiny_recipe), tmp_path / "run"
+    path, out, flag = write_recipe(tiny_recipe), tmp_path / "run", tmp_path / "saved"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "calq.cli", "run", str(path), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(flag), "run", str(path), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / ".calq" / "stages" / "ranges.json").exists():
+    while time.time() < deadline and not flag.exists() and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # during quantization, or one of the stages after it
+    assert flag.exists(), proc.communicate()[0]
+    assert list(out.rglob(".minmax-w8a8.tmp-*"))  # the checkpoint, half saved
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
-    assert "interrupted (SIGTERM) during " in output and "run the same command to resume" in output
+    assert "interrupted (SIGTERM) during quantize/minmax-w8a8" in output and "run the same command to resume" in output
     assert "Traceback" not in output
     assert list(out.rglob(".*.tmp-*")) == []
     result = runner.invoke(app, ["run", str(path), "--out", str(out)])

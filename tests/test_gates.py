@@ -1,5 +1,5 @@
-"""Gates on real task results (a tiny model that learned its answers, then 8-bit and 2-bit copies of it),
-gate arithmetic and name checks, and report.html rendered in headless Chromium."""
+"""Gates on real task results (a tiny model that learned its answers, an 8-bit copy of it and a copy damaged so that
+it cannot read the question), gate arithmetic and name checks, and report.html rendered in headless Chromium."""
 
 import json
 import shutil
@@ -47,33 +47,48 @@ def learn_answers(folder, questions):
     model.save_pretrained(folder)
 
 
-def quantized_copy(source, folder, num_bits: int, strategy: str, ignore: list[str]):
+def w8_copy(source, folder):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from calq.quant import llmc
 
     llmc.quiet_logs(str(folder.parent / "llmcompressor.log"))  # not into the working directory
     model, tok = models.load(models.ModelSource(str(source), kind="folder"))
-    weights = {"num_bits": num_bits, "type": "int", "symmetric": True, "strategy": strategy}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     llmc.run_oneshot(model, [QuantizationModifier(
-        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=ignore)], None)
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])], None)
     model.save_pretrained(folder, save_compressed=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def damaged_copy(source, folder):
+    """The model with every layer's output projections (attention o_proj, MLP down_proj) zeroed: no layer adds anything
+    to the residual stream, so the logits at a position depend on that position's token alone. Every question ends in
+    the same "Answer:" and has the same choices, so the model gives all of them one answer, whatever it learned: it
+    is right on exactly the questions whose gold that answer is (each colour is gold for two of the eight)."""
+    model, tok = models.load(models.ModelSource(str(source), kind="folder"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, texts):
-    """report.json's content for baseline, w8 (8-bit channel weights) and w2 (2-bit tensor weights, lm_head too):
-    real task and token-level numbers; recipe, stages and outliers made up."""
+    """report.json's content for baseline, w8 (8-bit channel weights) and damaged (damaged_copy): real task and
+    token-level numbers; recipe, stages and outliers made up."""
     root = tmp_path_factory.mktemp("gated")
     questions = [{"query": f"Question: {t}?", "choices": COLORS, "gold": i % 4} for i, t in enumerate(THINGS)]
     (root / "data" / "mc").mkdir(parents=True)
     (root / "data" / "mc" / "arc_easy.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     baseline = make_tiny_llama(root / "baseline")
     learn_answers(baseline, questions)
-    folders = {"baseline": baseline, "w8": quantized_copy(baseline, root / "w8", 8, "channel", ["lm_head"]),
-               "w2": quantized_copy(baseline, root / "w2", 2, "tensor", [])}
+    folders = {"baseline": baseline, "w8": w8_copy(baseline, root / "w8"),
+               "damaged": damaged_copy(baseline, root / "damaged")}
     calibrators = {"none": identity, "temperature": temperature_2}
     per_variant = {name: harness.run_tasks(folder, calibrators, ["arc_easy"], None, root / "data", 8)
                    for name, folder in folders.items()}
@@ -82,7 +97,7 @@ def report(tmp_path_factory, texts):
         model, tok = models.load(models.ModelSource(str(folder), kind="folder"))
         stream = torch.tensor(tok(texts["heldout"].read_text()[:4000])["input_ids"])
         result = tokens.evaluate(model, stream, 64, 4)["calibrators"]["none"]
-        rows.append({"variant": name, "method": "none" if name == "baseline" else "minmax", "scheme": name,
+        rows.append({"variant": name, "method": "minmax" if name == "w8" else "none", "scheme": name,
                      "group_size": None, "size_bytes": 1000, "calibration_seconds": None, **result})
     rep = {"recipe": "tiny", "created": "2026-01-01T00:00:00",
            "model": {"id": "tiny", "source": str(baseline), "dtype": "float32", "note": None},
@@ -104,25 +119,25 @@ def report(tmp_path_factory, texts):
 
 def test_damaged_variant_fails_an_accuracy_gate_and_a_mild_one_passes(report):
     acc = {(r["variant"], r["calibrator"]): r["accuracy"] for r in report["tasks"]["results"]}
-    assert acc["baseline", "none"] == 1.0 and acc["w8", "none"] == 1.0 and acc["w2", "none"] <= 0.5
+    assert acc["baseline", "none"] == 1.0 and acc["w8", "none"] == 1.0 and acc["damaged", "none"] == 0.25
     results = {(r["variant"], r["calibrator"]): r for r in report["gates"]["results"]}
-    assert set(results) == {(v, c) for v in ("w8", "w2") for c in ("none", "temperature")}
+    assert set(results) == {(v, c) for v in ("w8", "damaged") for c in ("none", "temperature")}
     assert results["w8", "none"]["passed"] and results["w8", "none"]["value"] == 0.0
-    damaged = results["w2", "none"]
-    assert not damaged["passed"] and damaged["value"] == pytest.approx(1.0 - acc["w2", "none"])
+    damaged = results["damaged", "none"]
+    assert not damaged["passed"] and damaged["value"] == pytest.approx(0.75)
     assert damaged["margin"] == pytest.approx(0.1 - damaged["value"]) and damaged["margin"] < 0
     assert report["gates"]["passed"] is False
     assert all(r.passed for r in evaluate_gates(Gates(variant="w8", max_accuracy_drop=0.0), report))
 
 
 def test_answer_level_rows_and_intervals(report):
-    row = next(r for r in report["tasks"]["results"] if r["variant"] == "w2" and r["calibrator"] == "temperature")
+    row = next(r for r in report["tasks"]["results"] if r["variant"] == "damaged" and r["calibrator"] == "temperature")
     assert row["n"] == 8 and row["metric"] == "acc" and row["top1_accuracy"] == row["accuracy"]
     for key in ("accuracy", "ece", "brier"):
         low, high = row[f"{key}_ci"]
         assert low <= row[key] + 1e-12 and row[key] <= high + 1e-12
     assert sum(b["count"] for b in row["reliability"]) == 8
-    none = next(r for r in report["tasks"]["results"] if r["variant"] == "w2" and r["calibrator"] == "none")
+    none = next(r for r in report["tasks"]["results"] if r["variant"] == "damaged" and r["calibrator"] == "none")
     assert row["confidence"] < none["confidence"]  # T = 2 flattens the choice distribution
 
 
@@ -203,7 +218,7 @@ def test_html_report_is_self_contained_and_renders_in_chromium(report, tmp_path)
     assert "http://" not in text and "https://" not in text
     assert (text.index("FAIL") < text.index("Summary") < text.index("Token-level calibration")
             < text.index("Tasks (lm-eval)"))
-    for part in ("max_accuracy_drop [w2/none/arc_easy]", "Skipped variant awq-w4a16", "Activation outliers",
+    for part in ("max_accuracy_drop [damaged/none/arc_easy]", "Skipped variant awq-w4a16", "Activation outliers",
                  "SmoothQuant", "Versions"):
         assert part in text
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -180,7 +181,13 @@ def test_task_checks_fail_fast_with_one_line(task_data, tmp_path, monkeypatch):
         with pytest.raises(CalqError, match=message) as err:
             harness.check_tasks(tasks, folder, limit)
         assert "\n" not in str(err.value)
-    assert harness.check_tasks(["arc_easy", "mmlu"], task_data, 5) == {"arc_easy": 5, "mmlu": 3}
+    checked = harness.check_tasks(["arc_easy", "mmlu"], task_data, 5)
+    assert {name: task["n"] for name, task in checked.items()} == {"arc_easy": 5, "mmlu": 3}
+    copy = shutil.copytree(task_data, tmp_path / "copy")  # resume keys take the sha256: content, not the folder
+    assert harness.check_tasks(["arc_easy", "mmlu"], copy, 5) == checked
+    questions = (copy / "mc" / "arc_easy.jsonl").read_text()
+    (copy / "mc" / "arc_easy.jsonl").write_text(questions.replace("sky", "moon"))
+    assert harness.check_tasks(["arc_easy"], copy, 5)["arc_easy"]["sha256"] != checked["arc_easy"]["sha256"]
     # checked before the model loads: the model path does not even exist
     with pytest.raises(CalqError, match="unknown task"):
         harness.run_tasks(tmp_path / "no-model", {"none": identity}, ["nope"], None, task_data, 1)
@@ -197,7 +204,7 @@ def test_mmlu_interleaves_subjects_and_takes_shots_from_the_same_subject(task_da
 
 @pytest.mark.skipif(data_dir() is None, reason="needs CALQ_DATA_DIR (the shared offline data)")
 def test_every_task_reads_the_shared_data():
-    counts = harness.check_tasks(list(available()), data_dir(), None)
+    counts = {name: task["n"] for name, task in harness.check_tasks(list(available()), data_dir(), None).items()}
     assert counts == {"arc_challenge": 1172, "arc_easy": 2376, "boolq": 3270, "lambada": 5153, "mmlu": 14042,
                       "mmlu_5shot": 14042, "piqa": 1838, "triviaqa": 3000, "truthfulqa_mc1": 817, "truthfulqa_mc2": 817,
                       "openbookqa": 500, "commonsense_qa": 1221, "siqa": 1954, "copa": 100}
@@ -212,3 +219,21 @@ def test_lm_eval_command_line(tiny_model, task_data, tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "calq_arc_easy" in proc.stdout and "acc" in proc.stdout
+
+
+def test_calq_lm_eval_takes_batch_size_and_device_in_model_args_or_as_options(tiny_model, task_data, tmp_path,
+                                                                              monkeypatch):
+    """lm-eval's command line passes --batch_size (1 when not given) and --device beside the model_args: a key in both
+    is no TypeError (lm-eval 0.4.13's own `hf` model raises one), and model_args wins."""
+    sizes = []
+    init = harness.CalqLM.__init__
+    monkeypatch.setattr(harness.CalqLM, "__init__", lambda self, *a, **k: init(self, *a, **k) or sizes.append(
+        (self.batch_size, str(self.device))))
+    monkeypatch.chdir(tmp_path)
+    common = ["--tasks", "calq_arc_easy", "--limit", "2", "--metadata", json.dumps({"data_dir": str(task_data)})]
+    for model_args, options in ((",batch_size=8,device=cpu", ["--batch_size", "2", "--device", "cpu"]),
+                                ("", ["--batch_size", "3", "--device", "cpu"])):
+        monkeypatch.setattr(sys, "argv", ["calq-lm-eval", "--model", "calq", "--model_args",
+                                          f"pretrained={tiny_model}{model_args}", *options, *common])
+        harness.main()  # the calq-lm-eval entry point
+    assert sizes == [(8, "cpu"), (3, "cpu")]

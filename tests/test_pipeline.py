@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 from conftest import data_dir
 from typer.testing import CliRunner
 
@@ -88,6 +90,47 @@ def test_rerun_reuses_and_edits_rerun_only_dependents(tiny_recipe, write_recipe,
 
 def markers_for(out, stages):
     return {s: (out / ".calq" / "stages" / f"{s}.json").stat().st_mtime_ns for s in stages}
+
+
+def test_a_moved_run_with_moved_and_touched_inputs_reuses_every_stage(tiny_recipe, working_model, texts, alpaca,
+                                                                       tmp_path):
+    """Keys name content, not places: a finished run copied elsewhere, its model and data copied to other paths with
+    new mtimes (the old copies deleted), recomputes nothing."""
+    first = tmp_path / "first"
+    shutil.copytree(working_model, first / "model")
+    (first / "data" / "mc").mkdir(parents=True)
+    for name, path in (("calib.txt", texts["calib"]), ("heldout.txt", texts["heldout"]), ("alpaca.json", alpaca)):
+        shutil.copy(path, first / "data" / name)
+    questions = [{"query": f"Question: {word}?", "choices": ["yes", "no"], "gold": i % 2}
+                 for i, word in enumerate(["sky", "sea", "sun", "snow"])]
+    (first / "data" / "mc" / "arc_easy.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+    tiny_recipe["variants"] = tiny_recipe["variants"][1:]
+    tiny_recipe["calibrators"] = {"data": {"source": "@data/alpaca.json"}, "use": ["temperature"], "fit_records": 30,
+                                  "heldout_records": 10, "max_len": 128, "validation_text": {"tokens": 256}}
+    tiny_recipe["evaluation"]["tokens"]["data"]["source"] = "@data/heldout.txt"  # under --data-dir
+    tiny_recipe["evaluation"]["tasks"] = {"names": ["arc_easy"], "limit": 4, "bootstrap": 10}
+
+    def run_at(root):
+        tiny_recipe["model"]["id"] = str(root / "model")
+        tiny_recipe["calibration"]["data"]["source"] = str(root / "data" / "calib.txt")  # a plain path
+        path = root / "recipe.yaml"
+        path.write_text(yaml.safe_dump(tiny_recipe))
+        result = runner.invoke(app, ["run", str(path), "--out", str(root / "run"), "--data-dir", str(root / "data")])
+        assert result.exit_code == 0, result.output
+
+    run_at(first)
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(first, moved)  # markers keep their mtimes: a stage done again rewrites its marker
+    shutil.rmtree(first)
+    for path in [*(moved / "model").iterdir(), *(moved / "data").rglob("*")]:
+        os.utime(path)
+    done = {p: p.stat().st_mtime_ns for p in (moved / "run" / ".calq" / "stages").rglob("*.json")}
+    stages = json.loads((moved / "run" / ".calq" / "manifest.json").read_text())["stages"]
+    assert len(done) == len(stages) and any(s["name"] == "tasks/baseline" for s in stages)
+
+    run_at(moved)
+    assert {p: p.stat().st_mtime_ns for p in done} == done
 
 
 def test_interrupted_stage_leaves_nothing_half_written(tiny_recipe, write_recipe, tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ model_args:
                  or any registered calibrator: calq.calib.base)
     dtype        float32 (default) | bfloat16 | float16
     device       default cuda when available, else cpu
-    batch_size   model inputs per forward pass (a whole number; no "auto")
+    batch_size   model inputs per forward pass (a whole number; no "auto"); here or as --batch_size, and when
+                 both are given model_args wins (so does `device` over --device)
     any other HFLM argument (max_length, add_bos_token, ...) passes through.
 
 Where lm-eval scores, the scores are calibrated: every log-likelihood (multiple choice, loglikelihood and
@@ -39,6 +40,8 @@ model input is identical (the one-token answers A/B/C/D of one MMLU question) sh
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 import sys
@@ -51,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from calq import data as data_mod
@@ -114,6 +118,17 @@ class CalqLM(HFLM):
         self.continuation_tokens: dict[bytes, int] = {}
         self._request_keys: dict[tuple[str, str], bytes] = {}
         self._generations: dict[tuple[str, str], str] = {}
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> CalqLM:
+        # lm-eval adds its --batch_size (1 when not given), --max_batch_size and --device to the model_args: passing
+        # one twice is a TypeError in lm-eval's LM, so a key given in model_args wins over the command-line option.
+        extra = {k: v for k, v in (additional_config or {}).items() if k not in arg_dict}
+        return super().create_from_arg_obj(arg_dict, extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> CalqLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, last hidden state after the final norm): everything any calibrator needs."""
@@ -267,9 +282,10 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
 
 
 def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "evaluation.tasks",
-                include_path: list | None = None, multiple_choice: bool = False) -> dict[str, int]:
+                include_path: list | None = None, multiple_choice: bool = False) -> dict[str, dict]:
     """Fail fast, before any model loads: unknown task, missing data file, no examples, and with `multiple_choice`
-    a task of another kind. Returns examples per task (a group's tasks one by one)."""
+    a task of another kind. Returns per task (a group's tasks one by one) {"n": examples, "sha256": of the examples
+    evaluated}: what identifies the task's data in resume keys, wherever the data folder is."""
     root = data_mod.data_dir(str(data_dir) if data_dir else None)
     resolved = resolve_tasks(tasks, root, include_path, where)
     for name, (_, task) in resolved["tasks"].items():
@@ -277,7 +293,15 @@ def check_tasks(tasks: list[str], data_dir, limit: int | None, where: str = "eva
         if multiple_choice and kind != "multiple_choice":
             raise CalqError(f"task '{name}' is {kind}, not multiple choice", where,
                             "answer calibrators are fitted on multiple-choice tasks only")
-    return _counts(resolved, limit, where)
+    return {name: {"n": n, "sha256": _docs_sha256(resolved["tasks"][name][1], n)}
+            for name, n in _counts(resolved, limit, where).items()}
+
+
+def _docs_sha256(task, n: int) -> str:
+    digest = hashlib.sha256()
+    for doc in itertools.islice(task.eval_docs, n):  # lm-eval's `limit` evaluates the first n
+        digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _counts(resolved: dict, limit: int | None, where: str) -> dict[str, int]:
