@@ -150,9 +150,11 @@ def _write_report(root: Path) -> Report:
 
 
 def export(run_dir: str | Path, formats: list[str] | None = None, variants: list[str] | None = None,
-           progress=None, log=None) -> Report:
+           progress=None, log=None, data_dir: str | Path | None = None, model: str | Path | None = None) -> Report:
     """Export the variants of a finished run (their calibrators fused) and re-verify each artifact on its runtime:
-    the run's own recipe with its `export:` section set from `formats` / `variants`; only the export stages run."""
+    the run's own recipe with its `export:` section set from `formats` / `variants`; only the export stages run.
+    `data_dir` / `model`: where the data folder and the model are now, for a run folder that moved (default: where the
+    run read them); stages are keyed by content, so the finished ones are reused."""
     root = Path(run_dir)
     if not (root / ".calq" / "run.json").is_file():
         raise CalqError("not a calq run folder", str(root), "pass the folder a `calq run` wrote")
@@ -167,7 +169,9 @@ def export(run_dir: str | Path, formats: list[str] | None = None, variants: list
     spec = dict(recipe.get("export") or {})
     spec.update({k: list(v) for k, v in (("formats", formats), ("variants", variants)) if v})
     recipe["export"] = spec
-    return run(recipe, out=root, data_dir=manifest["data_dir"], progress=progress, log=log)
+    if model is not None:
+        recipe["model"] = {**recipe["model"], "id": str(model)}
+    return run(recipe, out=root, data_dir=data_dir or manifest["data_dir"], progress=progress, log=log)
 
 
 def quantize(model, config: dict | MethodConfig, samples: torch.Tensor | None = None):

@@ -255,6 +255,10 @@ def export_command(
                                                "repeat for several [default: the recipe's export.formats, else onnx]"),
     variant: Optional[list[str]] = typer.Option(None, "--variant", help="variant to export; repeat for several "
                                                 "[default: the recipe's export.variants, else all]"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the data folder is now, if the run moved "
+                                                                     "[default: where the run read it]"),
+    model: Optional[str] = typer.Option(None, "--model", help="where the model is now, if the run moved "
+                                                              "[default: the recipe's model.id]"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     verbose: bool = typer.Option(False, "--verbose", help="show the libraries' own progress bars, warnings and logs"),
 ):
@@ -267,7 +271,8 @@ def export_command(
     try:
         with _progress() as progress:
             rep = api.export(run_dir, format, variant, progress=progress,
-                             log=lambda msg: progress.console.print(msg, highlight=False))
+                             log=lambda msg: progress.console.print(msg, highlight=False), data_dir=data_dir,
+                             model=model)
     except CalqError as err:
         _fail(err, debug)
     _print_summary(rep.data, run_dir)

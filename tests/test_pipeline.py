@@ -132,6 +132,12 @@ def test_a_moved_run_with_moved_and_touched_inputs_reuses_every_stage(tiny_recip
     run_at(moved)
     assert {p: p.stat().st_mtime_ns for p in done} == done
 
+    result = runner.invoke(app, ["export", str(moved / "run"), "--format", "gguf", "--data-dir", str(moved / "data"),
+                                 "--model", str(moved / "model")])
+    assert result.exit_code in (0, 1), result.output  # 1: a deployed gate, if the recipe had one
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # only the export stage ran
+    assert (moved / "run" / "export" / "minmax-w4a16-g32" / "gguf" / "model.gguf").is_file()
+
 
 def test_interrupted_stage_leaves_nothing_half_written(tiny_recipe, write_recipe, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
