@@ -661,7 +661,7 @@ def stage_evaluate(ctx: Context, name: str):
             cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
             result["responses"] = {"calibrators": hidden.evaluate_cached(
                 cached, torch.arange(len(cached)), hidden.Logits(model), cals,
-                chunk=ctx.recipe.calibrators.logits_chunk)}
+                chunk=ctx.recipe.calibrators.logits_chunk, bins=ev.bins)}
         result.update(selected=fitted["selected"], validation=fitted["validation"], fit=fitted["fit"])
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
     none = result["tokens"]["calibrators"]["none"]

@@ -132,9 +132,13 @@ def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_rec
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]  # w4a16 only: keeps the test short
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
                                   "max_len": 128, "ats": {"epochs": 2, "min_response_tokens": 100}}
+    tiny_recipe["evaluation"]["tokens"]["bins"] = 10
     out = tmp_path / "run"
     report = run(write_recipe(tiny_recipe), out)
     for v in report["variants"]:
+        stored = json.loads((out / "eval" / f"{v['variant']}.json").read_text())
+        assert len(stored["responses"]["calibrators"]["none"]["reliability"]) == 10  # the recipe's bins, as tokens'
+        assert len(stored["tokens"]["calibrators"]["none"]["reliability"]) == 10
         assert v["selected"] in ("none", "temperature", "ats") and v["temperature"] > 0
         for part in ("tokens", "responses"):
             cal = v["calibrated"][part]
