@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -227,20 +226,14 @@ def load_config(source: ModelSource):
                         "check the id or path; hub ids need network access") from None
 
 
-def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    """Whether a layer name matches a recipe `ignore` entry: a name, a name suffix, or 're:<regex>'."""
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p)
-               for p in patterns)
-
-
-def linear_input_widths(config) -> dict[str, int]:
-    """in_features of every Linear layer, read from a weightless (meta-device) copy of the model."""
+def linear_layers(config) -> dict:
+    """Every Linear layer of a weightless (meta-device) copy of the model, by name."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def size_on_disk(location: str | Path) -> int | None:

@@ -175,19 +175,20 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         raise CalqError("evaluation text is the calibration text", "evaluation.tokens.data",
                         "evaluate on held-out text: another file, or another split")
     config = models.load_config(source)
-    widths = models.linear_input_widths(config)
+    layers = models.linear_layers(config)
     result = Plan(source)
     variants = []
     for i, v in enumerate(recipe.variants):
+        quantized = v.quantized_layers(layers)
         try:
             with located(f"variants[{i}]"):
                 v.check_model(config)
-                v.check_group_size({k: w for k, w in widths.items() if not models.is_ignored(k, v.ignore)})
+                v.check_group_size({name: m.in_features for name, m in quantized.items()})
         except MethodUnavailable as exc:
             result.skipped[v.label] = exc.line()
             continue
-        if not any(not models.is_ignored(k, v.ignore) for k in widths):
-            raise CalqError(f"ignore leaves no Linear layer to quantize ({len(widths)} layers)",
+        if not quantized:
+            raise CalqError(f"ignore leaves no Linear layer to quantize ({len(layers)} layers)",
                             f"variants[{i}].ignore", "ignore fewer layers (the default is lm_head only)")
         variants.append(v)
     if recipe.calibrators is not None:
@@ -662,7 +663,7 @@ def stage_evaluate(ctx: Context, name: str):
             cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
             result["responses"] = {"calibrators": hidden.evaluate_cached(
                 cached, torch.arange(len(cached)), hidden.Logits(model), cals,
-                chunk=ctx.recipe.calibrators.logits_chunk)}
+                chunk=ctx.recipe.calibrators.logits_chunk, bins=ev.bins)}
         result.update(selected=fitted["selected"], validation=fitted["validation"], fit=fitted["fit"])
     out = write_json(ctx.run.path("eval", f"{name}.json"), result)
     none = result["tokens"]["calibrators"]["none"]

@@ -6,7 +6,7 @@ import torch
 from calq.calib import answer_adaptive, answer_temperature, parent
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.errors import CalqError
-from calq.evaluation.metrics import ece
+from calq.metrics import ece
 
 
 def synthetic(n: int, seed: int, overconfidence, choices: int = 4, hidden: int = 8) -> tuple[AnswerSet, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""The import graph of calq, counting every import (inside functions too): no cycles, no private names taken
-from another module, and the lower layers never import the layers that compose them."""
+"""The import graph of calq, counting every import (inside functions too): no cycles, between modules or between
+subpackages, no private names taken from another module, and the lower layers never import the layers that compose
+them."""
 
 import ast
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import calq
 
 PACKAGE = Path(calq.__file__).parent
-LOWER = ("calq.errors", "calq.data", "calq.models", "calq.quant", "calq.calib", "calq.evaluation", "calq.export",
-         "calq.kernels")
+LOWER = ("calq.errors", "calq.data", "calq.models", "calq.metrics", "calq.quant", "calq.calib", "calq.evaluation",
+         "calq.export", "calq.kernels")
 UPPER = ("calq.recipe", "calq.pipeline", "calq.report", "calq.api", "calq.cli")
 
 
@@ -37,6 +38,17 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, str | None]]:
 def graph() -> dict[str, set[str]]:
     known = set(modules())
     return {name: {m for m, _ in imports(path, known) if m in known and m != name} for name, path in modules().items()}
+
+
+def package_graph() -> dict[str, set[str]]:
+    """The module graph with each subpackage (calq.calib, calq.evaluation, ...) as one node."""
+    def package(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    edges: dict[str, set[str]] = {}
+    for name, deps in graph().items():
+        edges.setdefault(package(name), set()).update(package(m) for m in deps if package(m) != package(name))
+    return edges
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -72,6 +84,10 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_cycles():
     assert cycles(graph()) == []
+
+
+def test_the_subpackages_import_each_other_without_cycles():
+    assert cycles(package_graph()) == []
 
 
 def test_no_module_imports_a_private_name_of_another():

@@ -151,6 +151,15 @@ def test_fit_trains_only_the_head_and_never_returns_worse_than_identity(tiny, ca
     assert fitted["ats"].fit_info["best_epoch"] in (None, 0, 1, 2)
 
 
+def test_evaluate_cached_uses_the_bins_it_is_given(tiny, cached):
+    model, _ = tiny
+    cals = {"none": calibrators.get("none")()}
+    ten = hidden.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model), cals, bins=10)["none"]
+    fifteen = hidden.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model), cals)["none"]
+    assert len(ten["reliability"]) == 10 and len(fifteen["reliability"]) == 15
+    assert ten["reliability"][0]["hi"] == 0.1 and ten["nll"] == fifteen["nll"]
+
+
 def test_selection_prefers_the_simpler_calibrator_on_ties():
     m = {"none": {"ece": 0.05, "nll": 2.0}, "temperature": {"ece": 0.03, "nll": 2.0}, "ats": {"ece": 0.03, "nll": 1.9}}
     assert select({"instructions": m}, "ece") == "temperature"

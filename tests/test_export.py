@@ -129,6 +129,12 @@ def test_onnx_holds_calqs_int4_values(checkpoints, onnx_artifacts):
 
 # ---- GGUF ---------------------------------------------------------------------------------------------------------
 
+# what calq's own table wrote before it took the gguf package's map: the file must not change
+LLAMA_NAMES = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+    f"blk.{i}.{t}.weight" for i in range(2) for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                      "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+
+
 def test_gguf_holds_calqs_integers(checkpoints, tmp_path):
     """Every quantized tensor in the file dequantizes (gguf's own reader) to calq's weights up to float16 scales,
     with llama.cpp's q/k row order; W4A16 asymmetric -> Q4_1, W8A8 -> Q8_0."""
@@ -140,8 +146,10 @@ def test_gguf_holds_calqs_integers(checkpoints, tmp_path):
         tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
         variant = variants.read(checkpoints[name])
         config = variant.model.config
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        assert set(tensors) == {names.get_name(k, (".weight",)) for k in variant.model.state_dict()} == LLAMA_NAMES
         for module, layer in variant.layers.items():
-            tensor = tensors[gguf_export.gguf_name(f"{module}.weight")]
+            tensor = tensors[names.get_name(f"{module}.weight", (".weight",))]
             assert tensor.tensor_type.name == kind
             weight = layer.dequantize()
             if module.endswith(("q_proj", "k_proj")):

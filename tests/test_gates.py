@@ -142,7 +142,7 @@ def test_answer_level_rows_and_intervals(report):
 
 
 def test_bootstrap_ece_is_the_metrics_ece_formula():
-    from calq.evaluation.metrics import ece
+    from calq.metrics import ece
 
     conf = torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     correct = (torch.rand(300, generator=torch.Generator().manual_seed(2)) < conf).double()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from calq.evaluation.metrics import CalibrationStats, adaptive_ece, brier_top_label, ece
+from calq.metrics import CalibrationStats, adaptive_ece, brier_top_label, ece
 
 
 def test_ece_by_hand():

@@ -181,9 +181,13 @@ def test_calibrators_are_fitted_and_evaluated_per_variant(tiny_recipe, write_rec
     tiny_recipe["variants"] = tiny_recipe["variants"][1:]  # w4a16 only: keeps the test short
     tiny_recipe["calibrators"] = {"data": {"source": str(alpaca)}, "fit_records": 30, "heldout_records": 10,
                                   "max_len": 128, "ats": {"epochs": 2, "min_response_tokens": 100}}
+    tiny_recipe["evaluation"]["tokens"]["bins"] = 10
     out = tmp_path / "run"
     report = run(write_recipe(tiny_recipe), out)
     for v in report["variants"]:
+        stored = json.loads((out / "eval" / f"{v['variant']}.json").read_text())
+        assert len(stored["responses"]["calibrators"]["none"]["reliability"]) == 10  # the recipe's bins, as tokens'
+        assert len(stored["tokens"]["calibrators"]["none"]["reliability"]) == 10
         assert v["selected"] in ("none", "temperature", "ats") and v["temperature"] > 0
         for part in ("tokens", "responses"):
             cal = v["calibrated"][part]
@@ -252,6 +256,19 @@ def test_unknown_task_and_gate_names_are_refused_before_any_model_loads(tiny_rec
     tiny_recipe["gates"] = {"variant": "awq-w4a16", "max_token_ece": 0.1}
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
     assert result.exit_code == 2 and "unknown variant 'awq-w4a16'" in result.output
+
+
+@pytest.mark.parametrize("ignore,error", [
+    (["lm_head", "down_proj"], "model.layers.0.mlp.down_proj (160)"),  # a plain name is exact, not a suffix
+    (["lm_head", r"re:model\.layers\.\d+\.mlp\.down_proj"], None),
+    (["lm_head", "re:model"], "ignore leaves no Linear layer"),  # a regex matches from the start, not in full
+    (["Linear"], "ignore leaves no Linear layer"),  # a class name
+])
+def test_ignore_is_checked_at_plan_time_as_llm_compressor_matches_it(ignore, error, tiny_recipe, write_recipe):
+    tiny_recipe["variants"] = [{"method": "minmax", "scheme": "w4a16", "group_size": 64, "ignore": ignore}]
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
+    assert (result.exit_code, error is None or error in result.output) == (0 if error is None else 2, True), \
+        result.output
 
 
 def test_without_a_data_folder_the_sections_that_need_one_are_left_out(tiny_recipe, write_recipe, tmp_path,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from calq import models
 from calq.calib import ranges
 from calq.errors import CalqError
 from calq.quant import autoawq, llmc, methods, smoothquant
@@ -83,6 +84,16 @@ def test_method_checkpoint_reloads_with_plain_transformers(name, tiny_model, sam
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["format"] == ("pack-quantized" if variant.scheme == "w4a16" else "int-quantized")
     torch.testing.assert_close(logits(load(tmp_path)), quantized, rtol=0, atol=1e-5)
+
+
+def test_the_layers_checked_at_plan_time_are_the_layers_quantized(tiny_model, samples):
+    variant = VariantSpec(method="minmax", scheme="w8a8", ignore=["lm_head", "q_proj", r"re:model\.layers\.1\."])
+    planned = variant.quantized_layers(models.linear_layers(LlamaConfig.from_pretrained(tiny_model)))
+    model = load(tiny_model)
+    variant.apply(model, samples)
+    quantized = {name for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    assert set(planned) == quantized
+    assert "model.layers.0.self_attn.q_proj" in quantized and len(quantized) == 7  # 'q_proj' is no suffix rule
 
 
 def test_autoawq_checkpoint_holds_autoawq_int4_values(tiny_awq_model, samples, tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from calq.data import render_instruction
 from calq.errors import CalqError
-from calq.evaluation.metrics import CalibrationStats
+from calq.metrics import CalibrationStats
 from calq.models import bos_policy, with_bos
 
 
@@ -210,10 +210,10 @@ class CachedLogits:
 
 @torch.no_grad()
 def evaluate_cached(cached: Cached, records: torch.Tensor, logits: Logits, calibrators: dict,
-                    batch_size: int = 8, chunk: int = 1024) -> dict[str, dict]:
-    """Token-level metrics and reliability bins (calq.evaluation.metrics) of each calibrator (calq.calib.base) on the
-    scored positions of `records`."""
-    stats = {name: CalibrationStats() for name in calibrators}
+                    batch_size: int = 8, chunk: int = 1024, bins: int = 15) -> dict[str, dict]:
+    """Token-level metrics and reliability bins (calq.metrics, `bins` equal-width bins) of each calibrator
+    (calq.calib.base) on the scored positions of `records`."""
+    stats = {name: CalibrationStats(bins) for name in calibrators}
     for start in range(0, records.numel(), batch_size):
         hidden, targets, _ = cached.batch(records[start:start + batch_size], logits.device)
         keep = targets != -100

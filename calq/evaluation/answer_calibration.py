@@ -20,8 +20,8 @@ from calq.calib import calibrators, registry
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.errors import CalqError
-from calq.evaluation.metrics import ece
 from calq.evaluation.selective import bands, curve, selective_report, summary
+from calq.metrics import ece
 
 MIN_FIT_QUESTIONS = 20
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from calq.evaluation.metrics import CalibrationStats, brier_top_label, ece
+from calq.metrics import CalibrationStats, brier_top_label, ece
 
 LEVEL = 0.95  # two-sided percentile intervals
 CHUNK = 100  # bootstrap replicates per block, so a full MMLU run holds about 10 MB of weights at a time

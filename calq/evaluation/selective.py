@@ -22,7 +22,7 @@ import torch
 
 from calq.calib.answer_features import top_choice
 from calq.evaluation.answers import LEVEL, calibration_intervals
-from calq.evaluation.metrics import adaptive_ece, brier_top_label, ece
+from calq.metrics import adaptive_ece, brier_top_label, ece
 
 MASS_BINS = 10  # HELM: ECE with 10 equal-mass bins
 SLOW_BOOT = 200  # replicates for the statistics computed one replicate at a time (smooth ECE, AUROC, AURC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from calq.calib.base import identity
-from calq.evaluation.metrics import CalibrationStats
+from calq.metrics import CalibrationStats
 
 
 @torch.no_grad()

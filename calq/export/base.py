@@ -26,7 +26,7 @@ import torch
 
 from calq import isolation
 from calq.errors import CalqError
-from calq.evaluation.metrics import CalibrationStats
+from calq.metrics import CalibrationStats
 
 EXTRA = "pip install 'calq[edge]'"
 INFO_FILE = "export.json"

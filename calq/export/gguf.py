@@ -32,24 +32,13 @@ from calq.export.base import Exporter, calibrator_kind, register, require, write
 
 MODEL_FILE = "model.gguf"
 BLOCK = 32
-NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a transformers Llama parameter name."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")  # model.layers.<i>.<module path>.weight
-    module = ".".join(parts[3:-1])
-    if parts[:2] != ["model", "layers"] or module not in NAMES:
+def gguf_name(names, hf_name: str) -> str:
+    """llama.cpp's tensor name for a transformers parameter name, from `names`: the gguf package's own
+    `TensorNameMap` for the architecture (what llama.cpp's converter uses)."""
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
         raise CalqError(f"no llama.cpp tensor for {hf_name}", "export.gguf", "export a plain Llama-architecture model")
-    return f"blk.{parts[2]}.{NAMES[module]}.{parts[-1]}"
+    return name
 
 
 def rope_rows(rows: int, heads: int) -> torch.Tensor:
@@ -130,7 +119,9 @@ class GgufExporter(Exporter):
         config = variant.model.config.get_text_config()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(out_dir / MODEL_FILE), "llama")
+        arch = gguf.MODEL_ARCH.LLAMA
+        writer = gguf.GGUFWriter(str(out_dir / MODEL_FILE), gguf.MODEL_ARCH_NAMES[arch])
+        names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
         _write_hparams(writer, config)
         tokenizer = _write_tokenizer(writer, gguf, tokenizer or checkpoint_dir, config.vocab_size)
 
@@ -142,6 +133,7 @@ class GgufExporter(Exporter):
         worst: dict[str, float] = {}
         types: dict[str, int] = {}
         for hf_name, tensor in state.items():
+            name = gguf_name(names, hf_name)
             module = hf_name.removesuffix(".weight")
             layer = variant.layers.get(module)
             head_count = next((h for suffix, h in heads.items() if module.endswith(suffix)), None)
@@ -151,13 +143,13 @@ class GgufExporter(Exporter):
             if layer is None:
                 data = tensor if rows is None else tensor[rows]
                 kind = "F32" if data.ndim == 1 or self.float_type == "f32" else "F16"
-                writer.add_tensor(gguf_name(hf_name), data.numpy().astype(np.float32 if kind == "F32" else np.float16))
+                writer.add_tensor(name, data.numpy().astype(np.float32 if kind == "F32" else np.float16))
             else:
                 if rows is not None:
                     layer = _rows(layer, rows)
                 blocks, kind = q4_blocks(layer) if isinstance(layer, variants.Int4Layer) else (q8_blocks(layer), "Q8_0")
                 qtype = gguf.GGMLQuantizationType[kind]
-                writer.add_tensor(gguf_name(hf_name), blocks, raw_dtype=qtype)
+                writer.add_tensor(name, blocks, raw_dtype=qtype)
                 back = gguf.quants.dequantize(blocks, qtype)  # what llama.cpp will read, as float32
                 exact = layer.dequantize().numpy()
                 change = float(np.abs(back - exact).max() / np.abs(exact).max())

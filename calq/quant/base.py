@@ -62,7 +62,9 @@ class MethodConfig(BaseModel):
                                                             "calibration samples (default: all)")
     max_seq_len: int | None = Field(None, gt=0, description="calibrate this variant on at most this many tokens of "
                                                             "each sample (default: all)")
-    ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized (names or 're:<regex>')")
+    ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized, matched as llm-compressor "
+                                                              "does: exact names, 're:<regex>' (from the start of the "
+                                                              "name) or class names")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
 
     @field_validator("scheme")
@@ -133,6 +135,15 @@ class MethodConfig(BaseModel):
         weights = {"num_bits": 4, "type": "int", "symmetric": False if self.symmetric is None else self.symmetric,
                    "strategy": "group", "group_size": self.group_size or 128}
         return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+    def quantized_layers(self, layers: dict) -> dict:
+        """Those of `layers` ({name: module}) that `quantization_modifier` quantizes, matched by compressed-tensors'
+        own rule, as llm-compressor matches them: an exact name, 're:' a regex matched from the start of the name,
+        or a class name."""
+        from compressed_tensors.utils import is_match
+
+        targets = [t for group in self.config_groups().values() for t in group["targets"]]
+        return {name: m for name, m in layers.items() if is_match(name, m, targets, self.ignore)}
 
     def quantization_modifier(self):
         from llmcompressor.modifiers.quantization import QuantizationModifier
