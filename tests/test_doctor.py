@@ -58,10 +58,11 @@ def test_a_recipe_that_needs_a_crashing_runtime_exits_2(tiny_recipe, write_recip
     assert "GGML_NATIVE=OFF" in llama["fix"]
 
 
-def test_a_recipe_whose_data_file_is_missing_exits_2(tiny_recipe, write_recipe, tmp_path):
+def test_a_recipe_whose_data_file_is_missing_exits_2(tiny_recipe, write_recipe, tmp_path, monkeypatch):
     tiny_recipe["calibration"]["data"] = {"source": "@data/nope/missing.txt"}
     code, found = findings(str(write_recipe(tiny_recipe)), "--data-dir", str(tmp_path))
     assert code == 2 and found["data"]["status"] == "failed" and "missing.txt" in found["data"]["detail"]
+    monkeypatch.delenv("CALQ_DATA_DIR", raising=False)
     code, found = findings(str(write_recipe({**tiny_recipe, "calibration": {**tiny_recipe["calibration"],
                                                                            "data": {"source": "builtin:pydoc"}}})))
     assert found["data"]["status"] == "info"
