@@ -217,7 +217,7 @@ def _show_plan(prepared):
 
 
 def _print_summary(report: dict, root: Path):
-    from calq.report.common import mb
+    from calq.report.model import mb
 
     table = Table("variant", "size MB", "ppl", "acc", "conf", "ECE", "Brier",
                   title=f"token-level calibration ({report['evaluation']['tokens']['tokens']:,} tokens)")

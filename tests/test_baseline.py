@@ -274,7 +274,7 @@ def test_a_llama_cpp_crash_in_the_cross_check_is_one_line_or_could_not_run(tmp_p
     from calq.evaluation import gguf_check
     from calq.evaluation.trust import verify
     from calq.isolation import RuntimeCrashed
-    from calq.report.common import baseline_check_lines
+    from calq.report.sections import baseline_check_lines
     from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", _topics(0, 40))
@@ -286,7 +286,7 @@ def test_a_llama_cpp_crash_in_the_cross_check_is_one_line_or_could_not_run(tmp_p
     result = verify(model, tokenizer, [heldout], "heldout.txt", gguf_path=path, tokens=128, max_ppl=1e9,
                     enforce=False)
     assert "llama.cpp crashed with SIGSEGV" in result["llama_cpp"]["could_not_run"]
-    lines = baseline_check_lines(result, str, str)
+    lines = baseline_check_lines(result)
     assert any("could not run" in line for line in lines)
 
 

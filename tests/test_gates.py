@@ -16,7 +16,7 @@ from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.evaluation import answers, harness, tokens
 from calq.pipeline import versions
-from calq.report import html
+from calq.report import render, sections
 from calq.report.gates import Gates, check_gates, evaluate_gates, gates_section
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -211,8 +211,9 @@ images.length; });</script>"""
 
 
 def test_html_report_is_self_contained_and_renders_in_chromium(report, tmp_path):
-    page = html.write_html(tmp_path / "report.html", report)
-    text = page.read_text()
+    text = render.html("calq report: tiny", sections.build(report))
+    page = tmp_path / "report.html"
+    page.write_text(text)
     images = text.count("<img ")
     assert images >= 4 and text.count('src="data:image/png;base64,') == images
     assert "http://" not in text and "https://" not in text

@@ -1,9 +1,9 @@
-"""The report's answer-level calibration section (answers/<variant>.json of every variant), and its tables, which
-report.md and report.html render alike."""
+"""The report's answer-level calibration data (answers/<variant>.json of every variant), and its tables."""
 
 from __future__ import annotations
 
 from calq.models import BASELINE
+from calq.report.model import ci
 
 
 def answers_section(per_variant: dict[str, dict], settings: dict) -> dict:
@@ -29,10 +29,6 @@ def answers_section(per_variant: dict[str, dict], settings: dict) -> dict:
 
 def _f(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _ci(value, ci, digits: int = 3) -> str:
-    return _f(value, digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if value is not None and ci else "")
 
 
 def _mean(values: list) -> float | None:
@@ -75,8 +71,8 @@ def tables(section: dict) -> list[dict]:
              "header": ["variant", "calibrator", "task", "n", "accuracy", "confidence", "ECE-15 [CI]", "ECE-10 mass",
                         "smooth ECE", "Brier", "AUROC [CI]", "AURC"],
              "rows": [[r["variant"], r["calibrator"] + (" *" if r["selected"] else ""), r["task"], str(r["n"]),
-                       _f(r["accuracy"]), _f(r["confidence"]), _ci(r["ece"], r["ece_ci"]), _f(r["ece_mass"]),
-                       _f(r["smece"]), _f(r["brier"]), _ci(r["auroc"], r["auroc_ci"]), _f(r["aurc"])]
+                       _f(r["accuracy"]), _f(r["confidence"]), ci(r["ece"], r["ece_ci"]), _f(r["ece_mass"]),
+                       _f(r["smece"]), _f(r["brier"]), ci(r["auroc"], r["auroc_ci"]), _f(r["aurc"])]
                       for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 11}}
     fit_tasks = list(s["fit_tasks"])
     selection = {"title": "Selection (leave one fit task out)",
@@ -93,7 +89,7 @@ def tables(section: dict) -> list[dict]:
                          "what it reaches on each evaluation task (selected calibrators).",
                  "header": ["variant", "calibrator", "target", "threshold", "task", "coverage [CI]", "accuracy [CI]"],
                  "rows": [[r["variant"], r["calibrator"], target, _f(c["threshold"], 4), r["task"],
-                           _ci(c["coverage"], c["coverage_ci"]), _ci(c["accuracy"], c["accuracy_ci"])]
+                           ci(c["coverage"], c["coverage_ci"]), ci(c["accuracy"], c["accuracy_ci"])]
                           for r in chosen for target, c in r["coverage"].items()], "numeric": {2, 3}}
     bands = {"title": "Confidence bands", "note": "Questions by confidence of the selected calibrator: how many, and "
                                                    "the accuracy measured in each band.",

@@ -1,4 +1,4 @@
-"""report.json (every number, with data names, token counts, seed, versions) and report.md (the tables)."""
+"""report.json (every number, with data names, token counts, seed, versions), and report.md and report.html from it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from calq.errors import CalqError
 from calq.evaluation.answers import tasks_section
 from calq.models import BASELINE
 from calq.report import answers as answer_report
-from calq.report.common import EVAL_SETS, baseline_check_lines, calibrators_text, deployed_decode, mb, validation_table
+from calq.report import render, sections
 from calq.report.gates import Gates, gates_section
-from calq.report.html import write_html
+from calq.report.sections import EVAL_SETS
 from calq.runs import RunDir, write_json, write_text
 
 METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
@@ -129,126 +127,6 @@ def collect(run: RunDir, manifest: dict) -> dict:
     }
 
 
-def markdown(report: dict) -> str:
-    cal, ev = report["calibration"], report["evaluation"]["tokens"]
-    lines = [f"# calq report: {report['recipe']}", ""]
-    lines += [f"Model `{report['model']['source']}` ({report['model']['dtype']}).",
-              *([f"Note: {report['model']['note']}."] if report["model"].get("note") else []), "",
-              f"Calibration: {cal['num_samples']} samples × {cal['seq_len']} tokens from `{cal['source']}` "
-              f"(seed {cal['seed']}).",
-              f"Token-level evaluation: {ev['tokens']:,} tokens of `{ev['source']}` in windows of {ev['seq_len']}; "
-              f"ECE with {ev['bins']} equal-width bins (adaptive ECE: equal-mass bins).", ""]
-    for note in (cal.get("note"), ev.get("note"), *report.get("notes", [])):
-        if note:
-            lines += [f"Data note: {note}.", ""]
-    if report.get("baseline_check"):
-        lines += ["## Baseline check", "",
-                  *baseline_check_lines(report["baseline_check"], code=lambda t: f"`{t}`", bold=lambda t: f"**{t}**"),
-                  ""]
-    lines += ["## Variants", "",
-              "| variant | size (MB) | calib. (s) | ppl | acc | conf | ECE | adaptive ECE | Brier |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["variants"]:
-        secs = f"{r['calibration_seconds']:.1f}" if r["calibration_seconds"] is not None else "–"
-        lines.append(f"| {r['variant']} | {mb(r['size_bytes'])} | {secs} | {r['ppl']:.2f} | {r['accuracy']:.4f} | "
-                     f"{r['confidence']:.4f} | {r['ece']:.4f} | {r['adaptive_ece']:.4f} | {r['brier']:.4f} |")
-    if report.get("calibrators"):
-        c = report["calibrators"]
-        lines += ["", "## Calibrators", "", calibrators_text(c, code=lambda text: f"`{text}`")]
-        header, rows = validation_table(report)
-        if rows:
-            lines += ["", "### Validation (selection)", "", "| " + " | ".join(header) + " |",
-                      "|---|---|" + "---:|" * (len(header) - 2), *("| " + " | ".join(r) + " |" for r in rows)]
-        for part, title in EVAL_SETS.items():
-            rows = [v for v in report["variants"] if part in v["calibrated"]]
-            if not rows:
-                continue
-            lines += ["", f"### {title.capitalize()}", "",
-                      "| variant | calibrator | NLL | acc | conf | ECE | adaptive ECE | Brier | tokens |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for v in rows:
-                for cal, m in v["calibrated"][part].items():
-                    mark = " *" if cal == v["selected"] else ""
-                    lines.append(f"| {v['variant']} | {cal}{mark} | {m['nll']:.4f} | {m['accuracy']:.4f} | "
-                                 f"{m['confidence']:.4f} | {m['ece']:.4f} | {m['adaptive_ece']:.4f} | "
-                                 f"{m['brier']:.4f} | {m['tokens']:,} |")
-        if report.get("goals"):
-            lines += ["", "### Goals", "", "| set | variant | goal | value | bound | met |",
-                      "|---|---|---|---:|---:|---|"]
-            for g in report["goals"]:
-                lines.append(f"| {g['set']} | {g['variant']} | {g['goal']} | {g['value']:.4f} | {g['bound']:.4f} | "
-                             f"{'yes' if g['met'] else '**no**'} |")
-    if report.get("tasks"):
-        t = report["tasks"]["settings"]
-        lines += ["", "## Tasks (lm-eval)", "",
-                  f"At most {t['limit']} examples per task from `{t['data_dir']}`; answer-level calibration from a "
-                  f"softmax over the choices' log-likelihoods ({t['bins']} bins; {t['level']:.0%} bootstrap intervals, "
-                  f"{t['bootstrap']} resamples, seed {t['seed']}).", "",
-                  "| variant | calibrator | task | n | accuracy | answer ECE | Brier |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        for r in report["tasks"]["results"]:
-            ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "–"
-            brier = f"{r['brier']:.4f}" if r.get("brier") is not None else "–"
-            lines.append(f"| {r['variant']} | {r['calibrator']} | {r['task']} | {r['n']} | {r['accuracy']:.4f} | "
-                         f"{ece} | {brier} |")
-    if report.get("answers"):
-        lines += ["", "## Answer-level calibration (tasks the calibrators never saw)"]
-        for table in answer_report.tables(report["answers"]):
-            numeric = table["numeric"]
-            lines += ["", f"### {table['title']}", "", table["note"], "", "| " + " | ".join(table["header"]) + " |",
-                      "|" + "|".join("---:" if i in numeric else "---" for i in range(len(table["header"]))) + "|",
-                      *("| " + " | ".join(row) + " |" for row in table["rows"])]
-    if report.get("deployed"):
-        lines += ["", "## Deployed: each artifact on its own runtime", "",
-                  "Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant "
-                  "with the same calibrator, on the same held-out windows.", "",
-                  "| variant | format | calibrator | MB | export (s) | top-1 agreement | max rel. logit diff | "
-                  "ppl PyTorch → runtime | ECE PyTorch → runtime | ECE drift |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in report["deployed"]:
-            lines.append(f"| {r['variant']} | {r['format']} | {r['calibrator']} | {mb(r['bytes'])} | "
-                         f"{r['seconds']:.1f} | {r['top1']:.4f} | {r['max_rel_logit_diff']:.2g} | "
-                         f"{r['ppl_reference']:.2f} → {r['ppl']:.2f} | {r['ece_reference']:.4f} → {r['ece']:.4f} | "
-                         f"{r['ece_drift']:+.4f} |")
-        for r in report["deployed"]:
-            if r.get("decode"):
-                lines.append(f"- {r['variant']} as {r['format']}: {deployed_decode(r['decode'])}")
-            for change in ([r["note"]] if r["note"] else []) + r["changes"]:
-                lines.append(f"- {r['variant']} as {r['format']}: {change}")
-    if report.get("gates"):
-        g = report["gates"]
-        lines += ["", f"## Gates: {'PASSED' if g['passed'] else 'FAILED'}", "", "| gate | value | threshold | passed |",
-                  "|---|---:|---:|---|"]
-        for r in g["results"]:
-            value = f"{r['value']:.4f}" if r["value"] is not None else "nothing to check"
-            lines.append(f"| {r['name']} | {value} | {r['threshold']} | {'yes' if r['passed'] else '**no**'} |")
-    for name, why in report.get("skipped", {}).items():
-        lines.append(f"\nSkipped variant {name}: {why}")
-    lines += ["", "## Activation outliers", "",
-              "Layers whose input has the strongest outlier channel (channel absmax / median channel absmax), "
-              "measured over the calibration samples.", "",
-              "| layer | ratio | absmax | median absmax | channel | tokens |", "|---|---:|---:|---:|---:|---:|"]
-    for o in report["outliers"]:
-        lines.append(f"| {o['layer']} | {o['ratio']:.1f} | {o['absmax']:.3f} | {o['median_absmax']:.4f} | "
-                     f"{o['channel']} | {o['tokens']:,} |")
-    for name, rows in report.get("smoothing", {}).items():
-        lines += ["", f"## SmoothQuant's effect on the activation spread ({name})", "",
-                  "Channel absmax / median channel absmax of each Linear input, unquantized vs smoothed-and-quantized, "
-                  "on the same calibration samples; layers not preceded by a norm (o_proj, down_proj) are not "
-                  "smoothed.", "",
-                  "| layer | spread before | spread after | reduction |", "|---|---:|---:|---:|"]
-        for o in rows:
-            red = f"{o['reduction']:.1f}×" if o["reduction"] is not None else "–"
-            lines.append(f"| {o['layer']} | {o['spread_before']:.1f} | {o['spread_after']:.1f} | {red} |")
-    lines += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) |", "|---|---:|---:|"]
-    for name, s in report["stages"].items():
-        lines.append(f"| {name} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")
-    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-              f"on {report['machine']['platform']} ({report['machine']['cpus']} CPUs).", "",
-              "## Recipe", "", "```yaml", yaml.safe_dump(report["recipe_content"], sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
 def write_reports(run_root: str | Path) -> dict:
     """report.json, report.md and a self-contained report.html, from the run folder alone (its manifest and stored
     results: no model, data folder or network); gates are evaluated last, on the finished report."""
@@ -271,6 +149,8 @@ def write_reports(run_root: str | Path) -> dict:
     gates = Gates.model_validate(recipe["gates"]) if recipe.get("gates") else None
     report["gates"] = gates_section(gates, report, baseline=BASELINE)
     write_json(run.path("report.json"), report)
-    write_text(run.path("report.md"), markdown(report))
-    write_html(run.path("report.html"), report)
+    built = sections.build(report)
+    title = f"calq report: {report['recipe']}"
+    write_text(run.path("report.md"), render.markdown(title, built))
+    write_text(run.path("report.html"), render.html(title, built))
     return report
