@@ -209,7 +209,7 @@ def test_verify_measures_agreement_and_drift(checkpoints):
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 def test_unknown_format_and_registry():
-    assert set(EXPORTERS) >= {"onnx", "gguf"}
+    assert set(EXPORTERS.discover()) >= {"onnx", "gguf"}
     with pytest.raises(CalqError, match="unknown export format 'tflite'.*onnx"):
         get("tflite")
 
