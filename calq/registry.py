@@ -57,9 +57,6 @@ class Registry:
                             f"use one of: {', '.join(self._classes)}")
         return self._classes[name]
 
-    def names(self) -> list[str]:
-        return list(self._classes)
-
     def items(self):
         return self._classes.items()
 

@@ -224,7 +224,7 @@ def test_formats_refuse_what_they_cannot_hold(checkpoints, tmp_path):
     (odd / "config.json").write_text(json.dumps(config))
     with pytest.raises(CalqError, match="group size 16 is not a multiple of GGUF's block of 32"):
         get("gguf").check(odd)
-    with pytest.raises(CalqError, match="unknown calibrator"):
+    with pytest.raises(CalqError, match="calibrator 'ats' cannot be fused"):  # a name, not a calibrator
         get("onnx").check(checkpoints["baseline"], "ats")
 
 

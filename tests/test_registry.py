@@ -99,7 +99,7 @@ def test_a_calibrator_and_an_exporter_from_this_file_are_planned(recipe):
     with pytest.raises(CalqError, match="echo cannot hold the ats calibrator"):
         keys({**recipe, "calibrators": {**recipe["calibrators"], "use": ["ats"]}, "export": {"formats": ["echo"],
                                                                                              "calibrator": "ats"}})
-    with pytest.raises(CalqError, match="'unfusable' calibrator cannot be fused"):
+    with pytest.raises(CalqError, match="calibrator 'unfusable' cannot be fused"):
         export_base.calibrator_kind(Unfusable())
 
 

@@ -102,8 +102,9 @@ def calibrator_kind(calibrator) -> str:
     if calibrator is None:
         return "none"
     if getattr(calibrator, "fuse", None) is None:
-        raise CalqError(f"the '{calibrator.name}' calibrator cannot be fused into an exported model",
-                        "export.calibrator", "export with a calibrator whose `fuse` is set (none, temperature, ats)")
+        raise CalqError(f"calibrator {getattr(calibrator, 'name', calibrator)!r} cannot be fused into an exported "
+                        "model (its `fuse` is not set)", "export.calibrator",
+                        "export with a calibrator that sets `fuse` (none, temperature, ats)")
     return calibrator.fuse
 
 
