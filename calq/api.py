@@ -209,7 +209,7 @@ def calibrate(model, tokenizer, records: list[dict], use: tuple[str, ...] = ("te
     settings = settings or {}
     configs: dict[str, Any] = {}
     for name in use:
-        config = calibrators_mod.get(name).Config
+        config = calibrators_mod.TOKEN.get(name).Config
         given = settings.get(name, {})
         configs[name] = given if isinstance(given, BaseModel) else config.model_validate(given)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ another executor can run the same table without touching any stage.
     tasks/<v>            calibrate/<v>                           tasks/<v>.json (+ .safetensors: prompt features)
     (evaluation.tasks.split: tasks/<v>/<task> per task -> tasks/<v>/<task>.json; tasks/<v> merges them)
     fit_tasks/<v>        quantize/<v>                            fit_tasks/<v>.json + .safetensors (answer_calibration)
-    answers/<v>          fit_tasks/<v>, tasks/<v> (+ answers/baseline for `parent`)
+    answers/<v>          fit_tasks/<v>, tasks/<v> (+ answers/baseline when one `needs_parent`)
                                                                  answers/<v>/<calibrator>/, answers/<v>.json
 """
 
@@ -55,6 +55,7 @@ from calq.models import BASELINE
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable
 from calq.recipe import Recipe, StageResources
+from calq.registry import Registry
 from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
@@ -278,6 +279,8 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         fitted_on[v.label] = (f"quantize/{v.label}",)
     evaluated_on = dict(fitted_on)
     if spec is not None:
+        calibrate_settings = spec.model_dump(exclude={"data", "fit_records", "heldout_records"})
+        versions = _versions(calibrators.TOKEN, recipe.calibrator_names())
         add("instructions", stage_instructions, group="calibrate",
             settings=[spec.model_dump(include={"fit_records", "heldout_records", "seed"}),
                       data_mod.fingerprint(spec.data, data_root)])
@@ -289,7 +292,7 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
         for name, needs in fitted_on.items():
             add(f"calibrate/{name}", stage_calibrate, name, group="calibrate",
                 needs=("instructions", *(("validation_text",) if text is not None else ()), *needs),
-                settings=spec.model_dump(exclude={"data", "fit_records", "heldout_records"}))
+                settings=[calibrate_settings, *versions] if versions else calibrate_settings)
             evaluated_on[name] = (f"calibrate/{name}",)
     add("eval_tokens", stage_eval_tokens, needs=base, group="evaluate",
         settings=[ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
@@ -316,12 +319,13 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
                 add(f"fit_tasks/{name}", stage_fit_tasks, name, needs=needs, group="calibrate",
                     settings=[answers.fit_tasks, answers.fit_limit, fit_docs, tasks.include_path,
                               TASKS_VERSION])
+            with_parent = any(calibrators.ANSWER.get(n).needs_parent for n in answers.use)
             for name in fitted_on:
-                parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and "parent" in answers.use \
-                    else ()
+                parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and with_parent else ()
                 add(f"answers/{name}", stage_answers, name, needs=(f"fit_tasks/{name}", f"tasks/{name}", *parent),
                     group="evaluate", settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}),
-                                                tasks.bootstrap, tasks.seed, ev.bins, ANSWERS_VERSION])
+                                                tasks.bootstrap, tasks.seed, ev.bins, ANSWERS_VERSION,
+                                                *_versions(calibrators.ANSWER, answers.use)])
     if recipe.export is not None:
         for name in recipe.export.variants or evaluated_on:
             for fmt in recipe.export.formats:
@@ -331,20 +335,27 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     return table
 
 
+def _versions(registry: Registry, names) -> list[dict[str, int]]:
+    """[{name: version}] of the named classes past their first version; [] when none is, so keys stay as before."""
+    raised = {n: registry.get(n).version for n in names if registry.get(n).version > 1}
+    return [raised] if raised else []
+
+
 def check_export(recipe: Recipe, variants: list[str]) -> None:
     """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
     spec = recipe.export
     for fmt in spec.formats:
         exporter = export_base.get(fmt, "export.formats")
         exporter.check_runtime()
-        if spec.calibrator not in ("selected", "none", *exporter.calibrators):
+        fuse = "none" if spec.calibrator == "selected" else calibrators.TOKEN.get(spec.calibrator).fuse
+        if fuse not in exporter.calibrators:
             raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
                             f"{', '.join(exporter.calibrators)})", "export.calibrator",
                             f"use calibrator: selected (the format then falls back to the temperature) or drop {fmt}")
     for name in spec.variants or ():
         if name not in variants:
             raise CalqError(f"unknown variant '{name}'", "export.variants", f"use one of: {', '.join(variants)}")
-    if spec.calibrator in ("temperature", "ats") and spec.calibrator not in recipe.calibrator_names():
+    if spec.calibrator not in ("selected", *recipe.calibrator_names()):
         raise CalqError(f"the {spec.calibrator} calibrator is not fitted in this recipe", "export.calibrator",
                         "add it to calibrators.use, or export with calibrator: none")
 
@@ -638,7 +649,7 @@ def stage_calibrate(ctx: Context, name: str):
 def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:
     """{calibrator name: calibrator} for this variant, and what calibrators.json recorded ({} without calibrators)."""
     if ctx.recipe.calibrators is None:
-        return {"none": calibrators.get("none")()}, {}
+        return {"none": calibrators.TOKEN.get("none")()}, {}
     folder = ctx.run.path("calibrators", name)
     fitted = json.loads((folder / "calibrators.json").read_text())
     with located(f"calibrators/{name}"):
@@ -680,7 +691,7 @@ def stage_export(ctx: Context, name: str, fmt: str):
     exporter = export_base.get(fmt)
     kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
     note = None
-    if kind not in exporter.calibrators:
+    if calibrators.TOKEN.get(kind).fuse not in exporter.calibrators:
         note = f"{fmt} cannot hold the {kind} calibrator: the global temperature is fused instead"
         kind = "temperature" if "temperature" in cals else "none"
     calibrator = None if kind == "none" else cals[kind]
@@ -756,7 +767,8 @@ def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):
 def stage_fit_tasks(ctx: Context, name: str):
     """The answer calibrators' fit tasks on this variant, uncalibrated, with the prompt features they read."""
     spec = ctx.recipe.evaluation.tasks.answer_calibration
-    result = _run_tasks(ctx, name, {"none": calibrators.get("none")()}, list(spec.fit_tasks), spec.fit_limit, True)
+    none = {"none": calibrators.TOKEN.get("none")()}
+    result = _run_tasks(ctx, name, none, list(spec.fit_tasks), spec.fit_limit, True)
     return _write_task_results(ctx.run.path("fit_tasks", f"{name}.json"), result), _task_metrics(result)
 
 
@@ -771,22 +783,24 @@ def _parent_probabilities(ctx: Context) -> dict[str, torch.Tensor]:
     if selected == "none":
         return {t: s.probabilities() for t, s in sets.items()}
     with located(f"answers/{BASELINE}/{selected}"):
-        calibrator = calibrators.get(selected).load(ctx.run.path("answers", BASELINE, selected))
+        calibrator = calibrators.ANSWER.get(selected).load(ctx.run.path("answers", BASELINE, selected))
     return {t: calibrator.apply(s) for t, s in sets.items()}
 
 
 def stage_answers(ctx: Context, name: str):
     """Answer calibrators of one variant: fitted on the fit tasks, selected leave-one-fit-task-out, evaluated on the
-    evaluation tasks (never fitted); `parent` (quantized variants) fitted label-free against the calibrated baseline."""
+    evaluation tasks (never fitted); one that `needs_parent` (quantized variants only) fitted label-free against the
+    calibrated baseline."""
     tasks = ctx.recipe.evaluation.tasks
     spec = tasks.answer_calibration
     settings = spec.settings()
     parents = None
-    if "parent" in settings:
-        if name == BASELINE:
-            del settings["parent"]
-        else:
-            parents = _parent_probabilities(ctx)
+    with_parent = [n for n in settings if calibrators.ANSWER.get(n).needs_parent]
+    if name == BASELINE:
+        for n in with_parent:
+            del settings[n]
+    elif with_parent:
+        parents = _parent_probabilities(ctx)
     fitted, section = answer_calibration.calibrate_answers(
         _answer_sets(ctx, "fit_tasks", name), _answer_sets(ctx, "tasks", name), settings, list(spec.targets),
         spec.select_by, ctx.recipe.evaluation.tokens.bins, tasks.bootstrap, tasks.seed, parents)

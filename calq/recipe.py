@@ -94,7 +94,7 @@ class CalibratorSection(BaseModel):
                 raise ValueError(f"unknown key '{key}' ({hint})")
             if key not in self.use:
                 raise ValueError(f"settings for '{key}', which `use` does not list; add it to use or remove them")
-            settings = registry.settings(key)
+            settings = registry.settings(key, self.level)
             try:
                 self.model_extra[key] = settings.model_validate(value or {})
             except ValidationError as err:
@@ -109,7 +109,7 @@ class CalibratorSection(BaseModel):
 
     def settings(self) -> dict[str, BaseModel]:
         """{calibrator name: its settings} for every calibrator in `use`."""
-        return {name: (self.model_extra or {}).get(name) or registry.settings(name)() for name in self.use}
+        return {name: (self.model_extra or {}).get(name) or registry.settings(name, self.level)() for name in self.use}
 
 
 class AnswerCalibrationSpec(CalibratorSection):
@@ -206,11 +206,20 @@ class ExportSpec(Strict):
     formats: tuple[str, ...] = Field(("onnx",), description="onnx (ONNX Runtime) and/or gguf (llama.cpp)")
     variants: tuple[str, ...] | None = Field(None, description="variant names to export (default: every variant, "
                                                                "baseline included)")
-    calibrator: Literal["none", "temperature", "ats", "selected"] = Field(
-        "selected", description="calibrator fused into the artifact; 'selected': the variant's selected one (a format "
-                                "that cannot hold it, GGUF for ATS, gets the temperature, and the report says so)")
+    calibrator: str = Field(
+        "selected", description="calibrator fused into the artifact (none, temperature, ats); 'selected': the "
+                                "variant's selected one (a format that cannot hold it, GGUF for ATS, gets the "
+                                "temperature, and the report says so)")
     max_tokens: int = Field(4096, gt=0, description="held-out evaluation tokens the artifact is re-verified on")
     threads: int = Field(2, ge=1, description="runtime threads for the re-verification")
+
+    @field_validator("calibrator")
+    @classmethod
+    def _known_calibrator(cls, name):
+        known = ["selected", *registry.names("token")]
+        if name not in known:
+            raise ValueError(f"unknown calibrator '{name}'; use one of: {', '.join(known)}")
+        return name
 
 
 class StageResources(Strict):
@@ -289,7 +298,7 @@ def _location(loc: tuple) -> str:
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of `loc` (for 'did you mean' suggestions)."""
     if len(loc) > 2 and loc[0] == "variants" and loc[2] in METHODS:
-        return METHODS[loc[2]] if len(loc) == 4 else None
+        return METHODS.get(loc[2]) if len(loc) == 4 else None
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
@@ -392,5 +401,5 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
         for spec, level in ((CalibratorsSpec, "token"), (AnswerCalibrationSpec, "answer")):
             if sub is spec:
                 for cal in registry.names(level):
-                    rows.extend(describe_keys(registry.settings(cal), f"{key}.{cal}."))
+                    rows.extend(describe_keys(registry.settings(cal, level), f"{key}.{cal}."))
     return rows

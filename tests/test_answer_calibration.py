@@ -108,7 +108,7 @@ def test_parent_calibrates_a_variant_without_labels():
         parent.fit(AnswerSet((-noisy[:30]).tolist()), base_probs[:30])
 
 
-def test_answer_calibrators_are_in_the_one_registry_at_the_answer_level(tmp_path):
+def test_answer_calibrators_have_a_registry_of_their_own(tmp_path):
     from calq.calib import calibrators, registry
     from calq.calib.answer_base import AnswerFitData
 
@@ -118,20 +118,20 @@ def test_answer_calibrators_are_in_the_one_registry_at_the_answer_level(tmp_path
     data = AnswerFitData(tasks, seed=0)
     held, _ = synthetic(500, seed=60, overconfidence=2.0)
     for name in ("answer_temperature", "answer_adaptive"):
-        cls = calibrators.get(name)
+        cls = calibrators.ANSWER.get(name)
         fitted = cls.fit(data, cls.Config(**({"epochs": 20} if name == "answer_adaptive" else {})))
         fitted.save(tmp_path / name)
         loaded = cls.load(tmp_path / name, None)
         assert torch.allclose(loaded.apply(held), fitted.apply(held)) and fitted.fit_info
-        with pytest.raises(CalqError, match="answer-level calibrator"):
-            cls.from_arg(str(tmp_path / name), None)
-    base = calibrators.get("answer_temperature").fit(data)
+        with pytest.raises(CalqError, match=f"unknown calibrator '{name}'"):  # not one that rescales logits
+            calibrators.parse(f"{name}:{tmp_path / name}", None)
+    base = calibrators.ANSWER.get("answer_temperature").fit(data)
     unlabelled = {k: AnswerSet(s.loglikelihoods) for k, s in tasks.items()}
     parent_data = AnswerFitData(unlabelled, parent_probabilities={k: base.apply(s) for k, s in tasks.items()})
-    fitted = calibrators.get("parent").fit(parent_data)
+    fitted = calibrators.ANSWER.get("parent").fit(parent_data)
     assert fitted.temperature == pytest.approx(base.temperature, rel=1e-3)  # the same scores: the parent's own T
     fitted.save(tmp_path / "parent")
-    assert calibrators.get("parent").load(tmp_path / "parent").info["agreeing"] == 2400
+    assert calibrators.ANSWER.get("parent").load(tmp_path / "parent").info["agreeing"] == 2400
 
 
 def test_answer_section_fits_on_fit_tasks_and_reports_unseen_tasks():
@@ -154,7 +154,7 @@ def test_answer_section_fits_on_fit_tasks_and_reports_unseen_tasks():
     for fit, evaluation, counts, names, message in [
             (["a", "b"], ["b"], None, [], "overlap: b"),
             (["a"], ["b"], {"a": 5}, [], "fit task 'a' has 5 questions"),
-            (["a"], ["b"], None, ["answer_adaptive"], "two or more fit tasks"),
+            (["a"], ["b"], None, ["answer_adaptive"], "answer_adaptive needs 2 or more fit tasks"),
             (["a"], ["b"], None, ["ats"], "unknown answer calibrator 'ats'")]:
         with pytest.raises(CalqError, match=message):
             ac.check_split(fit, evaluation, counts, names)

@@ -79,7 +79,7 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
             assert r["accuracy"] == none["accuracy"]
         assert sum(r["selected"] for r in rows) == 2
         for name in fitted:  # saved where the report says, and loadable
-            calibrators.get(name).load(out / "answers" / variant / name)
+            calibrators.ANSWER.get(name).load(out / "answers" / variant / name)
     quantized = [r for r in answers["results"] if r["variant"] != "baseline" and r["selected"]]
     assert all(r["ece_vs_baseline"] is not None for r in quantized)
     gates = {(g["gate"], g["task"]) for g in report["gates"]["results"]}

@@ -65,7 +65,7 @@ class Toy(Calibrator):
 
 
 def test_a_calibrator_is_one_file(tiny_recipe, alpaca, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setitem(base.REGISTRY, "toy", Toy)  # what `@register` does, undone after the test
+    monkeypatch.setitem(base.TOKEN._classes, "toy", Toy)  # what `@register` does, undone after the test
     # validated on the instruction records alone, where toy is the NLL optimum by construction (with plain text
     # too, selection takes the worst domain: tests/test_token_validation.py)
     recipe = with_calibrators(tiny_recipe, alpaca, use=["temperature", "ats", "toy"], select_by="nll",

@@ -153,7 +153,7 @@ def test_fit_trains_only_the_head_and_never_returns_worse_than_identity(tiny, ca
 
 def test_evaluate_cached_uses_the_bins_it_is_given(tiny, cached):
     model, _ = tiny
-    cals = {"none": calibrators.get("none")()}
+    cals = {"none": calibrators.TOKEN.get("none")()}
     ten = hidden.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model), cals, bins=10)["none"]
     fifteen = hidden.evaluate_cached(cached, torch.arange(len(cached)), hidden.Logits(model), cals)["none"]
     assert len(ten["reliability"]) == 10 and len(fifteen["reliability"]) == 15
@@ -172,7 +172,7 @@ def test_save_load_round_trip_and_calibrated_model(tiny, tmp_path):
     head = random_head(model.config)
     head.fit_info = {"note": "test"}
     head.save(tmp_path / "ats")
-    loaded = calibrators.get("ats").load(tmp_path / "ats", model.config)
+    loaded = calibrators.TOKEN.get("ats").load(tmp_path / "ats", model.config)
     assert loaded.fit_info == {"note": "test"}
     wrapped = CalibratedLM(model, loaded)
     with torch.no_grad():

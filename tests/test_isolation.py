@@ -60,7 +60,7 @@ def test_a_runtime_crash_in_an_export_stage_fails_it_with_one_line_and_keeps_the
     out = tmp_path / "run"
     calq.run({**tiny_recipe, "export": None}, out=out)
     before = (out / "report.json").read_text()
-    monkeypatch.setitem(EXPORTERS, "gguf", CrashingGguf())
+    monkeypatch.setitem(EXPORTERS._classes, "gguf", CrashingGguf)
     result = CliRunner().invoke(app, ["export", str(out), "--format", "gguf"])
     assert result.exit_code == 2, result.output
     assert "export.gguf: llama.cpp crashed with SIGSEGV while running" in result.output

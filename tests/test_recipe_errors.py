@@ -73,8 +73,8 @@ def test_calqs_own_calibrators_are_declared_for_the_recipe():
     """calq.calib.registry.OWN lets a recipe be checked without importing the calibrators (they import torch)."""
     from calq.calib import calibrators, registry
 
-    own = {name: (cls.level, cls.Config) for name, cls in calibrators.REGISTRY.items()
-           if cls.__module__.startswith("calq.")}
+    own = {level: {name: cls.Config for name, cls in reg.items() if cls.__module__.startswith("calq.")}
+           for level, reg in (("token", calibrators.TOKEN), ("answer", calibrators.ANSWER))}
     assert own == registry.OWN
 
 

@@ -57,7 +57,7 @@ class InstructionsOnly(Calibrator):
 
 @pytest.fixture
 def instructions_only(monkeypatch):
-    monkeypatch.setitem(base.REGISTRY, "instructions_only", InstructionsOnly)  # what @register does, undone after
+    monkeypatch.setitem(base.TOKEN._classes, "instructions_only", InstructionsOnly)  # what @register does, undone after
 
 
 @pytest.fixture

@@ -25,9 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calq.calib import answer_temperature
-from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData, register
 from calq.calib.answer_features import AnswerSet, nll
-from calq.calib.base import register
 from calq.calib.registry import AdaptiveSettings
 from calq.errors import CalqError
 
@@ -62,6 +61,7 @@ class Head(torch.nn.Module):
 class AnswerAdaptive(AnswerCalibrator):
     name = "answer_adaptive"
     Config = AdaptiveSettings
+    min_fit_tasks = 2  # one is held out for early stopping
 
     def __init__(self, head: Head | None, temperature: float, use_hidden: bool, info: dict,
                  per_task_mean: bool = False):

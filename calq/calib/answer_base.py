@@ -1,8 +1,9 @@
-"""Answer-level calibrators on the calibrator contract (calq.calib.base, `level = "answer"`).
+"""The answer-level calibrator contract and `register`, which fills its registry (calq.calib.registry.ANSWER).
 
-A token-level calibrator rescales logits at every position; an answer-level one turns a question's choice
-log-likelihoods (and features from the same forward pass: calq.calib.answer_features) into calibrated answer
-probabilities. Both live in the one registry (`base.REGISTRY`); `calibrators.names("answer")` lists these.
+A token-level calibrator (calq.calib.base) rescales logits at every position; an answer-level one turns a question's
+choice log-likelihoods (and features from the same forward pass: calq.calib.answer_features) into calibrated answer
+probabilities. The two have separate contracts and registries; `registry.names("answer")` lists these. A plugin
+package's are found through the entry point group `calq.answer_calibrators`.
 
     @register
     class Mine(AnswerCalibrator):
@@ -19,19 +20,21 @@ probabilities. Both live in the one registry (`base.REGISTRY`); `calibrators.nam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel
 
 from calq.calib.answer_features import AnswerSet
-from calq.calib.base import Calibrator
-from calq.errors import CalqError
+from calq.calib.registry import ANSWER, NoSettings
 
 
 @dataclass
 class AnswerFitData:
-    """What an answer calibrator is fitted from: the fit tasks' questions by task name (labelled, except for
-    `parent`), the task held out for early stopping / selection (default: the last), and for `parent` the calibrated
-    baseline's probabilities on the same prompts, by task."""
+    """What an answer calibrator is fitted from: the fit tasks' questions by task name (labelled, except for one that
+    `needs_parent`), the task held out for early stopping / selection (default: the last), and for one that
+    `needs_parent` the calibrated baseline's probabilities on the same prompts, by task."""
 
     tasks: dict[str, AnswerSet]
     validation_task: str | None = None
@@ -39,9 +42,13 @@ class AnswerFitData:
     parent_probabilities: dict[str, torch.Tensor] | None = None
 
 
-class AnswerCalibrator(Calibrator):
-    level = "answer"
-    needs_hidden = False  # reads the prompt-end hidden states run_tasks(features=True) stores, not the model's
+class AnswerCalibrator:
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoSettings
+    version: ClassVar[int] = 1  # raise it when a fix changes what it fits: finished runs refit the answer calibrators
+    needs_parent: ClassVar[bool] = False  # fitted without labels against the calibrated baseline's probabilities
+    min_fit_tasks: ClassVar[int] = 1  # fit tasks it needs (more when one is held out)
+    fit_info: dict = {}  # what fitting measured, kept in answers/<variant>.json
 
     @classmethod
     def fit(cls, data: AnswerFitData, config=None) -> AnswerCalibrator:
@@ -51,13 +58,12 @@ class AnswerCalibrator(Calibrator):
         """Calibrated answer probabilities [questions, most choices] (0 where a question has fewer choices)."""
         raise NotImplementedError
 
-    def scale(self, hidden, attention_mask=None):
-        raise CalqError(f"'{self.name}' is an answer-level calibrator: it calibrates answers, not logits", "calibrator",
-                        "apply it to a task's answers (calq.calib.answer_base), or use a token-level calibrator here")
+    def save(self, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_arg(cls, arg: str, model_config=None) -> AnswerCalibrator:
-        raise CalqError(f"'{cls.name}' is an answer-level calibrator and cannot rescale the model's logits",
-                        "calibrator",
-                        "use a token-level calibrator (none, temperature, ats) in the lm-eval model; answer-level "
-                        "ones apply to run_tasks' answers")
+    def load(cls, folder: Path, model_config=None) -> AnswerCalibrator:
+        raise NotImplementedError
+
+
+register = ANSWER.register

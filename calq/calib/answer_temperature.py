@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData, register
 from calq.calib.answer_features import AnswerSet, nll
-from calq.calib.base import register
 from calq.errors import CalqError
 
 CONFIG = "answer_temperature.json"

@@ -60,6 +60,7 @@ class AtsHead(nn.Module, Calibrator):
     """
 
     name = "ats"
+    fuse = "ats"  # exporters run the head (an nn.Module) in the graph
     Config = AtsConfig
 
     def __init__(self, model_config):

@@ -1,5 +1,5 @@
-"""The calibrator contract and `register`, which fills the one registry (calq.calib.registry: the pipeline, the lm-eval
-model, the report and the recipe use it).
+"""The token-level calibrator contract and `register`, which fills its registry (calq.calib.registry.TOKEN: the
+pipeline, the lm-eval model, the report and the recipe use it).
 
 A token-level calibrator multiplies each position's logits by one positive scale predicted from the model's
 last hidden states (after the final norm), so the argmax and token-level accuracy never change:
@@ -19,8 +19,9 @@ last hidden states (after the final norm), so the argmax and token-level accurac
 Registered calibrators are fitted per variant when the recipe lists them (`calibrators.use`), evaluated with one
 forward pass of the model for all of them, selected by `calq.calib.select`, shown in the report and loadable in the
 lm-eval model as `calibrator=<name>:<folder>`. Adding one is one file: calq's own live in this package and are
-discovered by `calq.calib.calibrators` (and declare their name, level and settings in `calq.calib.registry.OWN` too,
-so that a recipe is checked without importing torch); others register on import.
+discovered by `calq.calib.calibrators` (and declare their name and settings in `calq.calib.registry.OWN` too, so that
+a recipe is checked without importing torch); a plugin package's are found through the entry point group
+`calq.calibrators`; others register on import.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from calq.calib.hidden import Cached, Logits
-from calq.calib.registry import REGISTRY, NoSettings
+from calq.calib.registry import TOKEN, NoSettings
 
 
 @dataclass
@@ -62,8 +63,9 @@ def split(records: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, t
 
 class Calibrator:
     name: ClassVar[str]
-    level: ClassVar[str] = "token"
     Config: ClassVar[type[BaseModel]] = NoSettings
+    version: ClassVar[int] = 1  # raise it when a fix changes what it fits: finished runs refit the calibrators
+    fuse: ClassVar[str | None] = None  # how an exporter fuses it (none, temperature, ats); None: it cannot
     needs_hidden: ClassVar[bool] = True  # False: the scale does not depend on the hidden states
     fit_info: dict = {}  # what fitting measured (sizes, history), kept in calibrators.json
 
@@ -102,9 +104,7 @@ class Calibrator:
         return self
 
 
-def register(cls: type[Calibrator]) -> type[Calibrator]:
-    REGISTRY[cls.name] = cls
-    return cls
+register = TOKEN.register
 
 
 @register
@@ -113,6 +113,7 @@ class NoCalibration(Calibrator):
 
     name = "none"
     needs_hidden = False
+    fuse = "none"
 
     @classmethod
     def fit(cls, data: FitData, config: BaseModel) -> NoCalibration:

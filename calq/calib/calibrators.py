@@ -1,30 +1,23 @@
-"""Every calibrator: calq's own are the modules of this package that register one (calq.calib.base), discovered
-here; others register themselves on import. Fitting a set of them, validating and selecting, and parsing
-`<name>:<arg>` are the same for all."""
+"""Every calibrator: calq's own are the modules of this package that register one (calq.calib.base for token-level,
+calq.calib.answer_base for answer-level), a plugin's are named by an entry point, both discovered here (TOKEN,
+ANSWER); others register themselves on import. Fitting a set of token-level ones, validating and selecting, and
+parsing `<name>:<arg>` are the same for all."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 
-import calq.calib
-from calq.calib.base import REGISTRY, Calibrator, FitData
+from calq.calib import registry
+from calq.calib.base import Calibrator, FitData
 from calq.calib.hidden import Cached, evaluate_cached
 from calq.calib.select import select
 from calq.errors import CalqError
 
-for _module in pkgutil.iter_modules(calq.calib.__path__):
-    importlib.import_module(f"calq.calib.{_module.name}")
-
-
-def get(name: str) -> type[Calibrator]:
-    if name not in REGISTRY:
-        raise CalqError(f"unknown calibrator '{name}'", "calibrator", f"use one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+TOKEN = registry.TOKEN.discover()
+ANSWER = registry.ANSWER.discover()
 
 
 def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece", batch_size: int = 8,
@@ -33,9 +26,9 @@ def fit_all(data: FitData, settings: dict[str, BaseModel], select_by: str = "ece
     on `data.val` (domain `instructions`) and on every window of `text` (domain `text`: plain text held apart from
     any evaluation text), one pass each; select the one whose worst domain changes least against `none`
     (calq.calib.select). Returns (fitted, {domain: {calibrator: metrics}}, selected name)."""
-    fitted = {"none": get("none").fit(data, None)}
+    fitted = {"none": TOKEN.get("none").fit(data, None)}
     for name, config in settings.items():
-        fitted[name] = get(name).fit(data, config)
+        fitted[name] = TOKEN.get(name).fit(data, config)
     domains = {"instructions": (data.cached, data.val)}
     if text is not None:
         domains["text"] = (text, torch.arange(len(text)))
@@ -52,13 +45,13 @@ def save_all(fitted: dict[str, Calibrator], folder: Path) -> None:
 
 
 def load_all(folder: Path, model_config, names: list[str]) -> dict[str, Calibrator]:
-    return {name: get(name).load(Path(folder) / name, model_config) for name in names}
+    return {name: TOKEN.get(name).load(Path(folder) / name, model_config) for name in names}
 
 
 def parse(spec: str | None, model_config) -> tuple[str, Calibrator]:
     """'temperature:1.2' or 'ats:<folder>' -> (name, calibrator); None or 'none' -> ('none', identity)."""
     name, _, arg = (spec or "none").partition(":")
-    cls = get(name)
+    cls = TOKEN.get(name)
     if name != "none" and not arg:
         raise CalqError(f"calibrator '{name}' needs an argument", "calibrator",
                         f"write {name}:<folder of a fitted one>")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from calq.calib.answer_base import AnswerFitData
+from calq.calib.answer_base import AnswerFitData, register
 from calq.calib.answer_features import AnswerSet
 from calq.calib.answer_temperature import AnswerTemperature, fit_inverse_temperature
-from calq.calib.base import register
 from calq.errors import CalqError
 
 MIN_AGREEING = 20  # fewer agreeing prompts than this make the fitted T mostly noise
@@ -25,6 +24,7 @@ class ParentTemperature(AnswerTemperature):
     """An answer temperature fitted label-free against the calibrated baseline (saved like answer_temperature)."""
 
     name = "parent"
+    needs_parent = True
 
     def __init__(self, temperature: float, kind: str = "parent", info: dict | None = None):
         super().__init__(temperature, kind, info)

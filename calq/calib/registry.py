@@ -1,9 +1,12 @@
-"""The calibrators' registry and what a recipe may say about them (each one's name, level and settings), without
-torch: `calq run` checks a recipe before torch and transformers are imported.
+"""The calibrators' registries and what a recipe may say about them (each one's name and settings), without torch:
+`calq run` checks a recipe before torch and transformers are imported.
 
-REGISTRY holds the calibrator classes (`calq.calib.base.register` fills it when their modules are imported). calq's
-own are also declared in OWN, which stands in for them until their modules are imported; their classes take their
-`Config` from here. tests/test_recipe_errors.py checks that OWN matches calq's registered classes.
+TOKEN holds the token-level calibrator classes (`calq.calib.base.register` fills it), ANSWER the answer-level ones
+(`calq.calib.answer_base.register`): two contracts, two registries (calq.registry), both discovered by
+`calq.calib.calibrators`. calq's own are also declared in OWN, which stands in for them until their modules are
+imported; their classes take their `Config` from here. tests/test_recipe_errors.py checks that OWN matches calq's
+registered classes. A plugin's calibrators (entry point groups `calq.calibrators`, `calq.answer_calibrators`) are
+loaded when a recipe names its calibrators.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from calq.errors import CalqError
+from calq.registry import Registry
 
-REGISTRY: dict[str, type] = {}  # name -> calibrator class (calq.calib.base.Calibrator)
+TOKEN = Registry("calibrator", "calq.calib", "calibrators")  # calq.calib.base.Calibrator classes
+ANSWER = Registry("answer calibrator", "calq.calib", "answer_calibrators")  # calq.calib.answer_base.AnswerCalibrator
+LEVELS = {"token": TOKEN, "answer": ANSWER}
 
 
 class NoSettings(BaseModel):
@@ -66,27 +72,24 @@ class AdaptiveSettings(BaseModel):
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
 
 
-OWN: dict[str, tuple[str, type[BaseModel]]] = {  # name: (level, settings) of calq's own calibrators
-    "none": ("token", NoSettings),
-    "temperature": ("token", NoSettings),
-    "ats": ("token", AtsConfig),
-    "answer_temperature": ("answer", NoSettings),
-    "answer_adaptive": ("answer", AdaptiveSettings),
-    "parent": ("answer", NoSettings),
+OWN: dict[str, dict[str, type[BaseModel]]] = {  # level: {name: settings} of calq's own calibrators
+    "token": {"none": NoSettings, "temperature": NoSettings, "ats": AtsConfig},
+    "answer": {"answer_temperature": NoSettings, "answer_adaptive": AdaptiveSettings, "parent": NoSettings},
 }
 
 
-def _declared() -> dict[str, tuple[str, type[BaseModel]]]:
-    return {**OWN, **{name: (cls.level, cls.Config) for name, cls in REGISTRY.items()}}
+def _declared(level: str) -> dict[str, type[BaseModel]]:
+    registry = LEVELS[level].plugins()
+    return {**OWN[level], **{name: cls.Config for name, cls in registry.items()}}
 
 
 def names(level: str = "token") -> list[str]:
-    return [name for name, (lvl, _) in _declared().items() if lvl == level]
+    return list(_declared(level))
 
 
-def settings(name: str) -> type[BaseModel]:
+def settings(name: str, level: str = "token") -> type[BaseModel]:
     """The settings class of calibrator `name` (its section in the recipe)."""
-    declared = _declared()
+    declared = _declared(level)
     if name not in declared:
-        raise CalqError(f"unknown calibrator '{name}'", "calibrator", f"use one of: {', '.join(declared)}")
-    return declared[name][1]
+        raise CalqError(f"unknown {LEVELS[level].kind} '{name}'", "calibrator", f"use one of: {', '.join(declared)}")
+    return declared[name]

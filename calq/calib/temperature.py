@@ -21,6 +21,7 @@ class Temperature(Calibrator):
     """The calibrator `logits / T` (hidden states unused)."""
 
     name = "temperature"
+    fuse = "temperature"  # exporters divide the logits by its `temperature`
     needs_hidden = False
 
     def __init__(self, temperature: float):

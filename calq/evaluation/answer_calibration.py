@@ -16,9 +16,9 @@ import time
 import torch
 from pydantic import BaseModel
 
-from calq.calib import calibrators, registry
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll, top_choice
+from calq.calib.calibrators import ANSWER
 from calq.errors import CalqError
 from calq.evaluation.selective import bands, curve, selective_report, summary
 from calq.metrics import ece
@@ -29,7 +29,7 @@ MIN_FIT_QUESTIONS = 20
 def check_split(fit_tasks: list[str], eval_tasks: list[str], counts: dict[str, int] | None = None,
                 names: list[str] = (), where: str = "evaluation.answer_calibration") -> None:
     """One-line errors before long work: fit and evaluation tasks overlapping, a fit task with too few questions
-    (counts: harness.check_tasks' output), an unknown answer calibrator, the adaptive one with one fit task."""
+    (counts: harness.check_tasks' output), an unknown answer calibrator, fewer fit tasks than one needs."""
     overlap = sorted(set(fit_tasks) & set(eval_tasks))
     if overlap:
         raise CalqError(f"fit tasks and evaluation tasks overlap: {', '.join(overlap)}", where,
@@ -41,13 +41,10 @@ def check_split(fit_tasks: list[str], eval_tasks: list[str], counts: dict[str, i
         if counts is not None and counts.get(task, 0) < MIN_FIT_QUESTIONS:
             raise CalqError(f"fit task '{task}' has {counts.get(task, 0)} questions", where,
                             f"give each fit task at least {MIN_FIT_QUESTIONS} (raise its limit)")
-    known = registry.names("answer")
     for name in names:
-        if name not in known:
-            raise CalqError(f"unknown answer calibrator '{name}'", where, f"use one of: {', '.join(known)}")
-    if "answer_adaptive" in names and len(fit_tasks) < 2:
-        raise CalqError("answer_adaptive needs two or more fit tasks (one is held out for early stopping)", where,
-                        "add a fit task")
+        need = ANSWER.get(name, where).min_fit_tasks
+        if len(fit_tasks) < need:
+            raise CalqError(f"{name} needs {need} or more fit tasks", where, "add a fit task")
 
 
 def answer_sets(results: dict, calibrator: str = "none") -> dict[str, AnswerSet]:
@@ -60,13 +57,13 @@ def fit_answer_calibrators(fit_sets: dict[str, AnswerSet], settings: dict[str, B
                            parent_probabilities: dict[str, torch.Tensor] | None = None
                            ) -> tuple[dict[str, AnswerCalibrator], dict[str, float]]:
     """Every calibrator named in `settings` ({name: its Config or None}) fitted on the fit tasks, and seconds each.
-    `parent` is fitted on the same prompts without their labels, against `parent_probabilities` (by task)."""
+    One that `needs_parent` is fitted on the same prompts without their labels, against `parent_probabilities`."""
     data = AnswerFitData(fit_sets, seed=seed)
     fitted, seconds = {}, {}
     for name, config in settings.items():
-        cls = calibrators.get(name)
+        cls = ANSWER.get(name)
         start = time.perf_counter()
-        if name == "parent":
+        if cls.needs_parent:
             unlabelled = {t: AnswerSet(s.loglikelihoods, None, s.hidden, s.choice_tokens) for t, s in fit_sets.items()}
             fitted[name] = cls.fit(AnswerFitData(unlabelled, seed=seed, parent_probabilities=parent_probabilities))
         else:

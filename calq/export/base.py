@@ -1,6 +1,7 @@
 """The exporter contract, the registry of formats, and re-verification of an artifact against PyTorch.
 
-Adding a format is one module with an `Exporter` subclass decorated with `@register`:
+Adding a format is one module with an `Exporter` subclass decorated with `@register`, in this package or in a plugin
+package (entry point group `calq.exporters`: calq.registry); `get(name)` discovers both:
 - `check(checkpoint_dir, calibrator)`: raise CalqError, before long work, when the format cannot hold the variant
   or the calibrator at all (or its runtime package is missing);
 - `export(checkpoint_dir, out_dir, calibrator) -> info`: write the artifact; `info["changes"]` lists in words what
@@ -10,7 +11,9 @@ Adding a format is one module with an `Exporter` subclass decorated with `@regis
   the (calibrated) logits [B, T, V] as a float32 torch tensor;
 - `verify_generation(out_dir, reference_logits, prompt, new_tokens)` (optional, formats with a decode graph of their
   own: onnx): greedy generation on the runtime against the reference, stored as verify.json's `decode`.
-A calibrator is None, a `calq.calib.temperature.Temperature` or a `calq.calib.ats.AtsHead`.
+A calibrator is None or a token-level calibrator whose `fuse` says how it is fused: `temperature` (one global scale,
+its `temperature`), `ats` (the head, an nn.Module run in the graph); `Exporter.calibrators` lists the forms a format
+can carry.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from calq import isolation
 from calq.errors import CalqError
 from calq.metrics import CalibrationStats
+from calq.registry import Registry
 
 EXTRA = "pip install 'calq[edge]'"
 INFO_FILE = "export.json"
@@ -39,7 +43,7 @@ class Session(Protocol):
 
 class Exporter:
     name: str = ""
-    calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # calibrator kinds the format can carry
+    calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # the calibrators' `fuse` forms it can carry
     packages: tuple[str, ...] = ()  # python modules that write the format
     runtime: str = ""  # the python module that runs it (session, verification)
     runtime_name: str = ""  # the runtime in words, for a crash's line ("llama.cpp")
@@ -76,19 +80,12 @@ class Exporter:
         return None
 
 
-EXPORTERS: dict[str, Exporter] = {}
-
-
-def register(cls: type[Exporter]) -> type[Exporter]:
-    EXPORTERS[cls.name] = cls()
-    return cls
+EXPORTERS = Registry("export format", "calq.export", "exporters")
+register = EXPORTERS.register
 
 
 def get(name: str, where: str = "export.formats") -> Exporter:
-    # Importing this module ran calq/export/__init__.py, which imports every format module: the registry is full.
-    if name not in EXPORTERS:
-        raise CalqError(f"unknown export format '{name}'", where, f"use one of: {', '.join(sorted(EXPORTERS))}")
-    return EXPORTERS[name]
+    return EXPORTERS.discover().get(name, where)()
 
 
 def require(module: str, fmt: str):
@@ -101,17 +98,14 @@ def require(module: str, fmt: str):
 
 
 def calibrator_kind(calibrator) -> str:
-    from calq.calib.ats import AtsHead
-    from calq.calib.temperature import Temperature
-
+    """How an exporter would fuse `calibrator` (its `fuse`: none, temperature, ats); None is `none`."""
     if calibrator is None:
         return "none"
-    if isinstance(calibrator, Temperature):
-        return "temperature"
-    if isinstance(calibrator, AtsHead):
-        return "ats"
-    raise CalqError(f"unknown calibrator {calibrator!r}", "export.calibrator",
-                    "give None, calq.calib.temperature.Temperature or an ATS head from calq.calib.ats.load_head")
+    if getattr(calibrator, "fuse", None) is None:
+        raise CalqError(f"calibrator {getattr(calibrator, 'name', calibrator)!r} cannot be fused into an exported "
+                        "model (its `fuse` is not set)", "export.calibrator",
+                        "export with a calibrator that sets `fuse` (none, temperature, ats)")
+    return calibrator.fuse
 
 
 def write_info(out_dir: str | Path, info: dict) -> dict:

@@ -12,7 +12,8 @@ how it quantizes (as llm-compressor's modifiers do); registering it (`@register`
             ...                               # modify `model` in place (llm-compressor modifiers + oneshot)
             return model
 
-A method module is discovered by `calq.quant.methods`, so adding a method is one file in this package. It imports
+A method module is discovered by `calq.quant.methods` (this package's modules, then the entry point group
+`calq.methods`: calq.registry), so adding a method is one file in this package or in a plugin package. It imports
 torch and llm-compressor inside its functions only: the recipe schema is built from these classes, and `calq run`
 checks a recipe before torch is imported (tests/test_recipe_errors.py).
 Errors name keys relative to the variant ('group_size'); the caller adds where the variant is ('variants[1]').
@@ -26,21 +27,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from calq.errors import CalqError
+from calq.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMES = ("w8a8", "w4a16")
-REGISTRY: dict[str, type[MethodConfig]] = {}
+REGISTRY = Registry("method", "calq.quant", "methods", key=lambda cls: cls.model_fields["method"].default)
+register = REGISTRY.register
 
 
 class MethodUnavailable(CalqError):
     """The method's optional package is not installed; the pipeline may skip the variant with a notice."""
-
-
-def register(cls: type[MethodConfig]) -> type[MethodConfig]:
-    REGISTRY[cls.model_fields["method"].default] = cls
-    return cls
 
 
 class MethodConfig(BaseModel):

@@ -1,31 +1,20 @@
-"""Every quantization method: the modules of this package that register a MethodConfig (calq.quant.base) are
-discovered here, so adding a method is one file. `config(spec)` turns a recipe entry into its method's config."""
+"""Every quantization method: the modules of this package and the plugins' (entry point group `calq.methods`) that
+register a MethodConfig (calq.quant.base) are discovered here, so adding a method is one file. `config(spec)` turns a
+recipe entry into its method's config."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Annotated, Union
 
 from pydantic import Field, ValidationError
 
-import calq.quant
 from calq.errors import CalqError
 from calq.quant.base import REGISTRY, MethodConfig
 
-for _module in pkgutil.iter_modules(calq.quant.__path__):
-    importlib.import_module(f"calq.quant.{_module.name}")
-
-METHODS: dict[str, type[MethodConfig]] = REGISTRY
+METHODS = REGISTRY.discover()
 
 # The recipe's `variants[]` entry: one config class per method, chosen by its `method` key.
 VariantConfig = Annotated[Union[tuple(METHODS.values())], Field(discriminator="method")]  # noqa: UP007
-
-
-def get(name: str) -> type[MethodConfig]:
-    if name not in METHODS:
-        raise CalqError(f"unknown method '{name}'", "method", f"use one of: {', '.join(METHODS)}")
-    return METHODS[name]
 
 
 def config(spec: dict | MethodConfig) -> MethodConfig:
@@ -34,7 +23,7 @@ def config(spec: dict | MethodConfig) -> MethodConfig:
         return spec
     if not isinstance(spec, dict) or "method" not in spec:
         raise CalqError("a variant needs a `method`", "method", f"use one of: {', '.join(METHODS)}")
-    cls = get(spec["method"])
+    cls = METHODS.get(spec["method"])
     try:
         return cls.model_validate(spec)
     except ValidationError as err:
