@@ -80,7 +80,9 @@ def summary_rows(section: dict) -> list[dict]:
                     "max_ece": max((r["ece"] for r in chosen), default=None),
                     "mean_auroc": _mean([r["auroc"] for r in chosen]),
                     "mean_ece_vs_baseline": _mean([r["ece_vs_baseline"] for r in chosen]),
-                    "collapsed": sum(bool(r.get("collapsed")) for r in chosen), "tasks": len(chosen)})
+                    # None: results stored before `collapsed` was measured
+                    "collapsed": sum(r["collapsed"] for r in chosen) if all("collapsed" in r for r in chosen) else None,
+                    "tasks": len(chosen)})
     return out
 
 
@@ -101,6 +103,7 @@ def tables(section: dict) -> list[dict]:
                           "mean AUROC", "mean ECE − calibrated baseline's", "selected confidence"],
                "rows": [[r["variant"], r["selected"], _f(r["mean_ece_none"]), _f(r["mean_ece"]), _f(r["max_ece"]),
                          _f(r["mean_auroc"]), _f(r["mean_ece_vs_baseline"], 4) if r["variant"] != BASELINE else "–",
+                         "–" if r["collapsed"] is None else
                          f"{COLLAPSED} ({r['collapsed']} of {r['tasks']} tasks)" if r["collapsed"] else "varies"]
                         for r in summary_rows(section)], "numeric": {2, 3, 4, 5, 6}}
     every = {"title": "Every answer calibrator on every evaluation task",
@@ -114,7 +117,7 @@ def tables(section: dict) -> list[dict]:
              "rows": [[r["variant"], r["calibrator"] + (" *" if r["selected"] else ""), r["task"], str(r["n"]),
                        _f(r["accuracy"]), _f(r["confidence"]), ci(r["ece"], r["ece_ci"]), _f(r["ece_mass"]),
                        _f(r["smece"]), _f(r["brier"]), ci(r["auroc"], r["auroc_ci"]), ranks(r), _f(r["aurc"]),
-                       _f(r.get("confidence_std"), 4), "yes" if r.get("collapsed") else "no"]
+                       _f(r.get("confidence_std"), 4), {True: "yes", False: "no"}.get(r.get("collapsed"), "–")]
                       for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 12, 13}}
     fit_accuracy = {"title": "Fit tasks against chance",
                     "note": "Uncalibrated top-choice accuracy on each fit task; chance = gold choices / choices. A fit "
