@@ -125,7 +125,7 @@ def analyze(args) -> None:
                      "adaptive": fitted["adaptive"].apply(s),
                      "adaptive_task_mean": fitted["adaptive"].apply(s, per_task_mean=True)}
             for name, p in probs.items():
-                out.append({"task": task, "calibrator": name, **summary(p, s.gold, n_boot=args.n_boot, seed=args.seed),
+                out.append({"task": task, "calibrator": name, **summary(p, s, n_boot=args.n_boot, seed=args.seed),
                             "bands": bands(*top_choice(p, s.gold))})
         return out
 
@@ -184,7 +184,7 @@ def parent_rows(args, sets: dict) -> list[dict]:
         rows = {"baseline (T other tasks)": base_probs, "variant none": variant.probabilities(),
                 "variant, baseline T": base_t.apply(variant), "variant parent": fitted.apply(variant)}
         for name, p in rows.items():
-            metrics = summary(p, variant.gold, n_boot=args.n_boot, seed=args.seed)
+            metrics = summary(p, sets[task] if p is base_probs else variant, n_boot=args.n_boot, seed=args.seed)
             out.append({"task": task, "calibrator": name, **metrics,
                         "parent_temperature": fitted.temperature, "baseline_temperature": base_t.temperature,
                         "parent_info": fitted.info, "parent_fit_seconds": seconds})

@@ -1,5 +1,7 @@
 """Answer-level calibrators on synthetic multiple-choice scores whose true answer distribution is known."""
 
+import math
+
 import pytest
 import torch
 
@@ -37,6 +39,16 @@ def test_answer_temperature_fitted_on_overconfident_scores_lowers_ece_on_held_ou
     assert torch.equal(calibrator.apply(held).argmax(1), held.probabilities().argmax(1))
     calibrator.save(tmp_path / "t")
     assert answer_temperature.AnswerTemperature.load(tmp_path / "t").temperature == calibrator.temperature
+    assert not calibrator.fit_info["at_bound"]
+
+
+def test_a_temperature_fitted_on_a_task_below_chance_stops_at_its_bound_and_says_so(tmp_path):
+    below = AnswerSet([[2.0, 1.0, 0.0, 0.0]] * 40, [[3]] * 40)  # the top choice is never right
+    calibrator = answer_temperature.fit([below])
+    assert calibrator.temperature == pytest.approx(math.exp(answer_temperature.LOG_BOUND))
+    assert calibrator.fit_info["at_bound"]
+    calibrator.save(tmp_path / "t")
+    assert answer_temperature.AnswerTemperature.load(tmp_path / "t").fit_info["at_bound"]
 
 
 def test_several_gold_answers_count_the_mass_on_all_of_them():

@@ -88,6 +88,15 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
     md = (out / "report.md").read_text()
     assert "## Answer-level calibration" in md and "Selection (leave one fit task out)" in md
     assert "risk-coverage" in (out / "report.html").read_text()
+    # the tiny model is at chance on its fit tasks: one temperature runs to its bound, confidences to 1/choices,
+    # and the report says so, as does every max_answer_ece pass that rests on such a constant predictor
+    assert answers["variants"]["baseline"]["fit_info"]["answer_temperature"]["at_bound"]
+    assert "baseline / answer_temperature: temperature at its bound (T=1097" in md
+    assert "collapsed to uniform: confidence carries no information" in md and "Fit tasks against chance" in md
+    selected = {(r["variant"], r["task"]): r["collapsed"] for r in answers["results"] if r["selected"]}
+    ece_gates = [g for g in report["gates"]["results"] if g["gate"] == "max_answer_ece"]
+    assert all(g["note"] == ("constant predictor" if selected[g["variant"], g["task"]] else None) for g in ece_gates)
+    assert any(selected.values()) and "pass (constant predictor)" in md
     # the fit tasks are not evaluation rows anywhere: the task table holds the evaluation tasks only
     assert {r["task"] for r in report["tasks"]["results"]} == {"eval_x", "eval_y"}
 

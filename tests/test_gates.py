@@ -188,6 +188,29 @@ def test_gate_values_thresholds_and_margins():
     assert len(nothing) == 1 and nothing[0].value is None and not nothing[0].passed
 
 
+def test_an_answer_ece_pass_by_a_collapsed_calibrator_says_it_rests_on_a_constant_predictor(capsys):
+    def answer_row(task, collapsed):
+        return {"variant": "q4", "calibrator": "answer_temperature", "task": task, "selected": True, "ece": 0.05,
+                "auroc": 0.5, "collapsed": collapsed, "coverage": {}}
+
+    report = {"variants": [], "answers": {"settings": {}, "results": [answer_row("arc", True),
+                                                                      answer_row("piqa", False)]}}
+    results = {r.task: r for r in evaluate_gates(Gates(max_answer_ece=0.1), report)}
+    assert results["arc"].passed and results["arc"].note == "constant predictor"
+    assert results["piqa"].passed and results["piqa"].note is None
+    gates = sections.gates({"gates": gates_section(Gates(max_answer_ece=0.1), report)})
+    table = gates.blocks[0]
+    assert [row[-1] for row in table.rows] == ["pass (constant predictor)", "pass"]
+    assert "exit code is unchanged" in gates.blocks[1].text
+    verdict = sections.verdict(gates_section(Gates(max_answer_ece=0.1), report))
+    assert verdict.kind == "pass" and "1 of them rest on a constant predictor" in verdict.text
+    from calq import cli
+    from calq.api import Report
+
+    cli._exit_on_gates(Report({"gates": gates_section(Gates(max_answer_ece=0.1), report)}, None))
+    assert "all gates passed (1 rest on a constant predictor" in capsys.readouterr().out
+
+
 def test_gate_names_are_checked_before_a_run():
     check_gates(Gates(variant="q4", calibrator="ats", tasks=("mmlu",), max_ece=0.1), ["baseline", "q4"],
                 ["none", "ats"], ["mmlu"])

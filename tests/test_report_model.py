@@ -57,3 +57,30 @@ def test_both_renderings_show_every_section_and_markup():
     assert "No gates configured" in md and '<div class="verdict none">No gates configured' in page
     assert "| w8 | minmax | w8a8 | – | 0.0 | 1.5 |" in md  # Methods: size in MiB, calibration seconds
     assert page.count("<img ") == 1 and "```yaml\nname: tiny\n```" in md
+
+
+def test_answer_tables_label_a_collapsed_calibrator_and_a_temperature_at_its_bound():
+    from calq.report import answers
+
+    def row(calibrator, collapsed, selected, **extra):
+        return {"variant": "baseline", "calibrator": calibrator, "task": "arc", "n": 4, "accuracy": 0.5,
+                "confidence": 0.25, "ece": 0.25, "ece_ci": [0.1, 0.4], "ece_mass": 0.25, "smece": 0.25, "brier": 0.3,
+                "auroc": 0.75, "auroc_ci": [0.6, 0.9], "aurc": 0.4, "confidence_std": 0.0, "selected": selected,
+                "ece_vs_baseline": None, "coverage": {}, "bands": [], "collapsed": collapsed, **extra}
+
+    fit = {"obqa": {"n": 40, "accuracy": 0.18, "accuracy_ci": [0.08, 0.3], "chance": 0.25, "at_chance": True},
+           "copa": {"n": 40, "accuracy": 0.8, "accuracy_ci": [0.7, 0.9], "chance": 0.5, "at_chance": False}}
+    section = {"settings": {"fit_tasks": ["obqa", "copa"], "eval_tasks": ["arc"], "fit_limit": 40, "select_by": "ece",
+                            "bins": 15, "seed": 0},
+               "variants": {"baseline": {"selected": "answer_temperature", "selection": {},
+                                         "fit_info": {"answer_temperature": {"temperature": 1096.6, "at_bound": True}},
+                                         "fit_accuracy": fit}},
+               "results": [row("none", False, False), row("answer_temperature", True, True)]}
+    summary, every, chance = answers.tables(section)[:3]
+    assert summary["rows"][0][-1] == "collapsed to uniform: confidence carries no information (1 of 1 tasks)"
+    assert ("baseline / answer_temperature: temperature at its bound (T=1097, the fit allows e^±7): fit tasks obqa "
+            "(0.18 [0.08, 0.30], chance 0.25) are at chance within their intervals") in summary["note"]
+    assert [r[-1] for r in every["rows"]] == ["no", "yes"] and every["rows"][1][11] == "yes"  # ranks right above wrong
+    assert [r[-1] for r in chance["rows"]] == ["yes", "no"]
+    del section["results"][1]["collapsed"]  # results stored before collapse was measured: unknown, not "no"
+    assert answers.tables(section)[0]["rows"][0][-1] == "–"

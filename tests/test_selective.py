@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from calq.calib.answer_features import AnswerSet
 from calq.evaluation import selective
 
 
@@ -43,13 +44,41 @@ def two_choices(conf, correct):
 
 def test_summary_has_every_metric_with_intervals_around_it():
     conf, correct = calibrated(400, seed=1, lo=0.5)
-    row = selective.summary(*two_choices(conf, correct), n_boot=100, seed=0)
+    probs, gold = two_choices(conf, correct)
+    row = selective.summary(probs, AnswerSet(probs.log().tolist(), gold), n_boot=100, seed=0)
     assert row["confidence"] == pytest.approx(float(conf.mean()))
     assert row["accuracy"] == pytest.approx(float(correct.mean()))
     for key in ("accuracy", "ece", "brier", "ece_mass", "smece", "auroc", "aurc"):
         lo, hi = row[f"{key}_ci"]
         assert lo <= row[key] <= hi, key
     assert row["auroc"] > 0.6  # calibrated confidences that vary do separate right from wrong
+    assert not row["collapsed"] and row["confidence_std"] > 0.1
+
+
+def test_tied_confidences_are_ranked_by_the_raw_margin_and_a_uniform_calibrator_is_collapsed():
+    # four questions, four choices; the raw margin (top-1 - top-2) is 3, 2, 1, 0.5 and the first and third are right
+    scores = [[3.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]
+    answers = AnswerSet(scores, [[0], [1], [0], [1]])
+    margin = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    flat = torch.full((4, 4), 0.25)
+    flat[:, 0] += 1e-12  # a uniform calibrator: the top choice stays choice 0, every confidence the same to 1e-12
+    row = selective.summary(flat, answers, n_boot=50)
+    assert row["auroc"] == selective.auroc(margin, correct) == 0.75
+    assert row["aurc"] == selective.aurc(margin, correct)
+    assert row["collapsed"] and row["uniform_share"] == 1.0 and row["confidence_std"] < 1e-9
+    # confidences that differ are ranked by themselves, not by the margin
+    assert selective.auroc(selective.ranking(torch.tensor([0.4, 0.9, 0.3, 0.8]), margin), correct) == 0.0
+    assert not selective.summary(answers.probabilities(), answers, n_boot=50)["collapsed"]
+
+
+def test_fit_task_accuracy_against_chance():
+    at_chance = AnswerSet([[1.0, 0.0, 0.0, 0.0]] * 40, [[0]] * 10 + [[1]] * 30)  # 0.25 right, chance 0.25
+    above = AnswerSet([[1.0, 0.0]] * 40, [[0]] * 36 + [[1]] * 4)  # 0.9 right, chance 0.5
+    low = selective.against_chance(at_chance, n_boot=200)
+    assert low["accuracy"] == 0.25 and low["chance"] == 0.25 and low["at_chance"]
+    high = selective.against_chance(above, n_boot=200)
+    assert high["chance"] == 0.5 and high["accuracy_ci"][0] > 0.5 and not high["at_chance"]
 
 
 def test_threshold_fitted_for_a_target_accuracy_reaches_it_on_held_out_data():

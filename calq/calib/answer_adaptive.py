@@ -183,5 +183,7 @@ def fit(tasks: dict[str, AnswerSet], validation_task: str | None = None, use_hid
     kept = head_nll < temperature_nll
     info = {"validation_task": validation_task, "train_tasks": list(train_sets), "kept": kept, "best_epoch": epoch,
             "validation_nll_head": head_nll, "validation_nll_temperature": temperature_nll,
-            "temperature_train_tasks": baseline.temperature, "seed": seed, "features": all_x.shape[1]}
+            "temperature_train_tasks": baseline.temperature, "seed": seed, "features": all_x.shape[1],
+            "temperature": fallback.temperature,
+            "at_bound": not kept and answer_temperature.at_bound(fallback.temperature)}
     return AnswerAdaptive(head if kept else None, fallback.temperature, use_hidden, info)

@@ -2,12 +2,14 @@
 
 Fitted by NLL of the gold choices (the probability mass on them when a question has several) over the
 questions of every fit task together, LBFGS on log T. Dividing every score of a question by the same T > 0
-keeps the top choice, so accuracy never changes.
+keeps the top choice, so accuracy never changes. T is bounded to [e^-7, e^7]; a T at its bound is marked
+`at_bound` in `fit_info` (on fit tasks at chance the likelihood-optimal T is infinite: every answer uniform).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ class AnswerTemperature(AnswerCalibrator):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature, self.kind, self.info = float(temperature), kind, info or {}
-        self.fit_info = {"temperature": self.temperature, **self.info}
+        self.fit_info = {"temperature": self.temperature, "at_bound": at_bound(self.temperature), **self.info}
 
     @classmethod
     def fit(cls, data: AnswerFitData, config=None) -> AnswerTemperature:
@@ -51,6 +53,11 @@ class AnswerTemperature(AnswerCalibrator):
             raise CalqError(f"no fitted answer temperature in {folder}", "calibrator", f"expected {CONFIG} there")
         config = json.loads(path.read_text())
         return cls(config["temperature"], config.get("kind", "answer_temperature"), config.get("info"))
+
+
+def at_bound(temperature: float) -> bool:
+    """Whether a fitted temperature (or inverse temperature) stopped at the fit's bound, e^±LOG_BOUND."""
+    return abs(math.log(temperature)) >= LOG_BOUND - 1e-6
 
 
 def fit_inverse_temperature(loss) -> float:

@@ -20,7 +20,7 @@ from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.calib.calibrators import ANSWER
 from calq.errors import CalqError
-from calq.evaluation.selective import bands, curve, selective_report, summary
+from calq.evaluation.selective import against_chance, bands, selective_report, summary
 from calq.metrics import ece
 
 MIN_FIT_QUESTIONS = 20
@@ -76,7 +76,7 @@ def answer_section(fitted: dict[str, AnswerCalibrator], sets: dict[str, AnswerSe
                    eval_tasks: list[str], targets: list[float] = (0.8,), bins: int = 15, n_boot: int = 1000,
                    seed: int = 0) -> dict:
     """{"rows": one per evaluation task x calibrator (`none` first) with summary() metrics and confidence bands,
-    "selective": {calibrator: selective_report}} for a report."""
+    "selective": {calibrator: selective_report}, "fit_accuracy": {fit task: against_chance}} for a report."""
     every = {"none": None, **fitted}
 
     def probabilities(name: str, answers: AnswerSet) -> torch.Tensor:
@@ -88,15 +88,16 @@ def answer_section(fitted: dict[str, AnswerCalibrator], sets: dict[str, AnswerSe
         for name in every:
             p = probabilities(name, answers)
             conf, correct = top_choice(p, answers.gold)
-            rows.append({"task": task, "calibrator": name, **summary(p, answers.gold, bins, n_boot, seed),
-                         "bands": bands(conf, correct), "risk_coverage": curve(conf, correct)})
+            rows.append({"task": task, "calibrator": name, **summary(p, answers, bins, n_boot, seed),
+                         "bands": bands(conf, correct)})
     fit_gold = [sets[t].gold for t in fit_tasks]
     selective = {name: selective_report([probabilities(name, sets[t]) for t in fit_tasks], fit_gold,
                                         {t: (probabilities(name, sets[t]), sets[t].gold) for t in eval_tasks},
                                         list(targets), n_boot, seed)
                  for name in every}
     return {"fit_tasks": list(fit_tasks), "eval_tasks": list(eval_tasks), "rows": rows, "selective": selective,
-            "fit_info": {name: c.fit_info for name, c in fitted.items()}}
+            "fit_info": {name: c.fit_info for name, c in fitted.items()},
+            "fit_accuracy": {t: against_chance(sets[t], n_boot, seed) for t in fit_tasks}}
 
 
 def _score(probabilities: torch.Tensor, answers: AnswerSet, select_by: str, bins: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from calq.calib.answer_temperature import LOG_BOUND
+from calq.evaluation.selective import COLLAPSED_SHARE, UNIFORM_TOLERANCE
 from calq.models import BASELINE
 from calq.report.model import ci
 
@@ -21,8 +23,8 @@ def answers_section(per_variant: dict[str, dict], settings: dict) -> dict:
             vs_base = r["ece"] - base_ece[r["task"]] if variant != BASELINE and r["task"] in base_ece else None
             results.append({"variant": variant, **r, "selected": r["calibrator"] == sec["selected"],
                             "coverage": coverage, "ece_vs_baseline": vs_base})
-        variants[variant] = {k: sec[k] for k in ("selected", "select_by", "selection", "fit_seconds", "not_fitted",
-                                                 "fit_info")}
+        variants[variant] = {k: sec.get(k) for k in ("selected", "select_by", "selection", "fit_seconds",
+                                                     "not_fitted", "fit_info", "fit_accuracy")}
     return {"settings": {**settings, "fit_tasks": first["fit_tasks"], "eval_tasks": first["eval_tasks"]},
             "variants": variants, "results": results}
 
@@ -36,8 +38,37 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def ranks(row: dict) -> str:
+    """Whether the confidence ranks right answers above wrong ones, by AUROC's 95% interval against 0.5."""
+    interval = row.get("auroc_ci")
+    if interval is None:
+        return "–"
+    return "yes" if interval[0] > 0.5 else "reversed" if interval[1] < 0.5 else "not shown"
+
+
+COLLAPSED = "collapsed to uniform: confidence carries no information"
+
+
+def at_bound_notes(section: dict) -> list[str]:
+    """One sentence per fitted temperature stopped at its bound, with the fit tasks whose accuracy interval reaches
+    chance."""
+    notes = []
+    for variant, info in section["variants"].items():
+        at_chance = [f"{t} ({ci(a['accuracy'], a['accuracy_ci'], 2)}, chance {a['chance']:.2f})"
+                     for t, a in (info.get("fit_accuracy") or {}).items() if a["at_chance"]]
+        for name, fit in (info.get("fit_info") or {}).items():
+            if fit.get("at_bound"):
+                reason = (f"fit tasks {', '.join(at_chance)} are at chance within their intervals (a fit task at "
+                          "chance makes the likelihood-optimal temperature infinite)" if at_chance
+                          else "no fit task's accuracy interval reaches chance")
+                notes.append(f"{variant} / {name}: temperature at its bound (T={fit['temperature']:.4g}, the fit "
+                             f"allows e^±{LOG_BOUND:g}): {reason}")
+    return notes
+
+
 def summary_rows(section: dict) -> list[dict]:
-    """Per variant: the selected answer calibrator and its mean / worst ECE over the evaluation tasks against none."""
+    """Per variant: the selected answer calibrator and its mean / worst ECE over the evaluation tasks against none,
+    and on how many tasks it collapsed to uniform."""
     out = []
     for variant, info in section["variants"].items():
         mine = [r for r in section["results"] if r["variant"] == variant]
@@ -48,7 +79,10 @@ def summary_rows(section: dict) -> list[dict]:
                     "mean_ece": _mean([r["ece"] for r in chosen]),
                     "max_ece": max((r["ece"] for r in chosen), default=None),
                     "mean_auroc": _mean([r["auroc"] for r in chosen]),
-                    "mean_ece_vs_baseline": _mean([r["ece_vs_baseline"] for r in chosen])})
+                    "mean_ece_vs_baseline": _mean([r["ece_vs_baseline"] for r in chosen]),
+                    # None: results stored before `collapsed` was measured
+                    "collapsed": sum(r["collapsed"] for r in chosen) if all("collapsed" in r for r in chosen) else None,
+                    "tasks": len(chosen)})
     return out
 
 
@@ -61,19 +95,39 @@ def tables(section: dict) -> list[dict]:
                "note": f"Answer calibrators fitted per variant on {', '.join(s['fit_tasks'])} ({limit}); evaluated on "
                        f"{', '.join(s['eval_tasks'])}, which no calibrator saw. Each variant's calibrator is selected "
                        f"by leave-one-fit-task-out {s['select_by']} (`none` is a candidate). ECE: {s['bins']} "
-                       f"equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}).",
+                       f"equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). Collapsed: on "
+                       f"at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
+                       f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing."
+                       + "".join(f" {n}." for n in at_bound_notes(section)),
                "header": ["variant", "selected", "mean ECE none", "mean ECE selected", "worst task ECE",
-                          "mean AUROC", "mean ECE − calibrated baseline's"],
+                          "mean AUROC", "mean ECE − calibrated baseline's", "selected confidence"],
                "rows": [[r["variant"], r["selected"], _f(r["mean_ece_none"]), _f(r["mean_ece"]), _f(r["max_ece"]),
-                         _f(r["mean_auroc"]), _f(r["mean_ece_vs_baseline"], 4) if r["variant"] != BASELINE else "–"]
+                         _f(r["mean_auroc"]), _f(r["mean_ece_vs_baseline"], 4) if r["variant"] != BASELINE else "–",
+                         "–" if r["collapsed"] is None else
+                         f"{COLLAPSED} ({r['collapsed']} of {r['tasks']} tasks)" if r["collapsed"] else "varies"]
                         for r in summary_rows(section)], "numeric": {2, 3, 4, 5, 6}}
-    every = {"title": "Every answer calibrator on every evaluation task", "note": "* = the variant's selected one.",
+    every = {"title": "Every answer calibrator on every evaluation task",
+             "note": "* = the variant's selected one. AUROC and AURC rank questions by confidence, ties broken by the "
+                     "uncalibrated score margin (top-1 − top-2 log-likelihood); ranks right above wrong: AUROC's "
+                     "interval above 0.5 (yes), below (reversed), or containing it (not shown). Confidence std: "
+                     "spread of the calibrated confidence over the task's questions.",
              "header": ["variant", "calibrator", "task", "n", "accuracy", "confidence", "ECE-15 [CI]", "ECE-10 mass",
-                        "smooth ECE", "Brier", "AUROC [CI]", "AURC"],
+                        "smooth ECE", "Brier", "AUROC [CI]", "ranks right above wrong", "AURC", "confidence std",
+                        "collapsed to uniform"],
              "rows": [[r["variant"], r["calibrator"] + (" *" if r["selected"] else ""), r["task"], str(r["n"]),
                        _f(r["accuracy"]), _f(r["confidence"]), ci(r["ece"], r["ece_ci"]), _f(r["ece_mass"]),
-                       _f(r["smece"]), _f(r["brier"]), ci(r["auroc"], r["auroc_ci"]), _f(r["aurc"])]
-                      for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 11}}
+                       _f(r["smece"]), _f(r["brier"]), ci(r["auroc"], r["auroc_ci"]), ranks(r), _f(r["aurc"]),
+                       _f(r.get("confidence_std"), 4), {True: "yes", False: "no"}.get(r.get("collapsed"), "–")]
+                      for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 12, 13}}
+    fit_accuracy = {"title": "Fit tasks against chance",
+                    "note": "Uncalibrated top-choice accuracy on each fit task; chance = gold choices / choices. A fit "
+                            "task whose interval reaches chance pulls a fitted temperature up (at chance its optimum "
+                            "is infinite); such tasks are reported, not screened out.",
+                    "header": ["variant", "fit task", "n", "accuracy [CI]", "chance", "interval reaches chance"],
+                    "rows": [[variant, t, str(a["n"]), ci(a["accuracy"], a["accuracy_ci"]), _f(a["chance"]),
+                              "yes" if a["at_chance"] else "no"]
+                             for variant, info in section["variants"].items()
+                             for t, a in (info.get("fit_accuracy") or {}).items()], "numeric": {2, 4}}
     fit_tasks = list(s["fit_tasks"])
     selection = {"title": "Selection (leave one fit task out)",
                  "note": f"{s['select_by']} on each fit task of the calibrator fitted on the other fit tasks.",
@@ -99,4 +153,4 @@ def tables(section: dict) -> list[dict]:
              "rows": [[r["variant"], r["calibrator"], r["task"],
                        *(f"{b['count']}, {_f(b['confidence'], 2)}, {_f(b['accuracy'], 2)}" for b in r["bands"])]
                       for r in chosen], "numeric": set()}
-    return [summary, every, selection, selective, bands]
+    return [summary, every, fit_accuracy, selection, selective, bands]

@@ -8,7 +8,8 @@ A recipe's `gates:` picks candidates (a variant and a calibrator, or all of them
       max_accuracy_drop: 0.02     # per task, below the baseline with the same calibrator
       max_ece_increase: 0.01      # per task, above the baseline's uncalibrated answer-level ECE
       max_token_ece: 0.05
-      max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator
+      max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator (a pass by
+                                  # one collapsed to uniform confidence is noted "constant predictor")
       min_coverage: 0.2           # answered share at the threshold fitted for the first target accuracy
 
 Each threshold yields one check per candidate (and task); a threshold with nothing to check fails, so a
@@ -74,6 +75,7 @@ class Gates(BaseModel):
 
 
 ANSWER_GATES = ("max_answer_ece", "min_auroc", "min_coverage")
+CONSTANT = "constant predictor"  # note of a max_answer_ece pass by an answer calibrator collapsed to uniform
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class GateResult:
     threshold: float
     passed: bool
     margin: float | None      # threshold - value: headroom when passed, how far over when negative
+    note: str | None = None   # what a pass rests on, when it should not be read as a plain pass
 
     @property
     def name(self) -> str:
@@ -203,8 +206,11 @@ def _answer_gates(gates: Gates, report: dict, selected) -> list[GateResult]:
             if value is None:  # AUROC of a task answered all right or all wrong: nothing to rank
                 continue
             ok = value >= threshold - TOLERANCE if at_least else value <= threshold + TOLERANCE
+            # a collapsed calibrator's ECE is |accuracy - 1/choices|: labelled, not failed, so that the exit code
+            # changes only by a separate decision
+            note = CONSTANT if gate == "max_answer_ece" and ok and r.get("collapsed") else None
             checks.append(GateResult(gate, r["variant"], r["calibrator"], r["task"], value, threshold, ok,
-                                     value - threshold if at_least else threshold - value))
+                                     value - threshold if at_least else threshold - value, note))
         results += checks or [GateResult(gate, gates.variant, gates.answer_calibrator, None, None, threshold, False,
                                          None)]
     return results

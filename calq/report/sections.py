@@ -53,7 +53,10 @@ def verdict(gates: dict | None) -> Verdict:
     results = gates["results"]
     failed = [r for r in results if not r["passed"]]
     if not failed:
-        return Verdict("pass", f"**PASS**: all {len(results)} gate checks passed.")
+        constant = sum(bool(r.get("note")) for r in results)
+        return Verdict("pass", f"**PASS**: all {len(results)} gate checks passed" + (
+            f"; {constant} of them rest on a constant predictor (answer confidence collapsed to uniform)."
+            if constant else "."))
     return Verdict("fail", f"**FAIL**: {len(failed)} of {len(results)} gate checks failed.",
                    [f"{r['name']}: nothing to check" if r["value"] is None else
                     f"{r['name']}: {r['value']:.4f} against at most {r['threshold']:.4f} (over by {-r['margin']:.4f})"
@@ -66,11 +69,17 @@ def gates(report: dict) -> Section | None:
     if not g:
         return None
     rows = [[r["gate"], r["variant"] or "–", r["calibrator"] or "–", r["task"] or "–", num(r["value"]),
-             num(r["threshold"]), num(r["margin"]), "pass" if r["passed"] else "**FAIL**"] for r in g["results"]]
+             num(r["threshold"]), num(r["margin"]),
+             ("pass" + (f" ({r['note']})" if r.get("note") else "")) if r["passed"] else "**FAIL**"]
+            for r in g["results"]]
     settings = ", ".join(f"{k}: {v}" for k, v in g["config"].items() if v is not None)
+    constant = (" A pass marked \"constant predictor\" is by an answer calibrator whose confidence collapsed to "
+                "1/choices: its ECE is |accuracy − 1/choices| and says nothing about which answers are right. It "
+                "still passes, so the exit code is unchanged; failing it is left to a separate decision."
+                if any(r.get("note") for r in g["results"]) else "")
     return Section("Gates", [
         Table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows, {4, 5, 6}),
-        Text(f"Margin = threshold − value: headroom when positive. Gates: {settings}.", muted=True)])
+        Text(f"Margin = threshold − value: headroom when positive. Gates: {settings}.{constant}", muted=True)])
 
 
 def baseline_check_lines(check: dict) -> list[str]:
