@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from calq import data as data_mod
-from calq import pipeline
+from calq import pipeline, stages
 from calq.calib import calibrators as calibrators_mod
 from calq.calib import hidden
 from calq.calib.base import Calibrator, FitData, split
@@ -98,8 +98,8 @@ def run(recipe: str | Path | dict | Recipe | Prepared, out: str | Path | None = 
     time: a second one gets CalqError naming the first. `executor` is "local" (default), "ray" (a local Ray, or the
     cluster at `address`: auto, ray://host:port) or an object with `run(ctx, stages)`. `progress` is a rich Progress
     and `log` a function of one line, both optional."""
-    if until is not None and until not in pipeline.GROUPS[1:]:
-        raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(pipeline.GROUPS[1:])}")
+    if until is not None and until not in stages.GROUPS[1:]:
+        raise CalqError(f"unknown stage group '{until}'", "--until", f"use one of: {', '.join(stages.GROUPS[1:])}")
     executor = _executor(executor, address)
     p = recipe if isinstance(recipe, Prepared) else prepare(recipe, out, data_dir)
     if until == "calibrate" and p.recipe.calibrators is None:

@@ -7,22 +7,8 @@ stages it needs, so an edit reruns exactly what depends on it; `RunDir.run_stage
 outputs are unchanged. An executor runs the table: `LocalExecutor` in this process, one stage after another;
 another executor can run the same table without touching any stage.
 
-    name                 needs                                   output (run folder)
-    base_model           -  (GGUF models only)                   base_model/
-    samples              base_model                              samples.safetensors
-    baseline_check       base_model                              baseline_check.json (a failure stops the run: exit 2)
-    ranges               samples                                 ranges.safetensors, outliers.json
-    quantize/<v>         samples (when the method reads data)    variants/<v>/ (+ method artifacts)
-    instructions         -                                       instructions.json
-    validation_text      base_model                              validation_text.safetensors
-    calibrate/<v>        instructions, validation_text, quantize/<v>  calibrators/<v>/
-    eval_tokens          base_model                              eval_tokens.safetensors
-    evaluate/<v>         eval_tokens, calibrate/<v>              eval/<v>.json
-    tasks/<v>            calibrate/<v>                           tasks/<v>.json (+ .safetensors: prompt features)
-    (evaluation.tasks.split: tasks/<v>/<task> per task -> tasks/<v>/<task>.json; tasks/<v> merges them)
-    fit_tasks/<v>        quantize/<v>                            fit_tasks/<v>.json + .safetensors (answer_calibration)
-    answers/<v>          fit_tasks/<v>, tasks/<v> (+ answers/baseline when one `needs_parent`)
-                                                                 answers/<v>/<calibrator>/, answers/<v>.json
+The stage kinds, their groups and the files each writes are declared once in `calq.stages`; stages read their
+inputs through them (`Context.output`).
 """
 
 from __future__ import annotations
@@ -43,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calq import data as data_mod
-from calq import models
+from calq import models, stages
 from calq.calib import calibrators, hidden, select
 from calq.calib import ranges as ranges_mod
 from calq.calib.base import CalibratedLM, FitData, split
@@ -59,7 +45,6 @@ from calq.registry import Registry
 from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
-GROUPS = ("prepare", "ranges", "quantize", "calibrate", "evaluate", "export")  # `--until` stops after one of 2-5
 CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
 EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
@@ -101,7 +86,11 @@ class Context:
     def variant_source(self, name: str) -> models.ModelSource:
         if name == BASELINE:
             return self.source
-        return models.ModelSource(str(self.run.path("variants", name)), kind="folder")
+        return models.ModelSource(str(self.output("quantize", "checkpoint", variant=name)), kind="folder")
+
+    def output(self, kind: str, name: str, **parts: str) -> Path:
+        """Output `name` of a stage of kind `kind` in the run folder (calq.stages)."""
+        return self.run.path(stages.output(kind, name, **parts))
 
 
 @dataclass(frozen=True)
@@ -258,9 +247,9 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     with_bos = [["bos", bos]] if bos is not None else []  # no BOS: the keys of earlier runs stay valid
     table: list[Stage] = []
 
-    def add(name: str, fn: Callable, *args, needs: tuple[str, ...] = (), settings: Any = None, group: str = "prepare"):
+    def add(name: str, fn: Callable, *args, needs: tuple[str, ...] = (), settings: Any = None):
         keys[name] = stable_hash(settings, *(keys[n] for n in ("model", *needs)))
-        table.append(Stage(name, fn, args, tuple(needs), settings, group, keys[name]))
+        table.append(Stage(name, fn, args, tuple(needs), settings, stages.spec_of(name).group, keys[name]))
 
     base = ("base_model",) if source.gguf_file else ()
     if source.gguf_file:
@@ -270,34 +259,34 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     # before any long work (ranges, quantization); not a need of later stages: its settings must not rekey them
     add("baseline_check", stage_baseline_check, needs=base,
         settings=[recipe.model.check.model_dump(), data_mod.fingerprint(ev.data, data_root), CHECK_VERSION])
-    add("ranges", stage_ranges, needs=("samples",), settings=recipe.outliers_top_k, group="ranges")
+    add("ranges", stage_ranges, needs=("samples",), settings=recipe.outliers_top_k)
     fitted_on = {BASELINE: base}
     for v in variants:
         version = [type(v).version] if type(v).version > 1 else []  # a method's first version adds nothing
         add(f"quantize/{v.label}", stage_quantize, v, needs=("samples",) if v.needs_data() else base,
-            settings=[v.model_dump(exclude_defaults=True), *version], group="quantize")
+            settings=[v.model_dump(exclude_defaults=True), *version])
         fitted_on[v.label] = (f"quantize/{v.label}",)
     evaluated_on = dict(fitted_on)
     if spec is not None:
         calibrate_settings = spec.model_dump(exclude={"data", "fit_records", "heldout_records"})
         versions = _versions(calibrators.TOKEN, recipe.calibrator_names())
-        add("instructions", stage_instructions, group="calibrate",
+        add("instructions", stage_instructions,
             settings=[spec.model_dump(include={"fit_records", "heldout_records", "seed"}),
                       data_mod.fingerprint(spec.data, data_root)])
         text = spec.validation_text
         if text is not None:
-            add("validation_text", stage_validation_text, needs=base, group="calibrate",
+            add("validation_text", stage_validation_text, needs=base,
                 settings=[text.model_dump(exclude={"data"}), spec.seed, cal.model_dump(exclude={"data"}),
                           data_mod.fingerprint(text.data or cal.data, data_root), *with_bos])
         for name, needs in fitted_on.items():
-            add(f"calibrate/{name}", stage_calibrate, name, group="calibrate",
+            add(f"calibrate/{name}", stage_calibrate, name,
                 needs=("instructions", *(("validation_text",) if text is not None else ()), *needs),
                 settings=[calibrate_settings, *versions] if versions else calibrate_settings)
             evaluated_on[name] = (f"calibrate/{name}",)
-    add("eval_tokens", stage_eval_tokens, needs=base, group="evaluate",
+    add("eval_tokens", stage_eval_tokens, needs=base,
         settings=[ev.max_tokens, data_mod.fingerprint(ev.data, data_root)])
     for name, needs in evaluated_on.items():
-        add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs), group="evaluate",
+        add(f"evaluate/{name}", stage_evaluate, name, needs=("eval_tokens", *needs),
             settings=[ev.seq_len, ev.bins, EVALUATE_VERSION, *with_bos])  # batch_size changes speed, not results
     if tasks is not None:
         answers = tasks.answer_calibration
@@ -306,31 +295,31 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
                  *([["features", True]] if answers else [])]
         for name, needs in evaluated_on.items():
             if not (tasks.split and len(task_docs) > 1):
-                add(f"tasks/{name}", stage_tasks, name, needs=needs, group="evaluate",
+                add(f"tasks/{name}", stage_tasks, name, needs=needs,
                     settings=[tasks.names, tasks.limit, task_docs, TASKS_VERSION, *extra])
                 continue
             for task in task_docs:  # one stage per task; each keeps the forward pass shared by all calibrators
-                add(f"tasks/{name}/{task}", stage_tasks, name, (task,), needs=needs, group="evaluate",
+                add(f"tasks/{name}/{task}", stage_tasks, name, (task,), needs=needs,
                     settings=[[task], tasks.limit, {task: task_docs[task]}, TASKS_VERSION, *extra])
-            add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_docs), group="evaluate",
+            add(f"tasks/{name}", stage_merge_tasks, name, tuple(task_docs),
                 needs=tuple(f"tasks/{name}/{task}" for task in task_docs), settings=TASKS_VERSION)
         if answers is not None:
             for name, needs in fitted_on.items():
-                add(f"fit_tasks/{name}", stage_fit_tasks, name, needs=needs, group="calibrate",
+                add(f"fit_tasks/{name}", stage_fit_tasks, name, needs=needs,
                     settings=[answers.fit_tasks, answers.fit_limit, fit_docs, tasks.include_path,
                               TASKS_VERSION])
             with_parent = any(calibrators.ANSWER.get(n).needs_parent for n in answers.use)
             for name in fitted_on:
                 parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and with_parent else ()
                 add(f"answers/{name}", stage_answers, name, needs=(f"fit_tasks/{name}", f"tasks/{name}", *parent),
-                    group="evaluate", settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}),
+                    settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}),
                                                 tasks.bootstrap, tasks.seed, ev.bins, ANSWERS_VERSION,
                                                 *_versions(calibrators.ANSWER, answers.use)])
     if recipe.export is not None:
         for name in recipe.export.variants or evaluated_on:
             for fmt in recipe.export.formats:
                 add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
-                    group="export", settings=[recipe.export.model_dump(exclude={"formats", "variants"}), ev.seq_len,
+                    settings=[recipe.export.model_dump(exclude={"formats", "variants"}), ev.seq_len,
                                               ev.bins, EXPORT_VERSION])
     return table
 
@@ -363,7 +352,7 @@ def check_export(recipe: Recipe, variants: list[str]) -> None:
 def base_source(source: models.ModelSource, run: RunDir) -> models.ModelSource:
     """Where later stages load the base model from: a GGUF model is dequantized once into the run folder."""
     if source.gguf_file:
-        return models.ModelSource(str(run.path("base_model")), kind="folder")
+        return models.ModelSource(str(run.path(stages.output("base_model", "model"))), kind="folder")
     return source
 
 
@@ -435,9 +424,8 @@ def execute(ctx: Context, result: Plan, until: str | None = None, executor=None)
     """Run the table (up to and including the stages of group `until`), skipped variants noted first."""
     for label, why in result.skipped.items():
         ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
-    last = GROUPS.index(until) if until else len(GROUPS) - 1
-    stages = [s for s in result.stages if GROUPS.index(s.group) <= last]
-    (executor or LocalExecutor()).run(ctx, stages)
+    last = stages.GROUPS.index(until) if until else len(stages.GROUPS) - 1
+    (executor or LocalExecutor()).run(ctx, [s for s in result.stages if stages.GROUPS.index(s.group) <= last])
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -446,7 +434,7 @@ def stage_base_model(ctx: Context):
     """GGUF weights dequantized once into an ordinary transformers folder that every later stage loads."""
     source = ctx.original_source()
     model, tokenizer = models.load(source, ctx.recipe.model.dtype)
-    final = ctx.run.path("base_model")
+    final = ctx.output("base_model", "model")
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -465,7 +453,7 @@ def stage_baseline_check(ctx: Context):
     info = trust.verify(model, tokenizer, texts.docs, texts.name, gguf, **m.check.model_dump())
     if not info["passed"]:
         ctx.log(f"[yellow]baseline check failed, not enforced:[/] {info['problem']}")
-    return {"result": write_json(ctx.run.path("baseline_check.json"), info)}, info
+    return {"result": write_json(ctx.output("baseline_check", "result"), info)}, info
 
 
 def stage_samples(ctx: Context):
@@ -477,7 +465,7 @@ def stage_samples(ctx: Context):
     stream = data_mod.token_stream(texts.docs, tokenizer, max_tokens=_sample_pool(cal))
     samples = data_mod.sample_windows(stream, cal.num_samples, cal.seq_len, cal.seed, "calibration",
                                       bos=models.bos_policy(tokenizer))
-    out = ctx.run.path("samples.safetensors")
+    out = ctx.output("samples", "samples")
     with atomic_path(out) as tmp:
         save_file({"input_ids": samples}, str(tmp), metadata={"source": texts.name})
     return {"samples": out}, {"source": texts.name, "note": texts.note, "tokens_read": int(stream.numel()),
@@ -490,18 +478,18 @@ def _sample_pool(cal) -> int:
 
 
 def _samples(ctx: Context) -> torch.Tensor:
-    return load_file(str(ctx.run.path("samples.safetensors")))["input_ids"]
+    return load_file(str(ctx.output("samples", "samples")))["input_ids"]
 
 
 def stage_ranges(ctx: Context):
     model, _ = models.load(ctx.source, ctx.recipe.model.dtype)
     samples = _samples(ctx)
     collected = ranges_mod.collect(model, samples, progress=ctx.track("activation ranges", samples.shape[0]))
-    out = ctx.run.path("ranges.safetensors")
+    out = ctx.output("ranges", "ranges")
     with atomic_path(out) as tmp:
         ranges_mod.save(collected, tmp, {"samples": str(samples.shape[0]), "seq_len": str(samples.shape[1])})
     summary = ranges_mod.outlier_summary(ranges_mod.load(out), ctx.recipe.outliers_top_k)
-    return ({"ranges": out, "outliers": write_json(ctx.run.path("outliers.json"), summary)},
+    return ({"ranges": out, "outliers": write_json(ctx.output("ranges", "outliers"), summary)},
             {"layers": len(collected) // 5})
 
 
@@ -514,8 +502,9 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
         variant.apply(model, samples)
     seconds = time.perf_counter() - start
     extra = variant.extra_outputs(model, samples, lambda: models.load(ctx.source, ctx.recipe.model.dtype)[0])
-    outputs = {name: write_json(ctx.run.path(name, f"{variant.label}.json"), obj) for name, obj in extra.items()}
-    final = ctx.run.path("variants", variant.label)
+    outputs = {name: write_json(ctx.output("quantize", "method", output=name, variant=variant.label), obj)
+               for name, obj in extra.items()}
+    final = ctx.output("quantize", "checkpoint", variant=variant.label)
     with atomic_path(final) as tmp, warnings.catch_warnings():
         # llm-compressor leaves its offloading hooks on the model (all on the CPU here); the shard-size warning is moot
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
@@ -537,7 +526,7 @@ def stage_eval_tokens(ctx: Context):
     if stream.numel() < ev.seq_len:
         raise CalqError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {ev.seq_len}",
                         "evaluation.tokens", "use more text or a smaller seq_len")
-    out = ctx.run.path("eval_tokens.safetensors")
+    out = ctx.output("eval_tokens", "tokens")
     with atomic_path(out) as tmp:
         save_file({"input_ids": stream}, str(tmp), metadata={"source": texts.name})
     return {"tokens": out}, {"source": texts.name, "note": texts.note, "tokens": int(stream.numel())}
@@ -565,7 +554,7 @@ def stage_instructions(ctx: Context):
     chosen = random.Random(spec.seed).sample(range(len(records)), need)
     parts = {"source": name, "note": note, "fit": [records[i] for i in chosen[:spec.fit_records]],
              "heldout": [records[i] for i in chosen[spec.fit_records:]]}
-    out = write_json(ctx.run.path("instructions.json"), parts)
+    out = write_json(ctx.output("instructions", "records"), parts)
     return {"records": out}, {"source": name, "note": note, "fit_records": spec.fit_records,
                               "heldout_records": spec.heldout_records, "seed": spec.seed}
 
@@ -603,7 +592,7 @@ def stage_validation_text(ctx: Context):
     if windows.shape[0] == 0:
         raise CalqError(f"{texts.name} has no window of {cal.seq_len} tokens left for validation", where,
                         "give calibrators.validation_text.data, or more text")
-    out = ctx.run.path("validation_text.safetensors")
+    out = ctx.output("validation_text", "windows")
     with atomic_path(out) as tmp:
         save_file({"input_ids": windows}, str(tmp), metadata={"source": texts.name})
     return {"windows": out}, {"source": texts.name, "note": texts.note, "windows": windows.shape[0],
@@ -617,8 +606,8 @@ def stage_calibrate(ctx: Context, name: str):
     validation text, and select one (calq.calib.select)."""
     spec = ctx.recipe.calibrators
     model, tokenizer = models.load(ctx.variant_source(name), ctx.recipe.model.dtype, ctx.recipe.model.device_map)
-    records = json.loads(ctx.run.path("instructions.json").read_text())
-    final = ctx.run.path("calibrators", name)
+    records = json.loads(ctx.output("instructions", "records").read_text())
+    final = ctx.output("calibrate", "calibrators", variant=name)
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         caches = {}
@@ -628,7 +617,7 @@ def stage_calibrate(ctx: Context, name: str):
                                                progress=ctx.track(f"hidden states {name} ({part})", len(records[part])))
         text = None
         if spec.validation_text is not None:
-            windows = load_file(str(ctx.run.path("validation_text.safetensors")))["input_ids"]
+            windows = load_file(str(ctx.output("validation_text", "windows")))["input_ids"]
             caches["text"] = hidden.cache_windows(model, windows, tmp / "text_hidden.safetensors",
                                                   progress=ctx.track(f"hidden states {name} (text)", len(windows)))
             text = hidden.load_cached(tmp / "text_hidden.safetensors")
@@ -650,7 +639,7 @@ def _load_calibrators(ctx: Context, name: str, config) -> tuple[dict, dict]:
     """{calibrator name: calibrator} for this variant, and what calibrators.json recorded ({} without calibrators)."""
     if ctx.recipe.calibrators is None:
         return {"none": calibrators.TOKEN.get("none")()}, {}
-    folder = ctx.run.path("calibrators", name)
+    folder = ctx.output("calibrate", "calibrators", variant=name)
     fitted = json.loads((folder / "calibrators.json").read_text())
     with located(f"calibrators/{name}"):
         return calibrators.load_all(folder, config, ctx.recipe.calibrator_names()), fitted
@@ -663,7 +652,7 @@ def stage_evaluate(ctx: Context, name: str):
     cals, fitted = _load_calibrators(ctx, name, model.config)
     device = model.get_output_embeddings().weight.device  # where the logits are, also with a device_map
     cals = {n: c.to(device) for n, c in cals.items()}
-    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
+    stream = load_file(str(ctx.output("eval_tokens", "tokens")))["input_ids"]
     # windows of seq_len, BOS first when the tokenizer starts texts with it; evaluate cuts them at seq_len again
     stream = data_mod.windows(stream, ev.seq_len, models.bos_policy(tokenizer)).flatten()
     windows = stream.numel() // ev.seq_len
@@ -671,12 +660,13 @@ def stage_evaluate(ctx: Context, name: str):
                                             progress=ctx.track(f"evaluate {name}", windows))}
     if fitted:
         with torch.no_grad():
-            cached = hidden.load_cached(ctx.run.path("calibrators", name, "heldout_hidden.safetensors"))
+            folder = ctx.output("calibrate", "calibrators", variant=name)
+            cached = hidden.load_cached(folder / "heldout_hidden.safetensors")
             result["responses"] = {"calibrators": hidden.evaluate_cached(
                 cached, torch.arange(len(cached)), hidden.Logits(model), cals,
                 chunk=ctx.recipe.calibrators.logits_chunk, bins=ev.bins)}
         result.update(selected=fitted["selected"], validation=fitted["validation"], fit=fitted["fit"])
-    out = write_json(ctx.run.path("eval", f"{name}.json"), result)
+    out = write_json(ctx.output("evaluate", "result", variant=name), result)
     none = result["tokens"]["calibrators"]["none"]
     return {"result": out}, {"ece": none["ece"], "ppl": none["ppl"], "size_bytes": models.size_on_disk(source.location)}
 
@@ -701,14 +691,14 @@ def stage_export(ctx: Context, name: str, fmt: str):
         original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
                                 else source.location)
-    stream = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"][: spec.max_tokens]
-    final = ctx.run.path("export", name, fmt)
+    stream = load_file(str(ctx.output("eval_tokens", "tokens")))["input_ids"][: spec.max_tokens]
+    final = ctx.output("export", "artifact", variant=name, format=fmt)
     with atomic_path(final) as tmp, torch.no_grad():
         tmp.mkdir(parents=True)
         result = export_base.export_and_verify(fmt, source.location, tmp, lambda ids: reference(input_ids=ids).logits,
                                                stream, ev.seq_len, calibrator, ev.bins, spec.threads, **options)
     result.update(calibrator=kind, note=note)
-    out = write_json(ctx.run.path("export", name, f"{fmt}.json"), result)
+    out = write_json(ctx.output("export", "result", variant=name, format=fmt), result)
     return {"artifact": final, "result": out}, {"top1_agreement": result["verify"]["top1_agreement"],
                                                 "ece_drift": result["verify"]["drift"]["ece"]}
 
@@ -726,19 +716,27 @@ def _run_tasks(ctx: Context, name: str, cals: dict, tasks: list[str], limit: int
                              features=features)
 
 
-def _write_task_results(path: Path, result: dict) -> dict[str, Path]:
-    """run_tasks output as JSON, its prompt features (features=True) in a safetensors file beside it."""
+def _task_files(ctx: Context, kind: str, name: str, task: str | None = None) -> tuple[Path, Path]:
+    """The result and feature files of a tasks or fit_tasks stage (with `task`: of one task's tasks stage)."""
+    if task is None:
+        return ctx.output(kind, "result", variant=name), ctx.output(kind, "features", variant=name)
+    return (ctx.output(kind, "task_result", variant=name, task=task),
+            ctx.output(kind, "task_features", variant=name, task=task))
+
+
+def _write_task_results(files: tuple[Path, Path], result: dict) -> dict[str, Path]:
+    """run_tasks output as JSON, its prompt features (features=True) in a safetensors file."""
     part, tensors = harness.split_features(result)
-    out = {"result": write_json(path, part)}
+    out = {"result": write_json(files[0], part)}
     if tensors:
-        out["features"] = path.with_suffix(".safetensors")
-        with atomic_path(out["features"]) as tmp:
+        out["features"] = files[1]
+        with atomic_path(files[1]) as tmp:
             save_file(tensors, str(tmp))
     return out
 
 
-def _read_task_results(path: Path) -> dict:
-    features = path.with_suffix(".safetensors")
+def _read_task_results(files: tuple[Path, Path]) -> dict:
+    path, features = files
     return harness.join_features(json.loads(path.read_text()),
                                  load_file(str(features)) if features.is_file() else {})
 
@@ -753,15 +751,14 @@ def stage_tasks(ctx: Context, name: str, only: tuple[str, ...] = ()):
     spec = ctx.recipe.evaluation.tasks
     cals, _ = _load_calibrators(ctx, name, models.load_config(ctx.variant_source(name)))
     result = _run_tasks(ctx, name, cals, list(only or spec.names), spec.limit, spec.answer_calibration is not None)
-    path = ctx.run.path("tasks", name, f"{only[0]}.json") if only else ctx.run.path("tasks", f"{name}.json")
-    return _write_task_results(path, result), _task_metrics(result)
+    return _write_task_results(_task_files(ctx, "tasks", name, *only), result), _task_metrics(result)
 
 
 def stage_merge_tasks(ctx: Context, name: str, names: tuple[str, ...]):
     """The per-task results of one variant (evaluation.tasks.split) as one tasks/<variant>.json, in recipe order."""
-    parts = [_read_task_results(ctx.run.path("tasks", name, f"{task}.json")) for task in names]
+    parts = [_read_task_results(_task_files(ctx, "tasks", name, task)) for task in names]
     result = {**parts[0], "tasks": {task: part["tasks"][task] for task, part in zip(names, parts)}}
-    return _write_task_results(ctx.run.path("tasks", f"{name}.json"), result), _task_metrics(result)
+    return _write_task_results(_task_files(ctx, "tasks", name), result), _task_metrics(result)
 
 
 def stage_fit_tasks(ctx: Context, name: str):
@@ -769,21 +766,22 @@ def stage_fit_tasks(ctx: Context, name: str):
     spec = ctx.recipe.evaluation.tasks.answer_calibration
     none = {"none": calibrators.TOKEN.get("none")()}
     result = _run_tasks(ctx, name, none, list(spec.fit_tasks), spec.fit_limit, True)
-    return _write_task_results(ctx.run.path("fit_tasks", f"{name}.json"), result), _task_metrics(result)
+    return _write_task_results(_task_files(ctx, "fit_tasks", name), result), _task_metrics(result)
 
 
 def _answer_sets(ctx: Context, kind: str, name: str) -> dict:
-    return answer_calibration.answer_sets(_read_task_results(ctx.run.path(kind, f"{name}.json")))
+    return answer_calibration.answer_sets(_read_task_results(_task_files(ctx, kind, name)))
 
 
 def _parent_probabilities(ctx: Context) -> dict[str, torch.Tensor]:
     """The calibrated baseline's answer probabilities on its fit tasks (its selected answer calibrator applied)."""
-    selected = json.loads(ctx.run.path("answers", f"{BASELINE}.json").read_text())["selected"]
+    selected = json.loads(ctx.output("answers", "result", variant=BASELINE).read_text())["selected"]
     sets = _answer_sets(ctx, "fit_tasks", BASELINE)
     if selected == "none":
         return {t: s.probabilities() for t, s in sets.items()}
     with located(f"answers/{BASELINE}/{selected}"):
-        calibrator = calibrators.ANSWER.get(selected).load(ctx.run.path("answers", BASELINE, selected))
+        folder = ctx.output("answers", "calibrators", variant=BASELINE)
+        calibrator = calibrators.ANSWER.get(selected).load(folder / selected)
     return {t: calibrator.apply(s) for t, s in sets.items()}
 
 
@@ -804,11 +802,11 @@ def stage_answers(ctx: Context, name: str):
     fitted, section = answer_calibration.calibrate_answers(
         _answer_sets(ctx, "fit_tasks", name), _answer_sets(ctx, "tasks", name), settings, list(spec.targets),
         spec.select_by, ctx.recipe.evaluation.tokens.bins, tasks.bootstrap, tasks.seed, parents)
-    folder = ctx.run.path("answers", name)
+    folder = ctx.output("answers", "calibrators", variant=name)
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         for calibrator_name, calibrator in fitted.items():
             calibrator.save(tmp / calibrator_name)
-    out = write_json(ctx.run.path("answers", f"{name}.json"), {"variant": name, **section})
+    out = write_json(ctx.output("answers", "result", variant=name), {"variant": name, **section})
     return {"calibrators": folder, "result": out}, {"selected": section["selected"],
                                                     "not_fitted": section["not_fitted"]}

@@ -33,13 +33,12 @@ from typing import Any
 
 import psutil
 
+from calq import stages
 from calq.errors import CalqError
 
 CHUNK = 1 << 20
-# What a stage group makes, for the note when its output was damaged: "... was truncated: evaluation redone".
-STAGE_WORDS = {"base_model": "dequantization", "samples": "sampling", "ranges": "range collection",
-               "quantize": "quantization", "instructions": "instruction split", "calibrate": "calibration",
-               "eval_tokens": "tokenization", "evaluate": "evaluation", "tasks": "task evaluation"}
+# What a stage kind makes, for the note when its output was damaged: "... was truncated: evaluation redone".
+STAGE_WORDS = {kind: spec.words for kind, spec in stages.SPECS.items()}
 
 # sha256 of files just written by atomic_path, keyed by path, with the (size, mtime_ns, inode) they had then:
 # a stage's marker takes them from here instead of reading the bytes a second time.

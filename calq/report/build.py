@@ -14,6 +14,7 @@ from calq.report import render, sections
 from calq.report.gates import Gates, gates_section
 from calq.report.sections import EVAL_SETS
 from calq.runs import RunDir, write_json, write_text
+from calq.stages import output
 
 METRICS = ("ppl", "accuracy", "confidence", "ece", "adaptive_ece", "brier")
 
@@ -48,14 +49,21 @@ def read_manifest(run: RunDir) -> dict:
     return json.loads(path.read_text())
 
 
+def read_output(run: RunDir, kind: str, name: str, **parts: str):
+    """A stage's JSON output, by stage kind and output name (calq.stages)."""
+    return json.loads(run.path(output(kind, name, **parts)).read_text())
+
+
 def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
     """One row per exported (variant, format): the artifact on its runtime against the PyTorch variant."""
     rows = []
     for stage in manifest["stages"]:
-        path = run.path(f"{stage['name']}.json")
-        if not stage["name"].startswith("export/") or not path.is_file():
+        if not stage["name"].startswith("export/"):
             continue
         _, variant, fmt = stage["name"].split("/")
+        path = run.path(output("export", "result", variant=variant, format=fmt))
+        if not path.is_file():
+            continue
         r = json.loads(path.read_text())
         v = r["verify"]
         rows.append({"variant": variant, "format": fmt, "calibrator": r["calibrator"], "note": r.get("note"),
@@ -80,7 +88,7 @@ def collect(run: RunDir, manifest: dict) -> dict:
                         "finish it with `calq run`")
     rows = []
     for name in manifest["variants"]:
-        evaluated = json.loads(run.path("eval", f"{name}.json").read_text())
+        evaluated = read_output(run, "evaluate", "result", variant=name)
         result = evaluated["tokens"]["calibrators"]["none"]
         if name == BASELINE:
             size = stages[f"evaluate/{name}"]["info"].get("size_bytes")
@@ -114,9 +122,9 @@ def collect(run: RunDir, manifest: dict) -> dict:
                                          "validation_text": stages.get("validation_text", {}).get("info")},
         "variants": rows,
         "goals": goals(rows),
-        "outliers": json.loads(run.path("outliers.json").read_text()),
+        "outliers": read_output(run, "ranges", "outliers"),
         "smoothing": {name: json.loads(p.read_text())[: recipe["outliers_top_k"]] for name in manifest["variants"]
-                      if (p := run.path("smoothing", f"{name}.json")).is_file()},
+                      if (p := run.path(output("quantize", "method", output="smoothing", variant=name))).is_file()},
         "skipped": manifest["skipped"],
         "notes": manifest["notes"] + [m["redone"] for m in stages.values() if m.get("redone")],
         "deployed": deployed_rows(run, manifest),
@@ -136,13 +144,13 @@ def write_reports(run_root: str | Path) -> dict:
     report = collect(run, manifest)
     spec = recipe["evaluation"]["tasks"]
     if spec is not None:
-        per_variant = {name: json.loads(run.path("tasks", f"{name}.json").read_text()) for name in manifest["variants"]}
+        per_variant = {name: read_output(run, "tasks", "result", variant=name) for name in manifest["variants"]}
         report["tasks"] = tasks_section(per_variant, recipe["evaluation"]["tokens"]["bins"], spec["bootstrap"],
                                         spec["seed"], manifest["versions"]["lm_eval"])
         if spec.get("answer_calibration"):
             answers = spec["answer_calibration"]
             report["answers"] = answer_report.answers_section(
-                {name: json.loads(run.path("answers", f"{name}.json").read_text()) for name in manifest["variants"]},
+                {name: read_output(run, "answers", "result", variant=name) for name in manifest["variants"]},
                 {"fit_limit": answers["fit_limit"], "select_by": answers["select_by"],
                  "targets": [str(t) for t in answers["targets"]], "bins": recipe["evaluation"]["tokens"]["bins"],
                  "bootstrap": spec["bootstrap"], "seed": spec["seed"]})
