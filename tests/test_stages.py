@@ -1,10 +1,15 @@
 """The stage kinds are declared once (calq/stages.py): the README's stage table and the architecture diagram list
 every kind, and the keys of a finished run do not move when the code around them is reorganized."""
 
+import json
 import re
 from pathlib import Path
 
-from calq import stages
+import pytest
+from conftest import data_dir
+
+from calq import pipeline, stages
+from calq.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
 
@@ -33,3 +38,11 @@ def test_the_architecture_diagram_names_every_kind():
     diagram = text.split("## The stage table")[1].split("```")[1]
     named = set(re.findall(r"\b([a-z_]+)(?:/<|\b)", diagram))
     assert set(stages.SPECS) <= named, set(stages.SPECS) - named
+
+
+@pytest.mark.skipif(data_dir() is None, reason="the quickstart's data folder (CALQ_DATA_DIR)")
+def test_the_quickstart_keys_stay_the_same():
+    """A finished quickstart run reuses every stage: a change that moves a key must be meant (then rewrite
+    tests/quickstart_keys.json, and say in the change which stages rerun)."""
+    plan = pipeline.plan(load_recipe(ROOT / "recipes" / "quickstart.yaml"), data_dir())
+    assert plan.keys == json.loads((ROOT / "tests" / "quickstart_keys.json").read_text())
