@@ -312,15 +312,14 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
             for name in fitted_on:
                 parent = ("fit_tasks/baseline", "answers/baseline") if name != BASELINE and with_parent else ()
                 add(f"answers/{name}", stage_answers, name, needs=(f"fit_tasks/{name}", f"tasks/{name}", *parent),
-                    settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}),
-                                                tasks.bootstrap, tasks.seed, ev.bins, ANSWERS_VERSION,
-                                                *_versions(calibrators.ANSWER, answers.use)])
+                    settings=[answers.model_dump(exclude={"fit_tasks", "fit_limit"}), tasks.bootstrap, tasks.seed,
+                              ev.bins, ANSWERS_VERSION, *_versions(calibrators.ANSWER, answers.use)])
     if recipe.export is not None:
         for name in recipe.export.variants or evaluated_on:
             for fmt in recipe.export.formats:
                 add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
-                    settings=[recipe.export.model_dump(exclude={"formats", "variants"}), ev.seq_len,
-                                              ev.bins, EXPORT_VERSION])
+                    settings=[recipe.export.model_dump(exclude={"formats", "variants"}), ev.seq_len, ev.bins,
+                              EXPORT_VERSION])
     return table
 
 
