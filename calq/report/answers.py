@@ -58,9 +58,9 @@ def at_bound_notes(section: dict) -> list[str]:
                      for t, a in (info.get("fit_accuracy") or {}).items() if a["at_chance"]]
         for name, fit in (info.get("fit_info") or {}).items():
             if fit.get("at_bound"):
-                reason = (f"fit tasks {', '.join(at_chance)} are at chance within their intervals (a fit task at "
-                          "chance makes the likelihood-optimal temperature infinite)" if at_chance
-                          else "no fit task's accuracy interval reaches chance")
+                reason = (f"fit tasks {', '.join(at_chance)} are at or below chance within their intervals (a fit "
+                          "task at or below chance makes the likelihood-optimal temperature infinite)" if at_chance
+                          else "no fit task's accuracy interval reaches down to chance")
                 notes.append(f"{variant} / {name}: temperature at its bound (T={fit['temperature']:.4g}, the fit "
                              f"allows e^±{LOG_BOUND:g}): {reason}")
     return notes
@@ -121,9 +121,9 @@ def tables(section: dict) -> list[dict]:
                       for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 12, 13}}
     fit_accuracy = {"title": "Fit tasks against chance",
                     "note": "Uncalibrated top-choice accuracy on each fit task; chance = gold choices / choices. A fit "
-                            "task whose interval reaches chance pulls a fitted temperature up (at chance its optimum "
-                            "is infinite); such tasks are reported, not screened out.",
-                    "header": ["variant", "fit task", "n", "accuracy [CI]", "chance", "interval reaches chance"],
+                            "task whose interval reaches down to chance (at or below it) pulls a fitted temperature up "
+                            "(there its optimum is infinite); such tasks are reported, not screened out.",
+                    "header": ["variant", "fit task", "n", "accuracy [CI]", "chance", "at or below chance"],
                     "rows": [[variant, t, str(a["n"]), ci(a["accuracy"], a["accuracy_ci"]), _f(a["chance"]),
                               "yes" if a["at_chance"] else "no"]
                              for variant, info in section["variants"].items()
