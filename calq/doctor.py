@@ -76,9 +76,10 @@ def machine() -> list[Finding]:
     import torch
 
     threads = f"{os.cpu_count()} logical CPUs, torch uses {torch.get_num_threads()} threads"
+    flags = cpu_flags()
     found = [Finding("python", OK, f"{platform.python_version()} on {platform.system()} {platform.machine()}"),
-             Finding("cpu", INFO, f"{cpu_name()}; {threads}; features: {' '.join(cpu_flags()) or 'not reported'}",
-                     facts={"flags": cpu_flags(), "torch_capability": torch.backends.cpu.get_cpu_capability()})]
+             Finding("cpu", INFO, f"{cpu_name()}; {threads}; features: {' '.join(flags) or 'not reported'}",
+                     facts={"flags": flags, "torch_capability": torch.backends.cpu.get_cpu_capability()})]
     if torch.cuda.is_available():
         found.append(Finding("accelerator", OK, f"CUDA: {torch.cuda.get_device_name()} (torch {torch.__version__})"))
     else:

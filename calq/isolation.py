@@ -83,7 +83,11 @@ class Isolated:
         self._process = context.Process(target=_serve, args=(child, factory, args, kwargs), daemon=True)
         self._process.start()
         child.close()
-        self._receive()
+        try:
+            self._receive()
+        except BaseException:  # the factory failed: its child has ended, nothing to keep
+            self.close()
+            raise
 
     def _receive(self) -> Any:
         while not self._conn.poll(0.2):
@@ -93,8 +97,7 @@ class Isolated:
             status, value = _recv(self._conn)
         except (EOFError, ConnectionError):
             self._crashed()
-        if status == "error":
-            self.close()
+        if status == "error":  # a Python error in the runtime: the child lives on for further calls
             raise value
         return value
 

@@ -16,6 +16,7 @@ def test_calls_are_answered_by_the_child():
         np.testing.assert_array_equal(session.score([1, 2]), np.arange(6, dtype=np.float32).reshape(2, 3))
         with pytest.raises(ValueError, match="a Python error inside the runtime"):
             session.fail()
+        assert session.score([1]).shape == (1, 3)  # a Python error does not end the runtime's process
 
 
 @pytest.mark.parametrize("method, signal_name", [("segfault", "SIGSEGV"), ("abort", "SIGABRT")])
