@@ -162,7 +162,9 @@ def _exit_on_gates(report):
         Console().print(f"[bold red]gates failed[/]: {', '.join(report.failed_gates)}")
         raise typer.Exit(1)
     if report.passed:
-        constant = sum(bool(r.get("note")) for r in report.data["gates"]["results"])
+        from calq.report.gates import CONSTANT
+
+        constant = sum(r.get("note") == CONSTANT for r in report.data["gates"]["results"])
         Console().print("[green]all gates passed[/]" + (
             f" ({constant} rest on a constant predictor: answer confidence collapsed to uniform, see the report)"
             if constant else ""))
