@@ -37,8 +37,6 @@ from calq import stages
 from calq.errors import CalqError
 
 CHUNK = 1 << 20
-# What a stage kind makes, for the note when its output was damaged: "... was truncated: evaluation redone".
-STAGE_WORDS = {kind: spec.words for kind, spec in stages.SPECS.items()}
 
 # sha256 of files just written by atomic_path, keyed by path, with the (size, mtime_ns, inode) they had then:
 # a stage's marker takes them from here instead of reading the bytes a second time.
@@ -233,7 +231,7 @@ class Problem:
 
     def note(self) -> str:
         """The line shown when the stage is redone because of this problem."""
-        return f"{self.path} was {self.kind}: {STAGE_WORDS.get(self.stage.split('/')[0], self.stage)} redone"
+        return f"{self.path} was {self.kind}: {stages.words(self.stage)} redone"
 
 
 def check_files(root: Path, stage: str, marker: dict, deep: bool = True) -> list[Problem]:

@@ -92,12 +92,12 @@ def test_sigterm_during_a_stage_exits_143_and_the_run_resumes(tiny_recipe, write
 
 
 def test_an_internal_error_exits_3_with_one_line_and_a_crash_log(tiny_recipe, write_recipe, tmp_path, monkeypatch):
-    from calq import pipeline
+    from calq.stage_kinds import ranges
 
     def broken(ctx, *args):
         raise ZeroDivisionError("a bug in a stage")
 
-    monkeypatch.setattr(pipeline, "stage_ranges", broken)
+    monkeypatch.setattr(ranges, "stage_ranges", broken)
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
     assert result.exit_code == 3

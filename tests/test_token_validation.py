@@ -24,6 +24,7 @@ from calq.calib.temperature import fit_temperature
 from calq.cli import app
 from calq.recipe import load_recipe
 from calq.runs import RunDir
+from calq.stage_kinds import eval_tokens, validation_text
 
 runner = CliRunner()
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
@@ -154,8 +155,8 @@ def test_quickstart_validation_text_shares_nothing_with_its_evaluation_text(tmp_
     assert recipe.calibrators.validation_text.data is None
     source = models.resolve(recipe.model.id)
     ctx = pipeline.Context(recipe, RunDir(tmp_path / "run"), data_dir(), source)
-    _, info = pipeline.stage_validation_text(ctx)
-    pipeline.stage_eval_tokens(ctx)
+    _, info = validation_text.stage_validation_text(ctx)
+    eval_tokens.stage_eval_tokens(ctx)
     validation = load_file(str(ctx.run.path("validation_text.safetensors")))["input_ids"]
     evaluated = load_file(str(ctx.run.path("eval_tokens.safetensors")))["input_ids"]
     assert info["tokens"] == recipe.calibrators.validation_text.tokens

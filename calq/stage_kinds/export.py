@@ -1,0 +1,67 @@
+"""Each variant exported to a runtime format with its calibrator fused, and re-verified there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from calq import models
+from calq.calib import calibrators
+from calq.calib.base import CalibratedLM
+from calq.export import base as export_base
+from calq.pipeline import Context
+from calq.runs import atomic_path, write_json
+from calq.stage_kinds.calibrate import load_calibrators
+from calq.stages import KINDS, StageKind
+
+
+@KINDS.register
+class Export(StageKind):
+    kind, pattern, group, words, order = "export", "export/<variant>/<format>", "export", "export", 140
+    outputs = {"artifact": "export/{variant}/{format}", "result": "export/{variant}/{format}.json"}
+
+    @classmethod
+    def add_stages(cls, table) -> None:
+        spec, ev = table.recipe.export, table.recipe.evaluation.tokens
+        if spec is None:
+            return
+        evaluated_on = table.evaluated_on()
+        for name in spec.variants or evaluated_on:
+            for fmt in spec.formats:
+                table.add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
+                          settings=[spec.model_dump(exclude={"formats", "variants"}), ev.seq_len, ev.bins,
+                                    cls.version])
+
+
+def stage_export(ctx: Context, name: str, fmt: str):
+    """The variant exported to `fmt` with its calibrator fused (RUN/export/<variant>/<fmt>/), loaded in its own
+    runtime and re-verified against the PyTorch variant with the same calibrator on held-out windows."""
+    spec, ev = ctx.recipe.export, ctx.recipe.evaluation.tokens
+    source = ctx.variant_source(name)
+    model, _ = models.load(source, "float32")
+    cals, fitted = load_calibrators(ctx, name, model.config)
+    exporter = export_base.get(fmt)
+    kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
+    note = None
+    if calibrators.TOKEN.get(kind).fuse not in exporter.calibrators:
+        note = f"{fmt} cannot hold the {kind} calibrator: the global temperature is fused instead"
+        kind = "temperature" if "temperature" in cals else "none"
+    calibrator = None if kind == "none" else cals[kind]
+    reference = model if calibrator is None else CalibratedLM(model, calibrator)
+    options = {}
+    if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
+        original = ctx.original_source()
+        options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
+                                else source.location)
+    stream = load_file(str(ctx.output("eval_tokens", "tokens")))["input_ids"][: spec.max_tokens]
+    final = ctx.output("export", "artifact", variant=name, format=fmt)
+    with atomic_path(final) as tmp, torch.no_grad():
+        tmp.mkdir(parents=True)
+        result = export_base.export_and_verify(fmt, source.location, tmp, lambda ids: reference(input_ids=ids).logits,
+                                               stream, ev.seq_len, calibrator, ev.bins, spec.threads, **options)
+    result.update(calibrator=kind, note=note)
+    out = write_json(ctx.output("export", "result", variant=name, format=fmt), result)
+    return {"artifact": final, "result": out}, {"top1_agreement": result["verify"]["top1_agreement"],
+                                                "ece_drift": result["verify"]["drift"]["ece"]}
