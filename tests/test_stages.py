@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 from conftest import data_dir
+from safetensors.torch import load_file
 
+import calq
 from calq import pipeline, stages
-from calq.recipe import load_recipe
+from calq.recipe import load_recipe, parse_recipe
+from calq.runs import write_json
 
 ROOT = Path(__file__).parent.parent
 
@@ -46,3 +49,50 @@ def test_the_quickstart_keys_stay_the_same():
     tests/quickstart_keys.json, and say in the change which stages rerun)."""
     plan = pipeline.plan(load_recipe(ROOT / "recipes" / "quickstart.yaml"), data_dir())
     assert plan.keys == json.loads((ROOT / "tests" / "quickstart_keys.json").read_text())
+
+
+# ---- a stage kind added from this file alone ---------------------------------------------------------------
+
+counted: list[str] = []
+
+
+def stage_token_count(ctx: pipeline.Context):
+    """Reads another kind's output by kind and name, writes its own declared output."""
+    counted.append(ctx.run.root.name)
+    tokens = load_file(str(ctx.output("eval_tokens", "tokens")))["input_ids"]
+    out = write_json(ctx.output("token_count", "result"), {"tokens": tokens.numel()})
+    return {"result": out}, {"tokens": tokens.numel()}
+
+
+class TokenCount(stages.StageKind):
+    kind, pattern, group, words, order = "token_count", "token_count", "evaluate", "token count", 95
+    outputs = {"result": "token_count.json"}
+
+    @classmethod
+    def add_stages(cls, table) -> None:
+        table.add("token_count", stage_token_count, needs=("eval_tokens",), settings=cls.version)
+
+
+def test_a_stage_kind_is_one_file(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(stages.KINDS, "_classes", dict(stages.specs()._classes))  # the registration is undone after
+    stages.KINDS.register(TokenCount)
+    recipe = {**tiny_recipe, "variants": tiny_recipe["variants"][:1]}
+    plan = pipeline.plan(parse_recipe(recipe), None)
+    names = [s.name for s in plan.stages]
+    assert names.index("eval_tokens") < names.index("token_count") < names.index("evaluate/baseline")
+
+    out = tmp_path / "run"
+    counted.clear()
+    calq.run(recipe, out=out)
+    tokens = load_file(str(out / "eval_tokens.safetensors"))["input_ids"]
+    assert json.loads((out / "token_count.json").read_text()) == {"tokens": tokens.numel()}
+    marker = out / ".calq" / "stages" / "token_count.json"
+    written = marker.stat().st_mtime_ns
+    calq.run(recipe, out=out)
+    assert counted == ["run"] and marker.stat().st_mtime_ns == written  # the second run reused it
+
+    monkeypatch.setattr(TokenCount, "version", 2)  # its version is its own: raising it reruns it alone
+    again = pipeline.plan(parse_recipe(recipe), None).keys
+    assert {name for name in again if again[name] != plan.keys[name]} == {"token_count"}
+    with pytest.raises(ValueError, match="two stage kinds are named 'samples'"):
+        stages.KINDS.register(type("Samples", (TokenCount,), {"kind": "samples"}))
