@@ -293,11 +293,10 @@ def check_export(recipe: Recipe, variants: list[str]) -> None:
     for fmt in spec.formats:
         exporter = export_base.get(fmt, "export.formats")
         exporter.check_runtime()
-        fuse = "none" if spec.calibrator == "selected" else calibrators.TOKEN.get(spec.calibrator).fuse
-        if fuse not in exporter.calibrators:
+        if spec.calibrator != "selected" and not exporter.holds(calibrators.TOKEN.get(spec.calibrator)):
             raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
                             f"{', '.join(exporter.calibrators)})", "export.calibrator",
-                            f"use calibrator: selected (the format then falls back to the temperature) or drop {fmt}")
+                            f"use calibrator: selected (the format then falls back to one it holds) or drop {fmt}")
     for name in spec.variants or ():
         if name not in variants:
             raise CalqError(f"unknown variant '{name}'", "export.variants", f"use one of: {', '.join(variants)}")

@@ -20,7 +20,7 @@ from calq.errors import CalqError
 from calq.evaluation.baseline import BaselineCheck
 from calq.names import check_name
 from calq.quant.base import MethodConfig
-from calq.quant.methods import METHODS, VariantConfig
+from calq.quant.methods import METHODS, variant_config
 from calq.report.gates import Gates
 
 
@@ -235,7 +235,8 @@ class Recipe(Strict):
     name: str = Field(description="run name; an output folder belongs to one recipe name")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model to compress")
     calibration: CalibrationSpec = Field(description="calibration samples for ranges and quantization")
-    variants: tuple[VariantConfig, ...] = Field(description="the quantized variants to build (the unquantized "
+    _methods: ClassVar[tuple[type, ...]] = tuple(METHODS.values())  # the methods `variants` takes
+    variants: tuple[variant_config(), ...] = Field(description="the quantized variants to build (the unquantized "
                                                             "baseline is always included); keys per method below")
     evaluation: EvaluationSpec = Field(description="held-out evaluation")
     calibrators: CalibratorsSpec | None = Field(None, description="calibrators fitted per variant (omit: evaluate "
@@ -271,6 +272,16 @@ class Recipe(Strict):
 
     def calibrator_names(self) -> list[str]:
         return ["none", *(self.calibrators.use if self.calibrators else ())]
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs) -> Recipe:
+        """Validate, with `variants` taking every method registered by now (a plugin's, imported after calq)."""
+        methods = tuple(METHODS.values())
+        if methods != cls._methods:
+            cls.model_fields["variants"].annotation = tuple[variant_config(), ...]
+            cls.model_rebuild(force=True)
+            cls._methods = methods
+        return super().model_validate(obj, **kwargs)
 
 
 # ---- reading a recipe, and errors that name the key ------------------------------------------------

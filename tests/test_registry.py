@@ -147,3 +147,14 @@ def test_a_plugin_package_is_found_through_its_entry_point(tmp_path, monkeypatch
     monkeypatch.setattr(calibrators.TOKEN, "_plugged_in", False)  # as in a fresh process with the plugin installed
     assert "plugged" in calib_registry.names("token")  # what the recipe checks a calibrators.use against
     assert calibrators.TOKEN.get("plugged").fuse == "temperature"
+
+
+def test_a_method_registered_after_import_is_taken_by_the_recipe(recipe):
+    recipe = {**recipe, "calibrators": None, "export": None,
+              "variants": [{"method": "halve", "scheme": "w8a8", "name": "half"}]}
+    with pytest.raises(CalqError, match="variants"):
+        parse_recipe(recipe)
+    quant_base.register(Halve)  # as a plugin's module does when its entry point is loaded after calq
+    assert isinstance(parse_recipe(recipe).variants[0], Halve)
+    with pytest.raises(CalqError, match=r"variants\[0\]\.scheme"):
+        parse_recipe({**recipe, "variants": [{"method": "halve", "scheme": 8}]})

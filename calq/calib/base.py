@@ -67,6 +67,8 @@ class Calibrator:
     version: ClassVar[int] = 1  # raise it when a fix changes what it fits: finished runs refit the calibrators
     fuse: ClassVar[str | None] = None  # how an exporter fuses it (none, temperature, ats); None: it cannot
     needs_hidden: ClassVar[bool] = True  # False: the scale does not depend on the hidden states
+    identity: ClassVar[bool] = False  # True: it leaves the model's probabilities as they are
+    argument: ClassVar[str | None] = "<folder of a fitted one>"  # what `<name>:<arg>` takes (from_arg); None: nothing
     fit_info: dict = {}  # what fitting measured (sizes, history), kept in calibrators.json
 
     @classmethod
@@ -114,6 +116,8 @@ class NoCalibration(Calibrator):
     name = "none"
     needs_hidden = False
     fuse = "none"
+    identity = True
+    argument = None
 
     @classmethod
     def fit(cls, data: FitData, config: BaseModel) -> NoCalibration:

@@ -52,7 +52,6 @@ def parse(spec: str | None, model_config) -> tuple[str, Calibrator]:
     """'temperature:1.2' or 'ats:<folder>' -> (name, calibrator); None or 'none' -> ('none', identity)."""
     name, _, arg = (spec or "none").partition(":")
     cls = TOKEN.get(name)
-    if name != "none" and not arg:
-        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator",
-                        f"write {name}:<folder of a fitted one>")
+    if cls.argument is not None and not arg:
+        raise CalqError(f"calibrator '{name}' needs an argument", "calibrator", f"write {name}:{cls.argument}")
     return name, cls.from_arg(arg, model_config)

@@ -191,7 +191,7 @@ class CalqLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         disable_tqdm = disable_tqdm or _bars_off()
         if any(_samples(r.args[1]) for r in requests):
-            if self.calibrators[self.active].name != "none":
+            if not self.calibrators[self.active].identity:
                 raise CalqError("sampled generation with a calibrator is not supported", "generation_kwargs",
                                 "use greedy decoding (do_sample: false), which no calibrator changes")
             return super().generate_until(requests, disable_tqdm)

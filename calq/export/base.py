@@ -48,6 +48,7 @@ class Exporter:
     runtime: str = ""  # the python module that runs it (session, verification)
     runtime_name: str = ""  # the runtime in words, for a crash's line ("llama.cpp")
     crash_fix: str = ""  # what to do when the runtime crashes
+    reads_tokenizer: bool = False  # export() takes tokenizer=<the source .gguf file, or the model's tokenizer folder>
 
     def check(self, checkpoint_dir: str | Path, calibrator=None) -> None:
         for package in self.packages:
@@ -56,6 +57,16 @@ class Exporter:
         if kind not in self.calibrators:
             raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator", f"export.{self.name}",
                             f"fuse one of: {', '.join(self.calibrators)}")
+
+    def holds(self, calibrator) -> bool:
+        """Whether the format can carry `calibrator` (a calibrator class or instance; None: no calibrator) fused."""
+        return ("none" if calibrator is None else getattr(calibrator, "fuse", None)) in self.calibrators
+
+    def fallback(self, fitted: dict) -> str:
+        """The name of the fitted calibrator ({name: calibrator}) it carries when it cannot carry the one asked for:
+        the first that changes the probabilities and that it holds (e.g. a global temperature), else the identity."""
+        held = [name for name, calibrator in fitted.items() if self.holds(calibrator)]
+        return next((name for name in held if not fitted[name].identity), held[0])
 
     def check_runtime(self) -> None:
         """Raise CalqError (naming the extra to install) when the runtime cannot be imported."""

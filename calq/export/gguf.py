@@ -81,6 +81,7 @@ class GgufExporter(Exporter):
     runtime = "llama_cpp"
     runtime_name = "llama.cpp"
     crash_fix = isolation.LLAMA_CPP_FIX
+    reads_tokenizer = True  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted
 
     def __init__(self, float_type: str = "f16"):
         if float_type not in ("f16", "f32"):

@@ -4,7 +4,7 @@ recipe entry into its method's config."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 from pydantic import Field, ValidationError
 
@@ -13,8 +13,10 @@ from calq.quant.base import REGISTRY, MethodConfig
 
 METHODS = REGISTRY.discover()
 
-# The recipe's `variants[]` entry: one config class per method, chosen by its `method` key.
-VariantConfig = Annotated[Union[tuple(METHODS.values())], Field(discriminator="method")]  # noqa: UP007
+
+def variant_config() -> Any:
+    """The recipe's `variants[]` entry: one config class per method registered now, chosen by its `method` key."""
+    return Annotated[Union[tuple(METHODS.values())], Field(discriminator="method")]  # noqa: UP007
 
 
 def config(spec: dict | MethodConfig) -> MethodConfig:

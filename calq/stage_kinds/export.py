@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from calq import models
-from calq.calib import calibrators
 from calq.calib.base import CalibratedLM
 from calq.export import base as export_base
 from calq.pipeline import Context
@@ -45,13 +44,14 @@ def stage_export(ctx: Context, name: str, fmt: str):
     exporter = export_base.get(fmt)
     kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
     note = None
-    if calibrators.TOKEN.get(kind).fuse not in exporter.calibrators:
-        note = f"{fmt} cannot hold the {kind} calibrator: the global temperature is fused instead"
-        kind = "temperature" if "temperature" in cals else "none"
-    calibrator = None if kind == "none" else cals[kind]
+    if not exporter.holds(cals[kind]):
+        fallback = exporter.fallback(cals)
+        note = f"{fmt} cannot hold the {kind} calibrator: {fallback} is fused instead"
+        kind = fallback
+    calibrator = None if cals[kind].identity else cals[kind]
     reference = model if calibrator is None else CalibratedLM(model, calibrator)
     options = {}
-    if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
+    if exporter.reads_tokenizer:  # the source GGUF's own tokenizer, else the variant's folder
         original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
                                 else source.location)
