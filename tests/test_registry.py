@@ -2,6 +2,11 @@
 calq, what a calibrator can do travels with it (its version enters the calibrate key, its `fuse` tells exporters), a
 name registered twice is refused, and a plugin package is found through its entry point."""
 
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar, Literal
 
 import pytest
@@ -9,10 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import calq
-from calq import pipeline
+from calq import models, pipeline
 from calq.calib import calibrators
 from calq.calib import registry as calib_registry
-from calq.calib.base import NoCalibration
+from calq.calib.ats import AtsHead
+from calq.calib.base import NoCalibration, identity
 from calq.calib.base import register as register_calibrator
 from calq.calib.temperature import Temperature
 from calq.errors import CalqError
@@ -60,6 +66,27 @@ class Echo(export_base.Exporter):
     name = "echo"
     calibrators = ("none", "temperature")
     runtime = "json"
+
+
+class Copy(export_base.Exporter):
+    """A format that is the checkpoint folder itself with the temperature beside it, run by PyTorch in this process."""
+
+    name = "copy"
+    calibrators = ("none", "temperature")
+    runtime = "transformers"
+
+    def export(self, checkpoint_dir, out_dir, calibrator=None) -> dict:
+        shutil.copytree(checkpoint_dir, out_dir, dirs_exist_ok=True)
+        (Path(out_dir) / "temperature.json").write_text(json.dumps(getattr(calibrator, "temperature", 1.0)))
+        return export_base.write_info(out_dir, {"format": self.name, "changes": []})
+
+    def session(self, out_dir, threads: int = 1):
+        model, _ = models.load(models.ModelSource(str(out_dir), kind="folder"), "float32")
+        temperature = json.loads((Path(out_dir) / "temperature.json").read_text())
+        return SimpleNamespace(score=lambda ids: model(input_ids=ids).logits / temperature)
+
+    def isolated(self, factory, out_dir, *args, **kwargs):  # a pure-PyTorch runtime cannot crash the process
+        return contextlib.nullcontext(factory(out_dir, *args, **kwargs))
 
 
 @pytest.fixture
@@ -158,3 +185,31 @@ def test_a_method_registered_after_import_is_taken_by_the_recipe(recipe):
     assert isinstance(parse_recipe(recipe).variants[0], Halve)
     with pytest.raises(CalqError, match=r"variants\[0\]\.scheme"):
         parse_recipe({**recipe, "variants": [{"method": "halve", "scheme": 8}]})
+
+
+def test_an_exporter_from_this_file_exports_and_verifies_in_a_run(recipe, working_model, tmp_path):
+    export_base.register(Copy)
+    recipe = {**recipe, "model": {"id": str(working_model)}, "calibrators": None,
+              "export": {"formats": ["copy"], "variants": ["baseline"], "calibrator": "none", "max_tokens": 256}}
+    out = tmp_path / "run"
+    report = calq.run(recipe, out=out)
+    assert [(r["variant"], r["format"], r["calibrator"]) for r in report.data["deployed"]] == [
+        ("baseline", "copy", "none")]
+    assert (out / "export" / "baseline" / "copy" / "config.json").is_file()
+    assert (out / "export" / "baseline" / "copy" / "verify.json").is_file()
+    marker = out / ".calq" / "stages" / "export" / "baseline" / "copy.json"
+    written = marker.stat().st_mtime_ns
+    calq.run(recipe, out=out)
+    assert marker.stat().st_mtime_ns == written  # reused
+
+
+def test_what_a_format_holds_and_falls_back_to_travels_with_it():
+    register_calibrator(Sharp)
+    echo = Echo()
+    assert echo.holds(None) and echo.holds(Sharp) and not echo.holds(Unfusable) and not echo.holds(AtsHead)
+    assert echo.fallback({"none": identity, "unfusable": Unfusable(), "sharp": Sharp(2.0)}) == "sharp"
+    assert echo.fallback({"none": identity, "unfusable": Unfusable()}) == "none"
+    assert not Copy.reads_tokenizer and export_base.get("gguf").reads_tokenizer
+    with pytest.raises(CalqError, match="calibrator 'sharp' needs an argument"):
+        calibrators.parse("sharp", None)
+    assert calibrators.parse(None, None) == ("none", identity)
