@@ -25,10 +25,8 @@ from typing import Any
 
 from calq import data as data_mod
 from calq import models, stages
-from calq.calib import calibrators
 from calq.errors import CalqError, located
 from calq.evaluation import answer_calibration, harness
-from calq.export import base as export_base
 from calq.models import BASELINE
 from calq.quant.base import MethodConfig, MethodUnavailable
 from calq.recipe import Recipe, StageResources
@@ -167,9 +165,6 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
             raise CalqError(f"ignore leaves no Linear layer to quantize ({len(layers)} layers)",
                             f"variants[{i}].ignore", "ignore fewer layers (the default is lm_head only)")
         variants.append(v)
-    if recipe.calibrators is not None:
-        instruction_records(recipe.calibrators, data_root)  # too few records is an error now, not after quantization
-        check_validation_text(recipe, data_root)
     task_docs = fit_docs = None
     if recipe.evaluation.tasks is not None:
         tasks = recipe.evaluation.tasks
@@ -183,8 +178,8 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
             answer_calibration.check_split(list(fit_docs), list(task_docs), {t: d["n"] for t, d in fit_docs.items()},
                                            list(answers.use), where)
     result.variants = [BASELINE, *(v.label for v in variants)]
-    if recipe.export is not None:
-        check_export(recipe, result.variants)
+    for kind in stages.in_order():
+        kind.check(recipe, data_root, result.variants)
     if recipe.gates is not None:
         answers = recipe.evaluation.tasks.answer_calibration if recipe.evaluation.tasks else None
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
@@ -276,7 +271,7 @@ def stage_table(recipe: Recipe, source: models.ModelSource, data_root: Path | No
     with it, so it is part of their keys. `task_docs`, `fit_docs`: what harness.check_tasks returned (examples per
     task and their sha256)."""
     table = Table(recipe, source, data_root, variants, task_docs, fit_docs, bos)
-    for kind in sorted(stages.specs().values(), key=lambda kind: kind.order):
+    for kind in stages.in_order():
         kind.add_stages(table)
     return table.stages
 
@@ -285,24 +280,6 @@ def raised_versions(registry: Registry, names) -> list[dict[str, int]]:
     """[{name: version}] of the named classes past their first version; [] when none is, so keys stay as before."""
     raised = {n: registry.get(n).version for n in names if registry.get(n).version > 1}
     return [raised] if raised else []
-
-
-def check_export(recipe: Recipe, variants: list[str]) -> None:
-    """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
-    spec = recipe.export
-    for fmt in spec.formats:
-        exporter = export_base.get(fmt, "export.formats")
-        exporter.check_runtime()
-        if spec.calibrator != "selected" and not exporter.holds(calibrators.TOKEN.get(spec.calibrator)):
-            raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
-                            f"{', '.join(exporter.calibrators)})", "export.calibrator",
-                            f"use calibrator: selected (the format then falls back to one it holds) or drop {fmt}")
-    for name in spec.variants or ():
-        if name not in variants:
-            raise CalqError(f"unknown variant '{name}'", "export.variants", f"use one of: {', '.join(variants)}")
-    if spec.calibrator not in ("selected", *recipe.calibrator_names()):
-        raise CalqError(f"the {spec.calibrator} calibrator is not fitted in this recipe", "export.calibrator",
-                        "add it to calibrators.use, or export with calibrator: none")
 
 
 def base_source(source: models.ModelSource, run: RunDir) -> models.ModelSource:
@@ -382,31 +359,5 @@ def execute(ctx: Context, result: Plan, until: str | None = None, executor=None)
         ctx.log(f"[yellow]skipped[/] variant {label}: {why}")
     last = stages.GROUPS.index(until) if until else len(stages.GROUPS) - 1
     (executor or LocalExecutor()).run(ctx, [s for s in result.stages if stages.GROUPS.index(s.group) <= last])
-
-
-# ---- plan-time checks of the stages' inputs --------------------------------------------------------
-
-def instruction_records(spec, data_root: Path | None) -> tuple[str, list[dict], str | None]:
-    """(source read, the Alpaca-style records, note on a fallback); fewer than fit + held-out records is an error."""
-    name, records, note = data_mod.load_records(spec.data, "calibrators.data", data_root)
-    records = [r for r in records if isinstance(r, dict) and r.get("instruction") and r.get("output")]
-    need = spec.fit_records + spec.heldout_records
-    if len(records) < need:
-        raise CalqError(f"{name} has {len(records)} instruction records (with 'instruction' and 'output'), fewer than "
-                        f"fit_records + heldout_records = {need}", "calibrators.data",
-                        "give more Alpaca-style records, or lower fit_records / heldout_records")
-    return name, records, note
-
-
-def check_validation_text(recipe: Recipe, data_root: Path | None) -> None:
-    """The calibrators' plain-text validation data is available and is not the evaluation text (before long work)."""
-    text, ev = recipe.calibrators.validation_text, recipe.evaluation.tokens.data
-    if text is None or text.data is None:  # the default, the calibration text, is checked against it in plan()
-        return
-    data_mod.check_available(text.data, "calibrators.validation_text.data", data_root)
-    validated = {(text.data.source, text.data.split), (text.data.fallback, text.data.split)} - {(None, text.data.split)}
-    if validated & {(ev.source, ev.split), (ev.fallback, ev.split)}:
-        raise CalqError("the calibrators' validation text is the evaluation text", "calibrators.validation_text.data",
-                        "validate on other text: another file or split, or omit data (the calibration text)")
 
 

@@ -29,6 +29,11 @@ class StageKind:
         return cls.outputs[name].format(**parts)
 
     @classmethod
+    def check(cls, recipe: Any, data_root: Any, variants: list[str]) -> None:
+        """Raise CalqError, before any long work, when the recipe asks this kind for what cannot be done (`variants`:
+        the names of the variants that run, baseline first)."""
+
+    @classmethod
     def add_stages(cls, table: Any) -> None:
         """Add this kind's stages to the run's table (a `calq.pipeline.Table`: `table.add(...)`), none when the
         recipe does not ask for them."""
@@ -41,6 +46,11 @@ KINDS = Registry("stage kind", "calq.stage_kinds", "stages", key=lambda cls: cls
 def specs() -> Registry:
     """Every stage kind: calq's own and the plugins'."""
     return KINDS.discover()
+
+
+def in_order() -> list[type[StageKind]]:
+    """Every stage kind in run order (`order`)."""
+    return sorted(specs().values(), key=lambda kind: kind.order)
 
 
 def spec_of(stage: str) -> type[StageKind]:

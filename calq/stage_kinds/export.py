@@ -8,9 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from calq import models
+from calq.calib import calibrators
 from calq.calib.base import CalibratedLM
+from calq.errors import CalqError
 from calq.export import base as export_base
 from calq.pipeline import Context
+from calq.recipe import Recipe
 from calq.runs import atomic_path, write_json
 from calq.stage_kinds.calibrate import load_calibrators
 from calq.stages import KINDS, StageKind
@@ -20,6 +23,11 @@ from calq.stages import KINDS, StageKind
 class Export(StageKind):
     kind, pattern, group, words, order = "export", "export/<variant>/<format>", "export", "export", 140
     outputs = {"artifact": "export/{variant}/{format}", "result": "export/{variant}/{format}.json"}
+
+    @classmethod
+    def check(cls, recipe, data_root, variants) -> None:
+        if recipe.export is not None:
+            check_export(recipe, variants)
 
     @classmethod
     def add_stages(cls, table) -> None:
@@ -32,6 +40,24 @@ class Export(StageKind):
                 table.add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
                           settings=[spec.model_dump(exclude={"formats", "variants"}), ev.seq_len, ev.bins,
                                     cls.version])
+
+
+def check_export(recipe: Recipe, variants: list[str]) -> None:
+    """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
+    spec = recipe.export
+    for fmt in spec.formats:
+        exporter = export_base.get(fmt, "export.formats")
+        exporter.check_runtime()
+        if spec.calibrator != "selected" and not exporter.holds(calibrators.TOKEN.get(spec.calibrator)):
+            raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
+                            f"{', '.join(exporter.calibrators)})", "export.calibrator",
+                            f"use calibrator: selected (the format then falls back to one it holds) or drop {fmt}")
+    for name in spec.variants or ():
+        if name not in variants:
+            raise CalqError(f"unknown variant '{name}'", "export.variants", f"use one of: {', '.join(variants)}")
+    if spec.calibrator not in ("selected", *recipe.calibrator_names()):
+        raise CalqError(f"the {spec.calibrator} calibrator is not fitted in this recipe", "export.calibrator",
+                        "add it to calibrators.use, or export with calibrator: none")
 
 
 def stage_export(ctx: Context, name: str, fmt: str):

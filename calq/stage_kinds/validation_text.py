@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from safetensors.torch import save_file
 
 from calq import data as data_mod
 from calq import models
 from calq.errors import CalqError
 from calq.pipeline import Context
+from calq.recipe import Recipe
 from calq.runs import atomic_path
 from calq.stage_kinds.samples import sample_pool
 from calq.stages import KINDS, StageKind
@@ -19,6 +22,11 @@ class ValidationText(StageKind):
     outputs = {"windows": "validation_text.safetensors"}
 
     @classmethod
+    def check(cls, recipe, data_root, variants) -> None:
+        if recipe.calibrators is not None:
+            check_validation_text(recipe, data_root)
+
+    @classmethod
     def add_stages(cls, table) -> None:
         spec, cal = table.recipe.calibrators, table.recipe.calibration
         if spec is None or spec.validation_text is None:
@@ -28,6 +36,18 @@ class ValidationText(StageKind):
                   settings=[text.model_dump(exclude={"data"}), spec.seed, cal.model_dump(exclude={"data"}),
                             data_mod.fingerprint(text.data or cal.data, table.data_root), *table.with_bos,
                             *table.raised(cls)])
+
+
+def check_validation_text(recipe: Recipe, data_root: Path | None) -> None:
+    """The calibrators' plain-text validation data is available and is not the evaluation text (before long work)."""
+    text, ev = recipe.calibrators.validation_text, recipe.evaluation.tokens.data
+    if text is None or text.data is None:  # the default, the calibration text, is checked against it in plan()
+        return
+    data_mod.check_available(text.data, "calibrators.validation_text.data", data_root)
+    validated = {(text.data.source, text.data.split), (text.data.fallback, text.data.split)} - {(None, text.data.split)}
+    if validated & {(ev.source, ev.split), (ev.fallback, ev.split)}:
+        raise CalqError("the calibrators' validation text is the evaluation text", "calibrators.validation_text.data",
+                        "validate on other text: another file or split, or omit data (the calibration text)")
 
 
 def stage_validation_text(ctx: Context):
