@@ -26,6 +26,7 @@ from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.calib.calibrators import ANSWER
 from calq.errors import CalqError
 from calq.evaluation.selective import against_chance, bands, selective_report, summary
+from calq.evaluation.tasks import shared_data
 from calq.metrics import ece
 
 MIN_FIT_QUESTIONS = 20
@@ -39,6 +40,12 @@ def check_split(fit_tasks: list[str], eval_tasks: list[str], counts: dict[str, i
     if overlap:
         raise CalqError(f"fit tasks and evaluation tasks overlap: {', '.join(overlap)}", where,
                         "an answer calibrator must be evaluated on tasks it never saw; remove them from one list")
+    for fit_task in fit_tasks:
+        for eval_task in eval_tasks:
+            if shared := shared_data(fit_task, eval_task):
+                raise CalqError(f"fit task '{fit_task}' and evaluation task '{eval_task}' read the same questions "
+                                f"({shared})", where, "an answer calibrator must be evaluated on questions it never "
+                                                      "saw; remove one of them")
     if not fit_tasks:
         raise CalqError("no fit tasks listed", where,
                         "list multiple-choice fit tasks, e.g. openbookqa, commonsense_qa, siqa, copa")

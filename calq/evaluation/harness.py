@@ -277,7 +277,8 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
                             "tasks from lm-eval's registry read the Hugging Face hub (needs network); offline, "
                             "use calq's tasks or an include_path task with local data") from None
         for leaf, task in leaves.items():
-            resolved[name if len(leaves) == 1 else leaf] = (leaf, task)
+            own = leaf.removeprefix(PREFIX)  # a calq group's tasks go by their calq names, as when listed one by one
+            resolved[name if len(leaves) == 1 else own if own in known else leaf] = (leaf, task)
     return {"manager": manager, "tasks": resolved}
 
 
