@@ -5,7 +5,7 @@ import pytest
 
 from calq.errors import CalqError
 from calq.evaluation import answer_calibration, harness
-from calq.evaluation.tasks import available, data_source, shared_data
+from calq.evaluation.tasks import available, data_source, listing, shared_data
 from tests.conftest import data_dir
 
 
@@ -17,6 +17,8 @@ def test_every_mmlu_subject_is_a_task_reading_its_own_part_of_mmlu():
     assert len(subjects()) == 57
     assert data_source("mmlu_anatomy") == ("mmlu", "anatomy") and data_source("mmlu") == ("mmlu", None)
     assert data_source("not_a_calq_task") is None
+    # messages that list calq's tasks name the group once, not its 57 tasks
+    assert "mmlu_subjects (57 tasks mmlu_*)" in listing() and "mmlu_anatomy" not in listing()
 
 
 @pytest.mark.skipif(data_dir() is None, reason="needs CALQ_DATA_DIR (the shared offline data)")

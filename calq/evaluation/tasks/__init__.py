@@ -15,6 +15,7 @@ go by their calq names (`mmlu_anatomy`). Several tasks may read one data file (`
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import yaml
@@ -50,6 +51,16 @@ def data_source(name: str) -> tuple[str, str | None] | None:
         return None
     kwargs = _config(path).get("dataset_kwargs") or {}
     return kwargs.get("source", name), kwargs.get("subject")
+
+
+def listing() -> list[str]:
+    """calq's task names for a message: a group's tasks as the group, e.g. `mmlu_subjects (57 tasks mmlu_*)`."""
+    names = available()
+    groups = {name: [t.removeprefix(PREFIX) for t in config["task"]] for name, path in names.items()
+              if "group" in (config := _config(path))}
+    members = {t for tasks in groups.values() for t in tasks}
+    return [f"{name} ({len(groups[name])} tasks {os.path.commonprefix(groups[name])}*)" if name in groups else name
+            for name in names if name not in members]
 
 
 def shared_data(a: str, b: str) -> str | None:
