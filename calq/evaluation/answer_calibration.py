@@ -147,14 +147,15 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
 def calibrate_answers(fit_sets: dict[str, AnswerSet], eval_sets: dict[str, AnswerSet],
                       settings: dict[str, BaseModel | None], targets: list[float] = (0.8,), select_by: str = "ece",
                       bins: int = 15, n_boot: int = 1000, seed: int = 0,
-                      parent_probabilities: dict[str, torch.Tensor] | None = None
+                      parent_probabilities: dict[str, torch.Tensor] | None = None, skip_at_chance: bool = True
                       ) -> tuple[dict[str, AnswerCalibrator], dict]:
-    """Fit every calibrator in `settings` on the fit tasks above chance, select one by leave-one-fit-task-out
-    `select_by` (`none` is a candidate, so the selected one was never worse than none there), evaluate all on the
-    evaluation tasks. A calibrator that cannot be fitted (parent with too few agreeing prompts, every fit task at
-    chance, ...) is left out with its reason. Returns (fitted, answer_section(...) plus "selected", "selection",
-    "fit_seconds", "not_fitted", "fitted_on": the fit tasks above chance, "screened_out": those at or below it)."""
-    screened_out = [t for t, s in fit_sets.items() if against_chance(s, n_boot, seed)["at_chance"]]
+    """Fit every calibrator in `settings` on the fit tasks above chance (on all, without `skip_at_chance`), select
+    one by leave-one-fit-task-out `select_by` (`none` is a candidate, so the selected one was never worse than none
+    there), evaluate all on the evaluation tasks. A calibrator that cannot be fitted (parent with too few agreeing
+    prompts, every fit task at chance, ...) is left out with its reason. Returns (fitted, answer_section(...) plus
+    "selected", "selection", "fit_seconds", "not_fitted", "fitted_on": the fit tasks used, "screened_out": those at
+    or below chance)."""
+    screened_out = [t for t, s in fit_sets.items() if skip_at_chance and against_chance(s, n_boot, seed)["at_chance"]]
     informative = {t: s for t, s in fit_sets.items() if t not in screened_out}
     parents = ({t: p for t, p in parent_probabilities.items() if t in informative}
                if parent_probabilities is not None else None)
