@@ -5,12 +5,19 @@ Two phases, so the slow part (the model's forward passes) runs once:
     python benchmarks/bench_answer_calibration.py collect --data-dir ../shared/data --out bench_answers
     python benchmarks/bench_answer_calibration.py analyze --out bench_answers [--json results.json]
 
+    python benchmarks/bench_answer_calibration.py collect --all --data-dir ../shared/data --out bench_loto
+    python benchmarks/bench_answer_calibration.py loto --out bench_loto [--json results.json]
+
 `collect` runs every task once through `harness.run_tasks` (calibrator `none`, features on) and stores per task
 the choices' log-likelihoods, gold indices, choice lengths (JSON) and the prompt-end hidden states (safetensors),
 with the wall time and the number of questions. `analyze` fits the answer calibrators on the fit tasks and
 reports, per evaluation task: accuracy, confidence, ECE (15 equal-width bins), ECE (10 equal-mass bins), smooth
 ECE, Brier, AUROC, AURC, each with a 95% bootstrap interval, and "answer only when confidence >= c" for target
-accuracies; then leave-one-task-out over all tasks. Sizes, seeds and times are printed and written to --json.
+accuracies. `collect --all` stores every offline multiple-choice task (each MMLU subject a task) at `--limit`
+questions each (default 500, all a task has when fewer); `loto` holds out each collected task in turn and reports
+on it: uncalibrated ECE, one temperature fitted on all the others, answer_adaptive fitted on all the others, and
+the per-task oracle temperature (fitted on the held-out task's own labels: the floor a temperature can reach).
+Sizes, seeds and times are printed and written to --json.
 """
 
 from __future__ import annotations
@@ -27,6 +34,16 @@ from safetensors.torch import load_file, save_file
 # Sizes fit a shared 2-core machine (about 130 tokens/s on one thread there): the issue's probe used 150 per task.
 FIT = {"openbookqa": 150, "commonsense_qa": 150, "siqa": 150, "copa": 100}
 EVAL = {"arc_easy": 150, "arc_challenge": 150, "piqa": 150, "boolq": 150, "mmlu": 150, "truthfulqa_mc1": 100}
+# Leave-one-task-out: every offline multiple-choice task whose questions are in no other one (not `mmlu`, whose
+# questions are the subjects', nor truthfulqa_mc2, mc1's questions), plus mmlu_<subject> for each of the 57.
+LOTO = ["arc_easy", "arc_challenge", "piqa", "boolq", "openbookqa", "commonsense_qa", "siqa", "copa",
+        "truthfulqa_mc1"]
+
+
+def loto_tasks() -> list[str]:
+    from calq.evaluation.tasks import available
+
+    return LOTO + [t for t in available() if t.startswith("mmlu_") and t not in ("mmlu_5shot", "mmlu_subjects")]
 
 
 def model_folder(out: Path) -> Path:
@@ -59,28 +76,36 @@ def variant_folder(out: Path, baseline_out: Path) -> Path:
 
 
 def collect(args) -> None:
-    from calq.calib import identity
+    from calq.calib.base import identity
     from calq.evaluation.harness import run_tasks, split_features
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     folder = variant_folder(args.out, args.baseline) if args.variant else model_folder(args.out)
-    limits = {**EVAL, **FIT} if args.variant else {**FIT, **EVAL}
-    for task in args.tasks or limits:
-        if (args.out / f"{task}.json").exists():
-            continue
+    if args.all:
+        limits = dict.fromkeys(loto_tasks(), args.limit)
+    else:
+        limits = {**EVAL, **FIT} if args.variant else {**FIT, **EVAL}
+    todo = [t for t in args.tasks or limits if not (args.out / f"{t}.json").exists()]
+    # tasks of one limit share a run (one model load, one task index): `chunk` at a time, so a stop keeps the rest
+    runs = [todo[i:i + args.chunk] for i in range(0, len(todo), args.chunk)] if args.all else [[t] for t in todo]
+    for tasks in runs:
+        limit = limits.get(tasks[0], args.limit)
         start = time.perf_counter()
-        res = run_tasks(folder, {"none": identity}, [task], limits.get(task, args.limit), args.data_dir,
-                        args.batch_size, features=True)
+        res = run_tasks(folder, {"none": identity}, tasks, limit, args.data_dir, args.batch_size, features=True)
         seconds = time.perf_counter() - start
         part, tensors = split_features(res)
-        entry = part["tasks"][task]
-        save_file(tensors, args.out / f"{task}.safetensors")
-        record = {"task": task, "n": entry["n"], "gold": entry["gold"], "choice_tokens": entry["choice_tokens"],
-                  "loglikelihoods": entry["calibrators"]["none"]["loglikelihoods"], "seconds": seconds,
-                  "threads": args.threads, "batch_size": args.batch_size, "limit": limits.get(task, args.limit)}
-        (args.out / f"{task}.json").write_text(json.dumps(record))
-        print(f"{task}: {entry['n']} questions in {seconds:.0f} s ({entry['n'] / seconds:.2f} questions/s)", flush=True)
+        questions = sum(part["tasks"][t]["n"] for t in tasks)
+        for task in tasks:
+            entry = part["tasks"][task]
+            save_file({k: v for k, v in tensors.items() if k.startswith(f"{task}.")}, args.out / f"{task}.safetensors")
+            record = {"task": task, "n": entry["n"], "gold": entry["gold"], "choice_tokens": entry["choice_tokens"],
+                      "loglikelihoods": entry["calibrators"]["none"]["loglikelihoods"],
+                      "seconds": seconds * entry["n"] / questions, "threads": args.threads,
+                      "batch_size": args.batch_size, "limit": limit}
+            (args.out / f"{task}.json").write_text(json.dumps(record))
+        print(f"{', '.join(tasks)}: {questions} questions in {seconds:.0f} s ({questions / seconds:.2f} questions/s)",
+              flush=True)
 
 
 def load_task(out: Path, task: str):
@@ -147,17 +172,79 @@ def analyze(args) -> None:
                                {t: (c.apply(sets[t]), sets[t].gold) for t in evals}, targets=args.targets,
                                n_boot=args.n_boot, seed=args.seed)
         for name, c in fitted.items()}
-    if args.loto:
-        loto = []
-        for held in sets:
-            others = [t for t in sets if t != held]
-            fitted_o, _ = fit_all(others)
-            loto += [{**row, "temperature": fitted_o["answer_temperature"].temperature,
-                      "adaptive_kept": fitted_o["adaptive"].info["kept"]} for row in rows(fitted_o, [held])]
-        result["leave_one_task_out"] = loto
     if args.variant_out:
         result["parent"] = parent_rows(args, sets)
     print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+def loto(args) -> None:
+    """Leave-one-task-out over every collected task: on each, none / one T / answer_adaptive fitted on all the
+    others, the same fitted on the others above chance only (the pipeline's screening: with none above chance
+    nothing is fitted, with one answer_adaptive is one T), and the oracle T fitted on the task itself; means over
+    tasks and the share of the gap from one T to the oracle that answer_adaptive closes."""
+    from calq.calib import answer_adaptive, answer_temperature
+    from calq.calib.answer_features import top_choice
+    from calq.evaluation.selective import against_chance, uniform_share
+    from calq.metrics import ece
+
+    torch.set_num_threads(args.threads)
+    tasks = [t for t in loto_tasks() if (args.out / f"{t}.json").exists()]
+    records, sets = {}, {}
+    for task in tasks:
+        records[task], sets[task] = load_task(args.out, task)
+    start = time.perf_counter()
+    accuracy = {t: against_chance(sets[t], args.n_boot, args.seed) for t in tasks}
+    rows = []
+    for held in tasks:
+        s = sets[held]
+        others = {t: sets[t] for t in tasks if t != held}
+        above = {t: a for t, a in others.items() if not accuracy[t]["at_chance"]}
+        one_t = answer_temperature.fit(list(others.values()))
+        adaptive = answer_adaptive.fit(others, seed=args.seed)
+        # as the pipeline: no task above chance fits nothing (none), one is too few for answer_adaptive (one T)
+        one_t_above = answer_temperature.fit(list(above.values())) if above else answer_temperature.AnswerTemperature(1)
+        adaptive_above = answer_adaptive.fit(above, seed=args.seed) if len(above) > 1 else one_t_above
+        oracle = answer_temperature.fit([s])
+        probs = {"none": s.probabilities(), "one_t": one_t.apply(s), "adaptive": adaptive.apply(s),
+                 "one_t_above": one_t_above.apply(s), "adaptive_above": adaptive_above.apply(s),
+                 "oracle_t": oracle.apply(s)}
+        choices = torch.tensor([len(row) for row in s.loglikelihoods])
+        row = {"task": held, "n": len(s), "accuracy": accuracy[held], "fit_tasks_above_chance": len(above),
+               "t_others": one_t.temperature, "t_others_above": one_t_above.temperature,
+               "t_oracle": oracle.temperature, "adaptive_kept": adaptive.info["kept"],
+               "adaptive_above_kept": adaptive_above.info.get("kept")}
+        for name, p in probs.items():
+            conf, correct = top_choice(p, s.gold)
+            row[name] = ece(conf, correct, 15)
+            row[f"{name}_uniform_share"] = uniform_share(conf, choices)
+        rows.append(row)
+        print(f"{held}: n {row['n']}, acc {row['accuracy']['accuracy']:.3f}, ECE none {row['none']:.3f} one T "
+              f"{row['one_t']:.3f} adaptive {row['adaptive']:.3f} oracle {row['oracle_t']:.3f}", flush=True)
+    columns = ("none", "one_t", "adaptive", "one_t_above", "adaptive_above", "oracle_t")
+    means = {name: sum(r[name] for r in rows) / len(rows) for name in columns}
+    gap = means["one_t"] - means["oracle_t"]
+    result = {"machine": f"{platform.node()} {platform.machine()}", "threads": args.threads, "seed": args.seed,
+              "tasks": len(rows), "questions": sum(r["n"] for r in rows),
+              "collect_seconds": sum(records[t]["seconds"] for t in tasks), "analyze_seconds":
+              time.perf_counter() - start, "mean_ece": means,
+              "adaptive_beats_one_t": sum(r["adaptive"] < r["one_t"] for r in rows),
+              "adaptive_above_beats_one_t_above": sum(r["adaptive_above"] < r["one_t_above"] for r in rows),
+              "gap_closed": (means["one_t"] - means["adaptive"]) / gap if gap > 0 else None, "rows": rows}
+    print("\n| held-out task | n | acc | chance | ECE none | one T | adaptive | one T, fit tasks above chance | "
+          "adaptive, above chance | oracle T | T others | T oracle | head kept |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['n']} | {r['accuracy']['accuracy']:.3f} | {r['accuracy']['chance']:.3f} | "
+              + " | ".join(f"{r[k]:.3f}" for k in columns)
+              + f" | {r['t_others']:.3g} | {r['t_oracle']:.3g} | {r['adaptive_kept']} |")
+    print(f"| mean over {len(rows)} tasks | {result['questions']} | | | "
+          + " | ".join(f"{means[k]:.3f}" for k in columns) + " | | | |")
+    closed = "n/a" if result["gap_closed"] is None else f"{result['gap_closed']:.2f}"
+    print(f"answer_adaptive below one T on {result['adaptive_beats_one_t']} of {len(rows)} tasks (fitted on the "
+          f"tasks above chance: {result['adaptive_above_beats_one_t_above']}); share of the gap from one T to the "
+          f"oracle it closes: {closed}; analyze {result['analyze_seconds']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
@@ -204,7 +291,7 @@ def print_tables(result: dict) -> None:
         print(f"fit tasks {result['fit_tasks']}; fit seconds: {result['fit_seconds']}; "
               f"T = {result['temperature']:.3f}; "
               f"adaptive: {result['adaptive']}")
-    for key in ("rows", "leave_one_task_out", "parent"):
+    for key in ("rows", "parent"):
         if key not in result:
             continue
         print(f"\n{key}")
@@ -231,24 +318,25 @@ def print_tables(result: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["collect", "analyze"])
+    parser.add_argument("phase", choices=["collect", "analyze", "loto"])
     parser.add_argument("--out", type=Path, default=Path("bench_answers"))
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--tasks", nargs="*")
-    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--limit", type=int, default=500, help="questions per task for --all (and unlisted tasks)")
+    parser.add_argument("--all", action="store_true", help="collect: every task of the leave-one-task-out")
+    parser.add_argument("--chunk", type=int, default=8, help="collect --all: tasks per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)  # 2 threads on 2 busy cores ran 4x slower
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--targets", type=float, nargs="*", default=[0.6, 0.7, 0.8])
-    parser.add_argument("--loto", action="store_true", help="also leave-one-task-out over every collected task")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--variant", action="store_true", help="collect: the min-max W4A16 variant instead")
     parser.add_argument("--baseline", type=Path, help="with --variant: the baseline's collect folder (its model)")
     parser.add_argument("--variant-out", type=Path, help="analyze: the variant's collect folder, for `parent`")
     parser.add_argument("--only-parent", action="store_true", help="analyze: the parent rows only (with --variant-out)")
     args = parser.parse_args()
-    collect(args) if args.phase == "collect" else analyze(args)
+    {"collect": collect, "analyze": analyze, "loto": loto}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ class AnswerCalibrationSpec(CalibratorSection):
                                              "is fitted on quantized variants only)")
     select_by: Literal["ece", "nll"] = Field("ece", description="leave-one-fit-task-out metric that selects each "
                                                                 "variant's answer calibrator")
+    skip_at_chance: bool = Field(True, description="leave out of fitting, per variant, a fit task whose accuracy "
+                                                   "interval reaches chance (there the best temperature is infinite)")
     targets: tuple[float, ...] = Field((0.8,), description="target accuracies for selective prediction: the "
                                                            "confidence threshold is fitted on the fit tasks")
 

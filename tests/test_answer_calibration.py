@@ -170,3 +170,24 @@ def test_answer_section_fits_on_fit_tasks_and_reports_unseen_tasks():
             (["a"], ["b"], None, ["ats"], "unknown answer calibrator 'ats'")]:
         with pytest.raises(CalqError, match=message):
             ac.check_split(fit, evaluation, counts, names)
+
+
+def test_fit_tasks_at_or_below_chance_are_left_out_of_fitting_and_all_at_chance_fits_nothing():
+    from calq.evaluation import answer_calibration as ac
+
+    sets = {name: s for name, s in tasks_with_varying_overconfidence().items() if name in ("task0", "task1")}
+    below = AnswerSet([[2.0, 1.0, 0.0, 0.0]] * 40, [[3]] * 40)  # the top choice is never right
+    unseen, _ = synthetic(300, seed=71, overconfidence=2.5)
+    fitted, section = ac.calibrate_answers({**sets, "below": below}, {"unseen": unseen}, {"answer_temperature": None},
+                                           n_boot=50)
+    assert section["screened_out"] == ["below"] and section["fitted_on"] == ["task0", "task1"]
+    assert section["fit_accuracy"]["below"]["at_chance"] and "below" not in section["selection"]["none"]["per_task"]
+    alone = answer_temperature.fit(list(sets.values()))
+    assert fitted["answer_temperature"].temperature == alone.temperature and not alone.fit_info["at_bound"]
+
+    fitted, section = ac.calibrate_answers({"below": below, "also_below": below}, {"unseen": unseen},
+                                           {"answer_temperature": None, "answer_adaptive": None}, n_boot=50)
+    assert fitted == {} and section["selected"] == "none" and section["fitted_on"] == []
+    assert section["not_fitted"] == dict.fromkeys(["answer_temperature", "answer_adaptive"],
+                                                  "every fit task is at or below chance for this variant")
+    assert [r["calibrator"] for r in section["rows"]] == ["none"]

@@ -44,7 +44,9 @@ def answer_recipe(tiny_recipe, mc_tasks, **answers) -> dict:
             "evaluation": {**tiny_recipe["evaluation"], "tasks": {
                 "names": ["eval_x", "eval_y"], "limit": 24, "batch_size": 16, "bootstrap": 50,
                 "include_path": [str(mc_tasks)],
+                # the tiny model is at chance on every fit task: fitted anyway, to see what that does
                 "answer_calibration": {"fit_tasks": ["fit_a", "fit_b", "fit_c"], "fit_limit": 24,
+                                       "skip_at_chance": False,
                                        **({} if "use" in answers else {"answer_adaptive": {"epochs": 5,
                                                                                            "patience": 2}}),
                                        **answers}}}}
@@ -104,6 +106,17 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
     recipe["gates"] = {"max_answer_ece": 0.0}
     again = calq.run(recipe, out=out, data_dir=tmp_path)
     assert again.exit_code == 1 and all(g.startswith("max_answer_ece") for g in again.failed_gates)
+
+    # screened (the default): every fit task is at chance, so nothing is fitted, `none` is selected, the report says so
+    del recipe["evaluation"]["tasks"]["answer_calibration"]["skip_at_chance"]
+    del recipe["gates"]
+    calq.run(recipe, out=out, data_dir=tmp_path)
+    answers = json.loads((out / "report.json").read_text())["answers"]
+    for variant in variants:
+        info = answers["variants"][variant]
+        assert info["screened_out"] == ["fit_a", "fit_b", "fit_c"] and info["fitted_on"] == []
+        assert info["selected"] == "none" and info["fit_seconds"] == {}
+    assert "baseline: every fit task (fit_a, fit_b, fit_c) is at or below chance" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("change, message", [

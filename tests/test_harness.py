@@ -198,6 +198,8 @@ def test_mmlu_interleaves_subjects_and_takes_shots_from_the_same_subject(task_da
     assert [d["subject"] for d in docs] == ["alpha", "beta", "alpha"]
     assert docs[1]["shots"].count("\nAnswer: ") == 5 and "beta dev question 4?" in docs[1]["shots"]
     assert "dev question 5" not in docs[1]["shots"] and "alpha" not in docs[1]["shots"]
+    assert [d["question"] for d in sources.mmlu(data_dir=task_data, subject="alpha")["test"]] == [
+        "alpha test question 0?", "alpha test question 1?"]  # one subject alone: the task mmlu_<subject>
     mc2 = sources.truthfulqa(data_dir=task_data, targets="mc2_targets")["test"][0]
     assert mc2["choices"] == ["No.", "Not at all.", "Yes."] and mc2["labels"] == [1, 1, 0]
 
@@ -205,6 +207,9 @@ def test_mmlu_interleaves_subjects_and_takes_shots_from_the_same_subject(task_da
 @pytest.mark.skipif(data_dir() is None, reason="needs CALQ_DATA_DIR (the shared offline data)")
 def test_every_task_reads_the_shared_data():
     counts = {name: task["n"] for name, task in harness.check_tasks(list(available()), data_dir(), None).items()}
+    subjects = {name: n for name, n in counts.items() if name.startswith("mmlu_") and name != "mmlu_5shot"}
+    assert len(subjects) == 57 and sum(subjects.values()) == counts["mmlu"]  # the group's tasks, by calq names
+    counts = {name: n for name, n in counts.items() if name not in subjects}
     assert counts == {"arc_challenge": 1172, "arc_easy": 2376, "boolq": 3270, "lambada": 5153, "mmlu": 14042,
                       "mmlu_5shot": 14042, "piqa": 1838, "triviaqa": 3000, "truthfulqa_mc1": 817, "truthfulqa_mc2": 817,
                       "openbookqa": 500, "commonsense_qa": 1221, "siqa": 1954, "copa": 100}

@@ -81,6 +81,26 @@ def test_answer_tables_label_a_collapsed_calibrator_and_a_temperature_at_its_bou
     assert ("baseline / answer_temperature: temperature at its bound (T=1097, the fit allows e^±7): fit tasks obqa "
             "(0.18 [0.08, 0.30], chance 0.25) are at or below chance within their intervals") in summary["note"]
     assert [r[-1] for r in every["rows"]] == ["no", "yes"] and every["rows"][1][11] == "yes"  # ranks right above wrong
-    assert [r[-1] for r in chance["rows"]] == ["yes", "no"]
+    assert [r[5] for r in chance["rows"]] == ["yes", "no"] and [r[6] for r in chance["rows"]] == ["–", "–"]
     del section["results"][1]["collapsed"]  # results stored before collapse was measured: unknown, not "no"
     assert answers.tables(section)[0]["rows"][0][-1] == "–"
+
+
+def test_answer_tables_say_which_fit_tasks_were_screened_out_and_when_nothing_was_fitted():
+    from calq.report import answers
+
+    fit = {"obqa": {"n": 40, "accuracy": 0.18, "accuracy_ci": [0.08, 0.3], "chance": 0.25, "at_chance": True},
+           "copa": {"n": 40, "accuracy": 0.8, "accuracy_ci": [0.7, 0.9], "chance": 0.5, "at_chance": False}}
+    info = {"selected": "answer_temperature", "selection": {}, "fit_accuracy": fit, "fitted_on": ["copa"],
+            "screened_out": ["obqa"], "fit_info": {"answer_temperature": {"temperature": 1096.6, "at_bound": True}}}
+    section = {"settings": {"fit_tasks": ["obqa", "copa"], "eval_tasks": ["arc"], "fit_limit": 40, "select_by": "ece",
+                            "bins": 15, "seed": 0}, "variants": {"baseline": info}, "results": []}
+    summary, _, chance = answers.tables(section)[:3]
+    assert "baseline: fit tasks obqa are at or below chance and were left out of fitting (fitted on copa)" in \
+        summary["note"]
+    # the bound is no longer blamed on a task the temperature never saw
+    assert "no fit task's accuracy interval reaches down to chance" in summary["note"]
+    assert [r[6] for r in chance["rows"]] == ["no", "yes"]
+    info.update(fitted_on=[], screened_out=["obqa", "copa"], selected="none", fit_info={})
+    assert ("baseline: every fit task (obqa, copa) is at or below chance, so no answer calibrator was fitted and the "
+            "confidence shown is the uncalibrated one") in answers.tables(section)[0]["note"]

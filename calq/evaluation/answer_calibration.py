@@ -7,6 +7,11 @@
 The fit tasks and the evaluation tasks never overlap: every evaluation row is on a task no calibrator saw. Each
 variant's answer calibrator is selected by leave-one-fit-task-out: every candidate is refitted without one fit task
 and scored on it, so selection too uses only tasks the candidate did not see.
+
+Fit tasks are screened per variant: one where the model is at chance (its accuracy interval reaches 1/choices or
+lies below) is left out of fitting. There the likelihood-optimal temperature is infinite, whatever weight the task
+gets, so weighting would still pull every temperature towards uniform; such a task teaches nothing about one where
+the model knows something. With every fit task at chance no calibrator is fitted and `none` is selected.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.calib.calibrators import ANSWER
 from calq.errors import CalqError
 from calq.evaluation.selective import against_chance, bands, selective_report, summary
+from calq.evaluation.tasks import shared_data
 from calq.metrics import ece
 
 MIN_FIT_QUESTIONS = 20
@@ -34,6 +40,12 @@ def check_split(fit_tasks: list[str], eval_tasks: list[str], counts: dict[str, i
     if overlap:
         raise CalqError(f"fit tasks and evaluation tasks overlap: {', '.join(overlap)}", where,
                         "an answer calibrator must be evaluated on tasks it never saw; remove them from one list")
+    for fit_task in fit_tasks:
+        for eval_task in eval_tasks:
+            if shared := shared_data(fit_task, eval_task):
+                raise CalqError(f"fit task '{fit_task}' and evaluation task '{eval_task}' read the same questions "
+                                f"({shared})", where, "an answer calibrator must be evaluated on questions it never "
+                                                      "saw; remove one of them")
     if not fit_tasks:
         raise CalqError("no fit tasks listed", where,
                         "list multiple-choice fit tasks, e.g. openbookqa, commonsense_qa, siqa, copa")
@@ -114,6 +126,9 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
     out = {"none": {"per_task": {t: _score(s.probabilities(), s, select_by, bins) for t, s in fit_sets.items()}}}
     for name, config in settings.items():
         per_task, error = {}, None
+        if len(fit_sets) < 2:
+            out[name] = {"per_task": per_task, "error": "one fit task: none to hold out"}
+            continue
         try:
             for held, answers in fit_sets.items():
                 rest = {t: s for t, s in fit_sets.items() if t != held}
@@ -124,33 +139,43 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
             error = err.what
         out[name] = {"per_task": per_task, "error": error}
     for entry in out.values():
-        entry["mean"] = sum(entry["per_task"].values()) / len(entry["per_task"]) if not entry.get("error") else None
+        entry["mean"] = (sum(entry["per_task"].values()) / len(entry["per_task"])
+                         if entry["per_task"] and not entry.get("error") else None)
     return out
 
 
 def calibrate_answers(fit_sets: dict[str, AnswerSet], eval_sets: dict[str, AnswerSet],
                       settings: dict[str, BaseModel | None], targets: list[float] = (0.8,), select_by: str = "ece",
                       bins: int = 15, n_boot: int = 1000, seed: int = 0,
-                      parent_probabilities: dict[str, torch.Tensor] | None = None
+                      parent_probabilities: dict[str, torch.Tensor] | None = None, skip_at_chance: bool = True
                       ) -> tuple[dict[str, AnswerCalibrator], dict]:
-    """Fit every calibrator in `settings` on all fit tasks, select one by leave-one-fit-task-out `select_by` (`none`
-    is a candidate, so the selected one was never worse than none there), evaluate all on the evaluation tasks.
-    A calibrator that cannot be fitted (parent with too few agreeing prompts, ...) is left out with its reason.
-    Returns (fitted, answer_section(...) plus "selected", "selection", "fit_seconds", "not_fitted")."""
-    selection = leave_one_task_out(fit_sets, settings, select_by, bins, seed, parent_probabilities)
+    """Fit every calibrator in `settings` on the fit tasks above chance (on all, without `skip_at_chance`), select
+    one by leave-one-fit-task-out `select_by` (`none` is a candidate, so the selected one was never worse than none
+    there), evaluate all on the evaluation tasks. A calibrator that cannot be fitted (parent with too few agreeing
+    prompts, every fit task at chance, ...) is left out with its reason. Returns (fitted, answer_section(...) plus
+    "selected", "selection", "fit_seconds", "not_fitted", "fitted_on": the fit tasks used, "screened_out": those at
+    or below chance)."""
+    screened_out = [t for t, s in fit_sets.items() if skip_at_chance and against_chance(s, n_boot, seed)["at_chance"]]
+    informative = {t: s for t, s in fit_sets.items() if t not in screened_out}
+    parents = ({t: p for t, p in parent_probabilities.items() if t in informative}
+               if parent_probabilities is not None else None)
+    selection = leave_one_task_out(informative, settings, select_by, bins, seed, parents)
     fitted, seconds, not_fitted = {}, {}, {}
     for name, config in settings.items():
+        if not informative:
+            not_fitted[name] = "every fit task is at or below chance for this variant"
+            continue
         try:
-            one, secs = fit_answer_calibrators(fit_sets, {name: config}, seed, parent_probabilities)
+            one, secs = fit_answer_calibrators(informative, {name: config}, seed, parents)
         except CalqError as err:
             not_fitted[name] = err.what
             continue
         fitted.update(one)
         seconds.update(secs)
     candidates = [n for n in selection if n == "none" or (n in fitted and selection[n]["mean"] is not None)]
-    selected = min(candidates, key=lambda n: selection[n]["mean"])
+    selected = min(candidates, key=lambda n: selection[n]["mean"]) if informative else "none"
     section = answer_section(fitted, {**fit_sets, **eval_sets}, list(fit_sets), list(eval_sets), targets, bins,
                              n_boot, seed)
     section.update(selected=selected, select_by=select_by, selection=selection, fit_seconds=seconds,
-                   not_fitted=not_fitted)
+                   not_fitted=not_fitted, fitted_on=list(informative), screened_out=screened_out)
     return fitted, section

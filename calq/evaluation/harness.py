@@ -62,7 +62,7 @@ from calq import models
 from calq.calib import calibrators as calibrators_mod
 from calq.calib.base import Calibrator
 from calq.errors import CalqError
-from calq.evaluation.tasks import PREFIX, TASKS_DIR, available
+from calq.evaluation.tasks import PREFIX, TASKS_DIR, available, listing
 
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
@@ -253,7 +253,7 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
     """
     known = available()
     if not tasks:
-        raise CalqError("no tasks listed", where, f"list one or more of: {', '.join(known)}")
+        raise CalqError("no tasks listed", where, f"list one or more of: {', '.join(listing())}")
     _check_include_path(include_path, where)
     manager = _task_manager(data_dir, include_path, defaults=False)
     lm_names = {name: PREFIX + name if name in known else name for name in dict.fromkeys(tasks)}
@@ -262,7 +262,7 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
             manager = _task_manager(data_dir, include_path, defaults=True)
     for name, lm_name in lm_names.items():
         if lm_name not in manager.all_tasks:
-            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(known)}, a task of an "
+            raise CalqError(f"unknown task '{name}'", where, f"use one of: {', '.join(listing())}, a task of an "
                             "include_path folder, or a name from lm-eval's registry (`lm_eval ls tasks`)")
     resolved = {}
     for name, lm_name in lm_names.items():
@@ -277,7 +277,8 @@ def resolve_tasks(tasks: list[str], data_dir, include_path: list | None = None,
                             "tasks from lm-eval's registry read the Hugging Face hub (needs network); offline, "
                             "use calq's tasks or an include_path task with local data") from None
         for leaf, task in leaves.items():
-            resolved[name if len(leaves) == 1 else leaf] = (leaf, task)
+            own = leaf.removeprefix(PREFIX)  # a calq group's tasks go by their calq names, as when listed one by one
+            resolved[name if len(leaves) == 1 else own if own in known else leaf] = (leaf, task)
     return {"manager": manager, "tasks": resolved}
 
 

@@ -24,7 +24,8 @@ def answers_section(per_variant: dict[str, dict], settings: dict) -> dict:
             results.append({"variant": variant, **r, "selected": r["calibrator"] == sec["selected"],
                             "coverage": coverage, "ece_vs_baseline": vs_base})
         variants[variant] = {k: sec.get(k) for k in ("selected", "select_by", "selection", "fit_seconds",
-                                                     "not_fitted", "fit_info", "fit_accuracy")}
+                                                     "not_fitted", "fit_info", "fit_accuracy", "fitted_on",
+                                                     "screened_out")}
     return {"settings": {**settings, "fit_tasks": first["fit_tasks"], "eval_tasks": first["eval_tasks"]},
             "variants": variants, "results": results}
 
@@ -50,12 +51,14 @@ COLLAPSED = "collapsed to uniform: confidence carries no information"
 
 
 def at_bound_notes(section: dict) -> list[str]:
-    """One sentence per fitted temperature stopped at its bound, with the fit tasks whose accuracy interval reaches
-    chance."""
+    """One sentence per fitted temperature stopped at its bound, with the fit tasks it was fitted on whose accuracy
+    interval reaches chance."""
     notes = []
     for variant, info in section["variants"].items():
+        used = info.get("fitted_on")  # None: results stored before fit tasks were screened
         at_chance = [f"{t} ({ci(a['accuracy'], a['accuracy_ci'], 2)}, chance {a['chance']:.2f})"
-                     for t, a in (info.get("fit_accuracy") or {}).items() if a["at_chance"]]
+                     for t, a in (info.get("fit_accuracy") or {}).items()
+                     if a["at_chance"] and (used is None or t in used)]
         for name, fit in (info.get("fit_info") or {}).items():
             if fit.get("at_bound"):
                 reason = (f"fit tasks {', '.join(at_chance)} are at or below chance within their intervals (a fit "
@@ -63,6 +66,20 @@ def at_bound_notes(section: dict) -> list[str]:
                           else "no fit task's accuracy interval reaches down to chance")
                 notes.append(f"{variant} / {name}: temperature at its bound (T={fit['temperature']:.4g}, the fit "
                              f"allows e^±{LOG_BOUND:g}): {reason}")
+    return notes
+
+
+def screening_notes(section: dict) -> list[str]:
+    """One sentence per variant whose fit tasks were screened: which were left out, or that none was fitted."""
+    notes = []
+    for variant, info in section["variants"].items():
+        out = info.get("screened_out") or []
+        if out and not info.get("fitted_on"):
+            notes.append(f"{variant}: every fit task ({', '.join(out)}) is at or below chance, so no answer "
+                         "calibrator was fitted and the confidence shown is the uncalibrated one")
+        elif out:
+            notes.append(f"{variant}: fit tasks {', '.join(out)} are at or below chance and were left out of fitting "
+                         f"(fitted on {', '.join(info['fitted_on'])})")
     return notes
 
 
@@ -98,7 +115,7 @@ def tables(section: dict) -> list[dict]:
                        f"equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). Collapsed: on "
                        f"at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
                        f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing."
-                       + "".join(f" {n}." for n in at_bound_notes(section)),
+                       + "".join(f" {n}." for n in screening_notes(section) + at_bound_notes(section)),
                "header": ["variant", "selected", "mean ECE none", "mean ECE selected", "worst task ECE",
                           "mean AUROC", "mean ECE − calibrated baseline's", "selected confidence"],
                "rows": [[r["variant"], r["selected"], _f(r["mean_ece_none"]), _f(r["mean_ece"]), _f(r["max_ece"]),
@@ -121,11 +138,14 @@ def tables(section: dict) -> list[dict]:
                       for r in section["results"]], "numeric": {3, 4, 5, 7, 8, 9, 12, 13}}
     fit_accuracy = {"title": "Fit tasks against chance",
                     "note": "Uncalibrated top-choice accuracy on each fit task; chance = gold choices / choices. A fit "
-                            "task whose interval reaches down to chance (at or below it) pulls a fitted temperature up "
-                            "(there its optimum is infinite); such tasks are reported, not screened out.",
-                    "header": ["variant", "fit task", "n", "accuracy [CI]", "chance", "at or below chance"],
+                            "task whose interval reaches down to chance (at or below it) would pull a fitted "
+                            "temperature up (there its optimum is infinite), so it is left out of that variant's "
+                            "fitting.",
+                    "header": ["variant", "fit task", "n", "accuracy [CI]", "chance", "at or below chance",
+                               "fitted on"],
                     "rows": [[variant, t, str(a["n"]), ci(a["accuracy"], a["accuracy_ci"]), _f(a["chance"]),
-                              "yes" if a["at_chance"] else "no"]
+                              "yes" if a["at_chance"] else "no",
+                              "–" if info.get("fitted_on") is None else "yes" if t in info["fitted_on"] else "no"]
                              for variant, info in section["variants"].items()
                              for t, a in (info.get("fit_accuracy") or {}).items()], "numeric": {2, 4}}
     fit_tasks = list(s["fit_tasks"])

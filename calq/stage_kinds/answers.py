@@ -68,7 +68,7 @@ def stage_answers(ctx: Context, name: str):
         parents = _parent_probabilities(ctx)
     fitted, section = answer_calibration.calibrate_answers(
         _answer_sets(ctx, "fit_tasks", name), _answer_sets(ctx, "tasks", name), settings, list(spec.targets),
-        spec.select_by, ctx.recipe.evaluation.tokens.bins, tasks.bootstrap, tasks.seed, parents)
+        spec.select_by, ctx.recipe.evaluation.tokens.bins, tasks.bootstrap, tasks.seed, parents, spec.skip_at_chance)
     folder = ctx.output("answers", "calibrators", variant=name)
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)

@@ -53,15 +53,16 @@ def _mmlu_block(row: dict) -> str:
     return row["question"].strip() + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, row["choices"]))
 
 
-def mmlu(data_dir=None, source: str = "mmlu", shots: int = 0, **_) -> dict:
-    """All 57 subjects as one task, subjects interleaved round-robin so that a `limit` samples every subject.
+def mmlu(data_dir=None, source: str = "mmlu", shots: int = 0, subject: str | None = None, **_) -> dict:
+    """All 57 subjects as one task, subjects interleaved round-robin so that a `limit` samples every subject;
+    with `subject` (a test file's name without `_test.csv`), that subject alone.
 
     `shots` > 0 prefixes each question with the first `shots` dev examples of its own subject, in the format
     of lm-eval's `mmlu` tasks (lm-eval's samplers draw shots from the whole split, not per subject).
     """
     folder = _path(data_dir, source)
     per_subject = []
-    for test_file in sorted((folder / "test").glob("*_test.csv")):
+    for test_file in sorted((folder / "test").glob(f"{subject or '*'}_test.csv")):
         subject = test_file.name.removesuffix("_test.csv")
         prefix = ""
         if shots:
