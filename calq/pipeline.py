@@ -685,7 +685,7 @@ def stage_export(ctx: Context, name: str, fmt: str):
         kind = "temperature" if "temperature" in cals else "none"
     calibrator = None if kind == "none" else cals[kind]
     reference = model if calibrator is None else CalibratedLM(model, calibrator)
-    options = {}
+    options = {"accuracy_level": spec.onnx_accuracy_level} if fmt == "onnx" else {}
     if fmt == "gguf":  # the tokenizer as llama.cpp reads it: the source GGUF's own, else converted from the folder
         original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
