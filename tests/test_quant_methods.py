@@ -356,3 +356,19 @@ def test_gptq_settings_calq_cannot_export_are_refused_when_the_recipe_is_read(se
     with pytest.raises(CalqError, match=re.escape(text)) as err:
         parse_recipe(tiny_recipe)
     assert err.value.what.startswith(f"'variants[0].{next(iter(setting))}'")
+
+
+def test_gptq_variant_in_a_run(tiny_recipe, tmp_path):
+    """A recipe's GPTQ variant goes through the pipeline: quantized on the run's calibration samples, evaluated on the
+    held-out tokens, and reported with its settings."""
+    import math
+
+    import calq
+
+    tiny_recipe["variants"] = [{"method": "gptq", "scheme": "w4a16", "group_size": 32, "dampening_frac": 0.05}]
+    tiny_recipe["evaluation"]["tokens"]["max_tokens"] = 512
+    report = calq.run(tiny_recipe, out=tmp_path / "run")
+    row, = [v for v in report.data["variants"] if v["variant"] == "gptq-w4a16-g32"]
+    assert row["method"] == "gptq" and math.isfinite(row["ppl"])
+    config = json.loads((tmp_path / "run" / "variants" / "gptq-w4a16-g32" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "static"
