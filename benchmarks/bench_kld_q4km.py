@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(CALQ), help=f"calq variants to add (of {', '.join(CALQ)})")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
@@ -162,10 +163,9 @@ def main() -> None:
     artifacts = {"baseline F16 (calq's GGUF writer)": f16,
                  **{f"llama.cpp {kind} of the F16 baseline": llama_quantize(f16, kind, args.out)
                     for kind in LLAMA_TYPES},
-                 "calq AWQ W4A16 g64 as GGUF": calq_gguf("awq-w4a16-g64", args.out, baseline, args.data_dir,
-                                                         args.samples, args.awq),
-                 "calq GPTQ W4A16 g64 as GGUF": calq_gguf("gptq-w4a16-g64", args.out, baseline, args.data_dir,
-                                                          args.samples)}
+                 **{f"calq {name} as GGUF": calq_gguf(name, args.out, baseline, args.data_dir, args.samples,
+                                                      args.awq if name.startswith("awq") else None)
+                    for name in args.variants.split(",")}}
 
     text = (args.data_dir / "wikitext2" / "wiki.test.raw").read_text()
     in_child(_tokenize, str(f16), text[len(text) // 2:], args.tokens, str(args.out / "tokens.npy"))
@@ -190,7 +190,8 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "llama_cpp_python":
               llama_cpp.__version__, "tokens": int(tokens.size), "ctx": args.ctx,
-              "text": "wikitext2/wiki.test.raw, second half", "calq": CALQ, "calibration": {
+              "text": "wikitext2/wiki.test.raw, second half",
+              "calq": {name: CALQ[name] for name in args.variants.split(",")}, "calibration": {
               "samples": args.samples, "seq_len": 256, "data": "wikitext2/wikitext2_train_5k_HyperTensor.txt"},
               "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
     (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
