@@ -445,8 +445,8 @@ class OnnxDecoder:
 
 COMPUTE = {0: " (float32 activations, as PyTorch)", 1: " (float32 activations, as PyTorch)",
            2: ": float16 compute where the CPU has it", 3: ": bfloat16 compute where the CPU has it",
-           4: ": ONNX Runtime quantizes the activations to int8 per block and multiplies in int8, as llama.cpp's "
-              "8-bit activations do (faster; what it changes is measured here)"}
+           4: ": int8 compute, ONNX Runtime quantizing the activations to int8 per block where its CPU kernels can, "
+              "as llama.cpp's 8-bit activations do (faster; the re-verification measures what it changes)"}
 
 
 def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int) -> list[str]:
