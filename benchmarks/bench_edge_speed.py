@@ -5,8 +5,9 @@ ONNX Runtime (calq's decode.onnx, KV cache) and llama.cpp (calq's GGUF), in one 
 
 Variants: the baseline (float32) and calq's min-max W4A16 g64 (asymmetric; needs no data), made as
 benchmarks/bench_export.py makes them. Artifacts: ONNX (model.onnx + decode.onnx, MatMulNBits with calq's int4,
-accuracy_level 0: float32 activations) and GGUF (baseline F16; W4A16 as Q4_1 with calq's int4), each exported once
-into --out (reused when present). The prompt is the first --prompt tokens of wikitext-2 test.
+accuracy_level 0: float32 activations; --accuracy-levels 0,4 adds a graph with int8 activations) and GGUF (baseline
+F16; W4A16 as Q4_1 with calq's int4), each exported once into --out (reused when present). The prompt is the first
+--prompt tokens of wikitext-2 test.
 
 Every runtime runs the same loop: one prefill call over the prompt (logits for every position, as in scoring), then
 greedy steps of one token each on its KV cache (PyTorch: transformers' DynamicCache; ONNX Runtime: decode.onnx's
@@ -114,6 +115,8 @@ def main():
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--onnx-variants", default="minmax-w4a16-g64", help="comma list; 'baseline' adds ~5 min")
+    parser.add_argument("--accuracy-levels", default="0", help="comma list of MatMulNBits accuracy_level to measure "
+                        "for quantized ONNX variants (4: int8 activations); each level is one more export")
     parser.add_argument("--run", type=Path, help="a finished calq run with an export section: measure its variant "
                         "--variant and its artifacts (RUN/variants/<v>, RUN/export/<v>/<format>) instead of min-max")
     parser.add_argument("--variant", default="awq-w4a16-g64")
@@ -154,12 +157,13 @@ def main():
         measure(name, "pytorch eager", "float32 weights (compressed-tensors decompressed)" if name != "baseline"
                 else "float32", pytorch_run(model, prompt, args.new))
         del model
-        if name in args.onnx_variants.split(","):
-            out = exports[name] / "onnx"
-            info = export_once("onnx", folder, out)
+        levels = [int(level) for level in args.accuracy_levels.split(",")] if name != "baseline" else [0]
+        for level in levels if name in args.onnx_variants.split(",") else []:
+            out = exports[name] / ("onnx" if level == 0 else f"onnx-accuracy-level-{level}")
+            info = export_once("onnx", folder, out, accuracy_level=level)
             decoder = get("onnx").decoder(out, threads=args.threads)
             measure(name, f"onnxruntime {_version('onnxruntime')}", "decode.onnx " + (
-                "MatMulNBits int4, accuracy_level 0" if name != "baseline" else "float32"),
+                f"MatMulNBits int4, accuracy_level {level}" if name != "baseline" else "float32"),
                 onnx_run(decoder, prompt, args.new), info.get("seconds"))
             del decoder
         out = exports[name] / "gguf"

@@ -24,7 +24,6 @@ import torch
 from calq import models
 from calq.export import get, verify
 from calq.export.base import directory_size
-from calq.export.onnx import OnnxExporter
 from calq.quant import llmc, methods
 
 PREFILL, PROMPT, NEW = 512, 64, 64
@@ -130,8 +129,8 @@ def main():
                 continue  # accuracy_level only concerns MatMulNBits
             out = args.out / "export" / name / fmt
             # onnx-a8: MatMulNBits with accuracy_level 4 (onnxruntime quantizes activations to int8 per block)
-            exporter = OnnxExporter(accuracy_level=4) if fmt == "onnx-a8" else get(fmt)
-            kwargs = {"tokenizer": source_gguf} if fmt == "gguf" else {}
+            exporter = get("onnx" if fmt == "onnx-a8" else fmt)
+            kwargs = {"tokenizer": source_gguf} if fmt == "gguf" else {"accuracy_level": 4} if fmt == "onnx-a8" else {}
             info = exporter.export(folder, out, **kwargs)
             session = exporter.session(out, threads=args.threads, **({"n_ctx": PREFILL} if fmt == "gguf" else {}))
             result = verify(reference, session.score, stream, seq_len=PREFILL)

@@ -214,6 +214,10 @@ class ExportSpec(Strict):
                                 "temperature, and the report says so)")
     max_tokens: int = Field(4096, gt=0, description="held-out evaluation tokens the artifact is re-verified on")
     threads: int = Field(2, ge=1, description="runtime threads for the re-verification")
+    onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="ONNX Runtime MatMulNBits compute for int4 layers: 0 float32 activations (calq's numbers); 4 "
+                       "int8 activations per block (faster on CPUs, as llama.cpp's 8-bit activations; re-verified); "
+                       "1-3 float32, float16, bfloat16")
 
     @field_validator("calibrator")
     @classmethod

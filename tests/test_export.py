@@ -256,3 +256,63 @@ def test_export_and_verify_stage_and_gates(checkpoints, tmp_path):
     result["verify"]["top1_agreement"], result["verify"]["drift"]["ece"] = 0.5, -0.03
     failures = deployed_failures(results, max_deployed_ece_drift=0.01, min_deployed_top1_agreement=0.99)
     assert len(failures) == 2 and "w4a16 as gguf: token ECE drifted by 0.0300" in failures[0]
+
+
+
+# ---- ONNX accuracy_level ------------------------------------------------------------------------------------------
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.model = torch.nn.Module()  # the exporter finds a layer's weight as model.<name>.weight
+        self.model.proj = linear
+
+    def forward(self, x):
+        return self.model.proj(x)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_onnx_accuracy_level_goes_into_matmulnbits(level):
+    """One int4 layer (K 128, group 32) as MatMulNBits: level 0 computes calq's dequantized weight in float32 (float
+    tolerance); level 4 lets ONNX Runtime quantize the activations to int8 per block, which moves the product by
+    about one int8 step of each block's absmax (bound: 2% of the largest output), and the export info says so."""
+    ort = pytest.importorskip("onnxruntime")
+    from calq.export import onnx as onnx_export
+
+    generator = torch.Generator().manual_seed(0)
+    layer = variants.Int4Layer(q=torch.randint(0, 16, (48, 128), generator=generator, dtype=torch.uint8),
+                               scale=torch.rand(48, 4, generator=generator) / 10 + 0.01,
+                               zero=torch.randint(0, 16, (48, 4), generator=generator, dtype=torch.uint8),
+                               group_size=32, symmetric=False)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    linear.weight.data = layer.dequantize()
+    variant = variants.Variant(linear, {"proj": layer}, None)  # the layers are what the graph edit reads
+    x = torch.randn(2, 5, 128, generator=generator)
+    proto, blocks = onnx_export.OnnxExporter()._quantized_graph(
+        _OneLinear(linear), (x,), variant, level, input_names=["x"], output_names=["y"],
+        dynamic_shapes=({0: "batch", 1: "sequence"},))
+    node, = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == level
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["y"], {"x": x.numpy()})[0])
+    want = linear(x).detach()
+    if level == 0:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert relative(got, want) < 0.02
+    change = onnx_export._changes(variant, blocks, None, level)[0]
+    assert f"accuracy_level {level}" in change and ("int8" in change) == (level == 4)
+
+
+@pytest.mark.parametrize("level,ok", [(4, True), (0, True), (5, False), ("int8", False)])
+def test_recipe_onnx_accuracy_level(level, ok, tiny_recipe):
+    from calq.recipe import parse_recipe
+
+    tiny_recipe["export"] = {"formats": ["onnx"], "onnx_accuracy_level": level}
+    if ok:
+        assert parse_recipe(tiny_recipe).export.onnx_accuracy_level == level
+    else:
+        with pytest.raises(CalqError, match=r"export\.onnx_accuracy_level"):
+            parse_recipe(tiny_recipe)
+    with pytest.raises(CalqError, match="accuracy_level 7 is not one of 0, 1, 2, 3, 4"):
+        get("onnx").export(tiny_recipe["model"]["id"], "unused", accuracy_level=7)

@@ -68,6 +68,8 @@ VARIANTS = {
                                      smoothing_strength=0.5),
     "awq-w4a16": dict(method="awq", scheme="w4a16", group_size=32, max_samples=4, max_seq_len=16),
     "awq-w4a16-sym": dict(method="awq", scheme="w4a16", group_size=32, symmetric=True),
+    "gptq-w4a16": dict(method="gptq", scheme="w4a16", group_size=32, max_samples=4, max_seq_len=16),
+    "gptq-w8a8-natural-order": dict(method="gptq", scheme="w8a8", actorder=None, dampening_frac=0.05),
 }
 
 
@@ -202,7 +204,7 @@ def test_scheme_the_method_cannot_do_fails_when_the_recipe_is_read(method, schem
 
 
 @pytest.mark.parametrize("spec,where,text", [
-    (dict(method="gptq", scheme="w4a16"), "method", "unknown method 'gptq'"),
+    (dict(method="hqq", scheme="w4a16"), "method", "unknown method 'hqq'"),
     (dict(method="minmax", scheme="w3a16"), "scheme", "unknown scheme 'w3a16'"),
 ])
 def test_unknown_method_or_scheme(spec, where, text):
@@ -292,4 +294,81 @@ def test_keys_lists_the_methods():
 
     result = CliRunner().invoke(app, ["keys"], terminal_width=200)
     assert result.exit_code == 0
-    assert "methods: autoawq, awq, minmax, smoothquant" in result.output
+    assert "methods: autoawq, awq, gptq, minmax, smoothquant" in result.output
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("actorder", ["static", None])
+def test_gptq_settings_reach_llm_compressor(actorder, tiny_model, samples, tmp_path):
+    """actorder and dampening_frac are GPTQModifier's; the checkpoint records the order, keeps its groups contiguous
+    (no weight_g_idx), and GPTQ's error feedback gives other integers than round-to-nearest on the same scheme."""
+    from safetensors import safe_open
+
+    variant = VariantSpec(method="gptq", scheme="w4a16", group_size=32, actorder=actorder, dampening_frac=0.1)
+    modifier = variant.quantization_modifier()
+    assert modifier.actorder == actorder and modifier.dampening_frac == 0.1
+    model, rtn = load(tiny_model), load(tiny_model)
+    variant.apply(model, samples)
+    VariantSpec(method="minmax", scheme="w4a16", group_size=32).apply(rtn, None)
+    assert not torch.allclose(logits(model), logits(rtn))
+
+    model.save_pretrained(tmp_path, save_compressed=True)
+    weights = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["actorder"] == actorder
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith("g_idx")]
+
+
+def test_gptq_w4a16_is_read_by_the_exporters(tiny_model, samples, tmp_path):
+    """The checkpoint (actorder static) loads through calq's kernel loader, which both exporters read, and computes
+    what transformers' compressed-tensors model computes; ONNX accepts it and llama.cpp runs it as Q4_1. (The ONNX
+    graph itself is built from the same Variant as minmax's: tests/test_export.py.)"""
+    pytest.importorskip("llama_cpp")
+    from calq.export import get
+    from calq.export import variant as variants
+
+    model = load(tiny_model)
+    VariantSpec(method="gptq", scheme="w4a16", group_size=32).apply(model, samples)
+    model.save_pretrained(tmp_path / "ckpt", save_compressed=True)
+    want = logits(load(tmp_path / "ckpt"))
+    variant = variants.read(tmp_path / "ckpt")
+    assert variant.scheme == "w4a16" and len(variant.layers) == 14
+    torch.testing.assert_close(logits(variant.model), want, rtol=1e-4, atol=1e-4)
+
+    ids = torch.arange(3, 43).reshape(2, 20)
+    get("onnx").check(tmp_path / "ckpt")
+    info = get("gguf").export(tmp_path / "ckpt", tmp_path / "gguf")
+    assert "Q4_1" in " ".join(info["changes"])
+    got = get("gguf").session(tmp_path / "gguf", n_ctx=64).score(ids)
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05  # llama.cpp's int8 activations (test_export)
+
+
+@pytest.mark.parametrize("setting,text", [
+    (dict(actorder="group"), "actorder 'group' stores a per-column group index (weight_g_idx)"),
+    (dict(actorder="dynamic"), "actorder 'dynamic' stores a per-column group index"),
+    (dict(actorder="random"), "actorder"),
+    (dict(dampening_frac=0), "dampening_frac must lie strictly between 0 and 1"),
+    (dict(dampening_frac=1.5), "dampening_frac must lie strictly between 0 and 1"),
+])
+def test_gptq_settings_calq_cannot_export_are_refused_when_the_recipe_is_read(setting, text, tiny_recipe):
+    tiny_recipe["variants"] = [{"method": "gptq", "scheme": "w4a16", "group_size": 32, **setting}]
+    with pytest.raises(CalqError, match=re.escape(text)) as err:
+        parse_recipe(tiny_recipe)
+    assert err.value.what.startswith(f"'variants[0].{next(iter(setting))}'")
+
+
+def test_gptq_variant_in_a_run(tiny_recipe, tmp_path):
+    """A recipe's GPTQ variant goes through the pipeline: quantized on the run's calibration samples, evaluated on the
+    held-out tokens, and reported with its settings."""
+    import math
+
+    import calq
+
+    tiny_recipe["variants"] = [{"method": "gptq", "scheme": "w4a16", "group_size": 32, "dampening_frac": 0.05}]
+    tiny_recipe["evaluation"]["tokens"]["max_tokens"] = 512
+    report = calq.run(tiny_recipe, out=tmp_path / "run")
+    row, = [v for v in report.data["variants"] if v["variant"] == "gptq-w4a16-g32"]
+    assert row["method"] == "gptq" and math.isfinite(row["ppl"])
+    config = json.loads((tmp_path / "run" / "variants" / "gptq-w4a16-g32" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "static"

@@ -6,7 +6,10 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
 - W4A16 -> com.microsoft MatMulNBits (bits 4): calq's unsigned int4 values, group scales and zero points as they
   are (compressed-tensors stores q + 8 and z + 8; (q + 8) - (z + 8) = q - z, so nothing is re-derived). The block
   is the largest power of two (16..128) dividing the group; a larger group repeats its scale and zero point over
-  its blocks, which is exact. accuracy_level 0: float32 activations, as in PyTorch.
+  its blocks, which is exact. Its `accuracy_level` is the export option of that name (recipe
+  `export.onnx_accuracy_level`): 0 (default) computes with float32 activations, as in PyTorch; 4 lets ONNX Runtime
+  quantize the activations to int8 per block and multiply in int8 (faster on CPUs, as llama.cpp's kernels do; the
+  re-verification measures what it changes); 1, 2, 3: float32, float16, bfloat16 compute where the CPU has it.
 - W8A8 -> int8 weights in MatMulInteger (int8 x int8 -> int32), the activations quantized in the graph the way
   compressed-tensors does it: per token, scale = max|x| / 127.5 (dynamic), or calq's static per-tensor input
   scale; round half to even, clip to [-128, 127]; then the int32 sums times activation scale times channel scale.
@@ -45,6 +48,7 @@ DATA_FILE = "model.onnx.data"
 DECODE_FILE = "decode.onnx"
 DECODE_DATA_FILE = "decode.onnx.data"
 MAX_BLOCK = 128
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' compute type: unset (float32), float32, float16, bfloat16, int8
 
 
 class _Scoring(nn.Module):
@@ -208,14 +212,6 @@ class OnnxExporter(Exporter):
     runtime_name = "ONNX Runtime"
     crash_fix = isolation.ONNXRUNTIME_FIX
 
-    def __init__(self, accuracy_level: int = 0):
-        """accuracy_level of MatMulNBits: 0 computes with float32 activations (calq's numbers); 4 lets onnxruntime
-        quantize the activations to int8 per block (faster, and the re-verification measures what it changes)."""
-        if accuracy_level not in (0, 1, 2, 3, 4):
-            raise CalqError(f"accuracy_level {accuracy_level} is not one of 0-4", "export.onnx.accuracy_level",
-                            "use 0 (float32 activations) or 4 (int8 activations)")
-        self.accuracy_level = accuracy_level
-
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
         qc = variants.quantization_config(checkpoint_dir) or {}
@@ -227,7 +223,14 @@ class OnnxExporter(Exporter):
                                 f"{checkpoint_dir}/config.json: config_groups.{group_name}",
                                 "quantize with group_size 32, 64 or 128")
 
-    def export(self, checkpoint_dir, out_dir, calibrator=None) -> dict:
+    def options(self, spec) -> dict:
+        return {"accuracy_level": spec.onnx_accuracy_level}
+
+    def export(self, checkpoint_dir, out_dir, calibrator=None, accuracy_level: int = 0) -> dict:
+        """`accuracy_level`: MatMulNBits' (module docstring); 4 computes the int4 products with int8 activations."""
+        if accuracy_level not in ACCURACY_LEVELS:
+            raise CalqError(f"accuracy_level {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}",
+                            "export.onnx_accuracy_level", "use 0 (float32 activations) or 4 (int8 activations)")
         self.check(checkpoint_dir, calibrator)
         start = time.perf_counter()
         variant = variants.read(checkpoint_dir)
@@ -242,7 +245,8 @@ class OnnxExporter(Exporter):
         example = torch.randint(0, vocab, (2, 16), generator=generator)
         proto, blocks = self._quantized_graph(
             _Scoring(variant.model, calibrator), (example,), variant, input_names=["input_ids"],
-            output_names=["logits", "raw_logits"], dynamic_shapes=({0: "batch", 1: "sequence"},))
+            output_names=["logits", "raw_logits"], dynamic_shapes=({0: "batch", 1: "sequence"},),
+            accuracy_level=accuracy_level)
         _save(proto, out_dir, MODEL_FILE, DATA_FILE)
         scoring_seconds = time.perf_counter() - start
 
@@ -261,7 +265,8 @@ class OnnxExporter(Exporter):
             input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
             output_names=["logits", *past_names(layers, "present")],
             dynamic_shapes=({0: "batch", 1: "sequence"}, {0: "batch", 1: "total_sequence"},
-                            {0: "batch", 1: "sequence"}, [{0: "batch", 2: "past_sequence"}] * (2 * layers)))
+                            {0: "batch", 1: "sequence"}, [{0: "batch", 2: "past_sequence"}] * (2 * layers)),
+            accuracy_level=accuracy_level)
         shared = _point_at_stored(proto, out_dir, MODEL_FILE)
         _save(proto, out_dir, DECODE_FILE, DECODE_DATA_FILE)
         kind = calibrator_kind(calibrator)
@@ -273,13 +278,14 @@ class OnnxExporter(Exporter):
             "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
             "seconds_scoring_graph": scoring_seconds, "outputs": ["logits", "raw_logits"],
             "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-            "changes": _changes(variant, blocks, calibrator, self.accuracy_level),
+            "accuracy_level": accuracy_level, "changes": _changes(variant, blocks, calibrator, accuracy_level),
             "decode_graph": {
                 "file": DECODE_FILE, "logits": decode_logits, "weights_shared_with_model_onnx": shared,
                 "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "float32"},
                 "note": _decode_note(kind)}})
 
-    def _quantized_graph(self, module: nn.Module, args: tuple, variant: variants.Variant, **names) -> tuple:
+    def _quantized_graph(self, module: nn.Module, args: tuple, variant: variants.Variant, accuracy_level: int,
+                         **names) -> tuple:
         """`module` traced by torch.onnx (dynamo), each quantized Linear's MatMul replaced by calq's integers, then
         optimized by onnxscript: (ModelProto, MatMulNBits block sizes used)."""
         import onnx
@@ -295,7 +301,7 @@ class OnnxExporter(Exporter):
             x, y = matmul.input[0], matmul.output[0]
             if isinstance(layer, variants.Int4Layer):
                 blocks.add(block_size(layer.group_size))
-                nodes = _int4_nodes(graph, weight, x, y, layer, self.accuracy_level)
+                nodes = _int4_nodes(graph, weight, x, y, layer, accuracy_level)
             else:
                 nodes = _int8_nodes(graph, weight, x, y, layer)
             graph.replace(weight, nodes)
@@ -440,6 +446,12 @@ class OnnxDecoder:
         return torch.tensor(tokens), torch.from_numpy(np.concatenate(rows))
 
 
+COMPUTE = {0: " (float32 activations, as PyTorch)", 1: " (float32 activations, as PyTorch)",
+           2: ": float16 compute where the CPU has it", 3: ": bfloat16 compute where the CPU has it",
+           4: ": int8 compute, ONNX Runtime quantizing the activations to int8 per block where its CPU kernels can, "
+              "as llama.cpp's 8-bit activations do (faster; the re-verification measures what it changes)"}
+
+
 def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int) -> list[str]:
     changes = []
     int4 = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int4Layer)]
@@ -447,7 +459,8 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
     if int4:
         groups = sorted({layer.group_size for layer in int4})
         changes.append(f"W4A16: {len(int4)} layers as MatMulNBits with calq's int4 values, scales and zero points "
-                       f"(groups {groups} in blocks {sorted(blocks)}: exact); accuracy_level {accuracy_level}")
+                       f"(groups {groups} in blocks {sorted(blocks)}: exact); accuracy_level {accuracy_level}"
+                       + COMPUTE[accuracy_level])
     if int8:
         static = sum(layer.input_scale is not None for layer in int8)
         changes.append(f"W8A8: {len(int8)} layers as MatMulInteger on calq's int8 weights; activations quantized in "

@@ -188,8 +188,11 @@ def _kernel_linear(name: str, tensors: dict[str, torch.Tensor], scheme: dict, dt
 
 
 def _is_w4a16(fmt: str, w: dict, a: dict | None) -> bool:
+    # GPTQ's actorder static (alias weight) only changes the order it rounds columns in: groups stay contiguous;
+    # actorder group needs a per-column group index (weight_g_idx), which the kernels do not read
     return (fmt == "pack-quantized" and a is None and w.get("type") == "int" and w.get("num_bits") == 4
-            and w.get("strategy") in ("group", "channel") and not w.get("actorder") and not w.get("dynamic"))
+            and w.get("strategy") in ("group", "channel") and w.get("actorder") in (None, "static", "weight")
+            and not w.get("dynamic"))
 
 
 def _is_w8a8(fmt: str, w: dict, a: dict | None) -> bool:

@@ -1,0 +1,203 @@
+"""Divergence from the baseline on llama.cpp (issue 27's measurement method): the bundled model's unquantized baseline
+exported as F16 GGUF, quantized by llama.cpp itself (llama_model_quantize) to Q4_0 and Q4_K_M, and calq's AWQ and
+GPTQ W4A16 g64 exported as GGUF; each scored by llama.cpp on the same held-out tokens and compared with the F16
+baseline.
+
+    python benchmarks/bench_kld_q4km.py --data-dir /work/shared/data --out /tmp/bench-kld \
+        [--awq RUN/variants/awq-w4a16-g64]
+
+Tokens: --tokens (1,024) tokens from the start of the second half of WikiText-2 test (wiki.test.raw, cut at the
+middle character), in windows of --ctx (512) scored from their start, logits for every position (logits_all). Each
+GGUF is run in a child process that writes its log-probabilities to --out; per token: KL(F16 || artifact), whether the
+top token is the same, and the log-probability of the next token (perplexity over every position but a window's last).
+AWQ and GPTQ: calq's methods on --samples (16, as recipes/quickstart.yaml's AWQ) samples of 256 tokens from the start
+of WikiText-2 *train* (never the evaluation text), exported by calq's GGUF writer (Q4_1: calq's int4 values, scales and
+zero points). AWQ's grid search takes long on a busy CPU: --awq takes an existing calq variant instead, a checkpoint
+folder (a run's RUN/variants/awq-w4a16-g64, e.g. from `calq run recipes/quickstart.yaml`) or a GGUF calq exported from
+one without a calibrator.
+Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calq import models
+from calq.export import get
+from calq.quant import llmc, methods
+
+CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
+        "gptq-w4a16-g64": {"method": "gptq", "scheme": "w4a16", "group_size": 64}}  # actorder static, damp 0.01
+LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def baseline_folder(out: Path) -> Path:
+    folder = out / "baseline"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = models.load(models.resolve("smollm2-135m"))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def bundled_gguf() -> str:
+    source = models.resolve("smollm2-135m")
+    return str(Path(source.location) / source.gguf_file)
+
+
+def export_gguf(checkpoint: Path, out_dir: Path) -> Path:
+    """calq's GGUF writer: F16 for the float baseline, calq's integers for a quantized checkpoint."""
+    path = out_dir / "model.gguf"
+    if not path.is_file():
+        get("gguf").export(checkpoint, out_dir, None, tokenizer=bundled_gguf())
+    return path
+
+
+def llama_quantize(f16: Path, kind: str, out: Path) -> Path:
+    """llama.cpp's own quantization of the F16 GGUF (what `llama-quantize f16.gguf out.gguf Q4_K_M` does)."""
+    import llama_cpp
+
+    path = out / f"baseline-{kind}.gguf"
+    if not path.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, LLAMA_TYPES[kind])
+        params.nthread = 2
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), params) != 0:
+            raise SystemExit(f"llama_model_quantize failed for {kind}")
+    return path
+
+
+def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int, given: Path | None = None) -> Path:
+    if given is not None and given.is_file():
+        return given
+    folder = given or out / name
+    if not (folder / "config.json").is_file():
+        model, tokenizer = models.load(models.ModelSource(str(baseline), kind="folder"))
+        text = (data_dir / "wikitext2" / "wikitext2_train_5k_HyperTensor.txt").read_text()
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: samples * 256]).view(samples, 256)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        methods.config(CALQ[name]).apply(model, ids)
+        print(f"{name} on {samples} x 256 tokens: {time.perf_counter() - start:.0f} s", flush=True)
+        model.save_pretrained(folder, save_compressed=True)
+        tokenizer.save_pretrained(folder)
+    return export_gguf(folder, out / f"{name}-gguf")
+
+
+def _score(gguf: str, tokens: list[int], ctx: int, threads: int, out_file: str) -> None:
+    """In a child process: llama.cpp's log-probabilities [tokens, vocab] (float32) written to `out_file`."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=ctx, n_batch=ctx, n_threads=threads, logits_all=True, verbose=False)
+    rows = []
+    for start in range(0, len(tokens), ctx):
+        llm.reset()
+        llm.eval(tokens[start:start + ctx])
+        rows.append(torch.log_softmax(torch.from_numpy(np.array(llm.scores[: llm.n_tokens])).float(), -1))
+    np.save(out_file, torch.cat(rows).numpy())
+
+
+def _tokenize(gguf: str, text: str, count: int, out_file: str) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, vocab_only=True, verbose=False)
+    np.save(out_file, np.array(llm.tokenize(text.encode(), add_bos=False)[:count], dtype=np.int64))
+
+
+def in_child(target, *args) -> None:
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"llama.cpp child for {args[0]} exited with {process.exitcode}")
+
+
+def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -> dict:
+    """Per position KL(base || other), top-1 agreement; perplexity of `other` on the next token within each window."""
+    p, q = torch.from_numpy(base).double(), torch.from_numpy(other).double()
+    kld = (p.exp() * (p - q)).sum(-1)
+    nxt = torch.tensor([i for i in range(len(tokens) - 1) if (i + 1) % ctx])  # not a window's last position
+    nll = -q[nxt, torch.from_numpy(tokens)[nxt + 1]]
+    return {"mean_kld": float(kld.mean()), "median_kld": float(kld.median()),
+            "p99_kld": float(torch.quantile(kld, 0.99)), "max_kld": float(kld.max()),
+            "same_top_token": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
+            "ppl": float(nll.mean().exp()), "positions": int(p.shape[0]), "scored_tokens": int(nxt.numel())}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| artifact | size (MiB) | mean KLD vs F16 | median / p99 KLD | same top token | perplexity |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['artifact']} | {r['mib']:.1f} | {r['mean_kld']:.4f} | {r['median_kld']:.4f} / "
+                     f"{r['p99_kld']:.3f} | {100 * r['same_top_token']:.1f}% | {r['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CALQ_DATA_DIR", "data")))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-kld"))
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(CALQ), help=f"calq variants to add (of {', '.join(CALQ)})")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
+                                                 "instead of a new AWQ run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    llmc.quiet_logs(str(args.out / "llmcompressor.log"))
+
+    baseline = baseline_folder(args.out)
+    f16 = export_gguf(baseline, args.out / "baseline-f16")
+    artifacts = {"baseline F16 (calq's GGUF writer)": f16,
+                 **{f"llama.cpp {kind} of the F16 baseline": llama_quantize(f16, kind, args.out)
+                    for kind in LLAMA_TYPES},
+                 **{f"calq {name} as GGUF": calq_gguf(name, args.out, baseline, args.data_dir, args.samples,
+                                                      args.awq if name.startswith("awq") else None)
+                    for name in args.variants.split(",")}}
+
+    text = (args.data_dir / "wikitext2" / "wiki.test.raw").read_text()
+    in_child(_tokenize, str(f16), text[len(text) // 2:], args.tokens, str(args.out / "tokens.npy"))
+    tokens = np.load(args.out / "tokens.npy")
+    if tokens.size < args.tokens:
+        raise SystemExit(f"only {tokens.size} tokens in the second half of wiki.test.raw")
+
+    logprobs = {}
+    for name, path in artifacts.items():
+        out_file = args.out / f"logprobs-{len(logprobs)}.npy"
+        start = time.perf_counter()
+        in_child(_score, str(path), tokens.tolist(), args.ctx, args.threads, str(out_file))
+        print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
+        logprobs[name] = np.load(out_file)
+        out_file.unlink()
+    base = logprobs[next(iter(artifacts))]
+    rows = [{"artifact": name, "file": str(path), "mib": Path(path).stat().st_size / 2**20,
+             **compare(base, logprobs[name], tokens, args.ctx)} for name, path in artifacts.items()]
+
+    import llama_cpp
+
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
+              platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "llama_cpp_python":
+              llama_cpp.__version__, "tokens": int(tokens.size), "ctx": args.ctx,
+              "text": "wikitext2/wiki.test.raw, second half",
+              "calq": {name: CALQ[name] for name in args.variants.split(",")}, "calibration": {
+              "samples": args.samples, "seq_len": 256, "data": "wikitext2/wikitext2_train_5k_HyperTensor.txt"},
+              "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
+    (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
+    print(table(rows))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
