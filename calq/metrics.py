@@ -141,7 +141,7 @@ class DivergenceStats:
         positions with target -100 are skipped."""
         vocab = logits.shape[-1]
         ref, model = _rows(reference_logits), _rows(logits)
-        targets = targets.reshape(ref.shape[:2]).to(logits.device)
+        targets = targets.reshape(ref.shape[:2]).to(ref.device)  # the two models may sit on different devices
         step = max(1, self.chunk_elements // vocab)
         for row in range(ref.shape[0]):
             for start in range(0, ref.shape[1], step):
@@ -149,11 +149,12 @@ class DivergenceStats:
                 keep = t != -100
                 if not bool(keep.any()):
                     continue
-                self._add(ref[row, start:start + step][keep], model[row, start:start + step][keep], t[keep])
+                chunk = model[row, start:start + step].to(ref.device)
+                self._add(ref[row, start:start + step][keep], chunk[keep], t[keep])
 
     def _add(self, reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         ref_logp = torch.log_softmax(reference_logits.float(), dim=-1)
-        logp = torch.log_softmax(logits.to(ref_logp.device).float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         kld = torch.sum(ref_logp.exp() * (ref_logp - logp), dim=-1, dtype=torch.float64).cpu()
         self.same_top += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         picked = targets[:, None]

@@ -46,10 +46,10 @@ from calq.report.gates import check_gates
 from calq.runs import RunDir, atomic_path, stable_hash, write_json
 
 CODE_VERSION = 2  # bump when a stage's computation changes, so old markers stop matching
-EVALUATE_VERSION = 3  # the same, for the evaluation stages alone
+EVALUATE_VERSION = 4  # the same, for the evaluation stages alone
 TASKS_VERSION = 1
 ANSWERS_VERSION = 1
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 CHECK_VERSION = 1
 PACKAGES = ("calq", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "lm_eval", "matplotlib")
 
@@ -655,8 +655,11 @@ def stage_evaluate(ctx: Context, name: str):
     # windows of seq_len, BOS first when the tokenizer starts texts with it; evaluate cuts them at seq_len again
     stream = data_mod.windows(stream, ev.seq_len, models.bos_policy(tokenizer)).flatten()
     windows = stream.numel() // ev.seq_len
+    # the divergence from the unquantized baseline, loaded alongside (the baseline's own: against its uncalibrated self)
+    baseline = model if name == BASELINE else models.load(ctx.variant_source(BASELINE), ctx.recipe.model.dtype,
+                                                          ctx.recipe.model.device_map)[0]
     result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, cals,
-                                            progress=ctx.track(f"evaluate {name}", windows))}
+                                            progress=ctx.track(f"evaluate {name}", windows), baseline=baseline)}
     if fitted:
         with torch.no_grad():
             folder = ctx.output("calibrate", "calibrators", variant=name)
