@@ -118,3 +118,13 @@ def test_report_shows_the_divergence_per_variant_and_calibrator_and_per_artifact
     deployed = sections.deployed_divergence([{"variant": "q4", "format": "gguf", "divergence": divergence(0.01, 0.99)},
                                              {"variant": "q8", "format": "onnx"}])
     assert [row[:3] for row in deployed.rows] == [["q4", "gguf", "0.01"]]
+
+
+def test_calq_evaluate_adds_the_divergence_from_a_baseline(two_models):
+    import calq
+
+    baseline, variant, stream = two_models
+    metrics = calq.evaluate(variant, None, stream, SEQ, batch_size=4, baseline=baseline)
+    expected = tokens.evaluate(variant, stream, SEQ, 4, baseline=baseline)["divergence"]["none"]
+    assert metrics["none"]["divergence"] == expected
+    assert "divergence" not in calq.evaluate(variant, None, stream, SEQ)["none"]
