@@ -155,7 +155,10 @@ class DivergenceStats:
     def _add(self, reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         ref_logp = torch.log_softmax(reference_logits.float(), dim=-1)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        kld = torch.sum(ref_logp.exp() * (ref_logp - logp), dim=-1, dtype=torch.float64).cpu()
+        # p_ref (log p_ref - log p) in one pass, summed in float32: several times faster than exp, subtract,
+        # multiply and a float64 sum, and within 1e-6 of it (tests/test_metrics.py)
+        kld = torch.nn.functional.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(-1)
+        kld = kld.double().cpu()
         self.same_top += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         picked = targets[:, None]
         dp = (logp.gather(-1, picked).double().exp() - ref_logp.gather(-1, picked).double().exp()).flatten().cpu()
