@@ -226,7 +226,12 @@ def calibrate(model, tokenizer, records: list[dict], use: tuple[str, ...] = ("te
 
 
 def evaluate(model, calibrators: dict[str, Calibrator] | None, tokens: torch.Tensor, seq_len: int = 512,
-             batch_size: int = 4, bins: int = 15) -> dict:
+             batch_size: int = 4, bins: int = 15, baseline=None) -> dict:
     """Token-level metrics (perplexity, accuracy, ECE, Brier, reliability bins) of every calibrator on a 1-D stream
-    of held-out token ids, in non-overlapping windows; one forward pass per batch serves every calibrator."""
-    return token_eval.evaluate(model, tokens, seq_len, batch_size, bins, calibrators)["calibrators"]
+    of held-out token ids, in non-overlapping windows; one forward pass per batch serves every calibrator. With
+    `baseline` (the unquantized model), each calibrator's metrics also hold `divergence`: KL(baseline ‖ calibrated
+    model), median, 99th percentile, max, same top token, RMS Δp (calq.metrics.DivergenceStats)."""
+    result = token_eval.evaluate(model, tokens, seq_len, batch_size, bins, calibrators, baseline=baseline)
+    divergence = result.get("divergence", {})
+    return {name: {**metrics, **({"divergence": divergence[name]} if name in divergence else {})}
+            for name, metrics in result["calibrators"].items()}

@@ -23,6 +23,7 @@ def test_export_stage_report_and_gates(tiny_recipe, tmp_path):
     rows = report.data["deployed"]
     assert [(r["variant"], r["format"], r["calibrator"]) for r in rows] == [("minmax-w4a16-g32", "onnx", "none")]
     assert rows[0]["top1"] == 1.0 and abs(rows[0]["ece_drift"]) < 1e-4  # ONNX holds calq's own int4 values
+    assert rows[0]["divergence"]["same_top1"] == 1.0 and rows[0]["divergence"]["mean_kld"] < 1e-4
     assert (out / "export" / "minmax-w4a16-g32" / "onnx" / "model.onnx").is_file()
     assert {r["gate"] for r in report.data["gates"]["results"]} == {"min_deployed_top1_agreement",
                                                                     "max_deployed_ece_drift"}

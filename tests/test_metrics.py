@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from calq.metrics import CalibrationStats, adaptive_ece, brier_top_label, ece
+from calq.metrics import CalibrationStats, DivergenceStats, adaptive_ece, brier_top_label, ece
 
 
 def test_ece_by_hand():
@@ -63,3 +63,66 @@ def test_from_logits_nll_and_ignore_index():
     assert s["ppl"] == pytest.approx(math.exp(s["nll"]))
     assert s["accuracy"] == 0.5
     assert s["confidence"] == pytest.approx(logp.max(-1).values.exp().mean().item())
+
+
+def _direct_divergence(ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """KL(reference || model) and the rest computed on all positions at once, percentiles by torch.quantile."""
+    ref_logp, logp = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
+    kld = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    dp = logp.gather(-1, targets[:, None]).exp() - ref_logp.gather(-1, targets[:, None]).exp()
+    return {"tokens": kld.numel(), "mean_kld": float(kld.mean()), "median_kld": float(kld.quantile(0.5)),
+            "p99_kld": float(kld.quantile(0.99)), "max_kld": float(kld.max()),
+            "same_top1": float((ref.argmax(-1) == logits.argmax(-1)).double().mean()),
+            "mean_delta_p": float(dp.mean()), "rms_delta_p": float(dp.pow(2).mean().sqrt())}
+
+
+def test_streamed_divergence_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    batches, seq, vocab = 3, 41, 500
+    ref = torch.randn(batches, 2, seq + 1, vocab, generator=g) * 3
+    # a mix of small and large perturbations, so the KLDs span several decades
+    noise = torch.randn(batches, 2, seq + 1, vocab, generator=g) * torch.rand(batches, 2, seq + 1, 1, generator=g) ** 3
+    logits = ref + noise
+    targets = torch.randint(0, vocab, (batches, 2, seq), generator=g)
+    stats = DivergenceStats(chunk_elements=7 * vocab)  # chunks that do not divide a window
+    for b in range(batches):  # each batch as a model returns it: [B, T, V] sliced to the scored positions
+        stats.update(ref[b][:, :-1], logits[b][:, :-1], targets[b])
+    streamed = stats.summary()
+    direct = _direct_divergence(ref[:, :, :-1].reshape(-1, vocab), logits[:, :, :-1].reshape(-1, vocab),
+                                targets.flatten())
+    assert streamed["tokens"] == direct["tokens"] == batches * 2 * seq
+    for key in ("mean_kld", "max_kld", "same_top1", "mean_delta_p", "rms_delta_p"):
+        assert streamed[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-7), key
+    for key in ("median_kld", "p99_kld"):  # from the histogram: within a cell's width
+        assert streamed[key] == pytest.approx(direct[key], rel=5e-3), key
+    assert 0 < direct["same_top1"] < 1 and direct["median_kld"] < direct["p99_kld"] < direct["max_kld"]
+
+
+def test_divergence_of_a_model_from_itself_and_skipped_positions():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 10, 64, generator=g)
+    targets = torch.randint(0, 64, (2, 10), generator=g)
+    targets[0, :4] = -100
+    stats = DivergenceStats()
+    stats.update(logits, logits.clone(), targets)
+    s = stats.summary()
+    assert s["tokens"] == 16
+    assert s["median_kld"] == s["p99_kld"] == 0.0 and abs(s["mean_kld"]) < 1e-6 and s["max_kld"] < 1e-6
+    assert s["same_top1"] == 1.0 and s["rms_delta_p"] == 0.0
+    with pytest.raises(ValueError, match="no positions"):
+        DivergenceStats().summary()
+
+
+def test_divergence_of_a_large_vocabulary_in_chunks():
+    """A 262k vocabulary: one chunk of probabilities at a time, the same numbers as with one chunk for all."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 262_144
+    ref = torch.randn(1, 6, vocab, generator=g)
+    logits = ref + 0.3 * torch.randn(1, 6, vocab, generator=g)
+    targets = torch.randint(0, vocab, (1, 6), generator=g)
+    chunked, whole = DivergenceStats(chunk_elements=vocab), DivergenceStats(chunk_elements=6 * vocab)
+    chunked.update(ref, logits, targets)
+    whole.update(ref, logits, targets)
+    assert chunked.summary() == pytest.approx(whole.summary(), rel=1e-9)
+    assert chunked.summary()["mean_kld"] == pytest.approx(_direct_divergence(ref[0], logits[0], targets[0])["mean_kld"],
+                                                         rel=1e-4)

@@ -51,6 +51,11 @@ def test_run_writes_checkpoints_and_report(tiny_recipe, write_recipe, tmp_path):
     assert len(report["outliers"]) == 10 and report["outliers"][0]["ratio"] >= report["outliers"][-1]["ratio"]
     md = (out / "report.md").read_text()
     assert "| minmax-w4a16-g32 |" in md and "## Activation outliers" in md
+    # each variant against the baseline loaded alongside; the baseline against itself
+    divergence = {v["variant"]: v["divergence"]["none"] for v in report["variants"]}
+    assert divergence["baseline"]["max_kld"] < 1e-6 and divergence["baseline"]["same_top1"] == 1.0
+    assert all(d["tokens"] == 2048 // 64 * 63 and d["mean_kld"] > 0 for n, d in divergence.items() if n != "baseline")
+    assert "## Divergence from the baseline" in md
 
     # compressed-tensors checkpoints that plain transformers reloads, in the format that was asked for
     config = json.loads((out / "variants" / "minmax-w4a16-g32" / "config.json").read_text())

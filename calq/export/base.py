@@ -29,7 +29,7 @@ import torch
 
 from calq import isolation
 from calq.errors import CalqError
-from calq.metrics import CalibrationStats
+from calq.metrics import CalibrationStats, DivergenceStats
 from calq.registry import Registry
 
 EXTRA = "pip install 'calq[edge]'"
@@ -142,13 +142,15 @@ def verify(reference_logits: Callable[[torch.Tensor], torch.Tensor],
     Both callables map input_ids [B, T] to logits [B, T, V]. Every position is compared (top-1 agreement, absolute
     logit differences, relative to the largest reference logit); every position but a window's last is scored against
     the next token (perplexity, ECE with `bins` equal-width bins, Brier of the top label) for both, so the drift of
-    each metric is the artifact's minus the reference's.
+    each metric is the artifact's minus the reference's; `divergence` is KL(reference || artifact) and the rest on
+    those scored positions (calq.metrics.DivergenceStats: the evaluate stage's numbers against the baseline).
     """
     windows = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
     if windows.shape[0] == 0:
         raise CalqError(f"the evaluation text has {stream.numel()} tokens, fewer than one window of {seq_len}",
                         "export.verify", "give more held-out text or a shorter window")
     stats = {"artifact": CalibrationStats(bins), "reference": CalibrationStats(bins)}
+    divergence = DivergenceStats()
     agree, positions, max_diff, sum_diff, max_ref = 0, 0, 0.0, 0.0, 0.0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
@@ -160,6 +162,7 @@ def verify(reference_logits: Callable[[torch.Tensor], torch.Tensor],
         max_ref = max(max_ref, float(ref.abs().max()))
         stats["reference"].update_from_logits(ref[:, :-1], batch[:, 1:])
         stats["artifact"].update_from_logits(art[:, :-1], batch[:, 1:])
+        divergence.update(ref[:, :-1], art[:, :-1], batch[:, 1:])
     summaries = {name: s.summary() for name, s in stats.items()}
     drift = {k: summaries["artifact"][k] - summaries["reference"][k]
              for k in ("nll", "accuracy", "confidence", "ece", "adaptive_ece", "brier")}
@@ -169,7 +172,7 @@ def verify(reference_logits: Callable[[torch.Tensor], torch.Tensor],
             "top1_agreement": agree / positions, "max_abs_logit_diff": max_diff,
             "mean_abs_logit_diff": sum_diff / (positions * ref.shape[-1]),
             "max_rel_logit_diff": max_diff / max_ref if max_ref else math.nan,
-            **summaries, "drift": drift}
+            **summaries, "drift": drift, "divergence": divergence.summary()}
 
 
 def export_and_verify(fmt: str, checkpoint_dir: str | Path, out_dir: str | Path, reference_logits: Callable,

@@ -72,7 +72,8 @@ def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
                      "ppl_reference": v["reference"]["ppl"], "ppl": v["artifact"]["ppl"],
                      "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"],
                      "ece_drift": v["drift"]["ece"], "brier": v["artifact"]["brier"], "tokens": v["positions"],
-                     "changes": r["export"].get("changes", []), "decode": v.get("decode")})
+                     "changes": r["export"].get("changes", []), "decode": v.get("decode"),
+                     "divergence": v.get("divergence")})
     return rows
 
 
@@ -105,7 +106,8 @@ def collect(run: RunDir, manifest: dict) -> dict:
                      "selected": evaluated.get("selected"),
                      "temperature": (evaluated.get("fit") or {}).get("temperature", {}).get("temperature"),
                      "validation": evaluated.get("validation"),
-                     "calibrated": {part: evaluated[part]["calibrators"] for part in EVAL_SETS if part in evaluated}})
+                     "calibrated": {part: evaluated[part]["calibrators"] for part in EVAL_SETS if part in evaluated},
+                     "divergence": evaluated["tokens"].get("divergence")})
     samples, eval_data = stages["samples"]["info"], stages["eval_tokens"]["info"]
     instructions = stages.get("instructions", {}).get("info")
     ev = recipe["evaluation"]["tokens"]

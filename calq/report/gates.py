@@ -8,6 +8,8 @@ A recipe's `gates:` picks candidates (a variant and a calibrator, or all of them
       max_accuracy_drop: 0.02     # per task, below the baseline with the same calibrator
       max_ece_increase: 0.01      # per task, above the baseline's uncalibrated answer-level ECE
       max_token_ece: 0.05
+      max_kld: 0.1                # mean KL(baseline ‖ variant) per token on the held-out text, every calibrator
+      min_same_top1: 0.8          # share of held-out positions where the variant's top token is the baseline's
       max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator (a pass by
                                   # one collapsed to uniform confidence is noted "constant predictor")
       min_coverage: 0.2           # answered share at the threshold fitted for the first target accuracy
@@ -44,6 +46,13 @@ class Gates(BaseModel):
                           "uncalibrated ('none') ECE on that task")
     max_token_ece: float | None = Field(
         None, ge=0, le=1, description="largest allowed token-level ECE on the held-out text")
+    max_kld: float | None = Field(
+        None, ge=0, description="largest allowed mean KL divergence per token from the unquantized baseline on the "
+                                "held-out text, KL(baseline ‖ variant); with a calibrator, of the calibrated variant "
+                                "from the uncalibrated baseline")
+    min_same_top1: float | None = Field(
+        None, ge=0, le=1, description="smallest allowed share of held-out positions where the variant's top token "
+                                      "(calibrated or not) is the unquantized baseline's")
     max_deployed_ece_drift: float | None = Field(
         None, ge=0, description="largest allowed change of token-level ECE between an exported artifact on its runtime "
                                 "and the PyTorch variant it came from (needs an `export:` section)")
@@ -172,6 +181,7 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
         checks = [_check("max_token_ece", row, None, row["ece"], gates.max_token_ece)
                   for row in token_rows if selected(row)]
         results += checks or [_nothing_to_check("max_token_ece", gates)]
+    results += _divergence_gates(gates, report, selected)
     deployed = [r for r in report.get("deployed") or [] if selected({**r, "calibrator": None})]
     if gates.max_deployed_ece_drift is not None:
         checks = [_check("max_deployed_ece_drift", r, r["format"], abs(r["ece_drift"]), gates.max_deployed_ece_drift)
@@ -182,6 +192,23 @@ def evaluate_gates(gates: Gates, report: dict, baseline: str = "baseline") -> li
         checks = [GateResult("min_deployed_top1_agreement", r["variant"], r["calibrator"], r["format"], r["top1"],
                              threshold, r["top1"] >= threshold - TOLERANCE, r["top1"] - threshold) for r in deployed]
         results += checks or [_nothing_to_check("min_deployed_top1_agreement", gates)]
+    return results
+
+
+def _divergence_gates(gates: Gates, report: dict, selected) -> list[GateResult]:
+    """max_kld and min_same_top1 on each candidate variant x calibrator's divergence from the baseline."""
+    rows = [{"variant": v["variant"], "calibrator": cal, **d} for v in report["variants"]
+            for cal, d in (v.get("divergence") or {}).items()]
+    rows = [r for r in rows if selected(r)]
+    results = []
+    if gates.max_kld is not None:
+        checks = [_check("max_kld", r, None, r["mean_kld"], gates.max_kld) for r in rows]
+        results += checks or [_nothing_to_check("max_kld", gates)]
+    if gates.min_same_top1 is not None:
+        threshold = gates.min_same_top1
+        checks = [GateResult("min_same_top1", r["variant"], r["calibrator"], None, r["same_top1"], threshold,
+                             r["same_top1"] >= threshold - TOLERANCE, r["same_top1"] - threshold) for r in rows]
+        results += checks or [_nothing_to_check("min_same_top1", gates)]
     return results
 
 

@@ -152,6 +152,33 @@ def token_level(report: dict) -> Section:
         Plots([Plot(diagram, "token-level reliability diagram")])])
 
 
+DIVERGENCE_HEADER = ["mean KLD", "median KLD", "99% KLD", "max KLD", "same top token", "RMS Δp", "tokens"]
+
+
+def divergence_cells(d: dict) -> list[str]:
+    """One row's cells under DIVERGENCE_HEADER (llama.cpp's `--kl-divergence` quantities)."""
+    return [f"{d['mean_kld']:.4g}", f"{d['median_kld']:.4g}", f"{d['p99_kld']:.4g}", f"{d['max_kld']:.4g}",
+            f"{d['same_top1']:.1%}", f"{d['rms_delta_p']:.2%}", num(d["tokens"])]
+
+
+@section
+def divergence(report: dict) -> Section | None:
+    """Every variant x calibrator against the uncalibrated unquantized baseline on the held-out text."""
+    rows = [[v["variant"], cal, *divergence_cells(d)] for v in report["variants"]
+            for cal, d in (v.get("divergence") or {}).items()]
+    if not rows:
+        return None
+    ev = report["evaluation"]["tokens"]
+    return Section("Divergence from the baseline", [
+        Text(f"KL(baseline ‖ variant) per token on the same {ev['tokens']:,} held-out tokens of `{ev['source']}`, "
+             "with each calibrator against the **uncalibrated** baseline, so a calibrator's own change of the "
+             "distribution shows too (the baseline's calibrator rows are that change alone). Same top token: the "
+             "share of positions where both predict the same next token; Δp: the variant's probability of the "
+             "correct token minus the baseline's. Definitions as llama.cpp's `llama-perplexity --kl-divergence` "
+             "(percentiles from a fixed histogram of log KLD, within 0.1%).", muted=True),
+        Table(["variant", "calibrator", *DIVERGENCE_HEADER], rows, set(range(2, 2 + len(DIVERGENCE_HEADER))))])
+
+
 def calibrators_text(c: dict) -> str:
     """How the calibrators were fitted, one paragraph."""
     settings = c["settings"]
@@ -291,7 +318,15 @@ def deployed(report: dict) -> Section | None:
                 f"{r['max_rel_logit_diff']:.2g}", f"{r['ppl_reference']:.2f} → {r['ppl']:.2f}",
                 f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}"] for r in rows],
               {3, 4, 5, 6, 7, 8, 9}),
+        *([table] if (table := deployed_divergence(rows)) else []),
         *([Text("What each format changed:"), Bullets(changes)] if changes else [])])
+
+
+def deployed_divergence(rows: list[dict]) -> Table | None:
+    """Each artifact's divergence from its PyTorch variant (none for results verified before it was measured)."""
+    cells = [[r["variant"], r["format"], *divergence_cells(r["divergence"])] for r in rows if r.get("divergence")]
+    return Table(["variant", "format", *DIVERGENCE_HEADER], cells, set(range(2, 2 + len(DIVERGENCE_HEADER))),
+                 title="Divergence of the artifact from the PyTorch variant, KL(PyTorch ‖ runtime)") if cells else None
 
 
 @section

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from calq import data as data_mod
 from calq import models
+from calq.models import BASELINE
 from calq.calib import hidden
 from calq.evaluation import tokens as token_eval
 from calq.pipeline import Context
@@ -19,7 +20,7 @@ from calq.stages import KINDS, StageKind
 class Evaluate(StageKind):
     kind, pattern, group, words, order = "evaluate", "evaluate/<variant>", "evaluate", "evaluation", 100
     outputs = {"result": "eval/{variant}.json"}
-    version = 3
+    version = 4
 
     @classmethod
     def add_stages(cls, table) -> None:
@@ -40,8 +41,11 @@ def stage_evaluate(ctx: Context, name: str):
     # windows of seq_len, BOS first when the tokenizer starts texts with it; evaluate cuts them at seq_len again
     stream = data_mod.windows(stream, ev.seq_len, models.bos_policy(tokenizer)).flatten()
     windows = stream.numel() // ev.seq_len
+    # the divergence from the unquantized baseline, loaded alongside (the baseline's own: against its uncalibrated self)
+    baseline = model if name == BASELINE else models.load(ctx.variant_source(BASELINE), ctx.recipe.model.dtype,
+                                                          ctx.recipe.model.device_map)[0]
     result = {"tokens": token_eval.evaluate(model, stream, ev.seq_len, ev.batch_size, ev.bins, cals,
-                                            progress=ctx.track(f"evaluate {name}", windows))}
+                                            progress=ctx.track(f"evaluate {name}", windows), baseline=baseline)}
     if fitted:
         with torch.no_grad():
             folder = ctx.output("calibrate", "calibrators", variant=name)

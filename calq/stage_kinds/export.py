@@ -23,6 +23,7 @@ from calq.stages import KINDS, StageKind
 class Export(StageKind):
     kind, pattern, group, words, order = "export", "export/<variant>/<format>", "export", "export", 140
     outputs = {"artifact": "export/{variant}/{format}", "result": "export/{variant}/{format}.json"}
+    version = 2
 
     @classmethod
     def check(cls, recipe, data_root, variants) -> None:
