@@ -198,7 +198,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
                                            list(answers.use), where)
     result.variants = [BASELINE, *(v.label for v in variants)]
     if recipe.export is not None:
-        check_export(recipe, result.variants)
+        check_export(recipe, result.variants, config)
     if recipe.gates is not None:
         answers = recipe.evaluation.tasks.answer_calibration if recipe.evaluation.tasks else None
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),
@@ -329,16 +329,18 @@ def _versions(registry: Registry, names) -> list[dict[str, int]]:
     return [raised] if raised else []
 
 
-def check_export(recipe: Recipe, variants: list[str]) -> None:
-    """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
+def check_export(recipe: Recipe, variants: list[str], config) -> None:
+    """Formats known, their runtimes installed, the architecture held, variants known, the calibrator fitted: before
+    any long work."""
     spec = recipe.export
-    for fmt in spec.formats:
+    for i, fmt in enumerate(spec.formats):
         exporter = export_base.get(fmt, "export.formats")
         exporter.check_runtime()
+        exporter.check_config(config.get_text_config(), f"export.formats[{i}]")
         fuse = "none" if spec.calibrator == "selected" else calibrators.TOKEN.get(spec.calibrator).fuse
-        if fuse not in exporter.calibrators:
+        if fuse not in exporter.carries(config.get_text_config()):
             raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
-                            f"{', '.join(exporter.calibrators)})", "export.calibrator",
+                            f"{', '.join(exporter.carries(config.get_text_config()))})", "export.calibrator",
                             f"use calibrator: selected (the format then falls back to the temperature) or drop {fmt}")
     for name in spec.variants or ():
         if name not in variants:
@@ -680,9 +682,11 @@ def stage_export(ctx: Context, name: str, fmt: str):
     exporter = export_base.get(fmt)
     kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
     note = None
-    if calibrators.TOKEN.get(kind).fuse not in exporter.calibrators:
-        note = f"{fmt} cannot hold the {kind} calibrator: the global temperature is fused instead"
-        kind = "temperature" if "temperature" in cals else "none"
+    carries = exporter.carries(model.config.get_text_config())
+    if calibrators.TOKEN.get(kind).fuse not in carries:
+        fallback = "temperature" if "temperature" in cals and "temperature" in carries else "none"
+        note = f"{fmt} cannot hold the {kind} calibrator for this model: {fallback} is fused instead"
+        kind = fallback
     calibrator = None if kind == "none" else cals[kind]
     reference = model if calibrator is None else CalibratedLM(model, calibrator)
     options = {}

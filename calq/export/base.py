@@ -6,6 +6,9 @@ package (entry point group `calq.exporters`: calq.registry); `get(name)` discove
   or the calibrator at all (or its runtime package is missing);
 - `export(checkpoint_dir, out_dir, calibrator) -> info`: write the artifact; `info["changes"]` lists in words what
   the format changes against the PyTorch variant (the re-verification measures it);
+- `check_config(config, where)`: raise CalqError, at plan time, when the format cannot hold the model's architecture;
+  `carries(config)`: the calibrator forms it can carry for that model (fewer than `calibrators`: the pipeline falls
+  back as for a calibrator the format never carries);
 - `check_runtime()`: raise CalqError when the runtime package is missing (call it before long work too);
 - `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
   the (calibrated) logits [B, T, V] as a float32 torch tensor;
@@ -56,6 +59,14 @@ class Exporter:
         if kind not in self.calibrators:
             raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator", f"export.{self.name}",
                             f"fuse one of: {', '.join(self.calibrators)}")
+
+    def check_config(self, config, where: str) -> None:
+        """Raise CalqError, from the model's config alone (before any weight loads), when the format cannot hold
+        this architecture."""
+
+    def carries(self, config) -> tuple[str, ...]:
+        """The calibrator forms the format can carry for this model (default: all of `calibrators`)."""
+        return self.calibrators
 
     def check_runtime(self) -> None:
         """Raise CalqError (naming the extra to install) when the runtime cannot be imported."""

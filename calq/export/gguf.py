@@ -163,13 +163,9 @@ class GgufExporter(Exporter):
             raise CalqError(f"unknown float type '{float_type}'", "export.gguf.float_type", "use f16 or f32")
         self.float_type = float_type
 
-    def check(self, checkpoint_dir, calibrator=None) -> None:
-        super().check(checkpoint_dir, calibrator)
+    def check_config(self, config, where: str) -> None:
         import gguf
-        from transformers import AutoConfig
 
-        where = f"{checkpoint_dir}/config.json"
-        config = AutoConfig.from_pretrained(checkpoint_dir).get_text_config()
         arch = getattr(gguf.MODEL_ARCH, architecture(config, where).arch)
         problem = unsupported(config)
         if problem:
@@ -179,9 +175,25 @@ class GgufExporter(Exporter):
         if not tied and gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[arch]:
             raise CalqError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} ties the output layer to the embeddings; "
                             "this model has its own lm_head", where, "export it to onnx")
-        if calibrator_kind(calibrator) == "temperature" and getattr(config, "final_logit_softcapping", None):
-            raise CalqError("a temperature cannot be folded into this GGUF: the model soft-caps its logits after the "
-                            "output layer (final_logit_softcapping)", f"export.{self.name}",
+
+    def carries(self, config) -> tuple[str, ...]:
+        """A temperature folds into output_norm only when nothing nonlinear follows the output layer: not with
+        Gemma 2's final logit soft-capping."""
+        if getattr(config, "final_logit_softcapping", None):
+            return ("none",)
+        return self.calibrators
+
+    def check(self, checkpoint_dir, calibrator=None) -> None:
+        super().check(checkpoint_dir, calibrator)
+        from transformers import AutoConfig
+
+        where = f"{checkpoint_dir}/config.json"
+        config = AutoConfig.from_pretrained(checkpoint_dir).get_text_config()
+        self.check_config(config, where)
+        kind = calibrator_kind(calibrator)
+        if kind not in self.carries(config):
+            raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator for this model: it soft-caps "
+                            "its logits after the output layer (final_logit_softcapping)", f"export.{self.name}",
                             "export with calibrator none, or to onnx")
         qc = variants.quantization_config(checkpoint_dir) or {}
         for group_name, group in (qc.get("config_groups") or {}).items():
