@@ -91,9 +91,52 @@ def alpaca_records(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """family -> its tiny model folder, made once per module."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(tmp_path_factory.mktemp(family), family)
+        return made[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family(family, texts, alpaca_records, tmp_path_factory):
-    model = make_tiny_model(tmp_path_factory.mktemp(family), family)
+def test_gguf_float_weights_match_pytorch(family, family_model, tmp_path):
+    """F32 weights and a float32 KV cache: llama.cpp computes the family's function (names, q/k row order, norm
+    offsets, metadata). Bound 1e-5 relative (measured about 3e-7); Gemma 2e-3 (measured 3-5e-4, the same at every
+    position, position 0 included, so it is in the element-wise part, not attention: ggml computes GELU through a
+    float16 table, and rounding GELU's input to float16 in PyTorch alone does not remove it). Where llama.cpp's graph
+    would compute something else, the exporter refuses the model before writing anything."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from calq.export import gguf as gguf_export
+
+    folder = family_model(family)
+    exporter = gguf_export.GgufExporter(float_type="f32")
+    config = AutoModelForCausalLM.from_pretrained(folder).config
+    if gguf_export.unsupported(config):
+        with pytest.raises(CalqError, match="llama.cpp's .* graph cannot run this"):
+            exporter.export(folder, tmp_path)
+        assert not any(tmp_path.iterdir())
+        return
+    exporter.export(folder, tmp_path)
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
+    got = exporter.session(tmp_path, n_ctx=64, kv_cache="f32").score(ids)
+    relative = float((got - want).abs().max() / want.abs().max())
+    assert relative < (2e-3 if family.startswith("gemma") else 1e-5)
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family(family, family_model, texts, alpaca_records, tmp_path_factory):
+    model = family_model(family)
     out = tmp_path_factory.mktemp(f"run-{family}")
     prepared, refused = plan_with_refusals(matrix_recipe(model, texts, alpaca_records), out / "run")
     report = calq.run(prepared)
