@@ -11,8 +11,10 @@ import torch
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": 16}),
-    "qwen2": ("Qwen2Config", {}),  # biases on q/k/v
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms
+    # biases on q/k/v; transformers gives qwen2 folders its Qwen2Tokenizer, which adds <|endoftext|> as token 256: the
+    # embedding has spare rows, as Qwen's own do (151,936 rows for 151,665 tokens)
+    "qwen2": ("Qwen2Config", {"vocab_size": 288}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "vocab_size": 288}),  # q/k norms
     "phi3": ("Phi3Config", {}),  # fused qkv_proj and gate_up_proj
     # sandwich norms, embedding scaling, soft-capping (Gemma 2), q/k norms (Gemma 3), sliding layers, tied output
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
@@ -31,9 +33,9 @@ def make_tiny_model(folder: Path, family: str = "llama", hidden: int = 64, layer
     class_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, class_name)(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2 + 32, num_hidden_layers=layers,
+        hidden_size=hidden, intermediate_size=hidden * 2 + 32, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"tie_word_embeddings": False, **extra})
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"vocab_size": vocab, "tie_word_embeddings": False, **extra})
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     save_byte_tokenizer(folder, vocab)
     return folder

@@ -15,6 +15,10 @@ stays tied to the embeddings). The ATS head cannot go into GGUF: llama.cpp's gra
 Tokenizer: the source GGUF's tokenizer.* metadata is copied when the model came from a GGUF file (the bundled
 model did); otherwise gguf's own converters read the transformers tokenizer (GPT-2 BPE, Llama/SentencePiece); a
 tokenizer they cannot read gives tokenizer model 'no_vocab' (llama.cpp loads it; scoring uses token ids).
+Architectures: `ARCHITECTURES` maps a transformers model type to the gguf package's MODEL_ARCH, whose TensorNameMap
+names every tensor and whose MODEL_TENSORS says which ones llama.cpp reads, plus what convert_hf_to_gguf.py changes
+in the weights (q/k row order for Llama and Mistral, Gemma's norm + 1). `unsupported` lists, from the config alone,
+what llama.cpp's graph would compute differently (a Mistral sliding window, rope scaling, ...): the plan refuses it.
 """
 
 from __future__ import annotations
