@@ -356,7 +356,10 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
         except (ImportError, RuntimeError) as exc:  # gguf's SentencePiece reader without the sentencepiece package
             raise CalqError(f"cannot read the tokenizer in {folder} ({exc})", "export.gguf.tokenizer",
                             "pip install sentencepiece") from None
-    if found is None:
+    special = None if found is None else gguf.SpecialVocab(Path(source), load_merges=found.tokenizer_model == "gpt2",
+                                                            n_vocab=vocab_size)
+    if found is None or (found.tokenizer_model == "gpt2" and not special.merges):
+        # llama.cpp refuses to load a BPE vocabulary without merges
         writer.add_tokenizer_model("no_vocab")
         return "none (no_vocab: the file is scored on token ids)"
     tokens, scores, types = (list(column) for column in zip(*found.all_tokens()))
@@ -371,8 +374,7 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(Path(source), load_merges=found.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(
-        writer, quiet=True)
+    special.add_to_gguf(writer, quiet=True)
     return f"converted from the transformers tokenizer in {source} ({found.tokenizer_model})"
 
 
