@@ -179,7 +179,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
                                            list(answers.use), where)
     result.variants = [BASELINE, *(v.label for v in variants)]
     for kind in stages.in_order():
-        kind.check(recipe, data_root, result.variants)
+        kind.check(recipe, data_root, result.variants, config)
     if recipe.gates is not None:
         answers = recipe.evaluation.tasks.answer_calibration if recipe.evaluation.tasks else None
         check_gates(recipe.gates, result.variants, recipe.calibrator_names(),

@@ -29,9 +29,9 @@ class StageKind:
         return cls.outputs[name].format(**parts)
 
     @classmethod
-    def check(cls, recipe: Any, data_root: Any, variants: list[str]) -> None:
+    def check(cls, recipe: Any, data_root: Any, variants: list[str], config: Any) -> None:
         """Raise CalqError, before any long work, when the recipe asks this kind for what cannot be done (`variants`:
-        the names of the variants that run, baseline first)."""
+        the names of the variants that run, baseline first; `config`: the model's transformers config)."""
 
     @classmethod
     def add_stages(cls, table: Any) -> None:

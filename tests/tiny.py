@@ -1,4 +1,4 @@
-"""A tiny random Llama and tokenizer, saved to a folder (llm-compressor reloads configs by path)."""
+"""Tiny random causal LMs and a byte-level tokenizer, saved to a folder (llm-compressor reloads configs by path)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,56 @@ from pathlib import Path
 
 import torch
 
+# The decoder families the architecture matrix covers (tests/test_architectures.py): transformers config class, and
+# what each family's tiny config sets beyond the shared sizes (the features where the families differ).
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
+    # biases on q/k/v; transformers gives qwen2 folders its Qwen2Tokenizer, which adds <|endoftext|> as token 256: the
+    # embedding has spare rows, as Qwen's own do (151,936 rows for 151,665 tokens)
+    "qwen2": ("Qwen2Config", {"vocab_size": 288}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "vocab_size": 288}),  # q/k norms
+    "phi3": ("Phi3Config", {}),  # fused qkv_proj and gate_up_proj
+    # sandwich norms, embedding scaling, soft-capping (Gemma 2), q/k norms (Gemma 3), sliding layers, tied output
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                                "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                                    "tie_word_embeddings": True}),
+}
+
+
+def make_tiny_model(folder: Path, family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 256,
+                    seed: int = 0) -> Path:
+    """A random model of `family` (FAMILIES) with 4 heads of 16 (2 key/value heads) and a byte-level tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, class_name)(
+        hidden_size=hidden, intermediate_size=hidden * 2 + 32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"vocab_size": vocab, "tie_word_embeddings": False, **extra})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    save_byte_tokenizer(folder, vocab)
+    return folder
+
 
 def make_tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, vocab: int = 256, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    return make_tiny_model(folder, "llama", hidden, layers, vocab, seed)
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2 + 32,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    # Byte-level tokenizer: every text tokenizes, ids stay below 256.
+
+def save_byte_tokenizer(folder: Path, vocab: int = 256) -> None:
+    """Byte-level tokenizer: every text tokenizes, ids stay below 256."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab_map = {"<pad>": 0, "<s>": 1, "</s>": 2}
     vocab_map.update({chr(i): i for i in range(3, vocab)})
     tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(folder)
-    return folder
 
 
 def train_tiny_llama(folder: Path, text: str, steps: int = 100, lr: float = 3e-3, seed: int = 0) -> Path:

@@ -6,6 +6,9 @@ package (entry point group `calq.exporters`: calq.registry); `get(name)` discove
   or the calibrator at all (or its runtime package is missing);
 - `export(checkpoint_dir, out_dir, calibrator) -> info`: write the artifact; `info["changes"]` lists in words what
   the format changes against the PyTorch variant (the re-verification measures it);
+- `check_config(config, where)`: raise CalqError, at plan time, when the format cannot hold the model's architecture;
+  `carries(config)`: the calibrator forms it can carry for that model (fewer than `calibrators`: the pipeline falls
+  back as for a calibrator the format never carries);
 - `check_runtime()`: raise CalqError when the runtime package is missing (call it before long work too);
 - `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
   the (calibrated) logits [B, T, V] as a float32 torch tensor;
@@ -58,14 +61,23 @@ class Exporter:
             raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator", f"export.{self.name}",
                             f"fuse one of: {', '.join(self.calibrators)}")
 
-    def holds(self, calibrator) -> bool:
-        """Whether the format can carry `calibrator` (a calibrator class or instance; None: no calibrator) fused."""
-        return ("none" if calibrator is None else getattr(calibrator, "fuse", None)) in self.calibrators
+    def check_config(self, config, where: str) -> None:
+        """Raise CalqError, from the model's config alone (before any weight loads), when the format cannot hold
+        this architecture."""
 
-    def fallback(self, fitted: dict) -> str:
+    def carries(self, config=None) -> tuple[str, ...]:
+        """The calibrator forms the format can carry, for this model's config when given (default: `calibrators`)."""
+        return self.calibrators
+
+    def holds(self, calibrator, config=None) -> bool:
+        """Whether the format can carry `calibrator` (a calibrator class or instance; None: no calibrator) fused,
+        for this model's config when given."""
+        return ("none" if calibrator is None else getattr(calibrator, "fuse", None)) in self.carries(config)
+
+    def fallback(self, fitted: dict, config=None) -> str:
         """The name of the fitted calibrator ({name: calibrator}) it carries when it cannot carry the one asked for:
         the first that changes the probabilities and that it holds (e.g. a global temperature), else the identity."""
-        held = [name for name, calibrator in fitted.items() if self.holds(calibrator)]
+        held = [name for name, calibrator in fitted.items() if self.holds(calibrator, config)]
         return next((name for name in held if not fitted[name].identity), held[0])
 
     def check_runtime(self) -> None:

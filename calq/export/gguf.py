@@ -15,11 +15,16 @@ stays tied to the embeddings). The ATS head cannot go into GGUF: llama.cpp's gra
 Tokenizer: the source GGUF's tokenizer.* metadata is copied when the model came from a GGUF file (the bundled
 model did); otherwise gguf's own converters read the transformers tokenizer (GPT-2 BPE, Llama/SentencePiece); a
 tokenizer they cannot read gives tokenizer model 'no_vocab' (llama.cpp loads it; scoring uses token ids).
+Architectures: `ARCHITECTURES` maps a transformers model type to the gguf package's MODEL_ARCH, whose TensorNameMap
+names every tensor and whose MODEL_TENSORS says which ones llama.cpp reads, plus what convert_hf_to_gguf.py changes
+in the weights (q/k row order for Llama and Mistral, Gemma's norm + 1). `unsupported` lists, from the config alone,
+what llama.cpp's graph would compute differently (a Mistral sliding window, rope scaling, ...): the plan refuses it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +37,87 @@ from calq.export.base import Exporter, calibrator_kind, register, require, write
 
 MODEL_FILE = "model.gguf"
 BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp's convert_hf_to_gguf.py writes one transformers model type: the gguf package's MODEL_ARCH
+    (whose TensorNameMap and MODEL_TENSORS name the tensors), and what the converter changes in the weights."""
+
+    arch: str  # gguf.MODEL_ARCH member
+    permute_qk: bool = False  # LlamaModel reorders q/k rows: llama.cpp's llama rotates adjacent pairs (NEOX archs not)
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores w + 1 (convert's `+ 1`)
+
+
+# transformers model_type -> Architecture. A family llama.cpp knows is one entry here (plus its metadata in
+# `_write_hparams` when it has keys beyond the shared ones).
+ARCHITECTURES = {
+    "llama": Architecture("LLAMA", permute_qk=True),
+    "mistral": Architecture("LLAMA", permute_qk=True),  # convert registers MistralForCausalLM as a LlamaModel
+    "qwen2": Architecture("QWEN2"),
+    "qwen3": Architecture("QWEN3"),
+    "phi3": Architecture("PHI3"),
+    "gemma2": Architecture("GEMMA2", norm_offset=1.0),
+    "gemma3_text": Architecture("GEMMA3", norm_offset=1.0),
+}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales queries by 1/sqrt(hidden / heads) only there
+
+
+def architecture(config, where: str) -> Architecture:
+    """The table entry for a text config, or a CalqError naming the families calq writes."""
+    found = ARCHITECTURES.get(config.model_type)
+    if found is None:
+        raise CalqError(f"the GGUF exporter cannot write the '{config.model_type}' architecture yet", where,
+                        f"export it to onnx, or use a model of: {', '.join(ARCHITECTURES)}")
+    return found
+
+
+def unsupported(config) -> str | None:
+    """What in this config llama.cpp's graph for its architecture would compute differently, in words (None: all
+    fits). Checked on the config alone, before any weight is read."""
+    rope = rope_parameters(config)
+    kind = config.model_type
+    if rope.get("rope_type", "default") not in ("default", "linear") or (
+            rope.get("rope_type") == "linear" and kind != "gemma3_text"):
+        return f"rope_type '{rope.get('rope_type')}' (calq writes the default rotary embedding, and Gemma 3's linear)"
+    if getattr(config, "mlp_bias", False) or (kind != "qwen2" and getattr(config, "attention_bias", False)):
+        return "biases on the attention or MLP projections (llama.cpp reads them for qwen2 only)"
+    if kind == "mistral" and getattr(config, "sliding_window", None):
+        return (f"a sliding window of {config.sliding_window} tokens (llama.cpp's llama graph attends to the whole "
+                "context)")
+    if kind == "qwen2" and getattr(config, "use_sliding_window", False):
+        return "use_sliding_window (llama.cpp's qwen2 graph attends to the whole context)"
+    if kind in GEMMA_27B_LAYERS:
+        head_dim = config.head_dim
+        scalar = config.query_pre_attn_scalar
+        if scalar != head_dim and not (scalar == config.hidden_size // config.num_attention_heads
+                                       and config.num_hidden_layers == GEMMA_27B_LAYERS[kind]):
+            return (f"query_pre_attn_scalar {scalar} (llama.cpp scales queries by 1/sqrt(head_dim {head_dim}), "
+                    "or by 1/sqrt(hidden / heads) for the 27B model)")
+    if kind == "gemma3_text":
+        local = getattr(config, "rope_local_base_freq", None) or rope_parameters(config, "sliding_attention").get(
+            "rope_theta", 10000.0)
+        if local != 10000.0:
+            return f"a sliding-layer rope base of {local} (llama.cpp's gemma3 uses 10000)"
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+            return "logit soft-capping (llama.cpp's gemma3 graph has none)"
+    if kind == "phi3" and getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor {config.partial_rotary_factor}"
+    return None
+
+
+def rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """transformers 5's rope_parameters (one dict, or one per attention type as in Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
+
+
 def gguf_name(names, hf_name: str) -> str:
     """llama.cpp's tensor name for a transformers parameter name, from `names`: the gguf package's own
     `TensorNameMap` for the architecture (what llama.cpp's converter uses)."""
     name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise CalqError(f"no llama.cpp tensor for {hf_name}", "export.gguf", "export a plain Llama-architecture model")
+        raise CalqError(f"no llama.cpp tensor for {hf_name}", "export.gguf", "export it to onnx")
     return name
 
 
@@ -88,20 +168,38 @@ class GgufExporter(Exporter):
             raise CalqError(f"unknown float type '{float_type}'", "export.gguf.float_type", "use f16 or f32")
         self.float_type = float_type
 
+    def check_config(self, config, where: str) -> None:
+        import gguf
+
+        arch = getattr(gguf.MODEL_ARCH, architecture(config, where).arch)
+        problem = unsupported(config)
+        if problem:
+            raise CalqError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} graph cannot run this {config.model_type} "
+                            f"model: {problem}", where, "export it to onnx")
+        tied = getattr(config, "tie_word_embeddings", False)
+        if not tied and gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[arch]:
+            raise CalqError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} ties the output layer to the embeddings; "
+                            "this model has its own lm_head", where, "export it to onnx")
+
+    def carries(self, config=None) -> tuple[str, ...]:
+        """A temperature folds into output_norm only when nothing nonlinear follows the output layer: not with
+        Gemma 2's final logit soft-capping."""
+        if getattr(config, "final_logit_softcapping", None):
+            return ("none",)
+        return self.calibrators
+
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
         from transformers import AutoConfig
 
         where = f"{checkpoint_dir}/config.json"
         config = AutoConfig.from_pretrained(checkpoint_dir).get_text_config()
-        if config.model_type != "llama":
-            raise CalqError(f"the GGUF exporter writes the Llama architecture; this model is '{config.model_type}'",
-                            where, "export it to onnx")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default" or getattr(config, "attention_bias", False) \
-                or getattr(config, "mlp_bias", False):
-            raise CalqError("the GGUF exporter handles plain Llama models (default rotary embedding, no biases)",
-                            where, "export it to onnx")
+        self.check_config(config, where)
+        kind = calibrator_kind(calibrator)
+        if kind not in self.carries(config):
+            raise CalqError(f"the {self.name} format cannot carry the '{kind}' calibrator for this model: it soft-caps "
+                            "its logits after the output layer (final_logit_softcapping)", f"export.{self.name}",
+                            "export with calibrator none, or to onnx")
         qc = variants.quantization_config(checkpoint_dir) or {}
         for group_name, group in (qc.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
@@ -120,13 +218,15 @@ class GgufExporter(Exporter):
         config = variant.model.config.get_text_config()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        arch = gguf.MODEL_ARCH.LLAMA
+        family = architecture(config, str(checkpoint_dir))
+        arch = getattr(gguf.MODEL_ARCH, family.arch)
         writer = gguf.GGUFWriter(str(out_dir / MODEL_FILE), gguf.MODEL_ARCH_NAMES[arch])
         names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
         _write_hparams(writer, config)
         tokenizer = _write_tokenizer(writer, gguf, tokenizer or checkpoint_dir, config.vocab_size)
 
-        heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
+        heads = {"self_attn.q_proj": config.num_attention_heads,
+                 "self_attn.k_proj": config.num_key_value_heads} if family.permute_qk else {}
         state = variant.model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # llama.cpp uses token_embd.weight when output.weight is absent
@@ -139,6 +239,8 @@ class GgufExporter(Exporter):
             layer = variant.layers.get(module)
             head_count = next((h for suffix, h in heads.items() if module.endswith(suffix)), None)
             rows = rope_rows(tensor.shape[0], head_count) if head_count else None
+            if family.norm_offset and hf_name.endswith("norm.weight"):
+                tensor = tensor + family.norm_offset
             if hf_name == "model.norm.weight" and temperature is not None:
                 tensor = tensor / temperature
             if layer is None:
@@ -202,8 +304,10 @@ def _rows(layer, rows: torch.Tensor):
 
 
 def _write_hparams(writer, config) -> None:
+    """The architecture's metadata keys, as convert_hf_to_gguf writes them for these families."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters(config)
+    kind = config.model_type
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -216,6 +320,20 @@ def _write_hparams(writer, config) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if rope.get("rope_type") == "linear":  # Gemma 3 4B and larger (unsupported() refuses it elsewhere)
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if kind in ("gemma2", "gemma3_text", "phi3"):
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+    if kind == "gemma2" and config.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if kind == "gemma2" and config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if kind == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
+                                             or config.max_position_embeddings)
 
 
 def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -> str:
@@ -239,7 +357,10 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
         except (ImportError, RuntimeError) as exc:  # gguf's SentencePiece reader without the sentencepiece package
             raise CalqError(f"cannot read the tokenizer in {folder} ({exc})", "export.gguf.tokenizer",
                             "pip install sentencepiece") from None
-    if found is None:
+    special = None if found is None else gguf.SpecialVocab(Path(source), load_merges=found.tokenizer_model == "gpt2",
+                                                            n_vocab=vocab_size)
+    if found is None or (found.tokenizer_model == "gpt2" and not special.merges):
+        # llama.cpp refuses to load a BPE vocabulary without merges
         writer.add_tokenizer_model("no_vocab")
         return "none (no_vocab: the file is scored on token ids)"
     tokens, scores, types = (list(column) for column in zip(*found.all_tokens()))
@@ -254,8 +375,7 @@ def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(Path(source), load_merges=found.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(
-        writer, quiet=True)
+    special.add_to_gguf(writer, quiet=True)
     return f"converted from the transformers tokenizer in {source} ({found.tokenizer_model})"
 
 

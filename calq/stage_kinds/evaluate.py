@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from calq import data as data_mod
 from calq import models
-from calq.models import BASELINE
 from calq.calib import hidden
 from calq.evaluation import tokens as token_eval
+from calq.models import BASELINE
 from calq.pipeline import Context
 from calq.runs import write_json
 from calq.stage_kinds.calibrate import load_calibrators

@@ -26,9 +26,9 @@ class Export(StageKind):
     version = 2
 
     @classmethod
-    def check(cls, recipe, data_root, variants) -> None:
+    def check(cls, recipe, data_root, variants, config) -> None:
         if recipe.export is not None:
-            check_export(recipe, variants)
+            check_export(recipe, variants, config.get_text_config())
 
     @classmethod
     def add_stages(cls, table) -> None:
@@ -43,15 +43,17 @@ class Export(StageKind):
                                     cls.version])
 
 
-def check_export(recipe: Recipe, variants: list[str]) -> None:
-    """Formats known, their runtimes installed, variants known, the calibrator fitted: before any long work."""
+def check_export(recipe: Recipe, variants: list[str], config) -> None:
+    """Formats known, their runtimes installed, the architecture held (`config`: the model's text config), variants
+    known, the calibrator fitted: before any long work."""
     spec = recipe.export
-    for fmt in spec.formats:
+    for i, fmt in enumerate(spec.formats):
         exporter = export_base.get(fmt, "export.formats")
         exporter.check_runtime()
-        if spec.calibrator != "selected" and not exporter.holds(calibrators.TOKEN.get(spec.calibrator)):
+        exporter.check_config(config, f"export.formats[{i}]")
+        if spec.calibrator != "selected" and not exporter.holds(calibrators.TOKEN.get(spec.calibrator), config):
             raise CalqError(f"{fmt} cannot hold the {spec.calibrator} calibrator (it holds: "
-                            f"{', '.join(exporter.calibrators)})", "export.calibrator",
+                            f"{', '.join(exporter.carries(config))})", "export.calibrator",
                             f"use calibrator: selected (the format then falls back to one it holds) or drop {fmt}")
     for name in spec.variants or ():
         if name not in variants:
@@ -71,9 +73,10 @@ def stage_export(ctx: Context, name: str, fmt: str):
     exporter = export_base.get(fmt)
     kind = fitted.get("selected", "none") if spec.calibrator == "selected" else spec.calibrator
     note = None
-    if not exporter.holds(cals[kind]):
-        fallback = exporter.fallback(cals)
-        note = f"{fmt} cannot hold the {kind} calibrator: {fallback} is fused instead"
+    config = model.config.get_text_config()
+    if not exporter.holds(cals[kind], config):
+        fallback = exporter.fallback(cals, config)
+        note = f"{fmt} cannot hold the {kind} calibrator for this model: {fallback} is fused instead"
         kind = fallback
     calibrator = None if cals[kind].identity else cals[kind]
     reference = model if calibrator is None else CalibratedLM(model, calibrator)

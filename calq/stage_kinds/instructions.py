@@ -18,7 +18,7 @@ class Instructions(StageKind):
     outputs = {"records": "instructions.json"}
 
     @classmethod
-    def check(cls, recipe, data_root, variants) -> None:
+    def check(cls, recipe, data_root, variants, config) -> None:
         if recipe.calibrators is not None:  # too few records is an error now, not after quantization
             instruction_records(recipe.calibrators, data_root)
 

@@ -22,7 +22,7 @@ class ValidationText(StageKind):
     outputs = {"windows": "validation_text.safetensors"}
 
     @classmethod
-    def check(cls, recipe, data_root, variants) -> None:
+    def check(cls, recipe, data_root, variants, config) -> None:
         if recipe.calibrators is not None:
             check_validation_text(recipe, data_root)
 
