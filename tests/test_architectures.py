@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("llama_cpp")
 
 TABLE = Path(__file__).parent.parent / "docs" / "architectures.md"
+README = Path(__file__).parent.parent / "README.md"
 VARIANTS = [{"method": "minmax", "scheme": "w8a8"}, {"method": "minmax", "scheme": "w4a16", "group_size": 32},
             {"method": "smoothquant", "scheme": "w8a8"}, {"method": "awq", "scheme": "w4a16", "group_size": 32}]
 EXPORTED = "minmax-w4a16-g32"
@@ -189,3 +190,5 @@ def test_table_is_current():
     if os.environ.get("CALQ_WRITE_TABLE"):
         TABLE.write_text(text)
     assert TABLE.is_file() and TABLE.read_text() == text, "docs/architectures.md is stale: CALQ_WRITE_TABLE=1 rewrites"
+    rows = "\n".join(line for line in text.splitlines() if line.startswith("|"))
+    assert rows in README.read_text(), "README.md's architecture table differs from docs/architectures.md: copy it"
