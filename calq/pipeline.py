@@ -690,6 +690,8 @@ def stage_export(ctx: Context, name: str, fmt: str):
         original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file
                                 else source.location)
+    if fmt == "executorch":  # the program's longest input: the verified window
+        options["max_seq_len"] = ev.seq_len
     stream = load_file(str(ctx.output("eval_tokens", "tokens")))["input_ids"][: spec.max_tokens]
     final = ctx.output("export", "artifact", variant=name, format=fmt)
     with atomic_path(final) as tmp, torch.no_grad():

@@ -98,8 +98,9 @@ class ExecuTorchExporter(Exporter):
         for group_name, group in (qc.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
             if weights.get("num_bits") != 4 or group.get("input_activations"):
+                activations = " and quantized activations" if group.get("input_activations") else ""
                 raise CalqError(f"the executorch format holds W4A16 variants and the baseline only, not "
-                                f"{weights.get('num_bits')}-bit weights with quantized activations",
+                                f"{weights.get('num_bits')}-bit weights{activations}",
                                 f"{where}: config_groups.{group_name}", "export W8A8 variants as onnx or gguf")
             size = weights.get("group_size")
             if weights.get("strategy") != "group" or not size or size % XNNPACK_GROUP:
