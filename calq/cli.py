@@ -256,8 +256,9 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 @app.command("export")
 def export_command(
     run_dir: Path = typer.Argument(..., help="a finished run folder"),
-    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx (ONNX Runtime) or gguf (llama.cpp); "
-                                               "repeat for several [default: the recipe's export.formats, else onnx]"),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx (ONNX Runtime), gguf (llama.cpp) or "
+                                               "executorch (XNNPACK); repeat for several "
+                                               "[default: the recipe's export.formats, else onnx]"),
     variant: Optional[list[str]] = typer.Option(None, "--variant", help="variant to export; repeat for several "
                                                 "[default: the recipe's export.variants, else all]"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the data folder is now, if the run moved "

@@ -205,7 +205,8 @@ class CalibratorsSpec(CalibratorSection):
 class ExportSpec(Strict):
     """Each variant exported to what runs on a device, its calibrator fused, and re-verified on that runtime."""
 
-    formats: tuple[str, ...] = Field(("onnx",), description="onnx (ONNX Runtime) and/or gguf (llama.cpp)")
+    formats: tuple[str, ...] = Field(("onnx",), description="onnx (ONNX Runtime), gguf (llama.cpp) and/or "
+                                                          "executorch (XNNPACK)")
     variants: tuple[str, ...] | None = Field(None, description="variant names to export (default: every variant, "
                                                                "baseline included)")
     calibrator: str = Field(

@@ -87,8 +87,8 @@ class Exporter:
     def export(self, checkpoint_dir: str | Path, out_dir: str | Path, calibrator=None) -> dict:
         raise NotImplementedError
 
-    def options(self, spec) -> dict:
-        """The recipe's `export:` settings (`spec`) this format's `export` takes as keyword arguments."""
+    def options(self, recipe) -> dict:
+        """What this format's `export` takes from the recipe, as keyword arguments."""
         return {}
 
     def session(self, out_dir: str | Path, threads: int = 1) -> Session:

@@ -223,8 +223,8 @@ class OnnxExporter(Exporter):
                                 f"{checkpoint_dir}/config.json: config_groups.{group_name}",
                                 "quantize with group_size 32, 64 or 128")
 
-    def options(self, spec) -> dict:
-        return {"accuracy_level": spec.onnx_accuracy_level}
+    def options(self, recipe) -> dict:
+        return {"accuracy_level": recipe.export.onnx_accuracy_level}
 
     def export(self, checkpoint_dir, out_dir, calibrator=None, accuracy_level: int = 0) -> dict:
         """`accuracy_level`: MatMulNBits' (module docstring); 4 computes the int4 products with int8 activations."""

@@ -80,7 +80,7 @@ def stage_export(ctx: Context, name: str, fmt: str):
         kind = fallback
     calibrator = None if cals[kind].identity else cals[kind]
     reference = model if calibrator is None else CalibratedLM(model, calibrator)
-    options = exporter.options(spec)
+    options = exporter.options(ctx.recipe)
     if exporter.reads_tokenizer:  # the source GGUF's own tokenizer, else the variant's folder
         original = ctx.original_source()
         options["tokenizer"] = (str(Path(original.location) / original.gguf_file) if original.gguf_file

@@ -1,0 +1,205 @@
+"""ExecuTorch for phones: a `.pte` program lowered to XNNPACK, calq's own integers, the calibrator fused.
+
+Route: the variant's float model (calq.export.variant) has each W4A16 Linear's weight replaced by torchao's
+`IntxUnpackedToInt8Tensor` built directly from calq's integers (no re-quantization): the int4 values as int8
+(q - 8, in -8..7), calq's group scales, block (1, group). `torch.export` traces it with the calibrator (logits / T,
+or the ATS head on the last hidden state) for input_ids [1, T], T up to `max_seq_len`; ExecuTorch lowers it to
+XNNPACK and writes model.pte.
+
+What XNNPACK changes, stated in export.json's `changes` and measured by the re-verification:
+- XNNPACK has no kernel for group-wise int4 weights with float activations (a weight-only program lowers to wrong
+  numbers), so the activations of the int4 products are quantized to int8 per token at run time (torchao's
+  int8_asym_per_token: 8da4w), like llama.cpp's 8-bit activations; the same bar applies (top-1 agreement >= 0.95).
+- XNNPACK's group-wise int4 kernel is symmetric (it drops zero points) and keeps group scales as bfloat16. An
+  asymmetric layer is kept exact in its zero points: w = (q - 8) * s - (z - 8) * s, so the program computes the
+  symmetric int4 product and subtracts a small float product of each group's input sum with (z - 8) * s.
+W8A8 is refused (XNNPACK quantizes activations asymmetrically, not calq's scheme; not built yet), and so are groups
+that are not a multiple of XNNPACK's 32.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calq.errors import CalqError
+from calq.export import variant as variants
+from calq.export.base import Exporter, calibrator_kind, directory_size, register, require, write_info
+
+PROGRAM_FILE = "model.pte"
+XNNPACK_GROUP = 32
+MAX_SEQ_LEN = 512
+RUNTIME_FIX = "reinstall executorch (pip install --force-reinstall executorch); `calq doctor` probes it"
+
+
+class _Scoring(nn.Module):
+    """input_ids [1, T] -> calibrated logits [1, T, V] float32."""
+
+    def __init__(self, model: nn.Module, calibrator):
+        super().__init__()
+        self.model = model
+        self.head = calibrator if isinstance(calibrator, nn.Module) else None
+        self.temperature = getattr(calibrator, "temperature", None)
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, output_hidden_states=self.head is not None, use_cache=False)
+        if self.head is not None:
+            return self.head(out.logits, out.hidden_states[-1])
+        return out.logits if self.temperature is None else out.logits / self.temperature
+
+
+class _ZeroPointLinear(nn.Module):
+    """An asymmetric int4 layer on XNNPACK's symmetric kernel: x (q - 8)^T s minus each group's input sum times
+    (z - 8) s, which is calq's (q - z) s exactly in the weights."""
+
+    def __init__(self, symmetric: nn.Linear, zero_times_scale: torch.Tensor, group_size: int):
+        super().__init__()
+        self.symmetric = symmetric
+        self.zero = nn.Linear(zero_times_scale.shape[1], zero_times_scale.shape[0], bias=False)
+        self.zero.weight.data = zero_times_scale
+        self.group_size = group_size
+
+    def forward(self, x):
+        sums = x.unflatten(-1, (-1, self.group_size)).sum(-1)
+        return self.symmetric(x) - self.zero(sums)
+
+
+def _int4_linear(linear: nn.Linear, layer: variants.Int4Layer) -> nn.Module:
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    signed = (layer.q.to(torch.int16) - 8).to(torch.int8)
+    weight = IntxUnpackedToInt8Tensor(
+        signed, layer.scale.float(), torch.zeros_like(signed[:, ::layer.group_size]), torch.int4,
+        (1, layer.group_size), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.symmetric:
+        return linear
+    return _ZeroPointLinear(linear, (layer.zero.float() - 8) * layer.scale.float(), layer.group_size)
+
+
+@register
+class ExecuTorchExporter(Exporter):
+    name = "executorch"
+    packages = ("executorch", "torchao")
+    runtime = "executorch.runtime"
+    runtime_name = "ExecuTorch"
+    crash_fix = RUNTIME_FIX
+
+    def check(self, checkpoint_dir, calibrator=None) -> None:
+        super().check(checkpoint_dir, calibrator)
+        qc = variants.quantization_config(checkpoint_dir) or {}
+        where = f"{checkpoint_dir}/config.json"
+        for group_name, group in (qc.get("config_groups") or {}).items():
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") != 4 or group.get("input_activations"):
+                activations = " and quantized activations" if group.get("input_activations") else ""
+                raise CalqError(f"the executorch format holds W4A16 variants and the baseline only, not "
+                                f"{weights.get('num_bits')}-bit weights{activations}",
+                                f"{where}: config_groups.{group_name}", "export W8A8 variants as onnx or gguf")
+            size = weights.get("group_size")
+            if weights.get("strategy") != "group" or not size or size % XNNPACK_GROUP:
+                raise CalqError(f"int4 {weights.get('strategy')} weights with group size {size}: XNNPACK needs groups "
+                                f"of a multiple of {XNNPACK_GROUP}", f"{where}: config_groups.{group_name}",
+                                "quantize with group_size 32, 64 or 128")
+
+    def options(self, recipe) -> dict:
+        return {"max_seq_len": recipe.evaluation.tokens.seq_len}  # the program's longest input: the verified window
+
+    def export(self, checkpoint_dir, out_dir, calibrator=None, max_seq_len: int = MAX_SEQ_LEN) -> dict:
+        self.check(checkpoint_dir, calibrator)
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.devtools.backend_debug import get_delegation_info
+        from executorch.exir import to_edge_transform_and_lower
+
+        start = time.perf_counter()
+        variant = variants.read(checkpoint_dir)
+        config = variant.model.config.get_text_config()
+        max_seq_len = min(max_seq_len, getattr(config, "max_position_embeddings", max_seq_len))
+        for name, layer in variant.layers.items():
+            variant.model.set_submodule(name, _int4_linear(variant.model.get_submodule(name), layer))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
+
+        example = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        sequence = torch.export.Dim("sequence", min=2, max=max_seq_len)
+        with torch.no_grad():
+            program = torch.export.export(_Scoring(variant.model, calibrator).eval(), (example,),
+                                          dynamic_shapes=({1: sequence},), strict=False)
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        delegation = get_delegation_info(lowered.exported_program().graph_module)
+        (out_dir / PROGRAM_FILE).write_bytes(lowered.to_executorch().buffer)
+        return write_info(out_dir, {
+            "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
+            "files": [PROGRAM_FILE], "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
+            "outputs": ["logits"], "max_seq_len": max_seq_len, "backend": "XNNPACK",
+            "executorch": _version(), "delegation": _delegation(delegation),
+            "changes": _changes(variant, calibrator)})
+
+    def session(self, out_dir, threads: int = 1) -> ExecuTorchSession:
+        return ExecuTorchSession(Path(out_dir) / PROGRAM_FILE, threads)
+
+
+class ExecuTorchSession:
+    """model.pte on ExecuTorch's Python runtime (XNNPACK and the portable kernels)."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        runtime = require("executorch.runtime", "executorch")
+        if not path.is_file():
+            raise CalqError(f"no ExecuTorch program at {path}", str(path), "export the variant first")
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
+        self.method = runtime.Runtime.get().load_program(path).load_method("forward")
+        self.max_seq_len = self.method.metadata.input_tensor_meta(0).sizes()[1]
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.max_seq_len:
+            raise CalqError(f"{input_ids.shape[1]} tokens exceed the program's max_seq_len {self.max_seq_len}",
+                            "export.executorch", "export again with a larger max_seq_len or verify shorter windows")
+        rows = [self.method.execute([row[None].to(torch.long).contiguous()])[0] for row in input_ids]
+        return torch.cat(rows).float()
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("executorch")
+
+
+def _delegation(info) -> dict:
+    """What XNNPACK ran: delegated and non-delegated node counts, by operator."""
+    return {"subgraphs": info.num_delegated_subgraphs, "delegated_nodes": info.num_delegated_nodes,
+            "non_delegated_nodes": info.num_non_delegated_nodes,
+            "by_operator": {op: {"delegated": b.delegated, "non_delegated": b.non_delegated}
+                            for op, b in sorted(info.delegation_by_operator.items())}}
+
+
+def _changes(variant: variants.Variant, calibrator) -> list[str]:
+    changes = []
+    layers = list(variant.layers.values())
+    if layers:
+        groups = sorted({layer.group_size for layer in layers})
+        asymmetric = sum(not layer.symmetric for layer in layers)
+        changes.append(f"W4A16: {len(layers)} layers hold calq's int4 values and group scales (groups {groups}) on "
+                       "XNNPACK's group-wise int4 kernel, which keeps the scales as bfloat16")
+        changes.append("8da4w: XNNPACK has no kernel for group-wise int4 weights with float activations, so the "
+                       "activations of the int4 products are quantized to int8 per token at run time "
+                       "(the llama.cpp-like bar applies: top-1 agreement >= 0.95)")
+        if asymmetric:
+            changes.append(f"{asymmetric} asymmetric layers: calq's zero points as a float32 correction (each "
+                           "group's input sum times (z - 8) * scale), since XNNPACK's int4 kernel is symmetric")
+    else:
+        changes.append("float32 program on XNNPACK: no change")
+    kind = calibrator_kind(calibrator)
+    if kind == "ats":
+        changes.append("ats calibrator fused: the head runs in the program on the last hidden state")
+    elif kind == "temperature":
+        changes.append(f"temperature {calibrator.temperature:.4f} fused: logits / T")
+    return changes

@@ -1,0 +1,152 @@
+"""ExecuTorch export: a tiny random Llama (float, and W4A16 g32 from calq's min-max, asymmetric and symmetric) lowered
+to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant.
+
+Bounds (the PyTorch variant with CalibratedLM is the reference):
+- float: the program computes in float32 on XNNPACK, only the summation order differs: 1e-4 relative (measured 3e-7).
+- W4A16: XNNPACK has no group-wise int4 kernel with float activations, so the program quantizes them to int8 per
+  token (8da4w) and keeps the group scales as bfloat16: bound 5% relative, top-1 agreement >= 0.9, as llama.cpp's
+  8-bit activations in tests/test_export.py (measured here: 0.75% and 1.0; the tiny random model's logits are nearly
+  flat, so a 1% move can flip a near-tie).
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from calq.calib.ats import AtsHead
+from calq.calib.base import CalibratedLM
+from calq.calib.temperature import Temperature
+from calq.errors import CalqError
+from calq.export import get, verify
+from calq.export import variant as variants
+from calq.quant import llmc, methods
+
+IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+MAX_SEQ_LEN = 64
+
+
+def ats_head(folder):
+    """A head whose scale really varies per position (a fitted head starts at zero weights: the identity)."""
+    torch.manual_seed(0)
+    head = AtsHead(AutoModelForCausalLM.from_pretrained(folder).config)
+    torch.nn.init.normal_(head.out.weight, std=0.2)
+    torch.nn.init.constant_(head.out.bias, -0.3)
+    return head.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory):
+    """{'baseline', 'w4a16' (asymmetric, calq's default), 'w4a16_symmetric'}: folders written by calq."""
+    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
+    samples = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    folders = {"baseline": tiny_model}
+    for name, symmetric in (("w4a16", None), ("w4a16_symmetric", True)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        methods.config({"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": symmetric}).apply(
+            model, samples)
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name], save_compressed=True)
+    return folders
+
+
+CASES = {"baseline": "temperature", "w4a16": "ats", "w4a16_symmetric": "temperature"}
+
+
+@pytest.fixture(scope="module")
+def programs(checkpoints, tmp_path_factory):
+    """{variant: (calibrator, export info, out folder)}, each lowered once (the slow part)."""
+    pytest.importorskip("executorch.runtime")
+    programs = {}
+    for name, kind in CASES.items():
+        fused = ats_head(checkpoints[name]) if kind == "ats" else Temperature(1.7)
+        out = tmp_path_factory.mktemp(f"executorch-{name}")
+        programs[name] = (fused, get("executorch").export(checkpoints[name], out, fused, max_seq_len=MAX_SEQ_LEN), out)
+    return programs
+
+
+def relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def agreement(a, b):
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip_on_the_executorch_runtime(name, checkpoints, programs):
+    fused, info, out = programs[name]
+    scheme = "baseline" if name == "baseline" else "w4a16"
+    assert info["scheme"] == scheme and json.loads((out / "export.json").read_text()) == info
+    assert info["delegation"]["by_operator"]["aten_linear_default"]["non_delegated"] == 0  # every matmul on XNNPACK
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
+    with torch.no_grad():
+        raw = model(input_ids=IDS).logits
+        want = CalibratedLM(model, fused)(input_ids=IDS).logits
+    got = get("executorch").session(out).score(IDS)
+    assert not torch.allclose(want, raw)  # the calibrator does something
+    if name == "baseline":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert relative(got, want) < 0.05 and agreement(got, want) >= 0.9
+        assert any("8da4w" in change for change in info["changes"])
+    assert any("zero points" in change for change in info["changes"]) == (name == "w4a16")
+
+
+def test_program_layers_hold_calqs_integers(checkpoints):
+    """Before lowering: the int4 weights are calq's values (q - 8) and scales, and with activations left in float the
+    asymmetric layer (symmetric product minus the zero-point correction) computes calq's dequantized weight."""
+    pytest.importorskip("torchao")
+    from calq.export.executorch import _int4_linear
+
+    variant = variants.read(checkpoints["w4a16"])
+    name = "model.layers.0.mlp.down_proj"
+    layer = variant.layers[name]
+    assert not layer.symmetric
+    module = _int4_linear(variant.model.get_submodule(name), layer)
+    weight = module.symmetric.weight
+    assert torch.equal(weight.qdata.to(torch.int16) + 8, layer.q.to(torch.int16))
+    assert torch.equal(weight.scale, layer.scale) and not weight.zero_point.any()
+    weight.activation_quantization = None
+    x = torch.randn(3, layer.q.shape[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_verification_on_the_runtime_in_a_child_process(checkpoints, programs):
+    """The generic re-verification through Exporter.isolated (the runtime in a child process, as the stage runs it)."""
+    _, _, out = programs["baseline"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["baseline"]).eval()
+    reference = CalibratedLM(model, Temperature(1.7))
+    stream = torch.randint(3, 256, (130,), generator=torch.Generator().manual_seed(3))
+    exporter = get("executorch")
+    with exporter.isolated(exporter.session, out, threads=1) as session, torch.no_grad():
+        verified = verify(lambda ids: reference(input_ids=ids).logits, session.score, stream, seq_len=64)
+    assert verified["windows"] == 2 and verified["top1_agreement"] == 1.0 and verified["max_rel_logit_diff"] < 1e-4
+
+
+def test_session_refuses_a_window_longer_than_the_program(programs):
+    with pytest.raises(CalqError, match=f"exceed the program's max_seq_len {MAX_SEQ_LEN}"):
+        get("executorch").session(programs["baseline"][2]).score(torch.ones(1, MAX_SEQ_LEN + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"group_size": 16}, "group size 16: XNNPACK needs groups of a multiple of 32"),
+    ({"num_bits": 8, "strategy": "channel"}, "holds W4A16 variants and the baseline only")])
+def test_refuses_before_work_what_xnnpack_cannot_hold(edit, message, checkpoints, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(checkpoints["w4a16"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(edit)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CalqError, match=message):
+        get("executorch").check(folder)
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)  # import fails as if not installed
+    with pytest.raises(CalqError, match="'executorch.runtime'.*calq\\[edge\\]"):
+        get("executorch").check_runtime()
