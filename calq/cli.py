@@ -179,6 +179,11 @@ def _quiet_libraries(verbose: bool):
     import logging
     import warnings
 
+    # torchao (installed beside executorch, imported by llm-compressor below): "Failed to load ..._C_cutlass_90a.so"
+    # on every CPU, and torch's pytree warnings about its enums, both at import time
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
     import datasets
     import transformers
 
@@ -189,6 +194,8 @@ def _quiet_libraries(verbose: bool):
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     warnings.simplefilter("ignore")
+    import torch  # noqa: F401  (its import sets the "torch" logger's level: set ours after it)
+
     logging.getLogger("torch").setLevel(logging.ERROR)  # torch.onnx: "torchvision is not installed. Skipping ..."
 
 
