@@ -44,6 +44,29 @@ class Session(Protocol):
     def score(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
 
+class FusedScoring(torch.nn.Module):
+    """input_ids -> calibrated logits [B, T, V] (with `with_raw`: and the raw logits), the calibrator in the graph: a
+    temperature divides, an ATS head (an nn.Module) reads the last hidden state. What onnx and executorch trace."""
+
+    def __init__(self, model: torch.nn.Module, calibrator, with_raw: bool = False):
+        super().__init__()
+        self.model = model
+        self.head = calibrator if isinstance(calibrator, torch.nn.Module) else None
+        self.temperature = getattr(calibrator, "temperature", None)
+        self.with_raw = with_raw
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, output_hidden_states=self.head is not None, use_cache=False)
+        raw = out.logits
+        if self.head is not None:
+            calibrated = self.head(raw, out.hidden_states[-1])
+        elif self.temperature is not None:
+            calibrated = raw / self.temperature
+        else:
+            calibrated = raw * 1.0 if self.with_raw else raw  # with raw: a node of its own, two distinct outputs
+        return (calibrated, raw) if self.with_raw else calibrated
+
+
 class Exporter:
     name: str = ""
     calibrators: tuple[str, ...] = ("none", "temperature", "ats")  # the calibrators' `fuse` forms it can carry

@@ -27,28 +27,12 @@ from torch import nn
 
 from calq.errors import CalqError
 from calq.export import variant as variants
-from calq.export.base import Exporter, calibrator_kind, directory_size, register, require, write_info
+from calq.export.base import Exporter, FusedScoring, calibrator_kind, directory_size, register, require, write_info
 
 PROGRAM_FILE = "model.pte"
 XNNPACK_GROUP = 32
 MAX_SEQ_LEN = 512
 RUNTIME_FIX = "reinstall executorch (pip install --force-reinstall executorch); `calq doctor` probes it"
-
-
-class _Scoring(nn.Module):
-    """input_ids [1, T] -> calibrated logits [1, T, V] float32."""
-
-    def __init__(self, model: nn.Module, calibrator):
-        super().__init__()
-        self.model = model
-        self.head = calibrator if isinstance(calibrator, nn.Module) else None
-        self.temperature = getattr(calibrator, "temperature", None)
-
-    def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, output_hidden_states=self.head is not None, use_cache=False)
-        if self.head is not None:
-            return self.head(out.logits, out.hidden_states[-1])
-        return out.logits if self.temperature is None else out.logits / self.temperature
 
 
 class _ZeroPointLinear(nn.Module):
@@ -130,7 +114,7 @@ class ExecuTorchExporter(Exporter):
         example = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         sequence = torch.export.Dim("sequence", min=2, max=max_seq_len)
         with torch.no_grad():
-            program = torch.export.export(_Scoring(variant.model, calibrator).eval(), (example,),
+            program = torch.export.export(FusedScoring(variant.model, calibrator).eval(), (example,),
                                           dynamic_shapes=({1: sequence},), strict=False)
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         delegation = get_delegation_info(lowered.exported_program().graph_module)

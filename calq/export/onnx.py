@@ -41,7 +41,16 @@ from torch import nn
 from calq import isolation
 from calq.errors import CalqError
 from calq.export import variant as variants
-from calq.export.base import INFO_FILE, Exporter, calibrator_kind, directory_size, register, require, write_info
+from calq.export.base import (
+    INFO_FILE,
+    Exporter,
+    FusedScoring,
+    calibrator_kind,
+    directory_size,
+    register,
+    require,
+    write_info,
+)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -51,34 +60,13 @@ MAX_BLOCK = 128
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' compute type: unset (float32), float32, float16, bfloat16, int8
 
 
-class _Scoring(nn.Module):
-    """input_ids [B, T] -> (calibrated logits, raw logits), both [B, T, V] float32."""
-
-    def __init__(self, model: nn.Module, calibrator):
-        super().__init__()
-        self.model = model
-        self.head = calibrator if isinstance(calibrator, nn.Module) else None
-        self.temperature = getattr(calibrator, "temperature", None)
-
-    def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, output_hidden_states=self.head is not None, use_cache=False)
-        raw = out.logits
-        if self.head is not None:
-            calibrated = self.head(raw, out.hidden_states[-1])
-        elif self.temperature is not None:
-            calibrated = raw / self.temperature
-        else:
-            calibrated = raw * 1.0  # a node of its own, so the two outputs are distinct values
-        return calibrated, raw
-
-
 class _Decode(nn.Module):
     """(input_ids [B, S], attention_mask [B, P + S], position_ids [B, S], past keys and values [B, H_kv, P, D], two per
     layer) -> (logits [B, S, V] divided by the temperature if any, present keys and values [B, H_kv, P + S, D])."""
 
     def __init__(self, model: nn.Module, temperature: float | None):
         super().__init__()
-        self.model = model  # the same attribute name as _Scoring: the initializers get the same names in both graphs
+        self.model = model  # the attribute name FusedScoring uses: the initializers get the same names in both graphs
         self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, position_ids, past):
@@ -244,7 +232,7 @@ class OnnxExporter(Exporter):
 
         example = torch.randint(0, vocab, (2, 16), generator=generator)
         proto, blocks = self._quantized_graph(
-            _Scoring(variant.model, calibrator), (example,), variant, input_names=["input_ids"],
+            FusedScoring(variant.model, calibrator, with_raw=True), (example,), variant, input_names=["input_ids"],
             output_names=["logits", "raw_logits"], dynamic_shapes=({0: "batch", 1: "sequence"},),
             accuracy_level=accuracy_level)
         _save(proto, out_dir, MODEL_FILE, DATA_FILE)
