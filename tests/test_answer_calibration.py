@@ -91,17 +91,53 @@ def test_adaptive_head_learns_a_per_question_temperature_and_beats_one_temperatu
     assert torch.allclose(loaded.apply(held, per_task_mean=True), adaptive.apply(held, per_task_mean=True))
 
 
-def test_adaptive_falls_back_to_one_temperature_when_its_head_is_not_better():
+def test_adaptive_keeps_the_share_of_its_head_that_leave_one_task_out_chooses():
     # the same overconfidence everywhere: features carry nothing a single temperature does not already capture
     tasks = {f"t{i}": synthetic(300, seed=20 + i, overconfidence=2.5)[0] for i in range(3)}
     adaptive = answer_adaptive.fit(tasks, seed=0, epochs=30)
-    info = adaptive.info
-    assert info["kept"] == (info["validation_nll_head"] < info["validation_nll_temperature"])
+    info, held = adaptive.info, synthetic(500, seed=40, overconfidence=2.5)[0]
+    scores = info["shrinkage_mean_ece"]
+    assert info["shrinkage"] == min(answer_adaptive.SHRINKAGE, key=lambda s: scores[str(s)])
+    assert info["kept"] == (info["shrinkage"] > 0) == (adaptive.head is not None)
+    single = answer_temperature.fit(list(tasks.values()))
+    assert torch.allclose(adaptive.apply(held, shrinkage=0), single.apply(held))
     if not info["kept"]:
-        held, _ = synthetic(500, seed=40, overconfidence=2.5)
-        assert torch.allclose(adaptive.apply(held), answer_temperature.fit(list(tasks.values())).apply(held))
+        assert torch.allclose(adaptive.apply(held), single.apply(held))
+    # two fit tasks leave none to choose a shrinkage on: one temperature, said so
+    two = answer_adaptive.fit({k: tasks[k] for k in ("t0", "t1")}, seed=0, epochs=30)
+    assert two.head is None and not two.info["kept"] and "too few" in two.info["shrinkage_reason"]
+    assert torch.allclose(two.apply(held), answer_temperature.fit([tasks["t0"], tasks["t1"]]).apply(held))
     with pytest.raises(CalqError, match="at least two fit tasks"):
         answer_adaptive.fit({"only": tasks["t0"]})
+
+
+def test_task_folds_hold_out_one_task_or_one_group_of_many():
+    from calq.calib.answer_base import task_folds
+
+    assert task_folds(["a", "b", "c"]) == [["a"], ["b"], ["c"]]
+    folds = task_folds([f"t{i}" for i in range(12)], most=5)
+    assert len(folds) == 5 and sorted(sum(folds, [])) == sorted(f"t{i}" for i in range(12))
+
+
+def test_selection_takes_a_flexible_calibrator_only_for_a_gain_beyond_the_noise_of_the_held_out_tasks():
+    from calq.evaluation.answer_calibration import select
+
+    def scored(**per_task):
+        return {name: {"per_task": dict(enumerate(values)), "mean": sum(values) / len(values)}
+                for name, values in per_task.items()}
+
+    candidates = ["none", "answer_temperature", "answer_adaptive"]
+    # a lower mean from one lucky task, worse on the others: one temperature stays
+    noisy = scored(none=[0.5, 0.5, 0.5, 0.5], answer_temperature=[0.1, 0.1, 0.1, 0.3],
+                   answer_adaptive=[0.12, 0.12, 0.12, 0.1])
+    assert noisy["answer_adaptive"]["mean"] < noisy["answer_temperature"]["mean"]
+    assert select(noisy, candidates) == "answer_temperature"
+    # better on every held-out task: taken
+    clear = scored(none=[0.5, 0.5, 0.5, 0.5], answer_temperature=[0.1, 0.1, 0.1, 0.3],
+                   answer_adaptive=[0.05, 0.06, 0.04, 0.2])
+    assert select(clear, candidates) == "answer_adaptive"
+    # the references compete on their mean alone
+    assert select(scored(none=[0.2, 0.1], answer_temperature=[0.3, 0.05]), ["none", "answer_temperature"]) == "none"
 
 
 def test_parent_calibrates_a_variant_without_labels():

@@ -67,3 +67,14 @@ class AnswerCalibrator:
 
 
 register = ANSWER.register
+
+
+MOST_FOLDS = 5
+
+
+def task_folds(names: list[str], most: int = MOST_FOLDS) -> list[list[str]]:
+    """Leave-one-task-out folds over fit tasks: one task each; with more than `most` tasks, `most` groups of them
+    (every most-th in the listed order), which bounds the refits when the fit set spans many tasks."""
+    if len(names) <= most:
+        return [[name] for name in names]
+    return [list(names[k::most]) for k in range(most)]

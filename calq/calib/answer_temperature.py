@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from calq.calib.answer_base import AnswerCalibrator, AnswerFitData, register
-from calq.calib.answer_features import AnswerSet, nll
+from calq.calib.answer_features import PAD, AnswerSet, nll
 from calq.errors import CalqError
 
 CONFIG = "answer_temperature.json"
@@ -82,8 +82,17 @@ def fit(answer_sets: list[AnswerSet]) -> AnswerTemperature:
     n = sum(len(s) for s in answer_sets)
     if not n:
         raise ValueError("no questions to fit an answer temperature on")
-    scores = [s.scores() for s in answer_sets]
-    masks = [s.gold_mask() for s in answer_sets]
-    beta = fit_inverse_temperature(
-        lambda b: sum(nll(torch.softmax(sc * b, 1), m) * len(sc) for sc, m in zip(scores, masks)) / n)
+    scores, mask = stacked(answer_sets)
+    beta = fit_inverse_temperature(lambda b: nll(torch.softmax(scores * b, 1), mask))
     return AnswerTemperature(1.0 / beta)
+
+
+def stacked(answer_sets: list[AnswerSet]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every set's scores and gold mask in one [questions, most choices] pair (PAD scores and False beyond a
+    question's choices), so one softmax covers sets with different numbers of choices."""
+    width = max(s.scores().shape[1] for s in answer_sets)
+    scores = torch.cat([torch.nn.functional.pad(s.scores(), (0, width - s.scores().shape[1]), value=PAD)
+                        for s in answer_sets])
+    mask = torch.cat([torch.nn.functional.pad(s.gold_mask(), (0, width - s.scores().shape[1]), value=False)
+                      for s in answer_sets])
+    return scores, mask

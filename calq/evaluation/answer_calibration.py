@@ -6,7 +6,8 @@
 
 The fit tasks and the evaluation tasks never overlap: every evaluation row is on a task no calibrator saw. Each
 variant's answer calibrator is selected by leave-one-fit-task-out: every candidate is refitted without one fit task
-and scored on it, so selection too uses only tasks the candidate did not see.
+and scored on it, so selection too uses only tasks the candidate did not see; a calibrator more flexible than one
+temperature must beat it (and `none`) by more than the noise of those scores (`select`).
 
 Fit tasks are screened per variant: one where the model is at chance (its accuracy interval reaches 1/choices or
 lies below) is left out of fitting. There the likelihood-optimal temperature is infinite, whatever weight the task
@@ -21,7 +22,7 @@ import time
 import torch
 from pydantic import BaseModel
 
-from calq.calib.answer_base import AnswerCalibrator, AnswerFitData
+from calq.calib.answer_base import AnswerCalibrator, AnswerFitData, task_folds
 from calq.calib.answer_features import AnswerSet, nll, top_choice
 from calq.calib.calibrators import ANSWER
 from calq.errors import CalqError
@@ -122,7 +123,8 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
                        bins: int = 15, seed: int = 0, parent_probabilities: dict[str, torch.Tensor] | None = None
                        ) -> dict[str, dict]:
     """{calibrator: {"per_task": {fit task: its `select_by` when fitted on the other fit tasks}, "mean", "error"}},
-    `none` first. A calibrator that cannot be fitted without one of the tasks has mean None and the reason."""
+    `none` first. A calibrator that cannot be fitted without one of the tasks has mean None and the reason. With
+    more fit tasks than answer_base.MOST_FOLDS, a group of them is held out at a time (task_folds)."""
     out = {"none": {"per_task": {t: _score(s.probabilities(), s, select_by, bins) for t, s in fit_sets.items()}}}
     for name, config in settings.items():
         per_task, error = {}, None
@@ -130,11 +132,13 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
             out[name] = {"per_task": per_task, "error": "one fit task: none to hold out"}
             continue
         try:
-            for held, answers in fit_sets.items():
-                rest = {t: s for t, s in fit_sets.items() if t != held}
+            for held in task_folds(list(fit_sets)):
+                rest = {t: s for t, s in fit_sets.items() if t not in held}
                 parents = {t: parent_probabilities[t] for t in rest} if parent_probabilities else None
                 fitted, _ = fit_answer_calibrators(rest, {name: config}, seed, parents)
-                per_task[held] = _score(fitted[name].apply(answers), answers, select_by, bins)
+                for task in held:
+                    per_task[task] = _score(fitted[name].apply(fit_sets[task]), fit_sets[task], select_by, bins)
+            per_task = {t: per_task[t] for t in fit_sets}
         except CalqError as err:
             error = err.what
         out[name] = {"per_task": per_task, "error": error}
@@ -144,17 +148,39 @@ def leave_one_task_out(fit_sets: dict[str, AnswerSet], settings: dict[str, BaseM
     return out
 
 
+REFERENCES = ("none", "answer_temperature")
+
+
+def select(selection: dict[str, dict], candidates: list[str]) -> str:
+    """The selected calibrator from leave_one_task_out's scores (lower is better). The references, `none` and one
+    temperature, compete on their mean; any other candidate replaces the better of them only when its mean is lower
+    by more than one standard error of the per-task differences (the one-standard-error rule), and then the lowest
+    such mean wins. On a few held-out tasks a flexible calibrator's small mean gain is mostly noise, and the aim is to
+    be no worse than either reference on every task."""
+    references = [n for n in candidates if n in REFERENCES]
+    best = min(references, key=lambda n: selection[n]["mean"])
+    per_task = selection[best]["per_task"]
+
+    def clear_gain(name: str) -> bool:
+        diffs = torch.tensor([selection[name]["per_task"][t] - per_task[t] for t in per_task], dtype=torch.float64)
+        error = float(diffs.std() / len(diffs) ** 0.5) if len(diffs) > 1 else float("inf")
+        return float(diffs.mean()) < -error
+
+    challengers = [n for n in candidates if n not in REFERENCES and clear_gain(n)]
+    return min(challengers, key=lambda n: selection[n]["mean"]) if challengers else best
+
+
 def calibrate_answers(fit_sets: dict[str, AnswerSet], eval_sets: dict[str, AnswerSet],
                       settings: dict[str, BaseModel | None], targets: list[float] = (0.8,), select_by: str = "ece",
                       bins: int = 15, n_boot: int = 1000, seed: int = 0,
                       parent_probabilities: dict[str, torch.Tensor] | None = None, skip_at_chance: bool = True
                       ) -> tuple[dict[str, AnswerCalibrator], dict]:
     """Fit every calibrator in `settings` on the fit tasks above chance (on all, without `skip_at_chance`), select
-    one by leave-one-fit-task-out `select_by` (`none` is a candidate, so the selected one was never worse than none
-    there), evaluate all on the evaluation tasks. A calibrator that cannot be fitted (parent with too few agreeing
-    prompts, every fit task at chance, ...) is left out with its reason. Returns (fitted, answer_section(...) plus
-    "selected", "selection", "fit_seconds", "not_fitted", "fitted_on": the fit tasks used, "screened_out": those at
-    or below chance)."""
+    one by leave-one-fit-task-out `select_by` (`select`: `none` is a candidate, so the selected one was never worse
+    than none there on the mean), evaluate all on the evaluation tasks. A calibrator that cannot be fitted (parent
+    with too few agreeing prompts, every fit task at chance, ...) is left out with its reason. Returns (fitted,
+    answer_section(...) plus "selected", "selection", "fit_seconds", "not_fitted", "fitted_on": the fit tasks used,
+    "screened_out": those at or below chance)."""
     screened_out = [t for t, s in fit_sets.items() if skip_at_chance and against_chance(s, n_boot, seed)["at_chance"]]
     informative = {t: s for t, s in fit_sets.items() if t not in screened_out}
     parents = ({t: p for t, p in parent_probabilities.items() if t in informative}
@@ -173,7 +199,7 @@ def calibrate_answers(fit_sets: dict[str, AnswerSet], eval_sets: dict[str, Answe
         fitted.update(one)
         seconds.update(secs)
     candidates = [n for n in selection if n == "none" or (n in fitted and selection[n]["mean"] is not None)]
-    selected = min(candidates, key=lambda n: selection[n]["mean"]) if informative else "none"
+    selected = select(selection, candidates) if informative else "none"
     section = answer_section(fitted, {**fit_sets, **eval_sets}, list(fit_sets), list(eval_sets), targets, bins,
                              n_boot, seed)
     section.update(selected=selected, select_by=select_by, selection=selection, fit_seconds=seconds,
