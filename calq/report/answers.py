@@ -111,9 +111,10 @@ def tables(section: dict) -> list[dict]:
     summary = {"title": "Summary",
                "note": f"Answer calibrators fitted per variant on {', '.join(s['fit_tasks'])} ({limit}); evaluated on "
                        f"{', '.join(s['eval_tasks'])}, which no calibrator saw. Each variant's calibrator is selected "
-                       f"by leave-one-fit-task-out {s['select_by']} (`none` is a candidate). ECE: {s['bins']} "
-                       f"equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). Collapsed: on "
-                       f"at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
+                       f"by leave-one-fit-task-out {s['select_by']}: the better of `none` and one temperature, unless "
+                       f"another beats it by more than one standard error of the per-task differences. ECE: "
+                       f"{s['bins']} equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). "
+                       f"Collapsed: on at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
                        f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing."
                        + "".join(f" {n}." for n in screening_notes(section) + at_bound_notes(section)),
                "header": ["variant", "selected", "mean ECE none", "mean ECE selected", "worst task ECE",
