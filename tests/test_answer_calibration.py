@@ -119,7 +119,7 @@ def test_task_folds_hold_out_one_task_or_one_group_of_many():
     assert len(folds) == 5 and sorted(sum(folds, [])) == sorted(f"t{i}" for i in range(12))
 
 
-def test_selection_takes_a_flexible_calibrator_only_for_a_gain_beyond_the_noise_of_the_held_out_tasks():
+def test_selection_takes_a_flexible_calibrator_only_when_it_is_no_worse_than_none_and_one_t_on_every_held_out_task():
     from calq.evaluation.answer_calibration import select
 
     def scored(**per_task):
@@ -136,6 +136,10 @@ def test_selection_takes_a_flexible_calibrator_only_for_a_gain_beyond_the_noise_
     clear = scored(none=[0.5, 0.5, 0.5, 0.5], answer_temperature=[0.1, 0.1, 0.1, 0.3],
                    answer_adaptive=[0.05, 0.06, 0.04, 0.2])
     assert select(clear, candidates) == "answer_adaptive"
+    # a clearly lower mean, but worse than one T on one held-out task: one temperature stays
+    one_loss = scored(none=[0.5, 0.5, 0.5, 0.5], answer_temperature=[0.1, 0.1, 0.1, 0.1],
+                      answer_adaptive=[0.02, 0.02, 0.02, 0.11])
+    assert select(one_loss, candidates) == "answer_temperature"
     # the references compete on their mean alone
     assert select(scored(none=[0.2, 0.1], answer_temperature=[0.3, 0.05]), ["none", "answer_temperature"]) == "none"
 

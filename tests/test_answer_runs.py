@@ -69,7 +69,7 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
         assert sorted(info["fit_seconds"]) == sorted(fitted)
         assert set(info["selection"]) == {"none", *fitted}
         # leave-one-fit-task-out: every candidate scored on each fit task; the selected one by `select` (the better of
-        # none and one T on the mean, unless another beats it by more than one standard error)
+        # none and one T on the mean, unless another is no worse than both on every fit task)
         means = {n: e["mean"] for n, e in info["selection"].items() if e["mean"] is not None}
         assert all(len(e["per_task"]) == 3 for e in info["selection"].values() if e["mean"] is not None)
         assert info["selected"] == select(info["selection"], list(means))

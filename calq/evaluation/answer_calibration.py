@@ -7,7 +7,7 @@
 The fit tasks and the evaluation tasks never overlap: every evaluation row is on a task no calibrator saw. Each
 variant's answer calibrator is selected by leave-one-fit-task-out: every candidate is refitted without one fit task
 and scored on it, so selection too uses only tasks the candidate did not see; a calibrator more flexible than one
-temperature must beat it (and `none`) by more than the noise of those scores (`select`).
+temperature must score at most the better of it and `none` on every held-out fit task (`select`).
 
 Fit tasks are screened per variant: one where the model is at chance (its accuracy interval reaches 1/choices or
 lies below) is left out of fitting. There the likelihood-optimal temperature is infinite, whatever weight the task
@@ -153,20 +153,20 @@ REFERENCES = ("none", "answer_temperature")
 
 def select(selection: dict[str, dict], candidates: list[str]) -> str:
     """The selected calibrator from leave_one_task_out's scores (lower is better). The references, `none` and one
-    temperature, compete on their mean; any other candidate replaces the better of them only when its mean is lower
-    by more than one standard error of the per-task differences (the one-standard-error rule), and then the lowest
-    such mean wins. On a few held-out tasks a flexible calibrator's small mean gain is mostly noise, and the aim is to
-    be no worse than either reference on every task."""
+    temperature, compete on their mean; any other candidate replaces the better of them only when on every held-out
+    fit task it scores at most the better of the two references there (the goal asked of it on evaluation tasks,
+    checked where labels are allowed), and then the lowest mean among such wins. A flexible calibrator whose mean
+    gain comes with a loss on some task is not taken: measured leave-one-task-out on 50 tasks, a one-standard-error
+    rule took answer_adaptive for 30 of them and it was then worse than one T or none on 7 (by at most 0.006)."""
     references = [n for n in candidates if n in REFERENCES]
     best = min(references, key=lambda n: selection[n]["mean"])
-    per_task = selection[best]["per_task"]
+    floor = {t: min(selection[n]["per_task"][t] for n in references) for t in selection[best]["per_task"]}
 
-    def clear_gain(name: str) -> bool:
-        diffs = torch.tensor([selection[name]["per_task"][t] - per_task[t] for t in per_task], dtype=torch.float64)
-        error = float(diffs.std() / len(diffs) ** 0.5) if len(diffs) > 1 else float("inf")
-        return float(diffs.mean()) < -error
+    def never_worse(name: str) -> bool:
+        return (selection[name]["mean"] < selection[best]["mean"]
+                and all(selection[name]["per_task"][t] <= score for t, score in floor.items()))
 
-    challengers = [n for n in candidates if n not in REFERENCES and clear_gain(n)]
+    challengers = [n for n in candidates if n not in REFERENCES and never_worse(n)]
     return min(challengers, key=lambda n: selection[n]["mean"]) if challengers else best
 
 

@@ -112,7 +112,7 @@ def tables(section: dict) -> list[dict]:
                "note": f"Answer calibrators fitted per variant on {', '.join(s['fit_tasks'])} ({limit}); evaluated on "
                        f"{', '.join(s['eval_tasks'])}, which no calibrator saw. Each variant's calibrator is selected "
                        f"by leave-one-fit-task-out {s['select_by']}: the better of `none` and one temperature, unless "
-                       f"another beats it by more than one standard error of the per-task differences. ECE: "
+                       f"another has a lower mean and is no worse than both on every held-out fit task. ECE: "
                        f"{s['bins']} equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). "
                        f"Collapsed: on at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
                        f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing."
