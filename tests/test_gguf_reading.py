@@ -56,8 +56,6 @@ def test_metadata_is_what_the_gguf_package_reads(tmp_path, text):
 ])
 def test_sentencepiece_ids_are_llama_cpps_at_full_vocabulary_size(tmp_path, text, heldout, arch, vocab_size,
                                                                    add_bos):
-    from transformers import AutoTokenizer
-
     path = write_tiny_gguf(tmp_path / "big.gguf", text, arch=arch, vocab_size=vocab_size, add_bos=add_bos,
                            user_defined=("<table>", SPACE * 4), hidden=16, layers=1, heads=1, kv_heads=1)
     start = time.perf_counter()
@@ -69,8 +67,18 @@ def test_sentencepiece_ids_are_llama_cpps_at_full_vocabulary_size(tmp_path, text
     assert ours == _llama_cpp_ids(path, sample)
     assert (ours[0] == tokenizer.bos_token_id) == (add_bos is not False)
     assert tokenizer.decode(tokenizer(heldout)["input_ids"], skip_special_tokens=True) == heldout
+
+
+@pytest.mark.parametrize("add_bos, bos", [(True, 2), (False, None), (None, 2)])  # absent: SentencePiece adds BOS
+def test_the_tokenizer_keeps_the_files_bos_when_saved_and_reloaded(tmp_path, text, heldout, add_bos, bos):
+    from transformers import AutoTokenizer
+
+    path = write_tiny_gguf(tmp_path / "g.gguf", text, arch="gemma3", add_bos=add_bos, words=40)
+    tokenizer = models.load_tokenizer(models.resolve(str(path)))
+    assert models.bos_policy(tokenizer) == bos and (tokenizer.bos_token, tokenizer.eos_token) == ("<bos>", "<eos>")
     tokenizer.save_pretrained(tmp_path / "saved")  # the base_model stage saves it; every later stage reloads it
-    assert AutoTokenizer.from_pretrained(tmp_path / "saved")(sample)["input_ids"] == ours
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert models.bos_policy(reloaded) == bos and reloaded(heldout)["input_ids"] == tokenizer(heldout)["input_ids"]
 
 
 CASES = {  # name: write_tiny_gguf arguments; each differs from transformers' own reading (test_baseline.py)
