@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from calq import gguf_reading
 from calq.errors import CalqError
 from calq.runs import content_sha256
 
@@ -77,12 +78,14 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load(source: ModelSource, dtype: str = "float32", device_map: str | None = None):
-    """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model.
-    `device_map` ("auto": layers spread over the visible GPUs, then CPU memory) is passed to from_pretrained."""
+    """(model, tokenizer) in eval mode. A GGUF model is dequantized to an ordinary transformers model, configured as
+    llama.cpp reads the file (`gguf_reading.complete_config`). `device_map` ("auto": layers spread over the visible
+    GPUs, then CPU memory) is passed to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    check_gguf_architecture(source)
     kwargs = source_kwargs(source) | ({"device_map": device_map} if device_map else {})
+    if source.gguf_file:
+        kwargs["config"] = load_config(source)
     try:
         tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_dtype(dtype), **kwargs)
@@ -110,45 +113,31 @@ def source_kwargs(source: ModelSource) -> dict:
 
 
 def load_tokenizer(source: ModelSource):
+    """The source's tokenizer; for a GGUF file, one that gives llama.cpp's ids (BOS and EOS as the file says)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **source_kwargs(source))
     if source.gguf_file:
-        match_gguf_special_tokens(tokenizer, gguf_tokenizer_facts(Path(source.location) / source.gguf_file))
+        path = Path(source.location) / source.gguf_file
+        meta = gguf_reading.metadata(path)
+        tokenizer = (gguf_reading.spm_tokenizer(meta) if gguf_reading.is_sentencepiece(meta)
+                     else AutoTokenizer.from_pretrained(source.location, **source_kwargs(source)))
+        match_gguf_special_tokens(tokenizer, gguf_tokenizer_facts(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source_kwargs(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-# GGUF architectures whose conversion by transformers calq has verified against llama.cpp reading the same file
-# (token ids, perplexity, next-token predictions: calq.evaluation.gguf_check); others are cross-checked when
+# GGUF architectures whose reading by calq (transformers' weights, `gguf_reading`'s tokenizer and configuration) is
+# verified against llama.cpp reading the same file (token ids, perplexity, next-token predictions:
+# calq.evaluation.gguf_check) on tiny files written in the tests; every GGUF is cross-checked when
 # llama-cpp-python is installed.
-VERIFIED_GGUF_ARCHITECTURES = ("llama",)
-# Architectures transformers 5.17 converts wrongly: what is wrong, and where it is tracked upstream.
-BROKEN_GGUF_ARCHITECTURES = {
-    "gemma3": "transformers builds its tokenizer as a Unigram model over the file's BPE merge ranks, which splits text "
-              "into single characters (huggingface/transformers#41494; fix PR #41609 not merged), and ignores "
-              "rope.scaling (Gemma 3 4B and larger) and the 27B's query_pre_attn_scalar",
-}
+VERIFIED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 def gguf_architecture(path: str | Path) -> str:
-    from gguf import GGUFReader
-
-    return GGUFReader(str(path)).fields["general.architecture"].contents()
-
-
-def check_gguf_architecture(source: ModelSource, where: str = "model.id") -> str | None:
-    """Refuse, before anything loads, a GGUF whose architecture transformers is known to convert wrongly."""
-    if not source.gguf_file:
-        return None
-    arch = gguf_architecture(Path(source.location) / source.gguf_file)
-    if arch in BROKEN_GGUF_ARCHITECTURES:
-        raise CalqError(f"transformers does not read the '{arch}' GGUF {source.gguf_file} correctly: "
-                        f"{BROKEN_GGUF_ARCHITECTURES[arch]}", where,
-                        "use the model's original Hugging Face folder (safetensors and tokenizer.json) "
-                        "instead of the GGUF")
-    return arch
+    return gguf_reading.metadata(path)["general.architecture"]
 
 
 @dataclass(frozen=True)
@@ -165,13 +154,10 @@ class GGUFTokenizerFacts:
 def gguf_tokenizer_facts(path: str | Path) -> GGUFTokenizerFacts:
     """Special tokens as llama.cpp reads them. Without `add_bos_token`, llama.cpp's default for the vocabulary
     type applies: SentencePiece ('llama') vocabularies add BOS, the others do not."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
+    meta = gguf_reading.metadata(path)
 
     def value(key: str, default=None):
-        field = fields.get(f"tokenizer.ggml.{key}")
-        return field.contents() if field is not None else default
+        return meta.get(f"tokenizer.ggml.{key}", default)
 
     model = value("model", "llama")
     return GGUFTokenizerFacts(model, value("bos_token_id"), value("eos_token_id"),
@@ -217,13 +203,15 @@ def with_bos(ids: list[int], bos: int | None) -> list[int]:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    check_gguf_architecture(source)
     kwargs = source_kwargs(source)
     try:
-        return AutoConfig.from_pretrained(source.location, **kwargs)
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
         raise CalqError(f"cannot read the model config of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
                         "check the id or path; hub ids need network access") from None
+    if source.gguf_file:
+        config = gguf_reading.complete_config(config, gguf_reading.metadata(Path(source.location) / source.gguf_file))
+    return config
 
 
 def linear_layers(config) -> dict:

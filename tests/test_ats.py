@@ -228,3 +228,21 @@ def test_head_builds_for_other_architectures(kind):
     with torch.no_grad():
         out = head(logits, h)
     assert torch.equal(out.argmax(-1), logits.argmax(-1)) and torch.isfinite(out).all()
+
+
+def test_fitting_never_holds_more_logits_than_the_budget(tiny, monkeypatch):
+    """Over a large vocabulary (262,144 for Gemma 3) the [positions x vocabulary] logits are what fills memory:
+    caching, the temperature fit, the ATS steps and validation all recompute them within hidden.LOGITS_BUDGET."""
+    import calq
+
+    model, tok = tiny
+    settings = {"ats": {"epochs": 1, "min_response_tokens": 50, "batch_size": 4}}
+    unbounded = calq.calibrate(model, tok, records(12), settings=settings)
+    largest, call = [], hidden.Logits.__call__
+    monkeypatch.setattr(hidden.Logits, "__call__", lambda self, h: largest.append(h[..., 0].numel()) or call(self, h))
+    monkeypatch.setattr(hidden, "LOGITS_BUDGET", 8 * model.config.vocab_size)
+    bounded = calq.calibrate(model, tok, records(12), settings=settings)
+    assert max(largest) == 8  # positions per chunk: the budget, never the 1024 asked for
+    for domain, metrics in unbounded.validation.items():  # the same numbers, a chunk at a time
+        assert bounded.validation[domain]["none"]["nll"] == pytest.approx(metrics["none"]["nll"], rel=1e-5)
+        assert bounded.validation[domain]["none"]["ece"] == pytest.approx(metrics["none"]["ece"], rel=1e-4)

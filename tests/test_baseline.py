@@ -218,17 +218,19 @@ def test_gguf_tokenizer_follows_the_files_bos_and_eos(tmp_path, add_bos, expecte
     assert models.bos_policy(AutoTokenizer.from_pretrained(tmp_path / "saved")) == expected
 
 
-def test_a_gemma3_gguf_is_refused_naming_the_upstream_issue(tmp_path):
+def test_a_gemma3_gguf_is_read_with_calqs_tokenizer_not_transformers(tmp_path):
     from transformers import AutoTokenizer
 
     from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny-gemma3.gguf", _topics(0, 5), arch="gemma3", words=40)
-    # the upstream bug itself: frequent words come out as single characters (when this fails, re-verify gemma3)
+    # the upstream bug itself (huggingface/transformers#41494): frequent words come out as single characters; when
+    # this fails, transformers fixed it and calq.gguf_reading.spm_tokenizer may go
     pieces = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name).tokenize("the function")
     assert pieces == ["t", "h", "e", "\u2581", "f", "u", "n", "c", "t", "i", "o", "n"]
-    with pytest.raises(CalqError, match=r"'gemma3' GGUF .*huggingface/transformers#41494.* — fix: use the model's"):
-        models.load_config(models.resolve(str(path)))
+    tokenizer = models.load_tokenizer(models.resolve(str(path)))
+    assert tokenizer.tokenize(" the") == ["\u2581the"]  # one of the file's merged pieces
+    assert models.load_config(models.resolve(str(path))).model_type == "gemma3_text"  # no longer refused
 
 
 def test_verify_records_the_numbers_and_refuses_a_broken_baseline(trained, tiny_model, heldout):
@@ -296,7 +298,7 @@ def test_llama_cpp_exposes_the_gemma3_tokenizer_bug(tmp_path, heldout):
     from calq.tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny-gemma3.gguf", _topics(0, 40), arch="gemma3")
-    model, tokenizer = _gguf_model(tmp_path, path.name)  # what calq would get without the architecture gate
+    model, tokenizer = _gguf_model(tmp_path, path.name)  # transformers' own reading, not calq's
     with pytest.raises(CalqError, match="the tokenizer.s ids match llama.cpp.s for .* first difference at token 1"):
         cross_check(path, model, tokenizer, heldout, tokens=128)
 
@@ -327,7 +329,8 @@ def test_the_bundled_model_passes_and_agrees_with_llama_cpp():
     ({"head_dim": 256, "rope_scaling": 8.0}, False),  # rope.scaling is not read (Gemma 3 4B and larger)
 ])
 def test_gemma3_gguf_weights_against_llama_cpp_on_the_same_ids(tmp_path, heldout, shape, agrees):
-    """Why calq refuses gemma3 GGUFs beyond the tokenizer; a failure here means transformers changed: re-verify."""
+    """transformers' own configuration of a gemma3 GGUF, which calq.gguf_reading.complete_config completes
+    (tests/test_gguf_reading.py); a failure here means transformers changed: re-verify."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 

@@ -161,7 +161,7 @@ def _step(head: AtsHead, opt, cached: Cached, records: torch.Tensor, logits: Log
     s_leaf = s.detach().requires_grad_()
     h, t, c = hidden[keep], targets[keep], correct[keep]
     w = _weights(c, cfg)
-    total = 0.0
+    total, chunk = 0.0, logits.rows(chunk)
     for i in range(0, t.numel(), chunk):
         part = slice(i, i + chunk)
         scale = s_leaf[part].exp().clamp(max=MAX_SCALE)

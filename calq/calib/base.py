@@ -49,7 +49,7 @@ class FitData:
     val: torch.Tensor
     logits: Logits  # the model's output layer: hidden states -> logits, a chunk at a time
     model_config: Any
-    chunk: int = 1024  # positions per chunk when logits are recomputed
+    chunk: int = 1024  # positions per chunk when logits are recomputed (at most hidden.LOGITS_BUDGET values)
     progress: Callable[[str, int, int], None] | None = None  # (description, done, total)
     memo: dict = field(default_factory=dict)  # results shared between calibrators (the global temperature)
 

@@ -4,8 +4,9 @@ head.
 The cache is one safetensors file. For every token of every record it holds the last hidden state (after the
 final norm) in float16, the next-token target (-100 where the next token is not part of the response) and
 whether the frozen model's argmax was that target; `offsets` marks where each record starts. Full-vocabulary
-logits are never stored: `Logits` recomputes them from hidden states through the model's own output layer,
-a chunk of positions at a time.
+logits are never stored, nor held for more than a chunk of positions: `Logits` recomputes them from hidden states
+through the model's own output layer, at most LOGITS_BUDGET values at a time (with a 262,144-token vocabulary a
+batch of 4 x 512 positions alone is 2 GB of float32 logits, and fitting holds several copies of a chunk).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from calq.errors import CalqError
 from calq.metrics import CalibrationStats
 from calq.models import bos_policy, with_bos
 
+LOGITS_BUDGET = 2**24  # logits values per chunk (64 MB in float32): 64 positions of a 262,144-token vocabulary
+
 
 class Logits:
     """The model's output layer (lm_head, then any final logit soft-capping) applied to hidden states.
@@ -34,7 +37,17 @@ class Logits:
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         param = next(self.lm_head.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype, self.vocab = param.device, param.dtype, param.shape[0]
+
+    def rows(self, chunk: int) -> int:
+        """Positions per chunk: at most `chunk`, and at most LOGITS_BUDGET logits values."""
+        return max(1, min(chunk, LOGITS_BUDGET // self.vocab))
+
+    @torch.no_grad()
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H] -> the top token of each position [n], a chunk at a time."""
+        step = self.rows(len(hidden))
+        return torch.cat([self(hidden[i:i + step]).argmax(-1) for i in range(0, len(hidden), step)])
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -123,16 +136,17 @@ def _cache(model, encoded: list[tuple[torch.Tensor, torch.Tensor]], path: str | 
         for b, i in enumerate(batch):
             n = len(encoded[i][0])
             ids[b, :n], mask[b, :n] = encoded[i][0], 1
+        # the model's own logits at the last position only (to check the output layer): not [B, T, V]
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                    use_cache=False)
+                    use_cache=False, logits_to_keep=1)
         h = out.hidden_states[-1]
         if start == 0:
-            _check_output_layer(logits_fn(h), out.logits, mask.to(device).bool())
+            _check_output_layer(logits_fn(h[:, -1:]), out.logits, mask[:, -1:].to(device).bool())
         for b, i in enumerate(batch):
             n = len(encoded[i][0])
             hidden[i] = h[b, :n].to(torch.float16).cpu()
             targets[i] = encoded[i][1]
-            correct[i] = out.logits[b, :n].argmax(-1).cpu() == encoded[i][1]
+            correct[i] = logits_fn.argmax(h[b, :n]).cpu() == encoded[i][1]
         if progress:
             progress(min(start + batch_size, len(order)))
 
@@ -200,7 +214,7 @@ class CachedLogits:
     def __init__(self, cached: Cached, records: torch.Tensor, logits: Logits, chunk: int = 1024):
         keep = torch.cat([torch.arange(int(cached.offsets[i]), int(cached.offsets[i + 1])) for i in records.tolist()])
         self.index = keep[cached.targets[keep] != -100]
-        self.cached, self.logits, self.chunk = cached, logits, chunk
+        self.cached, self.logits, self.chunk = cached, logits, logits.rows(chunk)
 
     def __iter__(self):
         for start in range(0, self.index.numel(), self.chunk):
@@ -214,6 +228,7 @@ def evaluate_cached(cached: Cached, records: torch.Tensor, logits: Logits, calib
     """Token-level metrics and reliability bins (calq.metrics, `bins` equal-width bins) of each calibrator
     (calq.calib.base) on the scored positions of `records`."""
     stats = {name: CalibrationStats(bins) for name in calibrators}
+    chunk = logits.rows(chunk)
     for start in range(0, records.numel(), batch_size):
         hidden, targets, _ = cached.batch(records[start:start + batch_size], logits.device)
         keep = targets != -100
