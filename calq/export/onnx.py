@@ -160,6 +160,50 @@ def _int4_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int4Laye
                              K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)]
 
 
+def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8WeightLayer) -> list:
+    """W8A16 as MatMulNBits bits 8: calq's int8 values stored as q + 128 (MatMulNBits' default zero point for 8 bits
+    is 128), the channel scale repeated over the row's blocks: exact."""
+    from onnx import helper
+
+    n, k = layer.q.shape
+    block = block_size(k)
+    if not block:
+        raise CalqError(f"{prefix}: input width {k} has no MatMulNBits block (a power of two >= 16 dividing it)",
+                        "export.onnx", "keep this layer at int4 (remove it from int8_layers) or export to gguf")
+    unsigned = (layer.q.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(n, k // block, block)
+    scales = np.repeat(layer.scale.numpy().astype(np.float32)[:, None], k // block, axis=1)
+    inputs = [x, g.constant(f"{prefix}.qweight", unsigned), g.constant(f"{prefix}.scales", scales)]
+    return [helper.make_node("MatMulNBits", inputs, [y], name=f"{prefix}.MatMulNBits", domain="com.microsoft",
+                             K=k, N=n, bits=8, block_size=block, accuracy_level=0)]
+
+
+def _q8_matrix_nodes(g: _Graph, weight: str, matrix: variants.Q8Matrix) -> list:
+    """The int8 embedding / head (Q8_0 layout) in place of its float initializer: int8 values and float16 block scales
+    stored, dequantized in the graph (q * d, exact in float32) for the Gather and the output MatMul that read it."""
+    from onnx import TensorProto, helper
+
+    rows, width = matrix.q.shape
+    q = g.constant(f"{weight}.q8", matrix.q.numpy().reshape(rows, width // 32, 32))
+    d = g.constant(f"{weight}.d", matrix.d.numpy().reshape(rows, width // 32, 1))
+    shape = g.constant(f"{weight}.shape", np.array([rows, width], dtype=np.int64))
+    g.graph.initializer.remove(g.initializers.pop(weight))
+    return [helper.make_node("Cast", [q], [f"{weight}.qf"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [d], [f"{weight}.df"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{weight}.qf", f"{weight}.df"], [f"{weight}.blocks"]),
+            helper.make_node("Reshape", [f"{weight}.blocks", shape], [weight])]
+
+
+def _initializer_of(g: _Graph, model: nn.Module, parameter: str) -> str:
+    """The graph's initializer for a model parameter: a tied matrix is traced once, under any of its names."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    names = [f"model.{name}" for name, tensor in tensors.items() if tensor is tensors[parameter]]
+    found = next((name for name in names if name in g.initializers), None)
+    if found is None:
+        raise CalqError(f"the traced graph has no initializer for {parameter}", "export.onnx",
+                        "report this: the torch.onnx exporter's output changed")
+    return found
+
+
 def _int8_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8Layer) -> list:
     from onnx import TensorProto, helper
 
@@ -290,12 +334,27 @@ class OnnxExporter(Exporter):
             if isinstance(layer, variants.Int4Layer):
                 blocks.add(block_size(layer.group_size))
                 nodes = _int4_nodes(graph, weight, x, y, layer, accuracy_level)
+            elif isinstance(layer, variants.Int8WeightLayer):
+                nodes = _int8_weight_nodes(graph, weight, x, y, layer)
             else:
                 nodes = _int8_nodes(graph, weight, x, y, layer)
             graph.replace(weight, nodes)
         if variant.layers:
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        return onnxscript.optimizer.optimize(proto), blocks
+        proto = onnxscript.optimizer.optimize(proto)
+        if variant.matrices:  # after the optimizer, which would fold the dequantization back into a float32 matrix
+            graph = _Graph(proto.graph)
+            for name, matrix in variant.matrices.items():
+                for offset, node in enumerate(_q8_matrix_nodes(graph, _initializer_of(graph, variant.model, name),
+                                                               matrix)):
+                    proto.graph.node.insert(offset, node)
+            shapes = {tuple(m.q.shape) for m in variant.matrices.values()}
+            left = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                    and (tuple(i.dims) in shapes or tuple(i.dims)[::-1] in shapes)]
+            if left:
+                raise CalqError(f"the optimized graph keeps a float copy of the int8 embedding/head ({left[0]})",
+                                "export.onnx", "report this: the onnxscript optimizer's output changed")
+        return proto, blocks
 
     def session(self, out_dir, threads: int = 1) -> OnnxSession:
         return OnnxSession(Path(out_dir) / MODEL_FILE, threads)
@@ -449,6 +508,13 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
         changes.append(f"W4A16: {len(int4)} layers as MatMulNBits with calq's int4 values, scales and zero points "
                        f"(groups {groups} in blocks {sorted(blocks)}: exact); accuracy_level {accuracy_level}"
                        + COMPUTE[accuracy_level])
+    int8_weights = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int8WeightLayer)]
+    if int8_weights:
+        changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "
+                       "values and channel scales (exact; float32 activations)")
+    for name in variant.matrices:
+        changes.append(f"{name} held as int8 with float16 scales per block of 32 (Q8_0's layout), dequantized in the "
+                       "graph: exactly the weight the PyTorch variant evaluated")
     if int8:
         static = sum(layer.input_scale is not None for layer in int8)
         changes.append(f"W8A8: {len(int8)} layers as MatMulInteger on calq's int8 weights; activations quantized in "
