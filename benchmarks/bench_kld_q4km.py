@@ -15,6 +15,9 @@ of WikiText-2 *train* (never the evaluation text), exported by calq's GGUF write
 zero points). AWQ's grid search takes long on a busy CPU: --awq takes an existing calq variant instead, a checkpoint
 folder (a run's RUN/variants/awq-w4a16-g64, e.g. from `calq run recipes/quickstart.yaml`) or a GGUF calq exported from
 one without a calibrator.
+Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GPTQ W4A16 g32 with Q4_K_M's own choice
+of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
+tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
 """
 
@@ -35,8 +38,27 @@ from calq import models
 from calq.export import get
 from calq.quant import llmc, methods
 
+
+def more_bits(layers: int) -> list[int]:
+    """The layers where llama.cpp's Q4_K_M gives attn_v and ffn_down more bits (llama-quant.cpp's `use_more_bits`):
+    the first and last eighth, and every third layer between. On the bundled model (30 layers) 14 of them; its Q4_K_M
+    file holds those attn_v as Q8_0 and those ffn_down as Q6_K (checked with gguf's reader)."""
+    return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
+
+
+# Q4_K_M's own choice of layers, held at int8 (W8A16) by calq: every attn_v (cheap: 576 x 192) and the ffn_down of
+# `more_bits`; the embedding (tied to the output head) as int8 Q8_0, as Q4_K_M holds token_embd.
+Q4KM_INT8 = ["re:.*self_attn\\.v_proj$",
+             "re:model\\.layers\\.(" + "|".join(map(str, more_bits(30))) + ")\\.mlp\\.down_proj$"]
+MIXED = {"int8_layers": Q4KM_INT8, "embedding": "int8"}
 CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
-        "gptq-w4a16-g64": {"method": "gptq", "scheme": "w4a16", "group_size": 64}}  # actorder static, damp 0.01
+        "gptq-w4a16-g64": {"method": "gptq", "scheme": "w4a16", "group_size": 64},  # actorder static, damp 0.01
+        # symmetric int4 -> Q4_0 (4.5 bits per weight), int8 -> Q8_0
+        "gptq-w4a16-g32-sym-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                     **MIXED},
+        # asymmetric int4 -> Q4_1 (5 bits per weight)
+        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED}}
+DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
@@ -133,6 +155,16 @@ def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -
             "ppl": float(nll.mean().exp()), "positions": int(p.shape[0]), "scored_tokens": int(nxt.numel())}
 
 
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type the file holds."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| artifact | size (MiB) | mean KLD vs F16 | median / p99 KLD | same top token | perplexity |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -149,7 +181,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(CALQ), help=f"calq variants to add (of {', '.join(CALQ)})")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"calq variants to add (of {', '.join(CALQ)})")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
@@ -183,7 +215,8 @@ def main() -> None:
         out_file.unlink()
     base = logprobs[next(iter(artifacts))]
     rows = [{"artifact": name, "file": str(path), "mib": Path(path).stat().st_size / 2**20,
-             **compare(base, logprobs[name], tokens, args.ctx)} for name, path in artifacts.items()]
+             "tensor_types": tensor_types(Path(path)), **compare(base, logprobs[name], tokens, args.ctx)}
+            for name, path in artifacts.items()]
 
     import llama_cpp
 
