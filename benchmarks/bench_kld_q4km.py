@@ -18,6 +18,8 @@ one without a calibrator.
 Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GPTQ W4A16 g32 with Q4_K_M's own choice
 of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
+--onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, the int8 embedding dequantized in the
+graph), scored by ONNX Runtime on the same windows; its size is model.onnx + model.onnx.data.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
 """
 
@@ -128,6 +130,23 @@ def _score(gguf: str, tokens: list[int], ctx: int, threads: int, out_file: str) 
     np.save(out_file, torch.cat(rows).numpy())
 
 
+def _export_onnx(checkpoint: str, out_dir: str) -> None:
+    get("onnx").export(checkpoint, out_dir, None)
+
+
+def _score_onnx(folder: str, tokens: list[int], ctx: int, threads: int, out_file: str) -> None:
+    """In a child process: ONNX Runtime's log-probabilities (model.onnx, no calibrator) written to `out_file`."""
+    session = get("onnx").session(Path(folder), threads)
+    rows = [torch.log_softmax(session.score(torch.tensor([tokens[start:start + ctx]]))[0].float(), -1)
+            for start in range(0, len(tokens), ctx)]
+    np.save(out_file, torch.cat(rows).numpy())
+
+
+def onnx_bytes(folder: Path) -> int:
+    """The scoring graph and its weights (decode.onnx reads the same model.onnx.data)."""
+    return sum((folder / name).stat().st_size for name in ("model.onnx", "model.onnx.data"))
+
+
 def _tokenize(gguf: str, text: str, count: int, out_file: str) -> None:
     from llama_cpp import Llama
 
@@ -140,7 +159,7 @@ def in_child(target, *args) -> None:
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise SystemExit(f"llama.cpp child for {args[0]} exited with {process.exitcode}")
+        raise SystemExit(f"child process for {args[0]} exited with {process.exitcode}")
 
 
 def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -> dict:
@@ -183,6 +202,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"calq variants to add (of {', '.join(CALQ)})")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--onnx", action="store_true", help="also export each calq variant to ONNX and score it on "
+                                                            "ONNX Runtime (model.onnx, float32 activations)")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
     args = parser.parse_args()
@@ -205,18 +226,29 @@ def main() -> None:
     if tokens.size < args.tokens:
         raise SystemExit(f"only {tokens.size} tokens in the second half of wiki.test.raw")
 
+    onnx = {}
+    for name in args.variants.split(",") if args.onnx else ():
+        folder = args.out / f"{name}-onnx"
+        if not (folder / "model.onnx").is_file():
+            in_child(_export_onnx, str(args.awq if name.startswith("awq") and args.awq else args.out / name),
+                     str(folder))
+        onnx[f"calq {name} as ONNX (ONNX Runtime)"] = folder
+    artifacts.update(onnx)
+
     logprobs = {}
     for name, path in artifacts.items():
         out_file = args.out / f"logprobs-{len(logprobs)}.npy"
         start = time.perf_counter()
-        in_child(_score, str(path), tokens.tolist(), args.ctx, args.threads, str(out_file))
+        in_child(_score_onnx if name in onnx else _score, str(path), tokens.tolist(), args.ctx, args.threads,
+                 str(out_file))
         print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
         logprobs[name] = np.load(out_file)
         out_file.unlink()
     base = logprobs[next(iter(artifacts))]
-    rows = [{"artifact": name, "file": str(path), "mib": Path(path).stat().st_size / 2**20,
-             "tensor_types": tensor_types(Path(path)), **compare(base, logprobs[name], tokens, args.ctx)}
-            for name, path in artifacts.items()]
+    rows = [{"artifact": name, "file": str(path),
+             "mib": (onnx_bytes(path) if name in onnx else Path(path).stat().st_size) / 2**20,
+             "tensor_types": {} if name in onnx else tensor_types(Path(path)),
+             **compare(base, logprobs[name], tokens, args.ctx)} for name, path in artifacts.items()]
 
     import llama_cpp
 
