@@ -142,6 +142,16 @@ def _score_onnx(folder: str, tokens: list[int], ctx: int, threads: int, out_file
     np.save(out_file, torch.cat(rows).numpy())
 
 
+def scores_file(out: Path, artifact: Path, tokens: np.ndarray, ctx: int) -> Path:
+    """Where an artifact's log-probabilities go, named after the artifact file (its path and modification time), the
+    tokens and the window, so --keep-scores reuses them only for the same file and text."""
+    import hashlib
+
+    stamp = artifact / "model.onnx" if artifact.is_dir() else artifact
+    key = hashlib.sha1(f"{artifact.resolve()}:{stamp.stat().st_mtime_ns}:{ctx}".encode() + tokens.tobytes())
+    return out / f"logprobs-{key.hexdigest()[:16]}.npy"
+
+
 def onnx_bytes(folder: Path) -> int:
     """The scoring graph and its weights (decode.onnx reads the same model.onnx.data)."""
     return sum((folder / name).stat().st_size for name in ("model.onnx", "model.onnx.data"))
@@ -202,6 +212,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"calq variants to add (of {', '.join(CALQ)})")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--keep-scores", action="store_true", help="keep each artifact's log-probabilities in --out "
+                                                                   "(about 200 MB each) and reuse them next time")
     parser.add_argument("--onnx", action="store_true", help="also export each calq variant to ONNX and score it on "
                                                             "ONNX Runtime (model.onnx, float32 activations)")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
@@ -237,13 +249,15 @@ def main() -> None:
 
     logprobs = {}
     for name, path in artifacts.items():
-        out_file = args.out / f"logprobs-{len(logprobs)}.npy"
-        start = time.perf_counter()
-        in_child(_score_onnx if name in onnx else _score, str(path), tokens.tolist(), args.ctx, args.threads,
-                 str(out_file))
-        print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
+        out_file = scores_file(args.out, Path(path), tokens, args.ctx)
+        if not out_file.is_file():
+            start = time.perf_counter()
+            in_child(_score_onnx if name in onnx else _score, str(path), tokens.tolist(), args.ctx, args.threads,
+                     str(out_file))
+            print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
         logprobs[name] = np.load(out_file)
-        out_file.unlink()
+        if not args.keep_scores:
+            out_file.unlink()
     base = logprobs[next(iter(artifacts))]
     rows = [{"artifact": name, "file": str(path),
              "mib": (onnx_bytes(path) if name in onnx else Path(path).stat().st_size) / 2**20,
