@@ -6,6 +6,9 @@ Block formats, each 32 weights along a row (ggml's layout):
   d = s, m = -z * s with the same q; a group of G = 32 * b weights is b blocks sharing d and m. When every zero
   point is 8 (symmetric) -> Q4_0 {d; 16 bytes}, y = (q - 8) * d, d = s.
 - W8A8 -> Q8_0 {d float16; 32 int8}, y = q * d: calq's int8 values with d = the row's channel scale in every block.
+  The int8 layers of a mixed checkpoint (W8A16, `int8_layers`) the same way: one file, a type per tensor.
+- An int8 embedding / head (`embedding: int8`) -> Q8_0 with its own int8 values and float16 block scales: exactly the
+  weight the PyTorch variant evaluated (`int8_matrices_exact` in the info, checked on gguf's dequantization).
 What changes: d and m are float16 in GGUF (calq's scales are float32): each weight moves by at most a few 1e-4 of
 its group's scale (`max_weight_change` in the info, measured against calq's dequantized weights); llama.cpp's CPU
 kernels quantize the activations of Q4/Q8 products to 8 bits per block of 32 (W8A8: that replaces calq's

@@ -10,6 +10,11 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   `export.onnx_accuracy_level`): 0 (default) computes with float32 activations, as in PyTorch; 4 lets ONNX Runtime
   quantize the activations to int8 per block and multiply in int8 (faster on CPUs, as llama.cpp's kernels do; the
   re-verification measures what it changes); 1, 2, 3: float32, float16, bfloat16 compute where the CPU has it.
+- W8A16 (the int8 layers of a mixed checkpoint, `int8_layers`) -> MatMulNBits bits 8: calq's int8 values + 128 and
+  channel scales, exact; the same `accuracy_level`.
+- An int8 embedding / head (`embedding: int8`) -> its int8 values and float16 block scales (Q8_0's layout) as
+  initializers, dequantized in the graph (Cast, Mul, Reshape; inserted after the optimizer, which would fold them
+  back into a float32 matrix) for the Gather and the output MatMul that share it.
 - W8A8 -> int8 weights in MatMulInteger (int8 x int8 -> int32), the activations quantized in the graph the way
   compressed-tensors does it: per token, scale = max|x| / 127.5 (dynamic), or calq's static per-tensor input
   scale; round half to even, clip to [-128, 127]; then the int32 sums times activation scale times channel scale.
@@ -160,9 +165,10 @@ def _int4_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int4Laye
                              K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)]
 
 
-def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8WeightLayer) -> list:
-    """W8A16 as MatMulNBits bits 8: calq's int8 values stored as q + 128 (MatMulNBits' default zero point for 8 bits
-    is 128), the channel scale repeated over the row's blocks: exact."""
+def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8WeightLayer,
+                       accuracy_level: int) -> list:
+    """W8A16 as MatMulNBits bits 8 (ONNX Runtime 1.32 runs it on the CPU): calq's int8 values stored as q + 128
+    (MatMulNBits' default zero point for 8 bits is 128), the channel scale repeated over the row's blocks: exact."""
     from onnx import helper
 
     n, k = layer.q.shape
@@ -174,7 +180,7 @@ def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.I
     scales = np.repeat(layer.scale.numpy().astype(np.float32)[:, None], k // block, axis=1)
     inputs = [x, g.constant(f"{prefix}.qweight", unsigned), g.constant(f"{prefix}.scales", scales)]
     return [helper.make_node("MatMulNBits", inputs, [y], name=f"{prefix}.MatMulNBits", domain="com.microsoft",
-                             K=k, N=n, bits=8, block_size=block, accuracy_level=0)]
+                             K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level)]
 
 
 def _q8_matrix_nodes(g: _Graph, weight: str, matrix: variants.Q8Matrix) -> list:
@@ -335,7 +341,7 @@ class OnnxExporter(Exporter):
                 blocks.add(block_size(layer.group_size))
                 nodes = _int4_nodes(graph, weight, x, y, layer, accuracy_level)
             elif isinstance(layer, variants.Int8WeightLayer):
-                nodes = _int8_weight_nodes(graph, weight, x, y, layer)
+                nodes = _int8_weight_nodes(graph, weight, x, y, layer, accuracy_level)
             else:
                 nodes = _int8_nodes(graph, weight, x, y, layer)
             graph.replace(weight, nodes)
@@ -511,7 +517,7 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
     int8_weights = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int8WeightLayer)]
     if int8_weights:
         changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "
-                       "values and channel scales (exact; float32 activations)")
+                       f"values and channel scales (exact); accuracy_level {accuracy_level}" + COMPUTE[accuracy_level])
     for name in variant.matrices:
         changes.append(f"{name} held as int8 with float16 scales per block of 32 (Q8_0's layout), dequantized in the "
                        "graph: exactly the weight the PyTorch variant evaluated")
