@@ -155,7 +155,6 @@ def test_untied_head_is_held_at_int8_too(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [
     ({"scheme": "w8a8", "int8_layers": ["re:.*v_proj"]}, "int8_layers applies to w4a16 only"),
-    ({"int8_layers": ["v_proj"]}, "neither a module name"),
     ({"method": "autoawq", "int8_layers": ["re:.*v_proj"]}, "autoawq cannot hold layers at int8"),
     ({"embedding": "int4"}, "embedding"),
 ])
@@ -164,15 +163,19 @@ def test_recipe_refuses(spec, message):
         methods.config({"method": "minmax", "scheme": "w4a16", **spec})
 
 
-def test_plan_refuses_an_int8_target_that_matches_nothing(tmp_path):
-    from calq import models
+@pytest.mark.parametrize("variant,message", [
+    ({"int8_layers": ["re:.*vproj"]}, "int8_layers entry 're:.*vproj' matches none of the 14 quantized layers"),
+    ({"int8_layers": ["v_proj"]}, "matches none"),  # a bare name matches nothing, as in `ignore`
+    ({"int8_layers": ["lm_head"], "embedding": "int8"}, "matches none"),  # ignored: not quantized at all
+])
+def test_plan_refuses_before_any_work(variant, message, tiny_recipe, write_recipe):
+    from typer.testing import CliRunner
 
-    folder = make_tiny_llama(tmp_path / "tiny")
-    config = AutoConfig.from_pretrained(folder)
-    spec = methods.config({**SPEC, "int8_layers": ["re:.*vproj"]})
-    with pytest.raises(CalqError, match="matches none"):
-        spec.check_layers({n: m.in_features for n, m in spec.quantized_layers(models.linear_layers(config)).items()},
-                          config)
+    from calq.cli import app
+
+    tiny_recipe["variants"] = [{"method": "minmax", "scheme": "w4a16", "group_size": 32, **variant}]
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
+    assert result.exit_code == 2 and message in result.output
 
 
 def test_bfloat16_embedding_refused_before_the_method_runs(tmp_path):
