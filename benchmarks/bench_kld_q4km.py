@@ -61,6 +61,9 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         # the same without data: round-to-nearest int4 (minutes instead of GPTQ's half hour on 2 busy cores)
         "minmax-w4a16-g32-sym-mixed": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
                                        **MIXED},
+        "minmax-w4a16-g32-mixed": {"method": "minmax", "scheme": "w4a16", "group_size": 32, **MIXED},  # Q4_1
+        "minmax-w4a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                         "embedding": "int8"},  # the int8 embedding alone
         # asymmetric int4 -> Q4_1 (5 bits per weight)
         "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED}}
 DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
