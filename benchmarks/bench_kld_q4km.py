@@ -15,6 +15,11 @@ of WikiText-2 *train* (never the evaluation text), exported by calq's GGUF write
 zero points). AWQ's grid search takes long on a busy CPU: --awq takes an existing calq variant instead, a checkpoint
 folder (a run's RUN/variants/awq-w4a16-g64, e.g. from `calq run recipes/quickstart.yaml`) or a GGUF calq exported from
 one without a calibrator.
+Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GPTQ W4A16 g32 with Q4_K_M's own choice
+of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
+tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
+--onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, the int8 embedding dequantized in the
+graph), scored by ONNX Runtime on the same windows; its size is model.onnx + model.onnx.data.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
 """
 
@@ -35,8 +40,33 @@ from calq import models
 from calq.export import get
 from calq.quant import llmc, methods
 
+
+def more_bits(layers: int) -> list[int]:
+    """The layers where llama.cpp's Q4_K_M gives attn_v and ffn_down more bits (llama-quant.cpp's `use_more_bits`):
+    the first and last eighth, and every third layer between. On the bundled model (30 layers) 14 of them; its Q4_K_M
+    file holds those attn_v as Q8_0 and those ffn_down as Q6_K (checked with gguf's reader)."""
+    return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
+
+
+# Q4_K_M's own choice of layers, held at int8 (W8A16) by calq: every attn_v (cheap: 576 x 192) and the ffn_down of
+# `more_bits`; the embedding (tied to the output head) as int8 Q8_0, as Q4_K_M holds token_embd.
+Q4KM_INT8 = ["re:.*self_attn\\.v_proj$",
+             "re:model\\.layers\\.(" + "|".join(map(str, more_bits(30))) + ")\\.mlp\\.down_proj$"]
+MIXED = {"int8_layers": Q4KM_INT8, "embedding": "int8"}
 CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
-        "gptq-w4a16-g64": {"method": "gptq", "scheme": "w4a16", "group_size": 64}}  # actorder static, damp 0.01
+        "gptq-w4a16-g64": {"method": "gptq", "scheme": "w4a16", "group_size": 64},  # actorder static, damp 0.01
+        # symmetric int4 -> Q4_0 (4.5 bits per weight), int8 -> Q8_0
+        "gptq-w4a16-g32-sym-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                     **MIXED},
+        # the same without data: round-to-nearest int4 (minutes instead of GPTQ's half hour on 2 busy cores)
+        "minmax-w4a16-g32-sym-mixed": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                       **MIXED},
+        "minmax-w4a16-g32-mixed": {"method": "minmax", "scheme": "w4a16", "group_size": 32, **MIXED},  # Q4_1
+        "minmax-w4a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                         "embedding": "int8"},  # the int8 embedding alone
+        # asymmetric int4 -> Q4_1 (5 bits per weight)
+        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED}}
+DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
@@ -106,6 +136,33 @@ def _score(gguf: str, tokens: list[int], ctx: int, threads: int, out_file: str) 
     np.save(out_file, torch.cat(rows).numpy())
 
 
+def _export_onnx(checkpoint: str, out_dir: str) -> None:
+    get("onnx").export(checkpoint, out_dir, None)
+
+
+def _score_onnx(folder: str, tokens: list[int], ctx: int, threads: int, out_file: str) -> None:
+    """In a child process: ONNX Runtime's log-probabilities (model.onnx, no calibrator) written to `out_file`."""
+    session = get("onnx").session(Path(folder), threads)
+    rows = [torch.log_softmax(session.score(torch.tensor([tokens[start:start + ctx]]))[0].float(), -1)
+            for start in range(0, len(tokens), ctx)]
+    np.save(out_file, torch.cat(rows).numpy())
+
+
+def scores_file(out: Path, artifact: Path, tokens: np.ndarray, ctx: int) -> Path:
+    """Where an artifact's log-probabilities go, named after the artifact file (its path and modification time), the
+    tokens and the window, so --keep-scores reuses them only for the same file and text."""
+    import hashlib
+
+    stamp = artifact / "model.onnx" if artifact.is_dir() else artifact
+    key = hashlib.sha1(f"{artifact.resolve()}:{stamp.stat().st_mtime_ns}:{ctx}".encode() + tokens.tobytes())
+    return out / f"logprobs-{key.hexdigest()[:16]}.npy"
+
+
+def onnx_bytes(folder: Path) -> int:
+    """The scoring graph and its weights (decode.onnx reads the same model.onnx.data)."""
+    return sum((folder / name).stat().st_size for name in ("model.onnx", "model.onnx.data"))
+
+
 def _tokenize(gguf: str, text: str, count: int, out_file: str) -> None:
     from llama_cpp import Llama
 
@@ -118,7 +175,7 @@ def in_child(target, *args) -> None:
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise SystemExit(f"llama.cpp child for {args[0]} exited with {process.exitcode}")
+        raise SystemExit(f"child process for {args[0]} exited with {process.exitcode}")
 
 
 def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -> dict:
@@ -131,6 +188,16 @@ def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -
             "p99_kld": float(torch.quantile(kld, 0.99)), "max_kld": float(kld.max()),
             "same_top_token": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
             "ppl": float(nll.mean().exp()), "positions": int(p.shape[0]), "scored_tokens": int(nxt.numel())}
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type the file holds."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
 
 
 def table(rows: list[dict]) -> str:
@@ -149,8 +216,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(CALQ), help=f"calq variants to add (of {', '.join(CALQ)})")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"calq variants to add (of {', '.join(CALQ)})")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--keep-scores", action="store_true", help="keep each artifact's log-probabilities in --out "
+                                                                   "(about 200 MB each) and reuse them next time")
+    parser.add_argument("--onnx", action="store_true", help="also export each calq variant to ONNX and score it on "
+                                                            "ONNX Runtime (model.onnx, float32 activations)")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
     args = parser.parse_args()
@@ -173,16 +244,30 @@ def main() -> None:
     if tokens.size < args.tokens:
         raise SystemExit(f"only {tokens.size} tokens in the second half of wiki.test.raw")
 
+    onnx = {}
+    for name in args.variants.split(",") if args.onnx else ():
+        folder = args.out / f"{name}-onnx"
+        if not (folder / "model.onnx").is_file():
+            in_child(_export_onnx, str(args.awq if name.startswith("awq") and args.awq else args.out / name),
+                     str(folder))
+        onnx[f"calq {name} as ONNX (ONNX Runtime)"] = folder
+    artifacts.update(onnx)
+
     logprobs = {}
     for name, path in artifacts.items():
-        out_file = args.out / f"logprobs-{len(logprobs)}.npy"
-        start = time.perf_counter()
-        in_child(_score, str(path), tokens.tolist(), args.ctx, args.threads, str(out_file))
-        print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
+        out_file = scores_file(args.out, Path(path), tokens, args.ctx)
+        if not out_file.is_file():
+            start = time.perf_counter()
+            in_child(_score_onnx if name in onnx else _score, str(path), tokens.tolist(), args.ctx, args.threads,
+                     str(out_file))
+            print(f"{name}: scored in {time.perf_counter() - start:.1f} s", flush=True)
         logprobs[name] = np.load(out_file)
-        out_file.unlink()
+        if not args.keep_scores:
+            out_file.unlink()
     base = logprobs[next(iter(artifacts))]
-    rows = [{"artifact": name, "file": str(path), "mib": Path(path).stat().st_size / 2**20,
+    rows = [{"artifact": name, "file": str(path),
+             "mib": (onnx_bytes(path) if name in onnx else Path(path).stat().st_size) / 2**20,
+             "tensor_types": {} if name in onnx else tensor_types(Path(path)),
              **compare(base, logprobs[name], tokens, args.ctx)} for name, path in artifacts.items()]
 
     import llama_cpp

@@ -157,7 +157,7 @@ def plan(recipe: Recipe, data_root: Path | None) -> Plan:
         try:
             with located(f"variants[{i}]"):
                 v.check_model(config)
-                v.check_group_size({name: m.in_features for name, m in quantized.items()})
+                v.check_layers({name: m.in_features for name, m in quantized.items()}, config)
         except MethodUnavailable as exc:
             result.skipped[v.label] = exc.line()
             continue

@@ -6,6 +6,9 @@ Block formats, each 32 weights along a row (ggml's layout):
   d = s, m = -z * s with the same q; a group of G = 32 * b weights is b blocks sharing d and m. When every zero
   point is 8 (symmetric) -> Q4_0 {d; 16 bytes}, y = (q - 8) * d, d = s.
 - W8A8 -> Q8_0 {d float16; 32 int8}, y = q * d: calq's int8 values with d = the row's channel scale in every block.
+  The int8 layers of a mixed checkpoint (W8A16, `int8_layers`) the same way: one file, a type per tensor.
+- An int8 embedding / head (`embedding: int8`) -> Q8_0 with its own int8 values and float16 block scales: exactly the
+  weight the PyTorch variant evaluated (`int8_matrices_exact` in the info, checked on gguf's dequantization).
 What changes: d and m are float16 in GGUF (calq's scales are float32): each weight moves by at most a few 1e-4 of
 its group's scale (`max_weight_change` in the info, measured against calq's dequantized weights); llama.cpp's CPU
 kernels quantize the activations of Q4/Q8 products to 8 bits per block of 32 (W8A8: that replaces calq's
@@ -145,12 +148,18 @@ def q4_blocks(layer: variants.Int4Layer) -> tuple[np.ndarray, str]:
     return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), "Q4_1"
 
 
-def q8_blocks(layer: variants.Int8Layer) -> np.ndarray:
+def q8_blocks(layer: variants.Int8Layer | variants.Int8WeightLayer) -> np.ndarray:
     """uint8 [N, K/32 * 34]: Q8_0 blocks of calq's int8 values, each with its row's channel scale."""
     n, k = layer.q.shape
-    d = np.repeat(_half(layer.scale)[:, None, None].view(np.uint8), k // BLOCK, axis=1)  # [N, blocks, 2]
-    qs = layer.q.numpy().reshape(n, k // BLOCK, BLOCK).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(n, -1)
+    return q8_0(layer.q, layer.scale[:, None].expand(n, k // BLOCK))
+
+
+def q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """uint8 [N, K/32 * 34]: Q8_0 blocks {d float16; 32 int8} from int8 values q [N, K] and block scales d [N, K/32]."""
+    n, k = q.shape
+    scales = _half(d).reshape(n, k // BLOCK, 1).view(np.uint8)  # [N, blocks, 2]
+    qs = q.numpy().reshape(n, k // BLOCK, BLOCK).view(np.uint8)
+    return np.concatenate([scales, qs], axis=-1).reshape(n, -1)
 
 
 @register
@@ -231,7 +240,8 @@ class GgufExporter(Exporter):
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # llama.cpp uses token_embd.weight when output.weight is absent
         temperature = getattr(calibrator, "temperature", None)
-        worst: dict[str, float] = {}
+        worst: dict[str, float] = {}  # by tensor type: largest weight change from calq's values
+        exact_matrices: dict[str, bool] = {}  # int8 embedding / head: GGUF holds exactly the evaluated weight
         types: dict[str, int] = {}
         for hf_name, tensor in state.items():
             name = gguf_name(names, hf_name)
@@ -243,7 +253,14 @@ class GgufExporter(Exporter):
                 tensor = tensor + family.norm_offset
             if hf_name == "model.norm.weight" and temperature is not None:
                 tensor = tensor / temperature
-            if layer is None:
+            matrix = variant.matrices.get(hf_name)
+            if matrix is not None:  # embedding: int8, already in Q8_0's layout
+                blocks = q8_0(matrix.q, matrix.d)
+                writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+                exact_matrices[name] = bool(np.array_equal(back, tensor.numpy()))
+                kind = "Q8_0"
+            elif layer is None:
                 data = tensor if rows is None else tensor[rows]
                 kind = "F32" if data.ndim == 1 or self.float_type == "f32" else "F16"
                 writer.add_tensor(name, data.numpy().astype(np.float32 if kind == "F32" else np.float16))
@@ -267,8 +284,8 @@ class GgufExporter(Exporter):
             "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
             "files": [MODEL_FILE], "bytes": (out_dir / MODEL_FILE).stat().st_size,
             "seconds": time.perf_counter() - start, "tensor_types": types, "tokenizer": tokenizer,
-            "max_weight_change": worst,
-            "changes": _changes(variant, types, worst, temperature, self.float_type, tokenizer)})
+            "max_weight_change": worst, "int8_matrices_exact": exact_matrices,
+            "changes": _changes(variant, types, worst, exact_matrices, temperature, self.float_type, tokenizer)})
 
     def session(self, out_dir, threads: int = 1, n_ctx: int = 512, kv_cache: str = "f16") -> LlamaCppSession:
         return LlamaCppSession(Path(out_dir) / MODEL_FILE, threads, n_ctx, kv_cache)
@@ -300,6 +317,8 @@ class LlamaCppSession:
 def _rows(layer, rows: torch.Tensor):
     if isinstance(layer, variants.Int4Layer):
         return variants.Int4Layer(layer.q[rows], layer.scale[rows], layer.zero[rows], layer.group_size, layer.symmetric)
+    if isinstance(layer, variants.Int8WeightLayer):
+        return variants.Int8WeightLayer(layer.q[rows], layer.scale[rows])
     return variants.Int8Layer(layer.q[rows], layer.scale[rows], layer.input_scale)
 
 
@@ -400,17 +419,25 @@ def _file_type(gguf, types: dict[str, int]) -> int:
     return gguf.LlamaFileType.ALL_F32
 
 
-def _changes(variant, types, worst, temperature, float_type, tokenizer) -> list[str]:
+def _changes(variant, types, worst, exact_matrices, temperature, float_type, tokenizer) -> list[str]:
     changes = []
     for kind, change in worst.items():
-        changes.append(f"{types[kind]} layers as {kind} with calq's integers; float16 block scales move each weight "
+        layers = types[kind] - (len(exact_matrices) if kind == "Q8_0" else 0)
+        changes.append(f"{layers} layers as {kind} with calq's integers; float16 block scales move each weight "
                        f"by at most {change:.1e} of the layer's largest weight")
+    for name, exact in exact_matrices.items():
+        changes.append(f"{name} as Q8_0 with the int8 values and float16 block scales the PyTorch variant evaluated"
+                       + (" (exact)" if exact else ": NOT exact, report this"))
+    if any(isinstance(layer, variants.Int8WeightLayer) for layer in variant.layers.values()):
+        count = sum(isinstance(layer, variants.Int8WeightLayer) for layer in variant.layers.values())
+        changes.append(f"{count} int8 weight-only layers (W8A16) as Q8_0, their channel scale in every block; "
+                       "llama.cpp quantizes their activations to int8 per block of 32")
     if any(isinstance(layer, variants.Int8Layer) for layer in variant.layers.values()):
         changes.append("W8A8 activations: llama.cpp quantizes them to int8 per block of 32 (q8_0), not with calq's "
                        "per-token or static scales")
     elif variant.layers:
         changes.append("llama.cpp's CPU kernels quantize the activations of int4 products to int8 per block of 32")
-    if float_type == "f16":
+    if float_type == "f16" and not exact_matrices:
         changes.append("unquantized matrices (embeddings) stored as float16")
     if temperature is not None:
         changes.append(f"temperature {temperature:.4f} folded into output_norm.weight (logits / T); no ATS in GGUF")

@@ -10,6 +10,11 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   `export.onnx_accuracy_level`): 0 (default) computes with float32 activations, as in PyTorch; 4 lets ONNX Runtime
   quantize the activations to int8 per block and multiply in int8 (faster on CPUs, as llama.cpp's kernels do; the
   re-verification measures what it changes); 1, 2, 3: float32, float16, bfloat16 compute where the CPU has it.
+- W8A16 (the int8 layers of a mixed checkpoint, `int8_layers`) -> MatMulNBits bits 8: calq's int8 values + 128 and
+  channel scales, exact; the same `accuracy_level`.
+- An int8 embedding / head (`embedding: int8`) -> its int8 values and float16 block scales (Q8_0's layout) as
+  initializers, dequantized in the graph (Cast, Mul, Reshape; inserted after the optimizer, which would fold them
+  back into a float32 matrix) for the Gather and the output MatMul that share it.
 - W8A8 -> int8 weights in MatMulInteger (int8 x int8 -> int32), the activations quantized in the graph the way
   compressed-tensors does it: per token, scale = max|x| / 127.5 (dynamic), or calq's static per-tensor input
   scale; round half to even, clip to [-128, 127]; then the int32 sums times activation scale times channel scale.
@@ -160,6 +165,51 @@ def _int4_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int4Laye
                              K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)]
 
 
+def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8WeightLayer,
+                       accuracy_level: int) -> list:
+    """W8A16 as MatMulNBits bits 8 (ONNX Runtime 1.32 runs it on the CPU): calq's int8 values stored as q + 128
+    (MatMulNBits' default zero point for 8 bits is 128), the channel scale repeated over the row's blocks: exact."""
+    from onnx import helper
+
+    n, k = layer.q.shape
+    block = block_size(k)
+    if not block:
+        raise CalqError(f"{prefix}: input width {k} has no MatMulNBits block (a power of two >= 16 dividing it)",
+                        "export.onnx", "keep this layer at int4 (remove it from int8_layers) or export to gguf")
+    unsigned = (layer.q.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(n, k // block, block)
+    scales = np.repeat(layer.scale.numpy().astype(np.float32)[:, None], k // block, axis=1)
+    inputs = [x, g.constant(f"{prefix}.qweight", unsigned), g.constant(f"{prefix}.scales", scales)]
+    return [helper.make_node("MatMulNBits", inputs, [y], name=f"{prefix}.MatMulNBits", domain="com.microsoft",
+                             K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level)]
+
+
+def _q8_matrix_nodes(g: _Graph, weight: str, matrix: variants.Q8Matrix) -> list:
+    """The int8 embedding / head (Q8_0 layout) in place of its float initializer: int8 values and float16 block scales
+    stored, dequantized in the graph (q * d, exact in float32) for the Gather and the output MatMul that read it."""
+    from onnx import TensorProto, helper
+
+    rows, width = matrix.q.shape
+    q = g.constant(f"{weight}.q8", matrix.q.numpy().reshape(rows, width // 32, 32))
+    d = g.constant(f"{weight}.d", matrix.d.numpy().reshape(rows, width // 32, 1))
+    shape = g.constant(f"{weight}.shape", np.array([rows, width], dtype=np.int64))
+    g.graph.initializer.remove(g.initializers.pop(weight))
+    return [helper.make_node("Cast", [q], [f"{weight}.qf"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [d], [f"{weight}.df"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{weight}.qf", f"{weight}.df"], [f"{weight}.blocks"]),
+            helper.make_node("Reshape", [f"{weight}.blocks", shape], [weight])]
+
+
+def _initializer_of(g: _Graph, model: nn.Module, parameter: str) -> str:
+    """The graph's initializer for a model parameter: a tied matrix is traced once, under any of its names."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    names = [f"model.{name}" for name, tensor in tensors.items() if tensor is tensors[parameter]]
+    found = next((name for name in names if name in g.initializers), None)
+    if found is None:
+        raise CalqError(f"the traced graph has no initializer for {parameter}", "export.onnx",
+                        "report this: the torch.onnx exporter's output changed")
+    return found
+
+
 def _int8_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8Layer) -> list:
     from onnx import TensorProto, helper
 
@@ -290,12 +340,27 @@ class OnnxExporter(Exporter):
             if isinstance(layer, variants.Int4Layer):
                 blocks.add(block_size(layer.group_size))
                 nodes = _int4_nodes(graph, weight, x, y, layer, accuracy_level)
+            elif isinstance(layer, variants.Int8WeightLayer):
+                nodes = _int8_weight_nodes(graph, weight, x, y, layer, accuracy_level)
             else:
                 nodes = _int8_nodes(graph, weight, x, y, layer)
             graph.replace(weight, nodes)
         if variant.layers:
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        return onnxscript.optimizer.optimize(proto), blocks
+        proto = onnxscript.optimizer.optimize(proto)
+        if variant.matrices:  # after the optimizer, which would fold the dequantization back into a float32 matrix
+            graph = _Graph(proto.graph)
+            for name, matrix in variant.matrices.items():
+                for offset, node in enumerate(_q8_matrix_nodes(graph, _initializer_of(graph, variant.model, name),
+                                                               matrix)):
+                    proto.graph.node.insert(offset, node)
+            shapes = {tuple(m.q.shape) for m in variant.matrices.values()}
+            left = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                    and (tuple(i.dims) in shapes or tuple(i.dims)[::-1] in shapes)]
+            if left:
+                raise CalqError(f"the optimized graph keeps a float copy of the int8 embedding/head ({left[0]})",
+                                "export.onnx", "report this: the onnxscript optimizer's output changed")
+        return proto, blocks
 
     def session(self, out_dir, threads: int = 1) -> OnnxSession:
         return OnnxSession(Path(out_dir) / MODEL_FILE, threads)
@@ -449,6 +514,13 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
         changes.append(f"W4A16: {len(int4)} layers as MatMulNBits with calq's int4 values, scales and zero points "
                        f"(groups {groups} in blocks {sorted(blocks)}: exact); accuracy_level {accuracy_level}"
                        + COMPUTE[accuracy_level])
+    int8_weights = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int8WeightLayer)]
+    if int8_weights:
+        changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "
+                       f"values and channel scales (exact); accuracy_level {accuracy_level}" + COMPUTE[accuracy_level])
+    for name in variant.matrices:
+        changes.append(f"{name} held as int8 with float16 scales per block of 32 (Q8_0's layout), dequantized in the "
+                       "graph: exactly the weight the PyTorch variant evaluated")
     if int8:
         static = sum(layer.input_scale is not None for layer in int8)
         changes.append(f"W8A8: {len(int8)} layers as MatMulInteger on calq's int8 weights; activations quantized in "

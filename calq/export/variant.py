@@ -10,7 +10,7 @@ format adds that).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,16 +47,50 @@ class Int8Layer:
 
 
 @dataclass
+class Int8WeightLayer:
+    """W8A16 (the int8 layers of a mixed checkpoint): w[n, k] = q[n, k] * scale[n]; activations not quantized."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+@dataclass
+class Q8Matrix:
+    """An embedding or output head held as Q8_0 (`embedding: int8`, calq/quant/embedding.py): w = q * d per block of
+    32 along a row."""
+
+    q: torch.Tensor  # int8 [V, H]
+    d: torch.Tensor  # float16 [V, H / 32]
+
+
+@dataclass
 class Variant:
     model: nn.Module  # float32 transformers causal LM, eval mode
-    layers: dict[str, Int4Layer | Int8Layer]  # by module name in `model`; empty for the baseline
+    layers: dict[str, Int4Layer | Int8Layer | Int8WeightLayer]  # by module name in `model`; empty for the baseline
     folder: Path
+    matrices: dict[str, Q8Matrix] = field(default_factory=dict)  # by parameter name: the int8 embedding / head
 
     @property
     def scheme(self) -> str:
         kinds = {type(layer) for layer in self.layers.values()}
         return "baseline" if not kinds else "w4a16" if kinds == {Int4Layer} else "w8a8" if kinds == {Int8Layer} \
             else "mixed"
+
+
+def int8_matrices(model: nn.Module) -> dict[str, Q8Matrix]:
+    """The embedding and output head that `embedding: int8` put on the Q8_0 grid (calq/quant/embedding.py: they are
+    recognised by lying exactly on it), as their int8 values and float16 block scales."""
+    from calq.quant import embedding
+
+    found = {}
+    for name, weight in embedding.matrices(model).items():
+        held = embedding.on_grid(weight)
+        if held is not None:
+            found[name] = Q8Matrix(*held)
+    return found
 
 
 def quantization_config(folder: str | Path) -> dict | None:
@@ -74,14 +108,14 @@ def read(folder: str | Path) -> Variant:
     folder = Path(folder)
     if quantization_config(folder) is None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return Variant(model.eval().requires_grad_(False), {}, folder)
+        return Variant(model.eval().requires_grad_(False), {}, folder, int8_matrices(model))
 
     # triton (behind calq.kernels) is an optional package: the edge and gpu extras bring it
-    from calq.kernels import W4A16Linear, W8A8Linear, load_quantized
+    from calq.kernels import W4A16Linear, W8A8Linear, W8A16Linear, load_quantized
     from calq.kernels.w4a16 import unpack_int4
 
     model = load_quantized(folder, "cpu", torch.float32)  # raises CalqError for schemes calq does not write
-    layers: dict[str, Int4Layer | Int8Layer] = {}
+    layers: dict[str, Int4Layer | Int8Layer | Int8WeightLayer] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, W4A16Linear):
             # kernel layout: qweight [K/8, N] int32, scales and zeros [K/G, N]
@@ -91,6 +125,8 @@ def read(folder: str | Path) -> Variant:
         elif isinstance(module, W8A8Linear):
             static = module.input_scale
             layer = Int8Layer(module.weight, module.weight_scale.float(), None if static is None else float(static))
+        elif isinstance(module, W8A16Linear):
+            layer = Int8WeightLayer(module.weight, module.weight_scale.float())
         else:
             continue
         layers[name] = layer
@@ -99,4 +135,4 @@ def read(folder: str | Path) -> Variant:
         if module.bias is not None:
             linear.bias.data = module.bias.float()
         model.set_submodule(name, linear)
-    return Variant(model.requires_grad_(False), layers, folder)
+    return Variant(model.requires_grad_(False), layers, folder, int8_matrices(model))

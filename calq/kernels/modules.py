@@ -2,8 +2,9 @@
 
 `load_quantized` reads a compressed-tensors checkpoint folder (config.json `quantization_config` plus safetensors
 files) directly, without llm-compressor or compressed-tensors: it builds the model skeleton without weights, swaps
-every quantized nn.Linear for a `W4A16Linear` (pack-quantized int4) or `W8A8Linear` (int-quantized int8), and
-loads the remaining tensors (embeddings, norms, lm_head) as they are.
+every quantized nn.Linear for a `W4A16Linear` (pack-quantized int4), `W8A16Linear` (pack-quantized int8 weights,
+16-bit activations: the int8 layers of a mixed checkpoint) or `W8A8Linear` (int-quantized int8), and loads the
+remaining tensors (embeddings, norms, lm_head) as they are.
 """
 
 from __future__ import annotations
@@ -77,6 +78,41 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         static = "static" if self.input_scale is not None else "dynamic per-token"
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={static}"
+
+
+class W8A16Linear(nn.Module):
+    """Weight-only int8: int8 weights [N, K] with float32 per-channel scales [N], activations left in 16/32-bit. calq
+    has no Triton kernel for it: forward dequantizes the weight (q * scale) and runs torch's matmul."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> W8A16Linear:
+        """From one layer's pack-quantized tensors (weight_packed: 4 int8 values per int32, weight_scale, [bias])."""
+        out_features, in_features = (int(n) for n in tensors["weight_shape"])
+        bias = tensors.get("bias")
+        return cls(unpack_int8(tensors["weight_packed"], in_features), tensors["weight_scale"].float().reshape(-1),
+                   None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(x.dtype)
+        return nn.functional.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, 16-bit activations"
+
+
+def unpack_int8(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """int8 values from compressed-tensors' pack-quantized int32 words (4 per word, low byte first, each stored as
+    value + 128) along the last dim."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=packed.device)
+    unsigned = (packed.unsqueeze(-1) >> shifts) & 0xFF
+    return (unsigned.flatten(-2)[..., :count] - 128).to(torch.int8)
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -157,13 +193,18 @@ def _matches(name: str, module: nn.Module, target: str) -> bool:
 
 
 def _scheme_for(name: str, module: nn.Module, qc: dict) -> dict | None:
-    """The config group that quantizes this Linear layer (with its format), or None when it stays unquantized."""
+    """The config group that quantizes this Linear layer (with its format), or None when it stays unquantized. When
+    several groups match, compressed-tensors' precedence: an exact name, then a regex, then a class name."""
     if any(_matches(name, module, ignored) for ignored in qc.get("ignore") or []):
         return None
-    for group_name, group in (qc.get("config_groups") or {}).items():
-        if any(_matches(name, module, target) for target in group.get("targets", [])):
-            return {"name": group_name, "format": group.get("format") or qc.get("format"), **group}
-    return None
+    matches = [(0 if target == name else 1 if target.startswith("re:") else 2, group_name)
+               for group_name, group in (qc.get("config_groups") or {}).items()
+               for target in group.get("targets", []) if _matches(name, module, target)]
+    if not matches:
+        return None
+    group_name = min(matches, key=lambda match: match[0])[1]
+    group = qc["config_groups"][group_name]
+    return {"name": group_name, "format": group.get("format") or qc.get("format"), **group}
 
 
 def _kernel_linear(name: str, tensors: dict[str, torch.Tensor], scheme: dict, dtype: torch.dtype,
@@ -176,13 +217,18 @@ def _kernel_linear(name: str, tensors: dict[str, torch.Tensor], scheme: dict, dt
         in_features = int(tensors["weight_shape"][1])
         group_size = weights["group_size"] if weights["strategy"] == "group" else in_features
         return W4A16Linear.from_checkpoint(tensors, group_size, dtype)
+    if _is_w8a16(scheme["format"], weights, acts):
+        if "weight_packed" not in tensors:
+            raise CalqError(f"layer {name} has no weight_packed tensor", str(folder), "check the checkpoint files")
+        return W8A16Linear.from_checkpoint(tensors, dtype)
     if _is_w8a8(scheme["format"], weights, acts):
         if "weight" not in tensors or tensors["weight"].dtype != torch.int8:
             raise CalqError(f"layer {name} has no int8 weight tensor", str(folder), "check the checkpoint files")
         return W8A8Linear.from_checkpoint(tensors, dtype)
     raise CalqError(f"unsupported quantization scheme (format {scheme['format']}, weights {weights}, "
                     f"input_activations {acts})", where,
-                    "the kernels run pack-quantized int4 group/channel weights with 16-bit activations, and "
+                    "the kernels run pack-quantized int4 group/channel weights with 16-bit activations, "
+                    "pack-quantized symmetric int8 per-channel weights with 16-bit activations, and "
                     "int-quantized symmetric int8 per-channel weights with symmetric int8 per-token dynamic "
                     "or per-tensor static activations")
 
@@ -193,6 +239,11 @@ def _is_w4a16(fmt: str, w: dict, a: dict | None) -> bool:
     return (fmt == "pack-quantized" and a is None and w.get("type") == "int" and w.get("num_bits") == 4
             and w.get("strategy") in ("group", "channel") and w.get("actorder") in (None, "static", "weight")
             and not w.get("dynamic"))
+
+
+def _is_w8a16(fmt: str, w: dict, a: dict | None) -> bool:
+    return (fmt == "pack-quantized" and a is None and w.get("type") == "int" and w.get("num_bits") == 8
+            and w.get("strategy") == "channel" and w.get("symmetric") and not w.get("dynamic"))
 
 
 def _is_w8a8(fmt: str, w: dict, a: dict | None) -> bool:

@@ -22,7 +22,7 @@ Errors name keys relative to the variant ('group_size'); the caller adds where t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -63,6 +63,14 @@ class MethodConfig(BaseModel):
     ignore: tuple[str, ...] = Field(("lm_head",), description="layers left unquantized, matched as llm-compressor "
                                                               "does: exact names, 're:<regex>' (from the start of the "
                                                               "name) or class names")
+    int8_layers: tuple[str, ...] = Field(
+        (), description="w4a16: Linear layers held at int8 instead (W8A16: symmetric int8 weights per output channel, "
+                        "16-bit activations), matched as `ignore` is (exact names or 're:<regex>'): one checkpoint "
+                        "with two config groups")
+    embedding: Literal["float", "int8"] = Field(
+        "float", description="int8: the token embedding (and the output head, tied or not) held as int8 in symmetric "
+                             "groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 layout, before "
+                             "the method runs (calq/quant/embedding.py)")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
 
     @field_validator("scheme")
@@ -86,12 +94,22 @@ class MethodConfig(BaseModel):
                              f"{info.data['scheme']} variant")
         return value
 
+    @field_validator("int8_layers")
+    @classmethod
+    def _int8_layers(cls, targets: tuple[str, ...], info: ValidationInfo):
+        if targets and info.data.get("scheme") != "w4a16":
+            raise ValueError(f"int8_layers applies to w4a16 only (a {info.data.get('scheme')} variant is int8 "
+                             "already); remove it")
+        return targets  # each must match a quantized layer: check_layers, when the plan knows them
+
     @property
     def label(self) -> str:
         if self.name:
             return self.name
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
-        return f"{self.method}-{self.scheme}{group}"
+        mixed = "-int8layers" if self.int8_layers else ""
+        embedding = "-int8emb" if self.embedding == "int8" else ""
+        return f"{self.method}-{self.scheme}{group}{mixed}{embedding}"
 
     # ---- what a method overrides ---------------------------------------------------------------------
 
@@ -113,8 +131,13 @@ class MethodConfig(BaseModel):
     # ---- shared by every method ----------------------------------------------------------------------
 
     def apply(self, model, samples: torch.Tensor | None):
-        """Check the model, then quantize it on the calibration samples this variant asked for."""
+        """Check the model, then quantize it on the calibration samples this variant asked for (the embedding
+        first, with `embedding: int8`, so a method calibrates on what the int8 embedding gives)."""
         self.check_model(model.config)
+        if self.embedding == "int8":
+            from calq.quant import embedding
+
+            embedding.quantize_embeddings(model)
         return self.quantize(model, self.calibration_samples(samples) if self.needs_data() else None)
 
     def calibration_samples(self, samples: torch.Tensor) -> torch.Tensor:
@@ -132,7 +155,17 @@ class MethodConfig(BaseModel):
             return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}
         weights = {"num_bits": 4, "type": "int", "symmetric": False if self.symmetric is None else self.symmetric,
                    "strategy": "group", "group_size": self.group_size or 128}
-        return {"group_0": {"targets": ["Linear"], "weights": weights}}
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+        if self.int8_layers:  # compressed-tensors gives a name or regex target precedence over the class 'Linear'
+            groups["group_1"] = {"targets": list(self.int8_layers),
+                                 "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}
+        return groups
+
+    def int8_layer_names(self, names) -> list[str]:
+        """Those of `names` held at int8 by `int8_layers` (W8A16)."""
+        from compressed_tensors.utils import match_name
+
+        return [name for name in names if any(match_name(name, target) for target in self.int8_layers)]
 
     def quantized_layers(self, layers: dict) -> dict:
         """Those of `layers` ({name: module}) that `quantization_modifier` quantizes, matched by compressed-tensors'
@@ -148,11 +181,29 @@ class MethodConfig(BaseModel):
 
         return QuantizationModifier(config_groups=self.config_groups(), ignore=list(self.ignore))
 
+    def check_layers(self, widths: dict[str, int], config) -> None:
+        """Plan-time checks on the layers that will be quantized ({name: input width}) and the model config: the
+        group size, every `int8_layers` entry matching one of them, the embedding's width for `embedding: int8`."""
+        from compressed_tensors.utils import match_name
+
+        self.check_group_size(widths)
+        for target in self.int8_layers:
+            if not any(match_name(name, target) for name in widths):
+                raise CalqError(f"int8_layers entry '{target}' matches none of the {len(widths)} quantized layers "
+                                f"(e.g. {next(iter(widths), 'none')})", "int8_layers",
+                                "give full module names or 're:' regexes matched from the start ('re:.*v_proj')")
+        hidden = getattr(config.get_text_config(), "hidden_size", 0)
+        if self.embedding == "int8" and hidden % 32:
+            raise CalqError(f"embedding: int8 holds blocks of 32 along the hidden size, and it is {hidden}",
+                            "embedding", "use embedding: float for this model")
+
     def check_group_size(self, widths: dict[str, int]) -> None:
         """The group size must divide the input width of every quantized layer; name the layers and a size that
         works."""
         if self.scheme != "w4a16":
             return
+        int8 = set(self.int8_layer_names(widths))  # int8 per channel: no group to divide
+        widths = {name: width for name, width in widths.items() if name not in int8}
         group = self.group_size or 128
         bad = sorted(name for name, w in widths.items() if w % group)
         if not bad:
