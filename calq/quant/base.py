@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from calq.errors import CalqError
+from calq.quant.budget import Budget
 from calq.registry import Registry
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class MethodConfig(BaseModel):
                                                               "does: exact names, 're:<regex>' (from the start of the "
                                                               "name) or class names")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
+    budget: Budget | None = Field(None, description="keep the Linears whose quantization moves the output most "
+                                                    "(the sensitivity stage) unquantized within this size budget")
 
     @field_validator("scheme")
     @classmethod
