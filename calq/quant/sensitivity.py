@@ -2,17 +2,18 @@
 is quantized round-to-nearest with a variant's weight scheme (compressed-tensors' own min-max parameters and fake
 quantization, as llm-compressor's min-max observer sets them), measured as calq.metrics.DivergenceStats.
 
-Activations are not quantized: for w8a8 this measures the per-channel int8 weights only.
+Activations are not quantized: for w8a8 this measures the per-channel int8 weights only. torch is imported inside
+the functions: calq.quant.methods imports every module of this package while the recipe is read.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-
-from calq.metrics import DivergenceStats
+if TYPE_CHECKING:
+    import torch
 
 
 def scheme_key(variant) -> str:
@@ -44,11 +45,19 @@ def fake_quantize(weight: torch.Tensor, args) -> torch.Tensor:
     return ct_fake_quantize(w, scale, zero, args).to(weight.dtype)
 
 
-@torch.no_grad()
 def measure(model, samples: torch.Tensor, layers: list[str], args, batch_size: int = 4,
             progress: Callable[..., None] | None = None) -> dict:
     """{layer: DivergenceStats summary} on `samples` [n, seq] for each named Linear quantized alone, plus the seconds
     it took. The baseline's logits are computed once and kept (samples x seq x vocab float32)."""
+    import torch
+
+    with torch.no_grad():
+        return _measure(model, samples, layers, args, batch_size, progress)
+
+
+def _measure(model, samples, layers, args, batch_size, progress) -> dict:
+    from calq.metrics import DivergenceStats
+
     model.eval()
     start = time.perf_counter()
     batches = list(samples.split(batch_size))

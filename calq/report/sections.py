@@ -344,7 +344,8 @@ def size_quality_points(report: dict) -> list[dict]:
         files = sorted(exported.get(v["variant"], []),
                        key=lambda r: FORMATS_FIRST.index(r["format"]) if r["format"] in FORMATS_FIRST else 99)
         size, source = ((files[0]["bytes"], f"{files[0]['format']} file") if files
-                        else (v.get("accounted_bytes"), "byte accounting"))
+                        else (v["accounted_bytes"], "byte accounting") if v.get("accounted_bytes")
+                        else (v.get("size_bytes"), "checkpoint"))  # a run quantized before the accounting
         calibrator = v.get("selected") or "none"
         tokens = (v.get("calibrated") or {}).get("tokens") or {}
         ece = tokens[calibrator]["ece"] if calibrator in tokens else v["ece"]
