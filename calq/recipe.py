@@ -164,8 +164,9 @@ class SensitivitySpec(Strict):
     """Per-layer sensitivity on the calibration samples (calq.quant.sensitivity); a variant with a `budget` needs it
     and gets these defaults when the section is absent."""
 
-    samples: int = Field(8, gt=0, description="calibration samples measured on (the first ones)")
-    seq_len: int = Field(256, gt=1, description="tokens of each sample (at most calibration.seq_len)")
+    samples: int = Field(4, gt=0, description="calibration samples measured on (the first ones); the cost is one "
+                                              "forward pass over them per Linear")
+    seq_len: int = Field(128, gt=1, description="tokens of each sample (at most calibration.seq_len)")
 
 
 class EvaluationSpec(Strict):
