@@ -160,8 +160,20 @@ class TasksSpec(Strict):
                                            "results: the Ray executor runs them side by side")
 
 
+class SensitivitySpec(Strict):
+    """Per-layer sensitivity on the calibration samples (calq.quant.sensitivity); a variant with a `budget` needs it
+    and gets these defaults when the section is absent."""
+
+    samples: int = Field(4, gt=0, description="calibration samples measured on (the first ones); the cost is one "
+                                              "forward pass over them per Linear")
+    seq_len: int = Field(128, gt=1, description="tokens of each sample (at most calibration.seq_len)")
+
+
 class EvaluationSpec(Strict):
     tokens: TokenEvalSpec = Field(description="token-level calibration on held-out text")
+    sensitivity: SensitivitySpec | None = Field(None, description="mean KLD from the baseline with each Linear alone "
+                                                                  "quantized, per scheme (omit: only when a variant "
+                                                                  "has a budget)")
     tasks: TasksSpec | None = Field(None, description="task accuracy and answer-level calibration through lm-eval "
                                                       "(omit: none)")
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from calq.errors import CalqError
+from calq.quant.budget import Budget
 from calq.registry import Registry
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class MethodConfig(BaseModel):
                              "groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 layout, before "
                              "the method runs (calq/quant/embedding.py)")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
+    budget: Budget | None = Field(None, description="keep the Linears whose quantization moves the output most "
+                                                    "(the sensitivity stage) unquantized within this size budget")
 
     @field_validator("scheme")
     @classmethod

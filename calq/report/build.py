@@ -93,7 +93,11 @@ def collect(run: RunDir, manifest: dict) -> dict:
         result = evaluated["tokens"]["calibrators"]["none"]
         if name == BASELINE:
             size = stages[f"evaluate/{name}"]["info"].get("size_bytes")
-            quant = {"method": "none", "scheme": recipe["model"]["dtype"], "calibration_seconds": None}
+            # the byte accounting of the unquantized model (float16), from any variant's quantize stage
+            floats = [m["info"]["float_bytes"] for n, m in stages.items() if n.startswith("quantize/")
+                      and "float_bytes" in m["info"]]
+            quant = {"method": "none", "scheme": recipe["model"]["dtype"], "calibration_seconds": None,
+                     "accounted_bytes": floats[0] if floats else None}
         else:
             quant = stages[f"quantize/{name}"]["info"]
             size = quant["size_bytes"]
@@ -107,7 +111,8 @@ def collect(run: RunDir, manifest: dict) -> dict:
                      "temperature": (evaluated.get("fit") or {}).get("temperature", {}).get("temperature"),
                      "validation": evaluated.get("validation"),
                      "calibrated": {part: evaluated[part]["calibrators"] for part in EVAL_SETS if part in evaluated},
-                     "divergence": evaluated["tokens"].get("divergence")})
+                     "divergence": evaluated["tokens"].get("divergence"),
+                     "accounted_bytes": quant.get("accounted_bytes"), "budget": quant.get("budget")})
     samples, eval_data = stages["samples"]["info"], stages["eval_tokens"]["info"]
     instructions = stages.get("instructions", {}).get("info")
     ev = recipe["evaluation"]["tokens"]
@@ -127,6 +132,9 @@ def collect(run: RunDir, manifest: dict) -> dict:
         "outliers": read_output(run, "ranges", "outliers"),
         "smoothing": {name: json.loads(p.read_text())[: recipe["outliers_top_k"]] for name in manifest["variants"]
                       if (p := run.path(output("quantize", "method", output="smoothing", variant=name))).is_file()},
+        "sensitivity": {s["name"].split("/", 1)[1]: read_output(run, "sensitivity", "table",
+                                                                 scheme=s["name"].split("/", 1)[1])
+                        for s in manifest["stages"] if s["name"].startswith("sensitivity/")},
         "skipped": manifest["skipped"],
         "notes": manifest["notes"] + [m["redone"] for m in stages.values() if m.get("redone")],
         "deployed": deployed_rows(run, manifest),

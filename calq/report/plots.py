@@ -7,7 +7,9 @@ answer level: calq.evaluation.answers): [{"lo", "hi", "count", "confidence", "ac
 from __future__ import annotations
 
 import io
+import re
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -94,3 +96,57 @@ def risk_coverage(rows: list[dict]) -> bytes:
 
 
 HATCHES = ("", "///", "...", "xxx", "\\\\\\")
+
+
+def sensitivity_heatmap(layers: dict[str, dict], title: str) -> bytes:
+    """Mean KLD per Linear (log colour scale) as decoder block x projection; Linears outside a numbered block get
+    their own row at the bottom."""
+    from matplotlib.colors import LogNorm
+
+    cells = {}
+    for name, m in layers.items():
+        match = re.search(r"\.(\d+)\.(.+)$", name)
+        row, column = (int(match.group(1)), match.group(2)) if match else ("other", name)
+        cells[row, column] = m["mean_kld"]
+    rows = sorted({r for r, _ in cells if r != "other"}) + (["other"] if any(r == "other" for r, _ in cells) else [])
+    columns = list(dict.fromkeys(c for _, c in cells))
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for (r, c), value in cells.items():
+        grid[rows.index(r), columns.index(c)] = value
+    positive = grid[grid > 0]
+    fig = Figure(figsize=(1.0 * len(columns) + 2.5, 0.22 * len(rows) + 1.8), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    norm = LogNorm(positive.min(), positive.max()) if positive.size and positive.min() < positive.max() else None
+    image = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(columns)), [c.split(".")[-1] for c in columns], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
+    ax.set(ylabel="decoder block", title=title)
+    fig.colorbar(image, ax=ax, label="mean KLD, this layer alone quantized")
+    return _png(fig)
+
+
+def size_quality(points: list[dict], metrics: dict[str, str]) -> bytes:
+    """One panel per metric (key -> axis label): each point's size against the metric, the Pareto front (smaller
+    and lower is better) joined and ringed."""
+    fig = Figure(figsize=(5.0 * len(metrics), 4.0), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (metric, label) in zip(axes, metrics.items()):
+        shown = [p for p in points if p.get(metric) is not None and p.get("bytes")]
+        front = pareto_front([(p["bytes"], p[metric]) for p in shown])
+        for i, p in enumerate(shown):
+            ax.scatter(p["bytes"] / 2**20, p[metric], color=f"C{i % 10}", zorder=3, label=p["label"],
+                       edgecolors="black" if i in front else "none", linewidths=1.5, s=50)
+        on_front = sorted((shown[i]["bytes"] / 2**20, shown[i][metric]) for i in front)
+        if len(on_front) > 1:
+            ax.step(*zip(*on_front), where="post", color="0.5", linestyle="--", linewidth=1, label="Pareto front")
+        ax.set(xlabel="size (MiB)", ylabel=label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    return _png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> set[int]:
+    """Indices of the points no other point beats: none is at most as large and as bad, and better in one."""
+    return {i for i, (size, value) in enumerate(points)
+            if not any(s <= size and v <= value and (s, v) != (size, value) for s, v in points)}

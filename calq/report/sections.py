@@ -329,6 +329,59 @@ def deployed_divergence(rows: list[dict]) -> Table | None:
                  title="Divergence of the artifact from the PyTorch variant, KL(PyTorch ‖ runtime)") if cells else None
 
 
+FORMATS_FIRST = ("gguf", "onnx")  # the exported size a point takes when several formats were exported
+
+
+def size_quality_points(report: dict) -> list[dict]:
+    """Per variant: its size (the exported file, else calq.quant.budget's byte accounting), mean KLD from the
+    baseline (uncalibrated), calibrated token ECE (the selected calibrator) and decode tokens/s when recorded."""
+    exported = {}
+    for r in report.get("deployed") or []:
+        if r.get("bytes"):
+            exported.setdefault(r["variant"], []).append(r)
+    points = []
+    for v in report["variants"]:
+        files = sorted(exported.get(v["variant"], []),
+                       key=lambda r: FORMATS_FIRST.index(r["format"]) if r["format"] in FORMATS_FIRST else 99)
+        size, source = ((files[0]["bytes"], f"{files[0]['format']} file") if files
+                        else (v["accounted_bytes"], "byte accounting") if v.get("accounted_bytes")
+                        else (v.get("size_bytes"), "checkpoint"))  # a run quantized before the accounting
+        calibrator = v.get("selected") or "none"
+        tokens = (v.get("calibrated") or {}).get("tokens") or {}
+        ece = tokens[calibrator]["ece"] if calibrator in tokens else v["ece"]
+        kld = ((v.get("divergence") or {}).get("none") or {}).get("mean_kld")
+        speed = next((r["decode"].get("tokens_per_second") for r in files if r.get("decode")), None)
+        points.append({"label": v["variant"], "bytes": size, "source": source, "kld": kld, "ece": ece,
+                       "calibrator": calibrator, "tokens_per_second": speed})
+    return points
+
+
+@section
+def size_quality(report: dict) -> Section | None:
+    points = size_quality_points(report)
+    if sum(1 for p in points if p["bytes"]) < 2:
+        return None
+    fronts = {m: plots.pareto_front([(p["bytes"], p[m]) for p in points if p["bytes"] and p[m] is not None])
+              for m in ("kld", "ece")}
+    index = {m: [i for i, p in enumerate(points) if p["bytes"] and p[m] is not None] for m in fronts}
+    on_front = {m: {index[m][i] for i in fronts[m]} for m in fronts}
+    speed = any(p["tokens_per_second"] for p in points)
+    rows = [[p["label"], mb(p["bytes"]), p["source"], "–" if p["kld"] is None else f"{p['kld']:.4g}",
+             f"{p['ece']:.4f} ({p['calibrator']})", *([num(p["tokens_per_second"], 1)] if speed else []),
+             ", ".join(m.upper() for m in ("kld", "ece") if i in on_front[m]) or "–"]
+            for i, p in enumerate(points)]
+    draw = partial(plots.size_quality, points, {"kld": "mean KLD from the baseline", "ece": "token ECE, calibrated"})
+    return Section("Size and quality", [
+        Text("Each variant's size against its mean KLD from the baseline (uncalibrated) and its token ECE with the "
+             "selected calibrator, on the held-out text. Size: the exported file when the export stage ran (GGUF "
+             "first), else calq's byte accounting (quantized Linears with their scales and zero points, every other "
+             "parameter as float16). On the Pareto front: no other variant is at most as large and at most as bad.",
+             muted=True),
+        Table(["variant", "size (MiB)", "size from", "mean KLD", "token ECE (calibrator)",
+               *(["decode tokens/s"] if speed else []), "Pareto front"], rows, {1, 3} | ({5} if speed else set())),
+        Plots([Plot(draw, "size against mean KLD and calibrated token ECE, Pareto front marked")])])
+
+
 @section
 def outliers(report: dict) -> Section:
     rows = [[o["layer"], num(o["ratio"], 1), num(o["absmax"], 3), num(o["median_absmax"]), str(o["channel"]),
@@ -346,6 +399,32 @@ def outliers(report: dict) -> Section:
              "measured over the calibration samples.", muted=True),
         Table(["layer", "ratio", "absmax", "median absmax", "channel", "tokens"], rows, {1, 2, 3, 4, 5}),
         *smoothing])
+
+
+@section
+def sensitivity(report: dict) -> Section | None:
+    tables = report.get("sensitivity")
+    if not tables:
+        return None
+    top = report["recipe_content"].get("outliers_top_k", 10)
+    blocks = [Text("Mean KL(baseline ‖ model) per token on the calibration samples with one Linear alone quantized "
+                   "round-to-nearest with the scheme's weights (activations unquantized), the others unquantized.",
+                   muted=True)]
+    for key, t in tables.items():
+        ranked = sorted(t["layers"].items(), key=lambda item: item[1]["mean_kld"], reverse=True)
+        blocks.append(Table(["layer", "mean KLD", "99% KLD", "same top token"],
+                            [[name, f"{m['mean_kld']:.4g}", f"{m['p99_kld']:.4g}", f"{m['same_top1']:.1%}"]
+                             for name, m in ranked[:top]], {1, 2, 3},
+                            title=f"{key}: the {min(top, len(ranked))} most sensitive of {len(ranked)} layers",
+                            note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."))
+    blocks.append(Plots([Plot(partial(plots.sensitivity_heatmap, t["layers"], key), f"sensitivity per layer, {key}")
+                         for key, t in tables.items()]))
+    promoted = [f"{v['variant']}: {len(b['promoted'])} layers kept unquantized within {mb(b['limit_bytes'])} MiB "
+                f"(uses {mb(b['bytes'])} MiB): " + (", ".join(f"`{n}`" for n in b["promoted"]) or "none")
+                for v in report["variants"] if (b := v.get("budget"))]
+    if promoted:
+        blocks += [Text("Mixed precision under a budget (most KLD removed per extra byte first):"), Bullets(promoted)]
+    return Section("Per-layer sensitivity", blocks)
 
 
 @section

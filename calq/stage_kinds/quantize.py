@@ -8,10 +8,12 @@ import warnings
 from calq import models
 from calq.errors import located
 from calq.pipeline import Context
-from calq.quant import llmc
+from calq.quant import budget, llmc
 from calq.quant.base import MethodConfig
+from calq.quant.sensitivity import scheme_key
 from calq.runs import atomic_path, write_json
 from calq.stage_kinds.samples import load_samples
+from calq.stage_kinds.sensitivity import read_table
 from calq.stages import KINDS, StageKind
 
 
@@ -25,7 +27,10 @@ class Quantize(StageKind):
     def add_stages(cls, table) -> None:
         for v in table.variants:
             version = [type(v).version] if type(v).version > 1 else []  # a method's first version adds nothing
-            table.add(f"quantize/{v.label}", stage_quantize, v, needs=("samples",) if v.needs_data() else table.base,
+            needs = ("samples",) if v.needs_data() else table.base
+            if v.budget is not None:  # it promotes the layers its scheme's sensitivity table ranks first
+                needs = (*needs, f"sensitivity/{scheme_key(v)}")
+            table.add(f"quantize/{v.label}", stage_quantize, v, needs=needs,
                       settings=[v.model_dump(exclude_defaults=True), *version, *table.raised(cls)])
             table.model[v.label] = (f"quantize/{v.label}",)
 
@@ -34,8 +39,16 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     model, tokenizer = models.load(ctx.source, ctx.recipe.model.dtype)
     llmc.quiet_logs(str(ctx.run.path("logs", "llmcompressor.log")), console=ctx.debug)
     samples = load_samples(ctx) if variant.needs_data() else None  # the table orders this stage after samples only then
+    where = f"variants[{ctx.recipe.variants.index(variant)}]"
+    shapes, other_bytes = budget.footprint(model, variant)
+    chosen = None
+    if variant.budget is not None:
+        kld = {name: m["mean_kld"] for name, m in read_table(ctx, variant)["layers"].items()}
+        with located(where):
+            chosen = budget.select(variant, shapes, other_bytes, kld)
+        variant = variant.model_copy(update={"ignore": (*variant.ignore, *chosen["promoted"])})
     start = time.perf_counter()
-    with located(f"variants[{ctx.recipe.variants.index(variant)}]"):
+    with located(where):
         variant.apply(model, samples)
     seconds = time.perf_counter() - start
     extra = variant.extra_outputs(model, samples, lambda: models.load(ctx.source, ctx.recipe.model.dtype)[0])
@@ -50,4 +63,8 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     used = variant.calibration_samples(samples).shape if variant.needs_data() else (0, 0)
     return {"checkpoint": final, **outputs}, {
         "calibration_seconds": round(seconds, 2), "size_bytes": models.size_on_disk(final), "method": variant.method,
-        "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used)}
+        "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used),
+        # calq.quant.budget's byte accounting: as stored here, and with every layer left as float16 (the baseline)
+        "accounted_bytes": budget.variant_bytes(variant, shapes, chosen["promoted"] if chosen else ()) + other_bytes,
+        "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes)) + other_bytes,
+        **({"budget": chosen} if chosen else {})}

@@ -1,0 +1,109 @@
+"""Per-layer sensitivity (calq.quant.sensitivity, the sensitivity stage), mixed precision under a budget
+(calq.quant.budget) and the report's size-quality picture, on the tiny trained model."""
+
+import json
+
+import pytest
+import torch
+
+import calq
+from calq import models, pipeline
+from calq.errors import CalqError
+from calq.quant import budget, sensitivity
+from calq.quant.base import MethodConfig
+from calq.quant.minmax import MinMax
+from calq.recipe import parse_recipe
+from calq.report import plots
+
+W4 = {"method": "minmax", "scheme": "w4a16", "group_size": 32}
+
+
+def test_bytes_per_precision_follow_the_storage():
+    # int4 two per byte + a float16 scale and zero point per group of 32; int8 + a scale per row; float16
+    assert budget.linear_bytes(64, 128, "w4a16", 32) == 64 * 128 // 2 + 64 * 4 * 2 * 2
+    assert budget.linear_bytes(64, 128, "w4a16", 32, symmetric=True) == 64 * 128 // 2 + 64 * 4 * 2
+    assert budget.linear_bytes(64, 128, "w8a8") == 64 * 128 + 64 * 2
+    assert budget.linear_bytes(64, 128, "float") == 64 * 128 * 2
+
+
+def test_budget_promotes_most_kld_per_byte_within_the_limit():
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64), "d": (64, 64)}
+    kld = {"a": 0.1, "b": 0.5, "c": 0.6, "d": 0.0}  # KLD per extra byte: b 0.5, c 0.3 (twice the bytes), a 0.1
+    extra = budget.linear_bytes(64, 64, "float") - budget.linear_bytes(64, 64, "w4a16", 32)
+    floor = budget.variant_bytes(MinMax(**W4), shapes)
+    expected = [[], ["b"], ["b", "a"], ["b", "c"], ["b", "c", "a"], ["b", "c", "a"]]
+    for room, promoted in enumerate(expected):  # room for that many extra bytes of a 64x64 layer
+        variant = MinMax(**W4, budget={"size_mb": (floor + room * extra) / 2**20})
+        chosen = budget.select(variant, shapes, 0, kld)
+        assert chosen["promoted"] == promoted
+        assert chosen["bytes"] <= chosen["limit_bytes"]
+        assert "d" not in chosen["promoted"]  # promoting what moves nothing buys nothing
+
+
+def test_budget_takes_exactly_one_limit():
+    with pytest.raises(ValueError, match="exactly one"):
+        MinMax(**W4, budget={"bits_per_weight": 5, "size_mb": 10})
+    with pytest.raises(ValueError, match="objective"):
+        MinMax(**W4, budget={"bits_per_weight": 5, "objective": "ece"})
+
+
+def test_fake_quantization_is_compressed_tensors_minmax():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    for variant in (MinMax(**W4), MinMax(method="minmax", scheme="w8a8")):
+        q = sensitivity.fake_quantize(weight, sensitivity.weight_args(variant))
+        levels = 16 if variant.scheme == "w4a16" else 256
+        rows = q.reshape(16, -1, 32) if variant.scheme == "w4a16" else q[:, None]
+        assert all(len(torch.unique(g)) <= levels for g in rows.reshape(-1, rows.shape[-1]))
+        assert 0 < (q - weight).abs().max() < weight.abs().max() / (levels / 4)
+
+
+def test_infeasible_budget_is_refused_at_plan_time(tiny_recipe):
+    recipe = {**tiny_recipe, "variants": [{**W4, "budget": {"bits_per_weight": 3.0}}]}
+    with pytest.raises(CalqError, match="budget.*below the size with every layer quantized") as err:
+        pipeline.plan(parse_recipe(recipe), None)
+    assert err.value.where == "variants[0]: budget" and "bits_per_weight" in err.value.fix
+
+
+def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
+    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, {**W4, "name": "mixed", "budget": {"bits_per_weight": 6}}]
+    recipe = {**tiny_recipe, "variants": variants, "evaluation": {
+        **tiny_recipe["evaluation"], "sensitivity": {"samples": 2, "seq_len": 32}}}
+    plan = pipeline.plan(parse_recipe(recipe), None)
+    names = [s.name for s in plan.stages]
+    # one measurement per scheme, shared by the two w4a16 variants; the budgeted variant's quantize stage reads it
+    assert [n for n in names if n.startswith("sensitivity/")] == ["sensitivity/w8a8-sym", "sensitivity/w4a16-g32-asym"]
+    assert "sensitivity/w4a16-g32-asym" in next(s for s in plan.stages if s.name == "quantize/mixed").needs
+
+    out = tmp_path / "run"
+    calq.run(recipe, out=out)
+    config = models.load_config(models.resolve(str(tiny_recipe["model"]["id"])))
+    layers = MethodConfig.quantized_layers(MinMax(**W4), models.linear_layers(config))
+    table = json.loads((out / "sensitivity" / "w4a16-g32-asym.json").read_text())
+    assert list(table["layers"]) == list(layers)  # one value per quantized Linear, in model order
+    assert all(m["mean_kld"] >= 0 for m in table["layers"].values())
+
+    info = json.loads((out / ".calq" / "stages" / "quantize" / "mixed.json").read_text())["info"]
+    kld = {n: m["mean_kld"] for n, m in table["layers"].items()}
+    promoted = info["budget"]["promoted"]
+    assert promoted and info["budget"]["bytes"] <= info["budget"]["limit_bytes"]
+    extra = {n: (budget.linear_bytes(*m["shape"], "float") - budget.linear_bytes(*m["shape"], "w4a16", 32)) for n, m
+             in table["layers"].items()}
+    ratio = {n: kld[n] / extra[n] for n in kld}
+    assert ratio[promoted[0]] == max(ratio.values())  # the most KLD per byte goes first
+    saved = json.loads((out / "variants" / "mixed" / "config.json").read_text())["quantization_config"]
+    assert set(promoted) <= set(saved["ignore"])  # kept unquantized in the checkpoint
+
+    marker = out / ".calq" / "stages" / "sensitivity" / "w4a16-g32-asym.json"
+    written = marker.stat().st_mtime_ns
+    calq.run(recipe, out=out)
+    assert marker.stat().st_mtime_ns == written  # reused
+
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## Per-layer sensitivity" in md and "## Size and quality" in md and promoted[0] in md
+    assert 'alt="sensitivity per layer, w4a16-g32-asym"' in html
+    assert 'alt="size against mean KLD and calibrated token ECE, Pareto front marked"' in html
+
+
+def test_pareto_front():
+    assert plots.pareto_front([(1, 3.0), (2, 2.0), (3, 2.5), (4, 1.0), (2, 2.0)]) == {0, 1, 3, 4}
