@@ -1,5 +1,6 @@
 """ExecuTorch export: a tiny random Llama (float, and W4A16 g32 from calq's min-max, asymmetric and symmetric) lowered
-to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant.
+to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant: scoring (a
+prefill call of the KV-cache method, or the `score` method with ATS) and greedy generation on the KV cache.
 
 Bounds (the PyTorch variant with CalibratedLM is the reference):
 - float: the program computes in float32 on XNNPACK, only the summation order differs: 1e-4 relative (measured 3e-7).
@@ -23,6 +24,7 @@ from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.export import get, verify
 from calq.export import variant as variants
+from calq.export.base import DECODE_NEW, DECODE_PROMPT
 from calq.quant import llmc, methods
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -96,6 +98,25 @@ def test_round_trip_on_the_executorch_runtime(name, checkpoints, programs):
     assert any("zero points" in change for change in info["changes"]) == (name == "w4a16")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_generation_on_the_kv_cache(name, checkpoints, programs):
+    """The decode method generates: every step's logits equal one prefill over the same sequence (the cache is exact),
+    and in float the greedy tokens are PyTorch's. Its logits carry the temperature; with ATS the raw logits (the
+    head has no cache), and calibrated scoring is the `score` method."""
+    fused, info, out = programs[name]
+    ats = CASES[name] == "ats"
+    assert info["methods"] == (["forward", "score"] if ats else ["forward"])
+    assert info["decode_graph"]["logits"] == ("raw" if ats else "raw / temperature")
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
+    reference = CalibratedLM(model, fused)
+    prompt = torch.randint(3, 256, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(4))
+    decode = get("executorch").verify_generation(out, lambda ids: reference(input_ids=ids).logits, prompt, DECODE_NEW)
+    assert decode["prompt_tokens"] == DECODE_PROMPT and decode["new_tokens"] == DECODE_NEW
+    assert decode["max_rel_diff_vs_scoring"] < 1e-4
+    if name == "baseline":
+        assert decode["greedy_tokens_equal"] and decode["first_mismatch"] is None
+
+
 def test_program_layers_hold_calqs_integers(checkpoints):
     """Before lowering: the int4 weights are calq's values (q - 8) and scales, and with activations left in float the
     asymmetric layer (symmetric product minus the zero-point correction) computes calq's dequantized weight."""
@@ -129,8 +150,11 @@ def test_verification_on_the_runtime_in_a_child_process(checkpoints, programs):
 
 
 def test_session_refuses_a_window_longer_than_the_program(programs):
+    session = get("executorch").session(programs["baseline"][2])
     with pytest.raises(CalqError, match=f"exceed the program's max_seq_len {MAX_SEQ_LEN}"):
-        get("executorch").session(programs["baseline"][2]).score(torch.ones(1, MAX_SEQ_LEN + 1, dtype=torch.long))
+        session.score(torch.ones(1, MAX_SEQ_LEN + 1, dtype=torch.long))
+    with pytest.raises(CalqError, match=f"{MAX_SEQ_LEN + 1} tokens exceed the program's max_seq_len"):
+        session.step(torch.ones(1, 2, dtype=torch.long), MAX_SEQ_LEN - 1)
 
 
 @pytest.mark.parametrize("edit,message", [
