@@ -173,14 +173,15 @@ class ExecuTorchExporter(Exporter):
                     dynamic_shapes=({1: torch.export.Dim("sequence", min=2, max=max_seq_len)},), strict=False)
         lowered = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()])
         delegation = get_delegation_info(lowered.exported_program(DECODE_METHOD).graph_module)
-        (out_dir / PROGRAM_FILE).write_bytes(lowered.to_executorch().buffer)
+        program = lowered.to_executorch().buffer
+        (out_dir / PROGRAM_FILE).write_bytes(program)
         return write_info(out_dir, {
             "format": self.name, "scheme": variant.scheme, "calibrator": kind,
             "files": [PROGRAM_FILE], "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
             "methods": list(methods), "outputs": ["logits"], "max_seq_len": max_seq_len, "backend": "XNNPACK",
             "decode_graph": {"method": DECODE_METHOD, "logits": "raw" if temperature is None else "raw / temperature",
                              "kv_cache": f"static, {max_seq_len} positions"},
-            "executorch": _version(), "delegation": _delegation(delegation),
+            "executorch": _version(), "delegation": _delegation(delegation), "bytes_by_part": _parts(program),
             "changes": _changes(variant, calibrator)})
 
     def session(self, out_dir, threads: int = 1) -> ExecuTorchSession:
@@ -249,6 +250,20 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("executorch")
+
+
+def _parts(program: bytes) -> dict:
+    """What model.pte's bytes hold: the constants the portable kernels read (the embedding lookup's table), the
+    weights XNNPACK packs (ExecuTorch's named data: every delegated layer, int4 and float, stored once per content),
+    and the rest (the programs, the XNNPACK graphs)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(program)
+    portable = sum(len(buffer.storage) for buffer in pte.program.constant_buffer)
+    xnnpack = sum(len(getattr(entry, "buffer", entry)) for entry in pte.named_data.buffers) if pte.named_data else 0
+    return {"portable_constants": portable, "largest_portable_constant": max(
+                (len(buffer.storage) for buffer in pte.program.constant_buffer), default=0),
+            "xnnpack_weights": xnnpack, "rest": len(program) - portable - xnnpack}
 
 
 def _delegation(info) -> dict:
