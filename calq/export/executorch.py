@@ -292,7 +292,9 @@ def _changes(variant: variants.Variant, calibrator) -> list[str]:
         changes.append("float32 program on XNNPACK: no change")
     kind = calibrator_kind(calibrator)
     if kind == "ats":
-        changes.append("ats calibrator fused: the head runs in the program on the last hidden state")
+        changes.append("ats calibrator fused in the `score` method (the head on the last hidden state); the KV-cache "
+                       "method `forward` gives the raw logits: the head attends over every earlier hidden state and "
+                       "has no cache of its own")
     elif kind == "temperature":
         changes.append(f"temperature {calibrator.temperature:.4f} fused: logits / T")
     return changes
