@@ -84,7 +84,7 @@ def test_verify_records_decode_agreement(name, exported):
     assert decode["prompt_tokens"] == DECODE_PROMPT and decode["new_tokens"] == DECODE_NEW
     assert decode["greedy_tokens_equal"] and decode["greedy_token_agreement"] == 1.0
     assert decode["first_mismatch"] is None
-    assert decode["max_abs_diff_vs_model_onnx"] < 1e-4
+    assert decode["max_abs_diff_vs_scoring"] < 1e-4
 
 
 def test_decode_logits_say_what_calibrator_they_carry(exported):

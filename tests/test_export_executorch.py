@@ -1,5 +1,6 @@
 """ExecuTorch export: a tiny random Llama (float, and W4A16 g32 from calq's min-max, asymmetric and symmetric) lowered
-to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant.
+to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant: scoring (a
+prefill call of the KV-cache method, or the `score` method with ATS) and greedy generation on the KV cache.
 
 Bounds (the PyTorch variant with CalibratedLM is the reference):
 - float: the program computes in float32 on XNNPACK, only the summation order differs: 1e-4 relative (measured 3e-7).
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from calq.calib.ats import AtsHead
 from calq.calib.base import CalibratedLM
@@ -23,6 +24,7 @@ from calq.calib.temperature import Temperature
 from calq.errors import CalqError
 from calq.export import get, verify
 from calq.export import variant as variants
+from calq.export.base import DECODE_NEW, DECODE_PROMPT
 from calq.quant import llmc, methods
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -58,14 +60,18 @@ CASES = {"baseline": "temperature", "w4a16": "ats", "w4a16_symmetric": "temperat
 
 @pytest.fixture(scope="module")
 def programs(checkpoints, tmp_path_factory):
-    """{variant: (calibrator, export info, out folder)}, each lowered once (the slow part)."""
+    """programs(variant) -> (calibrator, export info, out folder), each lowered once, on first use (the slow part)."""
     pytest.importorskip("executorch.runtime")
-    programs = {}
-    for name, kind in CASES.items():
-        fused = ats_head(checkpoints[name]) if kind == "ats" else Temperature(1.7)
-        out = tmp_path_factory.mktemp(f"executorch-{name}")
-        programs[name] = (fused, get("executorch").export(checkpoints[name], out, fused, max_seq_len=MAX_SEQ_LEN), out)
-    return programs
+    built = {}
+
+    def program(name):
+        if name not in built:
+            fused = ats_head(checkpoints[name]) if CASES[name] == "ats" else Temperature(1.7)
+            out = tmp_path_factory.mktemp(f"executorch-{name}")
+            built[name] = (fused, get("executorch").export(checkpoints[name], out, fused, max_seq_len=MAX_SEQ_LEN),
+                           out)
+        return built[name]
+    return program
 
 
 def relative(a, b):
@@ -78,7 +84,7 @@ def agreement(a, b):
 
 @pytest.mark.parametrize("name", CASES)
 def test_round_trip_on_the_executorch_runtime(name, checkpoints, programs):
-    fused, info, out = programs[name]
+    fused, info, out = programs(name)
     scheme = "baseline" if name == "baseline" else "w4a16"
     assert info["scheme"] == scheme and json.loads((out / "export.json").read_text()) == info
     assert info["delegation"]["by_operator"]["aten_linear_default"]["non_delegated"] == 0  # every matmul on XNNPACK
@@ -94,6 +100,37 @@ def test_round_trip_on_the_executorch_runtime(name, checkpoints, programs):
         assert relative(got, want) < 0.05 and agreement(got, want) >= 0.9
         assert any("8da4w" in change for change in info["changes"])
     assert any("zero points" in change for change in info["changes"]) == (name == "w4a16")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_generation_on_the_kv_cache(name, checkpoints, programs):
+    """The decode method generates: every step's logits equal one prefill over the same sequence (the cache is exact),
+    and in float the greedy tokens are PyTorch's. Its logits carry the temperature; with ATS the raw logits (the
+    head has no cache), and calibrated scoring is the `score` method."""
+    fused, info, out = programs(name)
+    ats = CASES[name] == "ats"
+    assert info["methods"] == (["forward", "score"] if ats else ["forward"])
+    assert info["decode_graph"]["logits"] == ("raw" if ats else "raw / temperature")
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
+    reference = CalibratedLM(model, fused)
+    prompt = torch.randint(3, 256, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(4))
+    decode = get("executorch").verify_generation(out, lambda ids: reference(input_ids=ids).logits, prompt, DECODE_NEW)
+    assert decode["prompt_tokens"] == DECODE_PROMPT and decode["new_tokens"] == DECODE_NEW
+    assert decode["max_rel_diff_vs_scoring"] < 1e-4
+    if name == "baseline":
+        assert decode["greedy_tokens_equal"] and decode["first_mismatch"] is None
+
+
+def test_export_says_what_the_bytes_hold(checkpoints, programs):
+    """export.json splits model.pte's bytes: the portable kernels' constants (the largest: the embedding lookup's
+    float32 table) and XNNPACK's packed weights (the output layer among them: a second copy of a tied table)."""
+    _, info, out = programs("baseline")
+    parts = info["bytes_by_part"]
+    size = (out / "model.pte").stat().st_size
+    assert parts["portable_constants"] + parts["xnnpack_weights"] + parts["rest"] == size
+    config = AutoConfig.from_pretrained(checkpoints["baseline"])
+    assert parts["largest_portable_constant"] == config.vocab_size * config.hidden_size * 4
+    assert parts["xnnpack_weights"] > parts["portable_constants"]
 
 
 def test_program_layers_hold_calqs_integers(checkpoints):
@@ -118,7 +155,7 @@ def test_program_layers_hold_calqs_integers(checkpoints):
 
 def test_verification_on_the_runtime_in_a_child_process(checkpoints, programs):
     """The generic re-verification through Exporter.isolated (the runtime in a child process, as the stage runs it)."""
-    _, _, out = programs["baseline"]
+    _, _, out = programs("baseline")
     model = AutoModelForCausalLM.from_pretrained(checkpoints["baseline"]).eval()
     reference = CalibratedLM(model, Temperature(1.7))
     stream = torch.randint(3, 256, (130,), generator=torch.Generator().manual_seed(3))
@@ -129,8 +166,11 @@ def test_verification_on_the_runtime_in_a_child_process(checkpoints, programs):
 
 
 def test_session_refuses_a_window_longer_than_the_program(programs):
+    session = get("executorch").session(programs("baseline")[2])
     with pytest.raises(CalqError, match=f"exceed the program's max_seq_len {MAX_SEQ_LEN}"):
-        get("executorch").session(programs["baseline"][2]).score(torch.ones(1, MAX_SEQ_LEN + 1, dtype=torch.long))
+        session.score(torch.ones(1, MAX_SEQ_LEN + 1, dtype=torch.long))
+    with pytest.raises(CalqError, match=f"{MAX_SEQ_LEN + 1} tokens exceed the program's max_seq_len"):
+        session.step(torch.ones(1, 2, dtype=torch.long), MAX_SEQ_LEN - 1)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -13,7 +13,8 @@ package (entry point group `calq.exporters`: calq.registry); `get(name)` discove
 - `session(out_dir) -> Session`: the artifact loaded in its own runtime; `Session.score(input_ids [B, T])` returns
   the (calibrated) logits [B, T, V] as a float32 torch tensor;
 - `verify_generation(out_dir, reference_logits, prompt, new_tokens)` (optional, formats with a decode graph of their
-  own: onnx): greedy generation on the runtime against the reference, stored as verify.json's `decode`.
+  own: onnx, executorch): greedy generation on the runtime against the reference (`greedy_reference`,
+  `generation_check`), stored as verify.json's `decode`.
 A calibrator is None or a token-level calibrator whose `fuse` says how it is fused: `temperature` (one global scale,
 its `temperature`), `ats` (the head, an nn.Module run in the graph); `Exporter.calibrators` lists the forms a format
 can carry.
@@ -75,6 +76,7 @@ class Exporter:
     runtime_name: str = ""  # the runtime in words, for a crash's line ("llama.cpp")
     crash_fix: str = ""  # what to do when the runtime crashes
     reads_tokenizer: bool = False  # export() takes tokenizer=<the source .gguf file, or the model's tokenizer folder>
+    version: int = 1  # raise it when a fix changes the artifact: finished runs redo this format's exports only
 
     def check(self, checkpoint_dir: str | Path, calibrator=None) -> None:
         for package in self.packages:
@@ -128,6 +130,28 @@ class Exporter:
         """Formats with a decode graph of their own: greedy generation on the runtime against the reference (a dict
         stored as verify.json's `decode`); None for the others."""
         return None
+
+
+@torch.no_grad()
+def greedy_reference(reference_logits: Callable, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The reference's greedy tokens after `prompt` (token ids [T]), the whole sequence recomputed at each step."""
+    sequence = prompt.clone()
+    for _ in range(new_tokens):
+        sequence = torch.cat([sequence, reference_logits(sequence[None])[0, -1].argmax()[None]])
+    return sequence[prompt.numel():]
+
+
+def generation_check(tokens: torch.Tensor, expected: torch.Tensor, decode_logits: str, step_logits: torch.Tensor,
+                     full: torch.Tensor) -> dict:
+    """verify.json's `decode`: a decode graph's greedy `tokens` against the reference's `expected`, and its logits of
+    every prefill and decode step against the artifact's logits over the same whole sequence (`full`)."""
+    mismatches = (tokens != expected).nonzero()
+    diff = float((step_logits - full).abs().max())
+    return {"prompt_tokens": full.shape[0] - tokens.numel() + 1, "new_tokens": tokens.numel(),
+            "decode_logits": decode_logits, "greedy_tokens_equal": bool(torch.equal(tokens, expected)),
+            "greedy_token_agreement": float((tokens == expected).float().mean()),
+            "first_mismatch": int(mismatches[0]) if mismatches.numel() else None,
+            "max_abs_diff_vs_scoring": diff, "max_rel_diff_vs_scoring": diff / float(full.abs().max())}
 
 
 EXPORTERS = Registry("export format", "calq.export", "exporters")

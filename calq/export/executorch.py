@@ -2,9 +2,18 @@
 
 Route: the variant's float model (calq.export.variant) has each W4A16 Linear's weight replaced by torchao's
 `IntxUnpackedToInt8Tensor` built directly from calq's integers (no re-quantization): the int4 values as int8
-(q - 8, in -8..7), calq's group scales, block (1, group). `torch.export` traces it with the calibrator (logits / T,
-or the ATS head on the last hidden state) for input_ids [1, T], T up to `max_seq_len`; ExecuTorch lowers it to
-XNNPACK and writes model.pte.
+(q - 8, in -8..7), calq's group scales, block (1, group). `torch.export` traces it, ExecuTorch lowers it to XNNPACK
+and writes one model.pte with the methods:
+- `forward` (input_ids [1, S], cache_position [S]) -> logits [1, S, V], S up to `max_seq_len`: the KV-cache program
+  (transformers' StaticCache of `max_seq_len` positions as the program's mutable buffers, the signature ExecuTorch's
+  LLM runner calls). A call at position 0 is a prefill (scoring a whole window), then one token per call. Its logits
+  carry the temperature (logits / T); with ATS they are the raw logits (the head attends over every earlier hidden
+  state and has no cache of its own) and
+- `score` (ATS only) input_ids [1, T] -> calibrated logits, the head in the program. The methods' XNNPACK weights are
+  stored once (ExecuTorch's named data, keyed by content).
+The tied embedding of a model like SmolLM2 is stored twice: the token lookup runs on ExecuTorch's portable kernel,
+which reads the program's own constant, and the output layer on XNNPACK, which packs its own copy; XNNPACK has no
+embedding lookup, so one float32 copy could only be kept by running the output layer off XNNPACK (slow).
 
 What XNNPACK changes, stated in export.json's `changes` and measured by the re-verification:
 - XNNPACK has no kernel for group-wise int4 weights with float activations (a weight-only program lowers to wrong
@@ -19,6 +28,7 @@ that are not a multiple of XNNPACK's 32.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -27,9 +37,22 @@ from torch import nn
 
 from calq.errors import CalqError
 from calq.export import variant as variants
-from calq.export.base import Exporter, FusedScoring, calibrator_kind, directory_size, register, require, write_info
+from calq.export.base import (
+    INFO_FILE,
+    Exporter,
+    FusedScoring,
+    calibrator_kind,
+    directory_size,
+    generation_check,
+    greedy_reference,
+    register,
+    require,
+    write_info,
+)
 
 PROGRAM_FILE = "model.pte"
+DECODE_METHOD = "forward"  # the name ExecuTorch's LLM runner calls: (input_ids, cache_position) -> logits
+SCORE_METHOD = "score"  # with ATS only: input_ids -> calibrated logits, the head in the program
 XNNPACK_GROUP = 32
 MAX_SEQ_LEN = 512
 RUNTIME_FIX = "reinstall executorch (pip install --force-reinstall executorch); `calq doctor` probes it"
@@ -37,18 +60,41 @@ RUNTIME_FIX = "reinstall executorch (pip install --force-reinstall executorch); 
 
 class _ZeroPointLinear(nn.Module):
     """An asymmetric int4 layer on XNNPACK's symmetric kernel: x (q - 8)^T s minus each group's input sum times
-    (z - 8) s, which is calq's (q - z) s exactly in the weights."""
+    (z - 8) s, which is calq's (q - z) s exactly in the weights. The group sums are a linear layer too (a 0/1 matrix
+    [K / group, K]): XNNPACK has no kernel for a sum over the last dimension, and an operator it cannot run splits the
+    program into one more delegate at every layer (slow to lower, slow to run)."""
 
     def __init__(self, symmetric: nn.Linear, zero_times_scale: torch.Tensor, group_size: int):
         super().__init__()
         self.symmetric = symmetric
-        self.zero = nn.Linear(zero_times_scale.shape[1], zero_times_scale.shape[0], bias=False)
+        groups, k = zero_times_scale.shape[1], symmetric.in_features
+        self.sums = nn.Linear(k, groups, bias=False)
+        self.sums.weight.data = (torch.arange(k) // group_size == torch.arange(groups)[:, None]).float()
+        self.zero = nn.Linear(groups, zero_times_scale.shape[0], bias=False)
         self.zero.weight.data = zero_times_scale
-        self.group_size = group_size
 
     def forward(self, x):
-        sums = x.unflatten(-1, (-1, self.group_size)).sum(-1)
-        return self.symmetric(x) - self.zero(sums)
+        return self.symmetric(x) - self.zero(self.sums(x))
+
+
+class _Decode(nn.Module):
+    """The KV-cache program: (input_ids [1, S], cache_position [S]) -> logits [1, S, V], divided by the temperature if
+    any. The cache is transformers' StaticCache of `max_seq_len` positions held as the program's mutable buffers
+    (transformers' executorch recipe module); a call at cache_position 0 starts a new sequence (prefill), then one
+    token per call. The ATS head is not here: it attends over every earlier hidden state and has no cache of its own,
+    so with ATS this method gives the raw logits and the calibrated scores come from the `score` method."""
+
+    def __init__(self, model: nn.Module, temperature: float | None, max_seq_len: int):
+        super().__init__()
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        model.generation_config.cache_implementation = "static"
+        self.cached = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_seq_len)
+        self.temperature = temperature
+
+    def forward(self, input_ids, cache_position):
+        logits = self.cached(input_ids=input_ids, cache_position=cache_position)
+        return logits if self.temperature is None else logits / self.temperature
 
 
 def _int4_linear(linear: nn.Linear, layer: variants.Int4Layer) -> nn.Module:
@@ -74,6 +120,7 @@ class ExecuTorchExporter(Exporter):
     runtime = "executorch.runtime"
     runtime_name = "ExecuTorch"
     crash_fix = RUNTIME_FIX
+    version = 2  # 2: the KV-cache method (generation)
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
@@ -111,23 +158,47 @@ class ExecuTorchExporter(Exporter):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
 
+        kind = calibrator_kind(calibrator)
+        temperature = calibrator.temperature if kind == "temperature" else None
         example = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-        sequence = torch.export.Dim("sequence", min=2, max=max_seq_len)
+        sequence = torch.export.Dim("sequence", min=1, max=max_seq_len)
         with torch.no_grad():
-            program = torch.export.export(FusedScoring(variant.model, calibrator).eval(), (example,),
-                                          dynamic_shapes=({1: sequence},), strict=False)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        delegation = get_delegation_info(lowered.exported_program().graph_module)
-        (out_dir / PROGRAM_FILE).write_bytes(lowered.to_executorch().buffer)
+            # strict: the static cache's in-place updates trace as buffer mutations only under dynamo
+            methods = {DECODE_METHOD: torch.export.export(
+                _Decode(variant.model, temperature, max_seq_len).eval(), (example, torch.arange(example.shape[1])),
+                dynamic_shapes=({1: sequence}, {0: sequence}), strict=True)}
+            if kind == "ats":
+                methods[SCORE_METHOD] = torch.export.export(
+                    FusedScoring(variant.model, calibrator).eval(), (example,),
+                    dynamic_shapes=({1: torch.export.Dim("sequence", min=2, max=max_seq_len)},), strict=False)
+        lowered = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()])
+        delegation = get_delegation_info(lowered.exported_program(DECODE_METHOD).graph_module)
+        program = lowered.to_executorch().buffer
+        (out_dir / PROGRAM_FILE).write_bytes(program)
         return write_info(out_dir, {
-            "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
+            "format": self.name, "scheme": variant.scheme, "calibrator": kind,
             "files": [PROGRAM_FILE], "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
-            "outputs": ["logits"], "max_seq_len": max_seq_len, "backend": "XNNPACK",
-            "executorch": _version(), "delegation": _delegation(delegation),
+            "methods": list(methods), "outputs": ["logits"], "max_seq_len": max_seq_len, "backend": "XNNPACK",
+            "decode_graph": {"method": DECODE_METHOD, "logits": "raw" if temperature is None else "raw / temperature",
+                             "kv_cache": f"static, {max_seq_len} positions"},
+            "executorch": _version(), "delegation": _delegation(delegation), "bytes_by_part": _parts(program),
             "changes": _changes(variant, calibrator)})
 
     def session(self, out_dir, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(Path(out_dir) / PROGRAM_FILE, threads)
+
+    @torch.no_grad()
+    def verify_generation(self, out_dir, reference_logits, prompt: torch.Tensor, new_tokens: int,
+                          threads: int = 1) -> dict:
+        """The decode method against the PyTorch reference and against itself without a cache: greedy generation of
+        `new_tokens` after `prompt` (token ids [T]) vs greedy tokens from `reference_logits`, and the logits of every
+        prefill and decode step vs one prefill call over the same whole sequence."""
+        decode_logits = json.loads((Path(out_dir) / INFO_FILE).read_text())["decode_graph"]["logits"]
+        with self.isolated(self.session, out_dir, threads) as session:
+            tokens, step_logits = session.generate(prompt, new_tokens)
+            full = session.step(torch.cat([prompt, tokens[:-1]])[None], 0)[0]
+        return generation_check(tokens, greedy_reference(reference_logits, prompt, new_tokens), decode_logits,
+                                step_logits, full)
 
 
 class ExecuTorchSession:
@@ -140,21 +211,59 @@ class ExecuTorchSession:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
         _unsafe_reset_threadpool(threads)
-        self.method = runtime.Runtime.get().load_program(path).load_method("forward")
-        self.max_seq_len = self.method.metadata.input_tensor_meta(0).sizes()[1]
+        program = runtime.Runtime.get().load_program(path)
+        if DECODE_METHOD not in program.method_names:
+            raise CalqError(f"{path} has no KV-cache method '{DECODE_METHOD}'", str(path),
+                            "export the variant again with this calq")
+        self.decode = program.load_method(DECODE_METHOD)
+        self.scoring = program.load_method(SCORE_METHOD) if SCORE_METHOD in program.method_names else None
+        self.max_seq_len = self.decode.metadata.input_tensor_meta(0).sizes()[1]
+
+    def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """input_ids [1, S] at positions start.. of the cache (0: a new sequence) -> logits [1, S, V]."""
+        if start + input_ids.shape[1] > self.max_seq_len:
+            raise CalqError(f"{start + input_ids.shape[1]} tokens exceed the program's max_seq_len {self.max_seq_len}",
+                            "export.executorch", "export again with a larger max_seq_len or use shorter sequences")
+        positions = torch.arange(start, start + input_ids.shape[1])
+        return self.decode.execute([input_ids.to(torch.long).contiguous(), positions])[0].float()
 
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits [B, T, V]: the `score` method (ATS), else one prefill call per row."""
         if input_ids.shape[1] > self.max_seq_len:
             raise CalqError(f"{input_ids.shape[1]} tokens exceed the program's max_seq_len {self.max_seq_len}",
                             "export.executorch", "export again with a larger max_seq_len or verify shorter windows")
-        rows = [self.method.execute([row[None].to(torch.long).contiguous()])[0] for row in input_ids]
-        return torch.cat(rows).float()
+        rows = [self.scoring.execute([row[None].to(torch.long).contiguous()])[0].float() if self.scoring is not None
+                else self.step(row[None], 0) for row in input_ids]
+        return torch.cat(rows)
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V])."""
+        rows, tokens = [self.step(prompt[None], 0)[0]], []
+        for i in range(new_tokens):
+            tokens.append(int(rows[-1][-1].argmax()))
+            if i + 1 < new_tokens:
+                rows.append(self.step(torch.tensor([[tokens[-1]]]), prompt.numel() + i)[0])
+        return torch.tensor(tokens), torch.cat(rows)
 
 
 def _version() -> str:
     from importlib.metadata import version
 
     return version("executorch")
+
+
+def _parts(program: bytes) -> dict:
+    """What model.pte's bytes hold: the constants the portable kernels read (the embedding lookup's table), the
+    weights XNNPACK packs (ExecuTorch's named data: every delegated layer, int4 and float, stored once per content),
+    and the rest (the programs, the XNNPACK graphs)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(program)
+    portable = sum(len(buffer.storage) for buffer in pte.program.constant_buffer)
+    xnnpack = sum(len(getattr(entry, "buffer", entry)) for entry in pte.named_data.buffers) if pte.named_data else 0
+    return {"portable_constants": portable, "largest_portable_constant": max(
+                (len(buffer.storage) for buffer in pte.program.constant_buffer), default=0),
+            "xnnpack_weights": xnnpack, "rest": len(program) - portable - xnnpack}
 
 
 def _delegation(info) -> dict:
@@ -183,7 +292,9 @@ def _changes(variant: variants.Variant, calibrator) -> list[str]:
         changes.append("float32 program on XNNPACK: no change")
     kind = calibrator_kind(calibrator)
     if kind == "ats":
-        changes.append("ats calibrator fused: the head runs in the program on the last hidden state")
+        changes.append("ats calibrator fused in the `score` method (the head on the last hidden state); the KV-cache "
+                       "method `forward` gives the raw logits: the head attends over every earlier hidden state and "
+                       "has no cache of its own")
     elif kind == "temperature":
         changes.append(f"temperature {calibrator.temperature:.4f} fused: logits / T")
     return changes

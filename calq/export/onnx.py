@@ -52,6 +52,8 @@ from calq.export.base import (
     FusedScoring,
     calibrator_kind,
     directory_size,
+    generation_check,
+    greedy_reference,
     register,
     require,
     write_info,
@@ -379,21 +381,11 @@ class OnnxExporter(Exporter):
         decode_logits = json.loads((out_dir / INFO_FILE).read_text())["decode_graph"]["logits"]
         with self.isolated(self.decoder, out_dir, threads) as decoder:
             tokens, step_logits = decoder.generate(prompt, new_tokens)
-        reference = prompt.clone()
-        for _ in range(new_tokens):
-            next_token = reference_logits(reference[None])[0, -1].argmax()
-            reference = torch.cat([reference, next_token[None]])
-        expected = reference[prompt.numel():]
         with self.isolated(self.session, out_dir, threads) as session:
             calibrated, raw = session.run(torch.cat([prompt, tokens[:-1]])[None])
         full = raw[0] if decode_logits == "raw" else calibrated[0]
-        mismatches = (tokens != expected).nonzero()
-        return {"prompt_tokens": prompt.numel(), "new_tokens": new_tokens, "decode_logits": decode_logits,
-                "greedy_tokens_equal": bool(torch.equal(tokens, expected)),
-                "greedy_token_agreement": float((tokens == expected).float().mean()),
-                "first_mismatch": int(mismatches[0]) if mismatches.numel() else None,
-                "max_abs_diff_vs_model_onnx": float((step_logits - full).abs().max()),
-                "max_rel_diff_vs_model_onnx": float((step_logits - full).abs().max() / full.abs().max())}
+        return generation_check(tokens, greedy_reference(reference_logits, prompt, new_tokens), decode_logits,
+                                step_logits, full)
 
 
 def _save(proto, out_dir: Path, model_file: str, data_file: str) -> None:

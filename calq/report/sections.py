@@ -294,10 +294,11 @@ def answers(report: dict) -> Section | None:
 
 def deployed_decode(d: dict) -> str:
     """The decode graph's generation check in one sentence."""
+    diff = d.get("max_abs_diff_vs_scoring", d.get("max_abs_diff_vs_model_onnx"))  # the key of runs before executorch
     tokens = ("the same greedy tokens as PyTorch" if d["greedy_tokens_equal"]
               else f"greedy tokens differ from PyTorch's from step {d['first_mismatch']}")
     return (f"its decode graph (KV cache, {d['decode_logits']} logits) generated {d['new_tokens']} tokens after "
-            f"{d['prompt_tokens']}: {tokens}; step logits within {d['max_abs_diff_vs_model_onnx']:.2g} of the "
+            f"{d['prompt_tokens']}: {tokens}; step logits within {diff:.2g} of the "
             "scoring graph's")
 
 

@@ -38,9 +38,10 @@ class Export(StageKind):
         evaluated_on = table.evaluated_on()
         for name in spec.variants or evaluated_on:
             for fmt in spec.formats:
+                fmt_version = export_base.get(fmt).version  # past 1 it enters the key: that format's stages rerun
                 table.add(f"export/{name}/{fmt}", stage_export, name, fmt, needs=("eval_tokens", *evaluated_on[name]),
                           settings=[spec.model_dump(exclude={"formats", "variants"}), ev.seq_len, ev.bins,
-                                    cls.version])
+                                    cls.version, *([fmt_version] if fmt_version > 1 else [])])
 
 
 def check_export(recipe: Recipe, variants: list[str], config) -> None:
