@@ -155,7 +155,9 @@ def test_untied_head_is_held_at_int8_too(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [
     ({"scheme": "w8a8", "int8_layers": ["re:.*v_proj"]}, "int8_layers applies to w4a16 only"),
-    ({"method": "autoawq", "int8_layers": ["re:.*v_proj"]}, "autoawq cannot hold layers at int8"),
+    ({"method": "autoawq", "int8_layers": ["re:.*v_proj"]}, "autoawq cannot take int8_layers"),
+    ({"method": "awq", "int8_layers": ["re:.*v_proj"]}, "awq cannot take int8_layers"),
+    ({"method": "awq", "budget": {"bits_per_weight": 5}}, "awq cannot take budget"),
     ({"embedding": "int4"}, "embedding"),
 ])
 def test_recipe_refuses(spec, message):

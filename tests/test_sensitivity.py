@@ -29,7 +29,7 @@ def test_bytes_per_precision_follow_the_storage():
 def test_budget_promotes_most_kld_per_byte_within_the_limit():
     shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64), "d": (64, 64)}
     kld = {"a": 0.1, "b": 0.5, "c": 0.6, "d": 0.0}  # KLD per extra byte: b 0.5, c 0.3 (twice the bytes), a 0.1
-    extra = budget.linear_bytes(64, 64, "float") - budget.linear_bytes(64, 64, "w4a16", 32)
+    extra = budget.linear_bytes(64, 64, "w8a16") - budget.linear_bytes(64, 64, "w4a16", 32)  # promoted to int8
     floor = budget.variant_bytes(MinMax(**W4), shapes)
     expected = [[], ["b"], ["b", "a"], ["b", "c"], ["b", "c", "a"], ["b", "c", "a"]]
     for room, promoted in enumerate(expected):  # room for that many extra bytes of a 64x64 layer
@@ -66,7 +66,8 @@ def test_infeasible_budget_is_refused_at_plan_time(tiny_recipe):
 
 
 def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
-    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, {**W4, "name": "mixed", "budget": {"bits_per_weight": 6}}]
+    mixed = {**W4, "method": "gptq", "name": "mixed", "budget": {"bits_per_weight": 6}}
+    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed]
     recipe = {**tiny_recipe, "variants": variants, "evaluation": {
         **tiny_recipe["evaluation"], "sensitivity": {"samples": 2, "seq_len": 32}}}
     plan = pipeline.plan(parse_recipe(recipe), None)
@@ -87,12 +88,13 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     kld = {n: m["mean_kld"] for n, m in table["layers"].items()}
     promoted = info["budget"]["promoted"]
     assert promoted and info["budget"]["bytes"] <= info["budget"]["limit_bytes"]
-    extra = {n: (budget.linear_bytes(*m["shape"], "float") - budget.linear_bytes(*m["shape"], "w4a16", 32)) for n, m
+    extra = {n: (budget.linear_bytes(*m["shape"], "w8a16") - budget.linear_bytes(*m["shape"], "w4a16", 32)) for n, m
              in table["layers"].items()}
     ratio = {n: kld[n] / extra[n] for n in kld}
     assert ratio[promoted[0]] == max(ratio.values())  # the most KLD per byte goes first
     saved = json.loads((out / "variants" / "mixed" / "config.json").read_text())["quantization_config"]
-    assert set(promoted) <= set(saved["ignore"])  # kept unquantized in the checkpoint
+    int8_group = [g for g in saved["config_groups"].values() if g["weights"]["num_bits"] == 8]
+    assert len(int8_group) == 1 and set(promoted) <= set(int8_group[0]["targets"])  # held at int8 in the checkpoint
 
     marker = out / ".calq" / "stages" / "sensitivity" / "w4a16-g32-asym.json"
     written = marker.stat().st_mtime_ns

@@ -17,8 +17,6 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import field_validator
-
 from calq.errors import CalqError
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable, register
@@ -32,15 +30,8 @@ class AutoAwq(MethodConfig):
     method: Literal["autoawq"] = "autoawq"
     schemes: ClassVar = ("w4a16",)
     version: ClassVar = 2  # the CPU fix (_snapshots_that_copy) changed what it produces
-
-    @field_validator("int8_layers")
-    @classmethod
-    def _no_int8_layers(cls, targets):
-        if targets:
-            raise ValueError("autoawq cannot hold layers at int8: AutoAWQ's search scales and clips every decoder "
-                             "Linear for int4, and calq writes AutoAWQ's int4 scales into each one; use method awq "
-                             "(llm-compressor) for int8_layers")
-        return targets
+    no_int8_layers: ClassVar = ("AutoAWQ's search scales and clips every decoder Linear for int4, and calq writes "
+                                "AutoAWQ's int4 scales into each one")
 
     def check_model(self, config) -> None:
         check_model(config)

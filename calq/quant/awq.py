@@ -17,6 +17,9 @@ from calq.quant.base import MethodConfig, register
 class Awq(MethodConfig):
     method: Literal["awq"] = "awq"
     schemes: ClassVar = ("w4a16",)
+    # measured with llm-compressor's AWQModifier: the grid search for a mapping whose balanced layers mix int4 groups
+    # and int8 channels fails on a shape mismatch, and with promoted layers left unquantized it divides by zero
+    no_int8_layers: ClassVar = "llm-compressor's AWQ search balances each mapping's layers with one int4 scheme"
 
     def modifiers(self) -> list:
         from llmcompressor.modifiers.transform import AWQModifier

@@ -47,6 +47,9 @@ class MethodConfig(BaseModel):
 
     schemes: ClassVar[tuple[str, ...]] = SCHEMES  # the schemes this method can do
     version: ClassVar[int] = 1  # raise it when a fix changes what the method produces: finished runs redo its variants
+    # why the method cannot hold some layers at int8 beside its int4 ones (int8_layers, a budget's promotions); empty
+    # when it can
+    no_int8_layers: ClassVar[str] = ""
 
     method: str = Field(description="quantization method (the list is at the end of `calq keys`)")
     scheme: str = Field(description="w8a8 (int8 weights and activations) or w4a16 (int4 group-wise weights)")
@@ -73,8 +76,9 @@ class MethodConfig(BaseModel):
                              "groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 layout, before "
                              "the method runs (calq/quant/embedding.py)")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
-    budget: Budget | None = Field(None, description="keep the Linears whose quantization moves the output most "
-                                                    "(the sensitivity stage) unquantized within this size budget")
+    budget: Budget | None = Field(None, description="hold the Linears whose quantization moves the output most (the "
+                                                    "sensitivity stage) at int8 (w4a16; unquantized for w8a8) within "
+                                                    "this size budget")
 
     @field_validator("scheme")
     @classmethod
@@ -97,10 +101,14 @@ class MethodConfig(BaseModel):
                              f"{info.data['scheme']} variant")
         return value
 
-    @field_validator("int8_layers")
+    @field_validator("int8_layers", "budget")
     @classmethod
-    def _int8_layers(cls, targets: tuple[str, ...], info: ValidationInfo):
-        if targets and info.data.get("scheme") != "w4a16":
+    def _int8_layers(cls, targets, info: ValidationInfo):
+        if targets and cls.no_int8_layers:
+            method = cls.model_fields["method"].default
+            raise ValueError(f"{method} cannot take {info.field_name}: {cls.no_int8_layers}; use method gptq or "
+                             "minmax for mixed precision")
+        if info.field_name == "int8_layers" and targets and info.data.get("scheme") != "w4a16":
             raise ValueError(f"int8_layers applies to w4a16 only (a {info.data.get('scheme')} variant is int8 "
                              "already); remove it")
         return targets  # each must match a quantized layer: check_layers, when the plan knows them

@@ -3,8 +3,9 @@ variant's footprint, and the greedy choice of the Linears kept at higher precisi
 
 The choice reads the sensitivity table (calq.stage_kinds.sensitivity: the mean KLD from the baseline when a Linear
 alone is quantized with the variant's scheme) and promotes Linears in order of KLD removed per extra byte while the
-budget holds. The one higher precision every method and exporter holds today is unquantized (`float`: the Linear
-joins the variant's `ignore` and is exported as float16).
+budget holds. A w4a16 variant promotes to int8 (`w8a16`: the Linear joins the variant's `int8_layers`, a second
+compressed-tensors config group, GGUF Q8_0, ONNX MatMulNBits 8 bits); a w8a8 variant promotes to unquantized
+(`float`: the Linear joins `ignore`, exported as float16). autoawq refuses a budget.
 
 No torch here: the recipe schema imports `Budget`.
 """
@@ -18,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calq.errors import CalqError
 
-PROMOTION = "float"  # what a promoted Linear becomes; a W8A16 promotion would be "w8a16" (linear_bytes has its row)
 FLOAT_BYTES = 2  # unquantized parameters are counted as float16, as the exporters store them
 
 
@@ -67,10 +67,23 @@ def linear_bytes(out_features: int, in_features: int, precision: str, group_size
     raise ValueError(f"unknown precision {precision!r}")
 
 
-def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=()) -> int:
-    """Bytes of the Linears `shapes` ({name: (out, in)}) as `variant` stores them, those in `promoted` at PROMOTION."""
+def promotion(variant) -> str:
+    """What a promoted Linear of `variant` becomes: int8 weights (w8a16) for a w4a16 variant, else unquantized."""
+    return "w8a16" if variant.scheme == "w4a16" else "float"
+
+
+def promote(variant, names: list[str]):
+    """`variant` with `names` held at its promotion precision (joined to int8_layers, or to ignore)."""
+    key = "int8_layers" if promotion(variant) == "w8a16" else "ignore"
+    return variant.model_copy(update={key: (*getattr(variant, key), *names)})
+
+
+def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), precision: str | None = None) -> int:
+    """Bytes of the Linears `shapes` ({name: (out, in)}) as `variant` stores them, those in `promoted` at
+    `precision` (default: the variant's promotion)."""
     symmetric = bool(variant.symmetric) if variant.symmetric is not None else variant.scheme == "w8a8"
-    return sum(linear_bytes(n, k, PROMOTION if name in promoted else variant.scheme, variant.group_size, symmetric)
+    higher = precision or promotion(variant)
+    return sum(linear_bytes(n, k, higher if name in promoted else variant.scheme, variant.group_size, symmetric)
                for name, (n, k) in shapes.items())
 
 

@@ -46,7 +46,7 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
         kld = {name: m["mean_kld"] for name, m in read_table(ctx, variant)["layers"].items()}
         with located(where):
             chosen = budget.select(variant, shapes, other_bytes, kld)
-        variant = variant.model_copy(update={"ignore": (*variant.ignore, *chosen["promoted"])})
+        variant = budget.promote(variant, chosen["promoted"])
     start = time.perf_counter()
     with located(where):
         variant.apply(model, samples)
@@ -66,5 +66,6 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
         "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used),
         # calq.quant.budget's byte accounting: as stored here, and with every layer left as float16 (the baseline)
         "accounted_bytes": budget.variant_bytes(variant, shapes, chosen["promoted"] if chosen else ()) + other_bytes,
-        "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes)) + other_bytes,
+        **({"promoted_to": budget.promotion(variant)} if chosen else {}),
+        "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes), "float") + other_bytes,
         **({"budget": chosen} if chosen else {})}
