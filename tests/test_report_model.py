@@ -47,8 +47,8 @@ def test_both_renderings_show_every_section_and_markup():
     report = {**REPORT, "model": {**REPORT["model"], "note": "a <b> note with **weight**"}}
     built = sections.build(report)
     titles = [s.title for s in built]
-    assert titles == ["", "Summary", "Token-level calibration", "Activation outliers", "Methods", "Stages",
-                      "Versions", "Recipe"]  # no gates, calibrators, tasks, answers or deployed artifacts
+    assert titles == ["", "Summary", "Token-level calibration", "Size and quality", "Activation outliers", "Methods",
+                      "Stages", "Versions", "Recipe"]  # no gates, calibrators, tasks, answers or deployed artifacts
     md = render.markdown("calq report: tiny", built)
     page = render.html("calq report: tiny", built)
     assert all(f"## {t}" in md and f"<h2>{t}</h2>" in page for t in titles[1:])
@@ -56,7 +56,7 @@ def test_both_renderings_show_every_section_and_markup():
     assert "Note: a &lt;b&gt; note with <strong>weight</strong>." in page
     assert "No gates configured" in md and '<div class="verdict none">No gates configured' in page
     assert "| w8 | minmax | w8a8 | – | 0.0 | 1.5 |" in md  # Methods: size in MiB, calibration seconds
-    assert page.count("<img ") == 1 and "```yaml\nname: tiny\n```" in md
+    assert page.count("<img ") == 2 and "```yaml\nname: tiny\n```" in md  # reliability; size against quality
 
 
 def test_answer_tables_label_a_collapsed_calibrator_and_a_temperature_at_its_bound():
