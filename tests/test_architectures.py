@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny import FAMILIES, make_tiny_model
+from tiny import FAMILIES, ROPE_SCALING, make_tiny_model
 
 import calq
 from calq.api import prepare
@@ -94,45 +94,123 @@ def alpaca_records(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def family_model(tmp_path_factory):
-    """family -> its tiny model folder, made once per module."""
-    made: dict[str, Path] = {}
+    """(family, rope_scaling) -> its tiny model folder, made once per module. By default a family is built with its
+    ROPE_SCALING where it has one: the matrix runs Llama with Llama 3.x's rope, Phi-3 with LongRoPE."""
+    made: dict[tuple, Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = make_tiny_model(tmp_path_factory.mktemp(family), family)
-        return made[family]
+    def get(family: str, rope_scaling: bool | None = None, **overrides) -> Path:
+        key = (family, family in ROPE_SCALING if rope_scaling is None else rope_scaling, *sorted(overrides.items()))
+        if key not in made:
+            made[key] = make_tiny_model(tmp_path_factory.mktemp(family), family, rope_scaling=key[1], **overrides)
+        return made[key]
 
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_float_weights_match_pytorch(family, family_model, tmp_path):
-    """F32 weights and a float32 KV cache: llama.cpp computes the family's function (names, q/k row order, norm
-    offsets, metadata). Bound 1e-5 relative (measured about 3e-7); Gemma 2e-3 (measured 3-5e-4, the same at every
-    position, position 0 included, so it is in the element-wise part, not attention: ggml computes GELU through a
-    float16 table, and rounding GELU's input to float16 in PyTorch alone does not remove it). Where llama.cpp's graph
-    would compute something else, the exporter refuses the model before writing anything."""
+def logits(folder: Path, ids):
     import torch
     from transformers import AutoModelForCausalLM
 
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
+
+
+def relative_difference(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+FLOAT_CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in ROPE_SCALING]
+
+
+@pytest.mark.parametrize(("family", "rope_scaling"), FLOAT_CASES,
+                         ids=[family + ("-rope-scaling" if scaled else "") for family, scaled in FLOAT_CASES])
+def test_gguf_float_weights_match_pytorch(family, rope_scaling, family_model, tmp_path):
+    """F32 weights and a float32 KV cache: llama.cpp computes the family's function (names, q/k row order, norm
+    offsets, metadata, RoPE scaling). Bound 1e-5 relative (measured about 3e-7); Gemma 2e-3 (measured 3-5e-4, the same
+    at every position, position 0 included, so it is in the element-wise part, not attention: ggml computes GELU
+    through a float16 table, and rounding GELU's input to float16 in PyTorch alone does not remove it). Where
+    llama.cpp's graph would compute something else, the exporter refuses the model before writing anything. With RoPE
+    scaling (40 tokens, past the original 32), the same weights without it must give logits far outside the bound, so
+    a file that dropped the scaling would fail."""
+    import torch
+    from transformers import AutoConfig
+
     from calq.export import gguf as gguf_export
 
-    folder = family_model(family)
+    folder = family_model(family, rope_scaling)
     exporter = gguf_export.GgufExporter(float_type="f32")
-    config = AutoModelForCausalLM.from_pretrained(folder).config
-    if gguf_export.unsupported(config):
+    if gguf_export.unsupported(AutoConfig.from_pretrained(folder)):
         with pytest.raises(CalqError, match="llama.cpp's .* graph cannot run this"):
             exporter.export(folder, tmp_path)
         assert not any(tmp_path.iterdir())
         return
     exporter.export(folder, tmp_path)
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
+    want = logits(folder, ids)
     got = exporter.session(tmp_path, n_ctx=64, kv_cache="f32").score(ids)
-    relative = float((got - want).abs().max() / want.abs().max())
-    assert relative < (2e-3 if family.startswith("gemma") else 1e-5)
+    bound = 2e-3 if family.startswith("gemma") else 1e-5
+    assert relative_difference(got, want) < bound
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+    if rope_scaling:
+        assert relative_difference(logits(family_model(family, False), ids), want) > 100 * bound
+
+
+def test_llama3_rope_freqs_as_llama_cpp_converts_them():
+    """Llama 3.1 8B's config (tests/configs): accepted, and rope_freqs equals what convert_hf_to_gguf.py's LlamaModel
+    computes (its loop, restated here) to float32 rounding."""
+    import math
+
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig
+
+    from calq.export import gguf as gguf_export
+
+    config = AutoConfig.from_pretrained(Path(__file__).parent / "configs" / "llama-3.1-8b-instruct")
+    gguf_export.GgufExporter().check_config(config, "config.json")
+    rope = config.rope_parameters
+    dim = config.hidden_size // config.num_attention_heads
+    low, high = (rope["original_max_position_embeddings"] / rope[k] for k in ("low_freq_factor", "high_freq_factor"))
+    expected = []
+    for freq in 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
+        wavelen = 2 * math.pi / freq
+        smooth = (rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"]) / (
+            rope["high_freq_factor"] - rope["low_freq_factor"])
+        expected.append(1 if wavelen < high else rope["factor"] if wavelen > low else 1 / ((1 - smooth) / rope["factor"]
+                                                                                         + smooth))
+    got = gguf_export.rope_factors(gguf, config)
+    assert list(got) == ["rope_freqs.weight"]
+    assert len(set(expected)) > 3  # high, low and smoothed frequencies all present
+    np.testing.assert_allclose(got["rope_freqs.weight"], np.array(expected, dtype=np.float32), rtol=1e-5)
+
+
+def test_rope_scaling_gguf_does_not_write_is_refused():
+    """A RoPE scaling llama.cpp would not compute for that architecture is refused from the config alone."""
+    from transformers import Qwen2Config
+
+    from calq.export import gguf as gguf_export
+
+    yarn = Qwen2Config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 32})
+    with pytest.raises(CalqError, match="graph cannot run this qwen2 model: rope_type 'yarn'.*fix: export it to onnx"):
+        gguf_export.GgufExporter().check_config(yarn, "config.json")
+
+
+def test_gguf_longrope_short_factors(family_model, tmp_path):
+    """LongRoPE within the original length: transformers takes the short factors for a sequence no longer than
+    original_max_position_embeddings, llama.cpp for a context no longer (its context is a multiple of 256, so the
+    original length here is 256)."""
+    import torch
+
+    from calq.export import gguf as gguf_export
+
+    folder = family_model("phi3", True, original_max_position_embeddings=256)
+    exporter = gguf_export.GgufExporter(float_type="f32")
+    exporter.export(folder, tmp_path)
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = logits(folder, ids)
+    assert relative_difference(exporter.session(tmp_path, n_ctx=64, kv_cache="f32").score(ids), want) < 1e-5
+    assert relative_difference(logits(family_model("phi3", False), ids), want) > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -179,7 +257,9 @@ def render(results: dict[str, dict[str, str]]) -> str:
              "work, for the reason given.", "",
              "| family | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for family, row in results.items():
-        lines.append(f"| {family} | " + " | ".join(row[c].replace("|", "/") for c in COLUMNS) + " |")
+        label = (f"{family} ({ROPE_SCALING[family]['rope_parameters']['rope_type']} rope)" if family in ROPE_SCALING
+                 else family)
+        lines.append(f"| {label} | " + " | ".join(row[c].replace("|", "/") for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
