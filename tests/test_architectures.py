@@ -1,6 +1,7 @@
 """The architecture matrix: a tiny random model of each decoder family (tests/tiny.py FAMILIES, built from the family's
 own transformers config) goes through one run of every stage: ranges, minmax W8A8 and W4A16, SmoothQuant, AWQ,
-the temperature and ATS calibrators, token evaluation, and export to ONNX Runtime and GGUF re-verified on the runtime
+the temperature and ATS calibrators, token evaluation, answer-level tasks through lm-eval (a small multiple-choice task
+of the user's kind, tests/test_answer_runs.py), and export to ONNX Runtime and GGUF re-verified on the runtime
 against the PyTorch variant. A stage calq cannot do for a family must be refused by the plan, before any work, with
 one line; the refusal is the table's reason. docs/architectures.md is this table: the test fails when it is stale
 (CALQ_WRITE_TABLE=1 rewrites it).
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 import pytest
+from test_answer_runs import write_task
 from tiny import FAMILIES, ROPE_SCALING, make_tiny_model
 
 import calq
@@ -34,11 +36,11 @@ VARIANTS = [{"method": "minmax", "scheme": "w8a8"}, {"method": "minmax", "scheme
             {"method": "smoothquant", "scheme": "w8a8"}, {"method": "awq", "scheme": "w4a16", "group_size": 32}]
 EXPORTED = "minmax-w4a16-g32"
 COLUMNS = ["ranges", "minmax-w8a8", "minmax-w4a16-g32", "smoothquant-w8a8", "awq-w4a16-g32", "temperature", "ats",
-           "evaluate", "onnx", "gguf"]
+           "evaluate", "tasks", "onnx", "gguf"]
 RESULTS: dict[str, dict[str, str]] = {}  # family -> column -> "✓" or "✗ reason", filled by test_family
 
 
-def matrix_recipe(model: Path, texts: dict[str, Path], alpaca: Path) -> dict:
+def matrix_recipe(model: Path, texts: dict[str, Path], alpaca: Path, tasks: Path) -> dict:
     return {
         "name": "matrix",
         # a random model is no working LM: the baseline check runs and reports, but cannot pass
@@ -49,7 +51,9 @@ def matrix_recipe(model: Path, texts: dict[str, Path], alpaca: Path) -> dict:
         "calibrators": {"data": {"source": str(alpaca)}, "fit_records": 20, "heldout_records": 6, "max_len": 64,
                         "ats": {"epochs": 1, "min_response_tokens": 50}, "validation_text": {"tokens": 256}},
         "evaluation": {"tokens": {"data": {"source": str(texts["heldout"])}, "max_tokens": 256, "seq_len": 64,
-                                  "batch_size": 4}},
+                                  "batch_size": 4},
+                       "tasks": {"names": ["matrix_mc"], "include_path": [str(tasks)], "limit": 16, "batch_size": 16,
+                                 "bootstrap": 20}},
         "export": {"formats": ["onnx", "gguf"], "variants": [EXPORTED], "calibrator": "temperature",
                    "max_tokens": 128, "threads": 1},
     }
@@ -90,6 +94,14 @@ def alpaca_records(tmp_path_factory) -> Path:
     path.write_text(json.dumps([{"instruction": f"Explain topic {i}.", "input": "", "output": texts[i][:300]}
                                 for i in range(40)]))
     return path
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory) -> Path:
+    """A folder with one lm-eval task YAML: 16 three-way multiple-choice questions in a local JSON lines file."""
+    folder = tmp_path_factory.mktemp("matrix-tasks")
+    write_task(folder, "matrix_mc", 16, 0, 3)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +226,10 @@ def test_gguf_longrope_short_factors(family_model, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family(family, family_model, texts, alpaca_records, tmp_path_factory):
+def test_family(family, family_model, texts, alpaca_records, mc_task, tmp_path_factory):
     model = family_model(family)
     out = tmp_path_factory.mktemp(f"run-{family}")
-    prepared, refused = plan_with_refusals(matrix_recipe(model, texts, alpaca_records), out / "run")
+    prepared, refused = plan_with_refusals(matrix_recipe(model, texts, alpaca_records, mc_task), out / "run")
     report = calq.run(prepared)
     run = out / "run"
     row = {column: "✗ " + reason for column, reason in refused.items()}
@@ -235,6 +247,12 @@ def test_family(family, family_model, texts, alpaca_records, tmp_path_factory):
         row[name] = "✓"
     assert all((run / "eval" / f"{v}.json").is_file() for v in variants)
     row["evaluate"] = "✓"
+    for v in variants:  # lm-eval scored every choice of every question under every calibrator
+        task = json.loads((run / "tasks" / f"{v}.json").read_text())["tasks"]["matrix_mc"]
+        assert task["n"] == 16 and set(task["calibrators"]) == {"none", "temperature", "ats"}
+        for result in task["calibrators"].values():
+            assert len(result["scores"]) == 16 and all(len(lls) == 3 for lls in result["loglikelihoods"])
+    row["tasks"] = "✓"
 
     deployed = {r["format"]: r for r in report.data.get("deployed", [])}
     assert set(deployed) == set(prepared.recipe.export.formats)
@@ -257,7 +275,7 @@ def render(results: dict[str, dict[str, str]]) -> str:
              "work, for the reason given.", "",
              "| family | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for family, row in results.items():
-        label = (f"{family} ({ROPE_SCALING[family]['rope_parameters']['rope_type']} rope)" if family in ROPE_SCALING
+        label = (f"{family} ({ROPE_SCALING[family]['rope_parameters']['rope_type']} RoPE)" if family in ROPE_SCALING
                  else family)
         lines.append(f"| {label} | " + " | ".join(row[c].replace("|", "/") for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
