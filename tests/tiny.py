@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -24,9 +25,24 @@ FAMILIES = {
 }
 
 
+# The RoPE scaling of the families' current models, which changes what GGUF must hold: Llama 3.x's llama3 (rope_freqs)
+# and the LongRoPE of Phi-3 128k / Phi-3.5 / Phi-4-mini (long and short factors, an attention factor). The original
+# length is small so that evaluation windows (64 tokens) pass it: llama3 then rotates low frequencies slower at the
+# positions used, and LongRoPE takes its long factors (llama.cpp does when its context, at least 256, passes it).
+ROPE_SCALING = {
+    "llama": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    "phi3": {"original_max_position_embeddings": 32,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                 "short_factor": [1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5],
+                                 "long_factor": [1.0, 1.1, 1.4, 2.0, 3.5, 6.0, 10.0, 16.0]}},
+}
+
+
 def make_tiny_model(folder: Path, family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 256,
-                    seed: int = 0) -> Path:
-    """A random model of `family` (FAMILIES) with 4 heads of 16 (2 key/value heads) and a byte-level tokenizer."""
+                    seed: int = 0, rope_scaling: bool = False, **overrides) -> Path:
+    """A random model of `family` (FAMILIES) with 4 heads of 16 (2 key/value heads) and a byte-level tokenizer;
+    `rope_scaling`: with the family's ROPE_SCALING; `overrides`: further config fields."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -35,7 +51,9 @@ def make_tiny_model(folder: Path, family: str = "llama", hidden: int = 64, layer
     config = getattr(transformers, class_name)(
         hidden_size=hidden, intermediate_size=hidden * 2 + 32, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"vocab_size": vocab, "tie_word_embeddings": False, **extra})
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        **{"vocab_size": vocab, "tie_word_embeddings": False, **extra,
+           **copy.deepcopy(ROPE_SCALING[family] if rope_scaling else {}), **overrides})
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     save_byte_tokenizer(folder, vocab)
     return folder

@@ -21,7 +21,10 @@ tokenizer they cannot read gives tokenizer model 'no_vocab' (llama.cpp loads it;
 Architectures: `ARCHITECTURES` maps a transformers model type to the gguf package's MODEL_ARCH, whose TensorNameMap
 names every tensor and whose MODEL_TENSORS says which ones llama.cpp reads, plus what convert_hf_to_gguf.py changes
 in the weights (q/k row order for Llama and Mistral, Gemma's norm + 1). `unsupported` lists, from the config alone,
-what llama.cpp's graph would compute differently (a Mistral sliding window, rope scaling, ...): the plan refuses it.
+what llama.cpp's graph would compute differently (a Mistral sliding window, a RoPE scaling the table does not list
+for the family, ...): the plan refuses it. RoPE scaling is written as convert_hf_to_gguf.py writes it: Gemma 3's
+linear as metadata, Llama 3.x's llama3 as the rope_freqs tensor, Phi-3's LongRoPE as the rope_factors_long /
+rope_factors_short tensors and its attention factor (`rope_factors`).
 """
 
 from __future__ import annotations
@@ -50,18 +53,22 @@ class Architecture:
     arch: str  # gguf.MODEL_ARCH member
     permute_qk: bool = False  # LlamaModel reorders q/k rows: llama.cpp's llama rotates adjacent pairs (NEOX archs not)
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores w + 1 (convert's `+ 1`)
+    rope_types: tuple[str, ...] = ("default",)  # transformers rope_type values written the way llama.cpp's graph reads
 
 
 # transformers model_type -> Architecture. A family llama.cpp knows is one entry here (plus its metadata in
 # `_write_hparams` when it has keys beyond the shared ones).
 ARCHITECTURES = {
-    "llama": Architecture("LLAMA", permute_qk=True),
-    "mistral": Architecture("LLAMA", permute_qk=True),  # convert registers MistralForCausalLM as a LlamaModel
+    # llama3: Llama 3.x's frequency-dependent scaling, as the rope_freqs tensor
+    "llama": Architecture("LLAMA", permute_qk=True, rope_types=("default", "llama3")),
+    # convert registers MistralForCausalLM as a LlamaModel
+    "mistral": Architecture("LLAMA", permute_qk=True, rope_types=("default", "llama3")),
     "qwen2": Architecture("QWEN2"),
     "qwen3": Architecture("QWEN3"),
-    "phi3": Architecture("PHI3"),
+    # longrope: Phi-3 128k, Phi-3.5 and Phi-4-mini, as the rope_factors_long / rope_factors_short tensors
+    "phi3": Architecture("PHI3", rope_types=("default", "longrope")),
     "gemma2": Architecture("GEMMA2", norm_offset=1.0),
-    "gemma3_text": Architecture("GEMMA3", norm_offset=1.0),
+    "gemma3_text": Architecture("GEMMA3", norm_offset=1.0, rope_types=("default", "linear")),
 }
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales queries by 1/sqrt(hidden / heads) only there
 
@@ -78,11 +85,11 @@ def architecture(config, where: str) -> Architecture:
 def unsupported(config) -> str | None:
     """What in this config llama.cpp's graph for its architecture would compute differently, in words (None: all
     fits). Checked on the config alone, before any weight is read."""
-    rope = rope_parameters(config)
     kind = config.model_type
-    if rope.get("rope_type", "default") not in ("default", "linear") or (
-            rope.get("rope_type") == "linear" and kind != "gemma3_text"):
-        return f"rope_type '{rope.get('rope_type')}' (calq writes the default rotary embedding, and Gemma 3's linear)"
+    rope_type = rope_parameters(config).get("rope_type", "default")
+    written = ARCHITECTURES[kind].rope_types if kind in ARCHITECTURES else ("default",)
+    if rope_type not in written:
+        return f"rope_type '{rope_type}' (calq writes {' and '.join(written)} rope for {kind})"
     if getattr(config, "mlp_bias", False) or (kind != "qwen2" and getattr(config, "attention_bias", False)):
         return "biases on the attention or MLP projections (llama.cpp reads them for qwen2 only)"
     if kind == "mistral" and getattr(config, "sliding_window", None):
@@ -113,6 +120,30 @@ def rope_parameters(config, layer_type: str = "full_attention") -> dict:
     """transformers 5's rope_parameters (one dict, or one per attention type as in Gemma 3)."""
     rope = getattr(config, "rope_parameters", None) or {}
     return rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
+
+
+def rope_factors(gguf, config) -> dict[str, np.ndarray]:
+    """The tensors llama.cpp divides each rotary frequency by, as convert_hf_to_gguf.py writes them. Llama 3.x
+    (rope_type llama3): rope_freqs, the default frequencies over transformers' llama3 ones (1 for the high
+    frequencies, `factor` for the low ones, smoothed between). LongRoPE: the config's long and short factors;
+    llama.cpp uses the long ones when its context (n_ctx) exceeds original_max_position_embeddings, transformers when
+    the sequence does."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = rope_parameters(config)
+
+    def name(tensor) -> str:
+        return f"{gguf.TENSOR_NAMES[tensor]}.weight"
+
+    if rope.get("rope_type") == "llama3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        default = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+        return {name(gguf.MODEL_TENSOR.ROPE_FREQS): (default / scaled).numpy()}
+    if rope.get("rope_type") == "longrope":
+        return {name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG): np.array(rope["long_factor"], dtype=np.float32),
+                name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT): np.array(rope["short_factor"], dtype=np.float32)}
+    return {}
 
 
 def gguf_name(names, hf_name: str) -> str:
@@ -275,6 +306,9 @@ class GgufExporter(Exporter):
                 change = float(np.abs(back - exact).max() / np.abs(exact).max())
                 worst[kind] = max(worst.get(kind, 0.0), float(change))
             types[kind] = types.get(kind, 0) + 1
+        for name, factors in rope_factors(gguf, config).items():
+            writer.add_tensor(name, factors)
+            types["F32"] = types.get("F32", 0) + 1
         writer.add_file_type(_file_type(gguf, types))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -351,8 +385,13 @@ def _write_hparams(writer, config) -> None:
     if kind == "gemma2" and config.final_logit_softcapping:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if kind == "phi3":
-        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
+        writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings")
+                                             or getattr(config, "original_max_position_embeddings", None)
                                              or config.max_position_embeddings)
+    if rope.get("rope_type") == "longrope":  # transformers scales cos and sin by it; llama.cpp its rope the same
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        writer.add_rope_scaling_attn_factors(ROPE_INIT_FUNCTIONS["longrope"](config)[1])
 
 
 def _write_tokenizer(writer, gguf, source: str | Path | None, vocab_size: int) -> str:

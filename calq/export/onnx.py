@@ -61,6 +61,7 @@ from calq.export.base import (
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+DYNAMIC_ROPE_TYPES = ("longrope", "dynamic")  # transformers' dynamic_rope_update: frequencies from the length
 DECODE_FILE = "decode.onnx"
 DECODE_DATA_FILE = "decode.onnx.data"
 MAX_BLOCK = 128
@@ -254,6 +255,10 @@ class OnnxExporter(Exporter):
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
+        from transformers import AutoConfig
+
+        self.check_config(AutoConfig.from_pretrained(checkpoint_dir).get_text_config(),
+                          f"{checkpoint_dir}/config.json")
         qc = variants.quantization_config(checkpoint_dir) or {}
         for group_name, group in (qc.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
@@ -262,6 +267,16 @@ class OnnxExporter(Exporter):
                 raise CalqError(f"group size {size} has no MatMulNBits block (a power of two >= 16 dividing it)",
                                 f"{checkpoint_dir}/config.json: config_groups.{group_name}",
                                 "quantize with group_size 32, 64 or 128")
+
+    def check_config(self, config, where: str) -> None:
+        """transformers' dynamic RoPE types choose their frequencies from the sequence length at run time (LongRoPE:
+        the long factors past original_max_position_embeddings); torch.export cannot trace that choice."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        for params in [rope, *(v for v in rope.values() if isinstance(v, dict))]:
+            if params.get("rope_type") in DYNAMIC_ROPE_TYPES:
+                raise CalqError(f"the ONNX graph cannot hold this model's '{params['rope_type']}' rope: transformers "
+                                "chooses its frequencies from the sequence length at run time, which torch.onnx "
+                                "cannot trace", where, "export it to gguf")
 
     def options(self, recipe) -> dict:
         return {"accuracy_level": recipe.export.onnx_accuracy_level}
