@@ -10,7 +10,8 @@
   merge search that scans the token list for every split (minutes at 32k tokens, hours at 262k).
 - Configuration: `complete_config` adds what transformers' GGUF mapping leaves out and llama.cpp reads: linear RoPE
   scaling (`rope.scaling.*`, Gemma 3 4B and larger), Gemma 3's attention scale (llama.cpp: 1/sqrt(head size), and
-  1/sqrt(hidden / heads) for the 62-layer 27B) and the head size of files whose mapping leaves it out (Qwen3).
+  1/sqrt(hidden / heads) for the 62-layer 27B), the head size of files whose mapping leaves it out (Qwen3) and
+  Llama 3.x's rope scaling, which a GGUF holds only as the rope_freqs tensor (`llama3_rope`).
   Mistral models are stored as `llama` (convert_hf_to_gguf.py registers them so); llama.cpp's llama graph and
   transformers' Llama both attend to the whole context.
 """
@@ -30,42 +31,80 @@ SPACE = "\u2581"  # SentencePiece's visible space
 
 def metadata(path: str | Path) -> dict:
     """Every key-value pair of a GGUF file's header: strings as str, arrays as lists."""
-    from gguf import GGUF_MAGIC, GGUFValueType
+    return _header(path)[1]
+
+
+def tensor(path: str | Path, name: str) -> np.ndarray | None:
+    """One float32 tensor of a GGUF file (a copy), or None when the file has no tensor of that name."""
+    from gguf import GGMLQuantizationType
+
+    buf, meta, offset, count = _header(path)
+    found, read = None, _Reader(buf)
+    for _ in range(count):
+        tensor_name, offset = read.string(offset)
+        (dims,) = struct.unpack_from("<I", buf, offset)
+        shape = struct.unpack_from(f"<{dims}Q", buf, offset + 4)
+        kind, start = struct.unpack_from("<IQ", buf, offset + 4 + 8 * dims)
+        offset += 4 + 8 * dims + 12
+        if tensor_name == name:
+            found = (shape, kind, start)
+    if found is None:
+        return None
+    shape, kind, start = found
+    if kind != GGMLQuantizationType.F32:
+        raise CalqError(f"the GGUF's {name} is stored as {GGMLQuantizationType(kind).name}, not F32", "model.id",
+                        "use the model's original Hugging Face folder (safetensors and tokenizer.json)")
+    alignment = meta.get("general.alignment", 32)
+    data = -(-offset // alignment) * alignment
+    return np.frombuffer(buf, np.float32, int(np.prod(shape)), data + start).copy()
+
+
+def _header(path: str | Path):
+    """(the file mapped, its key-value pairs, the offset of its tensor infos, how many tensors)."""
+    from gguf import GGUF_MAGIC
 
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    magic, version, _, count = struct.unpack_from("<IIQQ", buf, 0)
+    magic, version, tensors, count = struct.unpack_from("<IIQQ", buf, 0)
     if magic != GGUF_MAGIC or version < 2:
         raise CalqError(f"{Path(path).name} is not a GGUF file of version 2 or later (little-endian)", "model.id",
                         "give a GGUF file written by llama.cpp's converter or the gguf package")
+    out, offset, read = {}, 24, _Reader(buf)
+    for _ in range(count):
+        key, offset = read.string(offset)
+        (kind,) = struct.unpack_from("<I", buf, offset)
+        out[key], offset = read.value(offset + 4, kind)
+    return buf, out, offset, tensors
 
-    def string(offset: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, offset)
-        return buf[offset + 8: offset + 8 + n].decode("utf-8", errors="replace"), offset + 8 + n
 
-    def value(offset: int, kind: int):
+class _Reader:
+    """GGUF strings and values at an offset of a mapped file: (value, offset after it)."""
+
+    def __init__(self, buf):
+        self.buf = buf
+
+    def string(self, offset: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self.buf, offset)
+        return self.buf[offset + 8: offset + 8 + n].decode("utf-8", errors="replace"), offset + 8 + n
+
+    def value(self, offset: int, kind: int):
+        from gguf import GGUFValueType
+
         if kind == GGUFValueType.STRING:
-            return string(offset)
+            return self.string(offset)
         if kind == GGUFValueType.ARRAY:
-            item, n = struct.unpack_from("<IQ", buf, offset)
+            item, n = struct.unpack_from("<IQ", self.buf, offset)
             offset += 12
             if item in (GGUFValueType.STRING, GGUFValueType.ARRAY):
                 items = []
                 for _ in range(n):
-                    v, offset = value(offset, item)
+                    v, offset = self.value(offset, item)
                     items.append(v)
                 return items, offset
             dtype = _dtype(item)
-            return np.frombuffer(buf, dtype, n, offset).tolist(), offset + n * dtype.itemsize
+            return np.frombuffer(self.buf, dtype, n, offset).tolist(), offset + n * dtype.itemsize
         dtype = _dtype(kind)
-        return np.frombuffer(buf, dtype, 1, offset)[0].item(), offset + dtype.itemsize
-
-    out, offset = {}, 24
-    for _ in range(count):
-        key, offset = string(offset)
-        (kind,) = struct.unpack_from("<I", buf, offset)
-        out[key], offset = value(offset + 4, kind)
-    return out
+        return np.frombuffer(self.buf, dtype, 1, offset)[0].item(), offset + dtype.itemsize
 
 
 def _dtype(kind: int) -> np.dtype:
@@ -122,10 +161,12 @@ def spm_tokenizer(meta: dict):
                                    pad_token=token("padding"), clean_up_tokenization_spaces=False)
 
 
-def complete_config(config, meta: dict):
+def complete_config(config, meta: dict, rope_freqs: np.ndarray | None = None):
     """`config` (transformers' reading of the file) with what llama.cpp also reads from it; refuses a RoPE scaling
-    type calq does not carry over."""
+    type calq does not carry over. `rope_freqs`: the file's rope_freqs tensor (Llama 3.x), if it has one."""
     arch = meta["general.architecture"]
+    if rope_freqs is not None:
+        config.rope_parameters.update(llama3_rope(config, rope_freqs))
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise CalqError(f"the GGUF's RoPE scaling '{scaling}' is not carried into transformers' model by calq "
@@ -144,3 +185,41 @@ def complete_config(config, meta: dict):
     elif linear:
         config.rope_parameters.update(linear)
     return config
+
+
+# Llama 3.1, 3.2 and 3.3 all have these; only `factor` differs (8 or 32)
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope(config, rope_freqs: np.ndarray) -> dict:
+    """transformers' llama3 rope_parameters that give the frequencies a GGUF's rope_freqs tensor holds (llama.cpp
+    divides each default frequency by it: 1 for high frequencies, `factor` for low ones, smoothed between). Only two
+    combinations of the three smoothing parameters matter, so low_freq_factor is taken as 1 and the others solved
+    from the smoothed frequencies; with fewer than two of them, Llama 3's own values. Refused unless transformers'
+    llama3 frequencies then equal the file's within 1e-4."""
+    import copy
+
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    default = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(rope_freqs.max())
+    params = {"rope_type": "llama3", "factor": factor, **LLAMA3_DEFAULTS}
+    smooth = (rope_freqs > 1 + 1e-6) & (rope_freqs < factor - 1e-6)
+    if smooth.sum() >= 2 and factor > 1:  # s = (1/r - 1/factor) / (1 - 1/factor) = a * inv_freq + b
+        s = (1 / rope_freqs[smooth] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(default[smooth], s, 1)
+        span = -1 / b  # high - low, with low = 1
+        params.update(low_freq_factor=1.0, high_freq_factor=1.0 + span,
+                      original_max_position_embeddings=int(round(2 * np.pi * a * span)))
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = {**rope, **params}
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](trial, torch.device("cpu"))
+    ratio = default / scaled.double().numpy()
+    if rope_freqs.shape != ratio.shape or not np.allclose(ratio, rope_freqs, rtol=1e-4):
+        raise CalqError("the GGUF's rope_freqs tensor is not a Llama 3 rope scaling that transformers can express",
+                        "model.id", "use the model's original Hugging Face folder (safetensors and tokenizer.json)")
+    return params
+

@@ -210,7 +210,9 @@ def load_config(source: ModelSource):
         raise CalqError(f"cannot read the model config of {source.describe()} ({str(exc).splitlines()[0]})", "model.id",
                         "check the id or path; hub ids need network access") from None
     if source.gguf_file:
-        config = gguf_reading.complete_config(config, gguf_reading.metadata(Path(source.location) / source.gguf_file))
+        path = Path(source.location) / source.gguf_file
+        config = gguf_reading.complete_config(config, gguf_reading.metadata(path),
+                                              gguf_reading.tensor(path, "rope_freqs.weight"))
     return config
 
 

@@ -154,7 +154,8 @@ class TasksSpec(Strict):
         None, description="answer-level calibrators fitted on separate fit tasks (omit: none)")
     limit: int | None = Field(200, ge=1, description="examples per task (None: all)")
     batch_size: int = Field(8, ge=1, description="requests per forward pass")
-    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the answer-level confidence intervals")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the answer-level confidence intervals "
+                                                      "(at least 10)")
     seed: int = Field(0, description="bootstrap seed")
     split: bool = Field(False, description="one stage per task (tasks/<variant>/<task>), merged into the variant's "
                                            "results: the Ray executor runs them side by side")

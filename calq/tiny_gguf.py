@@ -75,11 +75,12 @@ def write_tiny_gguf(path: Path, text: str, arch: str = "llama", add_bos: bool | 
                     layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, ffn: int = 128,
                     words: int = 200, vocab_size: int | None = None, user_defined: tuple[str, ...] = (),
                     sliding_window: int = 16, rope_freq_base: float = 10000.0, rope_scaling: float | None = None,
-                    seed: int = 0) -> Path:
+                    rope_freqs: np.ndarray | None = None, seed: int = 0) -> Path:
     """A tiny `llama`, `gemma3`, `qwen2` or `qwen3` GGUF (float32 tensors, the embedding float16). `add_bos=None`
     leaves `tokenizer.ggml.add_bos_token` out; `vocab_size` pads a SentencePiece vocabulary to that many tokens (Gemma
     3: 262,144) or sizes the BPE one; `user_defined` adds SentencePiece user-defined pieces; `rope_scaling` writes a
-    linear RoPE scaling factor (Gemma 3 4B and larger have 8)."""
+    linear RoPE scaling factor (Gemma 3 4B and larger have 8); `rope_freqs` a rope_freqs tensor (Llama 3.x: what each
+    rotary frequency is divided by)."""
     from gguf import GGUFWriter
 
     rng = np.random.default_rng(seed)
@@ -157,6 +158,8 @@ def write_tiny_gguf(path: Path, text: str, arch: str = "llama", add_bos: bool | 
         for name, tensor in block.items():
             writer.add_tensor(f"blk.{i}.{name}", tensor)
     writer.add_tensor("output_norm.weight", norm(hidden))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

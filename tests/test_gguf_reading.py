@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from calq import gguf_reading, models
@@ -125,3 +126,48 @@ def test_a_rope_scaling_calq_does_not_carry_is_refused(tmp_path, text):
     meta["qwen2.rope.scaling.type"] = "yarn"
     with pytest.raises(CalqError, match="RoPE scaling 'yarn' is not carried .* fix: use the model's original"):
         gguf_reading.complete_config(config, meta)
+
+
+def _llama3_freqs(head_dim: int, theta: float, **params) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs for these llama3 parameters (calq's GGUF writer's function)."""
+    import gguf
+    from transformers import LlamaConfig
+
+    from calq.export.gguf import rope_factors
+
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                         max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": theta, **params})
+    return next(iter(rope_factors(gguf, config).values()))
+
+
+def test_a_llama3_rope_freqs_tensor_becomes_transformers_llama3_rope(tmp_path, text, heldout):
+    pytest.importorskip("llama_cpp")
+    from calq.evaluation.gguf_check import cross_check
+
+    llama31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    freqs = _llama3_freqs(16, 10000.0, **llama31)
+    assert freqs.max() == 8.0 and freqs.min() == 1.0  # the tiny head size still has scaled low frequencies
+    path = write_tiny_gguf(tmp_path / "l3.gguf", text, rope_freqs=freqs, words=60)
+    source = models.resolve(str(path))
+    config = models.load_config(source)
+    assert {k: config.rope_parameters[k] for k in llama31} == llama31
+    assert config.rope_parameters["rope_type"] == "llama3"
+    model, tokenizer = models.load(source)
+    result = cross_check(path, model, tokenizer, heldout, tokens=128)
+    assert result["tokens_equal"] and result["passed"], result["problem"]
+
+
+@pytest.mark.parametrize("params", [
+    {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 4096}])
+def test_llama3_parameters_are_recovered_from_rope_freqs(params):
+    from transformers import LlamaConfig
+
+    freqs = _llama3_freqs(128, 500000.0, **params)
+    config = LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=128, max_position_embeddings=131072,
+                         rope_parameters={"rope_theta": 500000.0})
+    found = gguf_reading.llama3_rope(config, freqs)
+    assert found.pop("rope_type") == "llama3" and found == pytest.approx(params, rel=1e-3)
+    with pytest.raises(CalqError, match="rope_freqs tensor is not a Llama 3 rope scaling"):
+        gguf_reading.llama3_rope(config, freqs[::-1].copy())
