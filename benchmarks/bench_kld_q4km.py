@@ -18,8 +18,11 @@ one without a calibrator.
 Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GPTQ W4A16 g32 with Q4_K_M's own choice
 of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
---onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, the int8 embedding dequantized in the
-graph), scored by ONNX Runtime on the same windows; its size is model.onnx + model.onnx.data.
+5-bit groups (`--variants minmax-w5a16-g32-sym-int8emb,minmax-w5a16-g32-sym-int8v`): symmetric 5-bit groups of 32
+(`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second).
+--onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, 5-bit groups stored as bits 8, the int8
+embedding dequantized in the graph), scored by ONNX Runtime on the same windows; its size is model.onnx +
+model.onnx.data.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
 """
 
@@ -65,7 +68,16 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         "minmax-w4a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
                                          "embedding": "int8"},  # the int8 embedding alone
         # asymmetric int4 -> Q4_1 (5 bits per weight)
-        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED}}
+        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED},
+        # symmetric 5-bit groups -> Q5_0 (5.5 bits per weight, as Q4_K_M's 166 Q5_0 tensors at this width) and the
+        # embedding as Q8_0: about 100.1 MiB with GGUF's metadata, Q4_K_M's size
+        "minmax-w5a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                         "symmetric": True, "embedding": "int8"},
+        # the same with every attn_v at int8 (Q8_0), as Q4_K_M: 1.2 MiB more, over Q4_K_M's size
+        "minmax-w5a16-g32-sym-int8v": {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                       "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]]},
+        "gptq-w5a16-g32-sym-int8emb": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                       "symmetric": True, "embedding": "int8"}}
 DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
