@@ -18,8 +18,13 @@ one without a calibrator.
 Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GPTQ W4A16 g32 with Q4_K_M's own choice
 of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
---onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, the int8 embedding dequantized in the
-graph), scored by ONNX Runtime on the same windows; its size is model.onnx + model.onnx.data.
+5-bit groups (`--variants minmax-w5a16-g32-sym-int8emb,minmax-w5a16-g32-sym-int8v`): symmetric 5-bit groups of 32
+(`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second).
+--onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, 5-bit groups stored as bits 8, the int8
+embedding dequantized in the graph), scored by ONNX Runtime on the same windows; its size is model.onnx +
+model.onnx.data.
+Each calq file's mean KLD is also compared with Q4_K_M's on the same positions (`vs_q4km`: the difference and a 95%
+block-bootstrap interval over blocks of 64 positions), so a small gap is not read as a win or a loss.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
 """
 
@@ -65,9 +70,19 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         "minmax-w4a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True,
                                          "embedding": "int8"},  # the int8 embedding alone
         # asymmetric int4 -> Q4_1 (5 bits per weight)
-        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED}}
+        "gptq-w4a16-g32-mixed": {"method": "gptq", "scheme": "w4a16", "group_size": 32, **MIXED},
+        # symmetric 5-bit groups -> Q5_0 (5.5 bits per weight, as Q4_K_M's 166 Q5_0 tensors at this width) and the
+        # embedding as Q8_0: about 100.1 MiB with GGUF's metadata, Q4_K_M's size
+        "minmax-w5a16-g32-sym-int8emb": {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                         "symmetric": True, "embedding": "int8"},
+        # the same with every attn_v at int8 (Q8_0), as Q4_K_M: 1.2 MiB more, over Q4_K_M's size
+        "minmax-w5a16-g32-sym-int8v": {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                       "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]]},
+        "gptq-w5a16-g32-sym-int8emb": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                       "symmetric": True, "embedding": "int8"}}
 DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+Q4KM = "llama.cpp Q4_K_M of the F16 baseline"  # the artifact every calq file is compared with
 
 
 def baseline_folder(out: Path) -> Path:
@@ -178,10 +193,27 @@ def in_child(target, *args) -> None:
         raise SystemExit(f"child process for {args[0]} exited with {process.exitcode}")
 
 
+def kl_per_position(base: np.ndarray, other: np.ndarray) -> torch.Tensor:
+    p, q = torch.from_numpy(base).double(), torch.from_numpy(other).double()
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def against(kld: torch.Tensor, reference: torch.Tensor, block: int = 64, draws: int = 10_000) -> dict:
+    """Mean per-position KLD minus `reference`'s on the same positions, with a 95% block-bootstrap interval (blocks of
+    `block` neighbouring positions resampled: neighbouring tokens' divergences are correlated)."""
+    difference = (kld - reference).numpy()
+    blocks = difference[: len(difference) // block * block].reshape(-1, block).mean(1)
+    rng = np.random.default_rng(0)
+    means = blocks[rng.integers(0, len(blocks), (draws, len(blocks)))].mean(1)
+    return {"difference": float(difference.mean()), "ci95": [float(np.quantile(means, 0.025)),
+                                                            float(np.quantile(means, 0.975))],
+            "share_of_positions_lower": float((difference < 0).mean())}
+
+
 def compare(base: np.ndarray, other: np.ndarray, tokens: np.ndarray, ctx: int) -> dict:
     """Per position KL(base || other), top-1 agreement; perplexity of `other` on the next token within each window."""
     p, q = torch.from_numpy(base).double(), torch.from_numpy(other).double()
-    kld = (p.exp() * (p - q)).sum(-1)
+    kld = kl_per_position(base, other)
     nxt = torch.tensor([i for i in range(len(tokens) - 1) if (i + 1) % ctx])  # not a window's last position
     nll = -q[nxt, torch.from_numpy(tokens)[nxt + 1]]
     return {"mean_kld": float(kld.mean()), "median_kld": float(kld.median()),
@@ -232,7 +264,7 @@ def main() -> None:
     baseline = baseline_folder(args.out)
     f16 = export_gguf(baseline, args.out / "baseline-f16")
     artifacts = {"baseline F16 (calq's GGUF writer)": f16,
-                 **{f"llama.cpp {kind} of the F16 baseline": llama_quantize(f16, kind, args.out)
+                 **{Q4KM.replace("Q4_K_M", kind): llama_quantize(f16, kind, args.out)
                     for kind in LLAMA_TYPES},
                  **{f"calq {name} as GGUF": calq_gguf(name, args.out, baseline, args.data_dir, args.samples,
                                                       args.awq if name.startswith("awq") else None)
@@ -269,6 +301,10 @@ def main() -> None:
              "mib": (onnx_bytes(path) if name in onnx else Path(path).stat().st_size) / 2**20,
              "tensor_types": {} if name in onnx else tensor_types(Path(path)),
              **compare(base, logprobs[name], tokens, args.ctx)} for name, path in artifacts.items()]
+    q4km = kl_per_position(base, logprobs[Q4KM])
+    for row in rows:  # is a calq file's divergence below Q4_K_M's beyond what the text sample allows?
+        if row["artifact"].startswith("calq"):
+            row["vs_q4km"] = against(kl_per_position(base, logprobs[row["artifact"]]), q4km)
 
     import llama_cpp
 
@@ -281,6 +317,11 @@ def main() -> None:
               "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
     (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
     print(table(rows))
+    for row in rows:
+        if "vs_q4km" in row:
+            low, high = row["vs_q4km"]["ci95"]
+            print(f"{row['artifact']}: mean KLD minus Q4_K_M's {row['vs_q4km']['difference']:+.4f} (95% "
+                  f"block-bootstrap interval {low:+.4f} .. {high:+.4f})")
     print(json.dumps(result, indent=2))
 
 

@@ -280,10 +280,10 @@ def test_onnx_accuracy_level_goes_into_matmulnbits(level):
     from calq.export import onnx as onnx_export
 
     generator = torch.Generator().manual_seed(0)
-    layer = variants.Int4Layer(q=torch.randint(0, 16, (48, 128), generator=generator, dtype=torch.uint8),
-                               scale=torch.rand(48, 4, generator=generator) / 10 + 0.01,
-                               zero=torch.randint(0, 16, (48, 4), generator=generator, dtype=torch.uint8),
-                               group_size=32, symmetric=False)
+    layer = variants.GroupLayer(q=torch.randint(0, 16, (48, 128), generator=generator, dtype=torch.uint8),
+                                scale=torch.rand(48, 4, generator=generator) / 10 + 0.01,
+                                zero=torch.randint(0, 16, (48, 4), generator=generator, dtype=torch.uint8),
+                                group_size=32, symmetric=False)
     linear = torch.nn.Linear(128, 48, bias=False)
     linear.weight.data = layer.dequantize()
     variant = variants.Variant(linear, {"proj": layer}, None)  # the layers are what the graph edit reads

@@ -83,7 +83,7 @@ def test_readers_see_both_layer_types_and_the_int8_embedding(mixed):
     int8 = {name for name, layer in variant.layers.items() if isinstance(layer, variants.Int8WeightLayer)}
     assert int8 == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj",
                     "model.layers.1.mlp.down_proj"}
-    assert all(isinstance(layer, variants.Int4Layer) and layer.symmetric
+    assert all(isinstance(layer, variants.GroupLayer) and layer.symmetric
                for name, layer in variant.layers.items() if name not in int8)
     assert len(variant.layers) == 14 and variant.scheme == "mixed"
     matrix = variant.matrices["model.embed_tokens.weight"]

@@ -97,7 +97,7 @@ class _Decode(nn.Module):
         return logits if self.temperature is None else logits / self.temperature
 
 
-def _int4_linear(linear: nn.Linear, layer: variants.Int4Layer) -> nn.Module:
+def _int4_linear(linear: nn.Linear, layer: variants.GroupLayer) -> nn.Module:
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,

@@ -5,6 +5,9 @@ Block formats, each 32 weights along a row (ggml's layout):
   y = q * d + m. calq's weight (q - z) * s, with q and z the unsigned 0..15 values compressed-tensors stores, is
   d = s, m = -z * s with the same q; a group of G = 32 * b weights is b blocks sharing d and m. When every zero
   point is 8 (symmetric) -> Q4_0 {d; 16 bytes}, y = (q - 8) * d, d = s.
+- 5-bit groups (`bits: 5`, q and z unsigned 0..31) the same way -> Q5_1 {d, m; qh: 4 bytes, bit j the fifth bit of
+  weight j; the low four bits as Q4's 16 bytes} (6 bits per weight), or Q5_0 {d; qh; 16 bytes}, y = (q - 16) * d,
+  when every zero point is 16 (5.5 bits per weight).
 - W8A8 -> Q8_0 {d float16; 32 int8}, y = q * d: calq's int8 values with d = the row's channel scale in every block.
   The int8 layers of a mixed checkpoint (W8A16, `int8_layers`) the same way: one file, a type per tensor.
 - An int8 embedding / head (`embedding: int8`) -> Q8_0 with its own int8 values and float16 block scales: exactly the
@@ -165,18 +168,26 @@ def _half(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.float16).numpy()
 
 
-def q4_blocks(layer: variants.Int4Layer) -> tuple[np.ndarray, str]:
-    """(uint8 [N, K/32 * block bytes], 'Q4_0' or 'Q4_1') holding calq's int4 values, scales and zero points."""
+def group_blocks(layer: variants.GroupLayer) -> tuple[np.ndarray, str]:
+    """(uint8 [N, K/32 * block bytes], 'Q4_0', 'Q4_1', 'Q5_0' or 'Q5_1') holding calq's 4- or 5-bit values, scales and
+    zero points."""
+    if layer.bits not in (4, 5):
+        raise CalqError(f"GGUF has no block type for {layer.bits}-bit groups", "export.gguf",
+                        "quantize with bits 4 or 5")
     n, k = layer.q.shape
     per = layer.group_size // BLOCK
     q = layer.q.numpy().reshape(n, k // BLOCK, 2, 16)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).astype(np.uint8)  # [N, blocks, 16]
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).astype(np.uint8)  # [N, blocks, 16]
     scale = layer.scale.repeat_interleave(per, 1)
-    d = _half(scale)[..., None].view(np.uint8)  # [N, blocks, 2]
-    if layer.symmetric:
-        return np.concatenate([d, qs], axis=-1).reshape(n, -1), "Q4_0"
-    m = _half(-layer.zero.repeat_interleave(per, 1).float() * scale)[..., None].view(np.uint8)
-    return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), "Q4_1"
+    parts = [_half(scale)[..., None].view(np.uint8)]  # d: [N, blocks, 2]
+    if not layer.symmetric:
+        parts.append(_half(-layer.zero.repeat_interleave(per, 1).float() * scale)[..., None].view(np.uint8))  # m
+    if layer.bits == 5:
+        fifth = (q.reshape(n, k // BLOCK, BLOCK).astype(np.uint32) >> 4) & 1
+        qh = (fifth << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)  # bit j: weight j's fifth bit
+        parts.append(qh.astype("<u4")[..., None].view(np.uint8))  # [N, blocks, 4], little-endian
+    kind = f"Q{layer.bits}_{0 if layer.symmetric else 1}"
+    return np.concatenate([*parts, qs], axis=-1).reshape(n, -1), kind
 
 
 def q8_blocks(layer: variants.Int8Layer | variants.Int8WeightLayer) -> np.ndarray:
@@ -244,7 +255,7 @@ class GgufExporter(Exporter):
         for group_name, group in (qc.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
             size = weights.get("group_size")
-            if weights.get("num_bits") == 4 and weights.get("strategy") == "group" and size % BLOCK:
+            if weights.get("num_bits") in (4, 5) and weights.get("strategy") == "group" and size % BLOCK:
                 raise CalqError(f"group size {size} is not a multiple of GGUF's block of {BLOCK}",
                                 f"{where}: config_groups.{group_name}", "quantize with group_size 32, 64 or 128")
 
@@ -298,7 +309,8 @@ class GgufExporter(Exporter):
             else:
                 if rows is not None:
                     layer = _rows(layer, rows)
-                blocks, kind = q4_blocks(layer) if isinstance(layer, variants.Int4Layer) else (q8_blocks(layer), "Q8_0")
+                blocks, kind = (group_blocks(layer) if isinstance(layer, variants.GroupLayer)
+                                else (q8_blocks(layer), "Q8_0"))
                 qtype = gguf.GGMLQuantizationType[kind]
                 writer.add_tensor(name, blocks, raw_dtype=qtype)
                 back = gguf.quants.dequantize(blocks, qtype)  # what llama.cpp will read, as float32
@@ -349,8 +361,9 @@ class LlamaCppSession:
 
 
 def _rows(layer, rows: torch.Tensor):
-    if isinstance(layer, variants.Int4Layer):
-        return variants.Int4Layer(layer.q[rows], layer.scale[rows], layer.zero[rows], layer.group_size, layer.symmetric)
+    if isinstance(layer, variants.GroupLayer):
+        return variants.GroupLayer(layer.q[rows], layer.scale[rows], layer.zero[rows], layer.group_size,
+                                   layer.symmetric, layer.bits)
     if isinstance(layer, variants.Int8WeightLayer):
         return variants.Int8WeightLayer(layer.q[rows], layer.scale[rows])
     return variants.Int8Layer(layer.q[rows], layer.scale[rows], layer.input_scale)
@@ -451,10 +464,9 @@ def _copy_tokenizer(writer, gguf, source: Path, vocab_size: int) -> str:
 
 
 def _file_type(gguf, types: dict[str, int]) -> int:
-    names = {"Q4_1": "MOSTLY_Q4_1", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16"}
-    for kind in ("Q4_1", "Q4_0", "Q8_0", "F16"):
+    for kind in ("Q4_1", "Q4_0", "Q5_1", "Q5_0", "Q8_0", "F16"):  # the Linears' group type before Q8_0's int8 layers
         if kind in types:
-            return gguf.LlamaFileType[names[kind]]
+            return gguf.LlamaFileType[f"MOSTLY_{kind}"]
     return gguf.LlamaFileType.ALL_F32
 
 
@@ -475,7 +487,8 @@ def _changes(variant, types, worst, exact_matrices, temperature, float_type, tok
         changes.append("W8A8 activations: llama.cpp quantizes them to int8 per block of 32 (q8_0), not with calq's "
                        "per-token or static scales")
     elif variant.layers:
-        changes.append("llama.cpp's CPU kernels quantize the activations of int4 products to int8 per block of 32")
+        changes.append("llama.cpp's CPU kernels quantize the activations of int4 / int5 products to int8 per block of "
+                       "32")
     if float_type == "f16" and not exact_matrices:
         changes.append("unquantized matrices (embeddings) stored as float16")
     if temperature is not None:

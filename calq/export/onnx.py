@@ -10,6 +10,9 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   `export.onnx_accuracy_level`): 0 (default) computes with float32 activations, as in PyTorch; 4 lets ONNX Runtime
   quantize the activations to int8 per block and multiply in int8 (faster on CPUs, as llama.cpp's kernels do; the
   re-verification measures what it changes); 1, 2, 3: float32, float16, bfloat16 compute where the CPU has it.
+- 5-bit groups (`bits: 5`) -> MatMulNBits bits 8: ONNX Runtime 1.32's CPU kernel runs bits 2, 4 and 8 only ("Only
+  2b, 4b and 8b quantization is supported"), so each unsigned 5-bit value is stored in a byte as q + 112 (zero point
+  z + 112; 128, the 8-bit default, when symmetric): exact, but 8 bits per weight in the file instead of 5.
 - W8A16 (the int8 layers of a mixed checkpoint, `int8_layers`) -> MatMulNBits bits 8: calq's int8 values + 128 and
   channel scales, exact; the same `accuracy_level`.
 - An int8 embedding / head (`embedding: int8`) -> its int8 values and float16 block scales (Q8_0's layout) as
@@ -149,23 +152,33 @@ class _Graph:
         self.graph.initializer.remove(self.initializers.pop(weight))
 
 
-def _int4_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int4Layer, accuracy_level: int) -> list:
+def _group_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.GroupLayer, accuracy_level: int) -> list:
+    """4-bit groups as MatMulNBits bits 4; 5-bit ones as bits 8, each value shifted so that the symmetric zero point is
+    the 8-bit default 128 (module docstring)."""
     from onnx import helper
 
     n, k = layer.q.shape
     block = block_size(layer.group_size)
     repeat = layer.group_size // block
     blocks = k // block
-    q = layer.q.numpy().reshape(n, blocks, block // 2, 2)
-    packed = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)  # element 2i in the low nibble, 2i + 1 in the high
     scales = np.repeat(layer.scale.numpy().astype(np.float32), repeat, axis=1)
-    inputs = [x, g.constant(f"{prefix}.qweight", packed), g.constant(f"{prefix}.scales", scales)]
-    if not layer.symmetric:  # MatMulNBits' default zero point is 8, calq's symmetric zero point
-        zeros = np.repeat(layer.zero.numpy(), repeat, axis=1)
+    zeros = np.repeat(layer.zero.numpy(), repeat, axis=1)
+    if layer.bits == 4:
+        q = layer.q.numpy().reshape(n, blocks, block // 2, 2)
+        packed = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)  # element 2i in the low nibble, 2i + 1 in the high
         zeros = np.pad(zeros, ((0, 0), (0, blocks % 2)), constant_values=8).reshape(n, -1, 2)
-        inputs.append(g.constant(f"{prefix}.zeros", (zeros[..., 0] | (zeros[..., 1] << 4)).astype(np.uint8)))
+        zeros = (zeros[..., 0] | (zeros[..., 1] << 4)).astype(np.uint8)
+        bits = 4
+    else:
+        shift = 128 - (1 << (layer.bits - 1))
+        packed = (layer.q.numpy().astype(np.int16) + shift).astype(np.uint8).reshape(n, blocks, block)
+        zeros = (zeros.astype(np.int16) + shift).astype(np.uint8)
+        bits = 8
+    inputs = [x, g.constant(f"{prefix}.qweight", packed), g.constant(f"{prefix}.scales", scales)]
+    if not layer.symmetric:  # MatMulNBits' default zero point (8 or 128) is calq's symmetric one
+        inputs.append(g.constant(f"{prefix}.zeros", zeros))
     return [helper.make_node("MatMulNBits", inputs, [y], name=f"{prefix}.MatMulNBits", domain="com.microsoft",
-                             K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)]
+                             K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)]
 
 
 def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.Int8WeightLayer,
@@ -263,7 +276,7 @@ class OnnxExporter(Exporter):
         for group_name, group in (qc.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
             size = weights.get("group_size")
-            if weights.get("num_bits") == 4 and weights.get("strategy") == "group" and not block_size(size or 0):
+            if weights.get("num_bits") in (4, 5) and weights.get("strategy") == "group" and not block_size(size or 0):
                 raise CalqError(f"group size {size} has no MatMulNBits block (a power of two >= 16 dividing it)",
                                 f"{checkpoint_dir}/config.json: config_groups.{group_name}",
                                 "quantize with group_size 32, 64 or 128")
@@ -354,9 +367,9 @@ class OnnxExporter(Exporter):
             weight = f"model.{name}.weight"
             _, matmul = graph.linear(weight)
             x, y = matmul.input[0], matmul.output[0]
-            if isinstance(layer, variants.Int4Layer):
+            if isinstance(layer, variants.GroupLayer):
                 blocks.add(block_size(layer.group_size))
-                nodes = _int4_nodes(graph, weight, x, y, layer, accuracy_level)
+                nodes = _group_nodes(graph, weight, x, y, layer, accuracy_level)
             elif isinstance(layer, variants.Int8WeightLayer):
                 nodes = _int8_weight_nodes(graph, weight, x, y, layer, accuracy_level)
             else:
@@ -514,13 +527,20 @@ COMPUTE = {0: " (float32 activations, as PyTorch)", 1: " (float32 activations, a
 
 def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int) -> list[str]:
     changes = []
-    int4 = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int4Layer)]
+    grouped = [layer for layer in variant.layers.values() if isinstance(layer, variants.GroupLayer)]
+    int4 = [layer for layer in grouped if layer.bits == 4]
+    int5 = [layer for layer in grouped if layer.bits == 5]
     int8 = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int8Layer)]
+    groups = sorted({layer.group_size for layer in grouped})
     if int4:
-        groups = sorted({layer.group_size for layer in int4})
         changes.append(f"W4A16: {len(int4)} layers as MatMulNBits with calq's int4 values, scales and zero points "
                        f"(groups {groups} in blocks {sorted(blocks)}: exact); accuracy_level {accuracy_level}"
                        + COMPUTE[accuracy_level])
+    if int5:
+        changes.append(f"5-bit groups: {len(int5)} layers as MatMulNBits bits 8 (ONNX Runtime's CPU kernel runs 2, 4 "
+                       "and 8 bits): calq's 5-bit values, scales and zero points exact, but stored in a byte each "
+                       f"(8 bits per weight, not 5); groups {groups} in blocks {sorted(blocks)}; accuracy_level "
+                       f"{accuracy_level}" + COMPUTE[accuracy_level])
     int8_weights = [layer for layer in variant.layers.values() if isinstance(layer, variants.Int8WeightLayer)]
     if int8_weights:
         changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "

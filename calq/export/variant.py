@@ -20,14 +20,16 @@ from calq.errors import CalqError
 
 
 @dataclass
-class Int4Layer:
-    """W4A16: w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]; q and zero unsigned 0..15."""
+class GroupLayer:
+    """W4A16 (and its 5-bit form): w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]; q and zero
+    unsigned 0..2^bits - 1."""
 
     q: torch.Tensor  # uint8 [N, K]
     scale: torch.Tensor  # float32 [N, K / group]
-    zero: torch.Tensor  # uint8 [N, K / group]; 8 everywhere when symmetric
+    zero: torch.Tensor  # uint8 [N, K / group]; 2^(bits - 1) everywhere when symmetric (8 for int4)
     group_size: int
     symmetric: bool
+    bits: int = 4
 
     def dequantize(self) -> torch.Tensor:
         zero = self.zero.repeat_interleave(self.group_size, 1).float()
@@ -69,15 +71,16 @@ class Q8Matrix:
 @dataclass
 class Variant:
     model: nn.Module  # float32 transformers causal LM, eval mode
-    layers: dict[str, Int4Layer | Int8Layer | Int8WeightLayer]  # by module name in `model`; empty for the baseline
+    layers: dict[str, GroupLayer | Int8Layer | Int8WeightLayer]  # by module name in `model`; empty for the baseline
     folder: Path
     matrices: dict[str, Q8Matrix] = field(default_factory=dict)  # by parameter name: the int8 embedding / head
 
     @property
     def scheme(self) -> str:
         kinds = {type(layer) for layer in self.layers.values()}
-        return "baseline" if not kinds else "w4a16" if kinds == {Int4Layer} else "w8a8" if kinds == {Int8Layer} \
-            else "mixed"
+        bits = {layer.bits for layer in self.layers.values() if isinstance(layer, GroupLayer)}
+        return ("baseline" if not kinds else f"w{bits.pop()}a16" if kinds == {GroupLayer} and len(bits) == 1
+                else "w8a8" if kinds == {Int8Layer} else "mixed")
 
 
 def int8_matrices(model: nn.Module) -> dict[str, Q8Matrix]:
@@ -111,17 +114,20 @@ def read(folder: str | Path) -> Variant:
         return Variant(model.eval().requires_grad_(False), {}, folder, int8_matrices(model))
 
     # triton (behind calq.kernels) is an optional package: the edge and gpu extras bring it
-    from calq.kernels import W4A16Linear, W8A8Linear, W8A16Linear, load_quantized
+    from calq.kernels import GroupWeightLinear, W4A16Linear, W8A8Linear, W8A16Linear, load_quantized
     from calq.kernels.w4a16 import unpack_int4
 
     model = load_quantized(folder, "cpu", torch.float32)  # raises CalqError for schemes calq does not write
-    layers: dict[str, Int4Layer | Int8Layer | Int8WeightLayer] = {}
+    layers: dict[str, GroupLayer | Int8Layer | Int8WeightLayer] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, W4A16Linear):
             # kernel layout: qweight [K/8, N] int32, scales and zeros [K/G, N]
-            layer = Int4Layer(unpack_int4(module.qweight.t().contiguous(), module.in_features),
-                              module.scales.t().float().contiguous(), module.zeros.t().contiguous(),
-                              module.group_size, symmetric=bool((module.zeros == 8).all()))
+            layer = GroupLayer(unpack_int4(module.qweight.t().contiguous(), module.in_features),
+                               module.scales.t().float().contiguous(), module.zeros.t().contiguous(),
+                               module.group_size, symmetric=bool((module.zeros == 8).all()))
+        elif isinstance(module, GroupWeightLinear):
+            layer = GroupLayer(module.q, module.scales, module.zeros, module.group_size,
+                               symmetric=bool((module.zeros == 1 << (module.bits - 1)).all()), bits=module.bits)
         elif isinstance(module, W8A8Linear):
             static = module.input_scale
             layer = Int8Layer(module.weight, module.weight_scale.float(), None if static is None else float(static))

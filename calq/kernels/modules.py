@@ -3,7 +3,8 @@
 `load_quantized` reads a compressed-tensors checkpoint folder (config.json `quantization_config` plus safetensors
 files) directly, without llm-compressor or compressed-tensors: it builds the model skeleton without weights, swaps
 every quantized nn.Linear for a `W4A16Linear` (pack-quantized int4), `W8A16Linear` (pack-quantized int8 weights,
-16-bit activations: the int8 layers of a mixed checkpoint) or `W8A8Linear` (int-quantized int8), and loads the
+16-bit activations: the int8 layers of a mixed checkpoint), `GroupWeightLinear` (pack-quantized weights of another
+width, 5 bits: no Triton kernel, dequantized for torch's matmul) or `W8A8Linear` (int-quantized int8), and loads the
 remaining tensors (embeddings, norms, lm_head) as they are.
 """
 
@@ -105,6 +106,59 @@ class W8A16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, 16-bit activations"
+
+
+class GroupWeightLinear(nn.Module):
+    """Weight-only integers of a width the Triton kernels do not run (5 bits): unsigned values q [N, K] (0..2^bits - 1,
+    as compressed-tensors stores them), float32 scales and unsigned zero points per group of inputs [N, K/G] (2^(bits
+    - 1) when symmetric). calq has no kernel for them: forward dequantizes, (q - zero) * scale, and runs torch's
+    matmul, so it computes what the checkpoint holds, at float speed."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size, self.bits = group_size, bits
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int,
+                        dtype: torch.dtype) -> GroupWeightLinear:
+        """From one layer's pack-quantized tensors (weight_packed, weight_scale, [weight_zero_point], [bias]): values
+        packed densely along K, zero points along N, each stored as value + 2^(bits - 1)."""
+        n, k = (int(size) for size in tensors["weight_shape"])
+        scales = tensors["weight_scale"].float().reshape(n, -1)
+        packed_zeros, bias = tensors.get("weight_zero_point"), tensors.get("bias")
+        zeros = (torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8, device=scales.device)
+                 if packed_zeros is None else unpack_bits(packed_zeros.t().contiguous(), bits, n).t().contiguous())
+        return cls(unpack_bits(tensors["weight_packed"], bits, k), scales, zeros, group_size, bits,
+                   None if bias is None else bias.to(dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]."""
+        zeros = self.zeros.repeat_interleave(self.group_size, 1).float()
+        return (self.q.float() - zeros) * self.scales.repeat_interleave(self.group_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"{self.bits}-bit weights dequantized (no kernel)")
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unsigned `bits`-wide values (uint8) from compressed-tensors' dense pack-quantized int32 words along the last
+    dim: value i holds bits [i * bits, (i + 1) * bits) of the words read as one little-endian bit stream."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    start = torch.arange(count, device=packed.device) * bits
+    word, offset = start // 32, start % 32
+    following = (word + 1).clamp(max=words.shape[-1] - 1)  # a value that crosses into the next word
+    pair = words[..., word] | (words[..., following] << 32)
+    return ((pair >> offset) & ((1 << bits) - 1)).to(torch.uint8)
 
 
 def unpack_int8(packed: torch.Tensor, count: int) -> torch.Tensor:
@@ -221,6 +275,12 @@ def _kernel_linear(name: str, tensors: dict[str, torch.Tensor], scheme: dict, dt
         if "weight_packed" not in tensors:
             raise CalqError(f"layer {name} has no weight_packed tensor", str(folder), "check the checkpoint files")
         return W8A16Linear.from_checkpoint(tensors, dtype)
+    if _is_group_weights(scheme["format"], weights, acts):
+        if "weight_packed" not in tensors:
+            raise CalqError(f"layer {name} has no weight_packed tensor", str(folder), "check the checkpoint files")
+        in_features = int(tensors["weight_shape"][1])
+        group_size = weights["group_size"] if weights["strategy"] == "group" else in_features
+        return GroupWeightLinear.from_checkpoint(tensors, weights["num_bits"], group_size, dtype)
     if _is_w8a8(scheme["format"], weights, acts):
         if "weight" not in tensors or tensors["weight"].dtype != torch.int8:
             raise CalqError(f"layer {name} has no int8 weight tensor", str(folder), "check the checkpoint files")
@@ -228,15 +288,20 @@ def _kernel_linear(name: str, tensors: dict[str, torch.Tensor], scheme: dict, dt
     raise CalqError(f"unsupported quantization scheme (format {scheme['format']}, weights {weights}, "
                     f"input_activations {acts})", where,
                     "the kernels run pack-quantized int4 group/channel weights with 16-bit activations, "
-                    "pack-quantized symmetric int8 per-channel weights with 16-bit activations, and "
+                    "pack-quantized symmetric int8 per-channel weights with 16-bit activations, other pack-quantized "
+                    "widths (5 bits) dequantized, and "
                     "int-quantized symmetric int8 per-channel weights with symmetric int8 per-token dynamic "
                     "or per-tensor static activations")
 
 
 def _is_w4a16(fmt: str, w: dict, a: dict | None) -> bool:
+    return _is_group_weights(fmt, w, a) and w.get("num_bits") == 4
+
+
+def _is_group_weights(fmt: str, w: dict, a: dict | None) -> bool:
     # GPTQ's actorder static (alias weight) only changes the order it rounds columns in: groups stay contiguous;
     # actorder group needs a per-column group index (weight_g_idx), which the kernels do not read
-    return (fmt == "pack-quantized" and a is None and w.get("type") == "int" and w.get("num_bits") == 4
+    return (fmt == "pack-quantized" and a is None and w.get("type") == "int" and 2 <= (w.get("num_bits") or 0) <= 8
             and w.get("strategy") in ("group", "channel") and w.get("actorder") in (None, "static", "weight")
             and not w.get("dynamic"))
 

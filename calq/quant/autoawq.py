@@ -17,6 +17,8 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from pydantic import field_validator
+
 from calq.errors import CalqError
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, MethodUnavailable, register
@@ -32,6 +34,14 @@ class AutoAwq(MethodConfig):
     version: ClassVar = 2  # the CPU fix (_snapshots_that_copy) changed what it produces
     no_int8_layers: ClassVar = ("AutoAWQ's search scales and clips every decoder Linear for int4, and calq writes "
                                 "AutoAWQ's int4 scales into each one")
+
+    @field_validator("bits")
+    @classmethod
+    def _four_bits(cls, bits):
+        if bits not in (None, 4):
+            raise ValueError(f"autoawq quantizes with AutoAWQ's 4-bit search (w_bit 4), not {bits} bits; use method "
+                             "awq, gptq or minmax for bits: 5")
+        return bits
 
     def check_model(self, config) -> None:
         check_model(config)

@@ -56,6 +56,9 @@ class MethodConfig(BaseModel):
     group_size: int | None = Field(None, gt=0, description="w4a16: int4 group size along the input dimension "
                                                            "(default 128); must divide every quantized layer's input "
                                                            "width")
+    bits: Literal[4, 5] | None = Field(
+        None, description="w4a16: bits per weight in the groups (default 4); 5 exports as GGUF Q5_0 (symmetric: 5.5 "
+                          "bits per weight at group_size 32) or Q5_1 (6)")
     symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
     dynamic_activations: bool | None = Field(
         None, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from "
@@ -92,10 +95,10 @@ class MethodConfig(BaseModel):
                              f"for {scheme} use a method among: {', '.join(others)}")
         return scheme
 
-    @field_validator("group_size", "dynamic_activations")
+    @field_validator("group_size", "bits", "dynamic_activations")
     @classmethod
     def _applies_to_scheme(cls, value, info: ValidationInfo):
-        only = {"group_size": "w4a16", "dynamic_activations": "w8a8"}[info.field_name]
+        only = {"group_size": "w4a16", "bits": "w4a16", "dynamic_activations": "w8a8"}[info.field_name]
         if value is not None and info.data.get("scheme") not in (None, only):
             raise ValueError(f"{info.field_name} applies to {only} only; remove it from this "
                              f"{info.data['scheme']} variant")
@@ -120,7 +123,13 @@ class MethodConfig(BaseModel):
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
         mixed = "-int8layers" if self.int8_layers else ""
         embedding = "-int8emb" if self.embedding == "int8" else ""
-        return f"{self.method}-{self.scheme}{group}{mixed}{embedding}"
+        scheme = "w5a16" if self.weight_bits == 5 else self.scheme
+        return f"{self.method}-{scheme}{group}{mixed}{embedding}"
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits per quantized weight in the scheme's first config group."""
+        return 8 if self.scheme == "w8a8" else self.bits or 4
 
     # ---- what a method overrides ---------------------------------------------------------------------
 
@@ -164,8 +173,9 @@ class MethodConfig(BaseModel):
             weights = {"num_bits": 8, "type": "int", "symmetric": True if self.symmetric is None else self.symmetric,
                        "strategy": "channel"}
             return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}
-        weights = {"num_bits": 4, "type": "int", "symmetric": False if self.symmetric is None else self.symmetric,
-                   "strategy": "group", "group_size": self.group_size or 128}
+        weights = {"num_bits": self.weight_bits, "type": "int",
+                   "symmetric": False if self.symmetric is None else self.symmetric, "strategy": "group",
+                   "group_size": self.group_size or 128}
         groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
         if self.int8_layers:  # compressed-tensors gives a name or regex target precedence over the class 'Linear'
             groups["group_1"] = {"targets": list(self.int8_layers),

@@ -52,14 +52,15 @@ class Budget(BaseModel):
 
 
 def linear_bytes(out_features: int, in_features: int, precision: str, group_size: int | None = None,
-                 symmetric: bool = False) -> int:
-    """Bytes of one Linear's weight at `precision`: w4a16 packs two int4 per byte with a float16 scale (and a float16
-    zero point when asymmetric) per group of `group_size` inputs; w8a8 (and w8a16) one byte per weight and a float16
-    scale per output channel; float is float16."""
+                 symmetric: bool = False, bits: int = 4) -> int:
+    """Bytes of one Linear's weight at `precision`: w4a16 packs `bits` (4 or 5) per weight with a float16 scale (and a
+    float16 zero point when asymmetric) per group of `group_size` inputs, as GGUF's blocks of 32 hold them (Q4_0 4.5,
+    Q4_1 5, Q5_0 5.5, Q5_1 6 bits per weight); w8a8 (and w8a16) one byte per weight and a float16 scale per output
+    channel; float is float16."""
     n, k = out_features, in_features
     if precision == "w4a16":
         groups = n * math.ceil(k / (group_size or 128))
-        return math.ceil(n * k / 2) + groups * FLOAT_BYTES * (1 if symmetric else 2)
+        return math.ceil(n * k * bits / 8) + groups * FLOAT_BYTES * (1 if symmetric else 2)
     if precision in ("w8a8", "w8a16"):
         return n * k + n * FLOAT_BYTES
     if precision == "float":
@@ -83,8 +84,8 @@ def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), prec
     `precision` (default: the variant's promotion)."""
     symmetric = bool(variant.symmetric) if variant.symmetric is not None else variant.scheme == "w8a8"
     higher = precision or promotion(variant)
-    return sum(linear_bytes(n, k, higher if name in promoted else variant.scheme, variant.group_size, symmetric)
-               for name, (n, k) in shapes.items())
+    return sum(linear_bytes(n, k, higher if name in promoted else variant.scheme, variant.group_size, symmetric,
+                            variant.weight_bits) for name, (n, k) in shapes.items())
 
 
 def footprint(model, variant) -> tuple[dict[str, tuple[int, int]], int]:
