@@ -123,13 +123,17 @@ class MethodConfig(BaseModel):
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
         mixed = "-int8layers" if self.int8_layers else ""
         embedding = "-int8emb" if self.embedding == "int8" else ""
-        scheme = "w5a16" if self.weight_bits == 5 else self.scheme
-        return f"{self.method}-{scheme}{group}{mixed}{embedding}"
+        return f"{self.method}-{self.scheme_name}{group}{mixed}{embedding}"
 
     @property
     def weight_bits(self) -> int:
         """Bits per quantized weight in the scheme's first config group."""
         return 8 if self.scheme == "w8a8" else self.bits or 4
+
+    @property
+    def scheme_name(self) -> str:
+        """The scheme as reports name it: w5a16 for w4a16 with `bits: 5`."""
+        return "w5a16" if self.weight_bits == 5 else self.scheme
 
     # ---- what a method overrides ---------------------------------------------------------------------
 

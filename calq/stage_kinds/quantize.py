@@ -63,7 +63,7 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     used = variant.calibration_samples(samples).shape if variant.needs_data() else (0, 0)
     return {"checkpoint": final, **outputs}, {
         "calibration_seconds": round(seconds, 2), "size_bytes": models.size_on_disk(final), "method": variant.method,
-        "scheme": variant.scheme, "group_size": variant.group_size, "calibration_samples": list(used),
+        "scheme": variant.scheme_name, "group_size": variant.group_size, "calibration_samples": list(used),
         # calq.quant.budget's byte accounting: as stored here, and with every layer left as float16 (the baseline)
         "accounted_bytes": budget.variant_bytes(variant, shapes, chosen["promoted"] if chosen else ()) + other_bytes,
         **({"promoted_to": budget.promotion(variant)} if chosen else {}),
