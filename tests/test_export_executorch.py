@@ -138,7 +138,7 @@ def test_greedy_generation_on_the_kv_cache(name, checkpoints, programs):
 @pytest.mark.parametrize("name", ["baseline", "w4a16"])
 def test_the_tied_embedding_is_stored_once(name, checkpoints, programs):
     """The weights are in model.ptd, each content once: the embedding lookup (portable kernel) and the output layer
-    (XNNPACK) read one float32 table, and the program file holds no weights."""
+    (XNNPACK) read one float32 table, and the program file holds none of XNNPACK's weights."""
     from executorch.exir._serialize._cord import Cord
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
@@ -161,6 +161,7 @@ def test_the_tied_embedding_is_stored_once(name, checkpoints, programs):
     inside = [bytes(b.storage) for b in pte.program.constant_buffer] + [
         bytes(getattr(b, "buffer", b)) for b in (pte.named_data.buffers if pte.named_data else [])]
     assert table.detach().numpy().tobytes() not in inside  # no second copy in the program file
+    assert not (pte.named_data and pte.named_data.buffers)  # XNNPACK's weights (int4 too) are all in model.ptd
 
 
 def test_program_layers_hold_calqs_integers(checkpoints):

@@ -177,9 +177,8 @@ class ExecuTorchExporter(Exporter):
                 methods[SCORE_METHOD] = torch.export.export(
                     FusedScoring(variant.model, calibrator).eval(), (example,),
                     dynamic_shapes=({1: torch.export.Dim("sequence", min=2, max=max_seq_len)},), strict=False)
-        for method in methods.values():
-            _weights_to_data_file(method)
-        lowered = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(methods, transform_passes=[_weights_to_data_file],
+                                              partitioner=[XnnpackPartitioner()])
         delegation = get_delegation_info(lowered.exported_program(DECODE_METHOD).graph_module)
         program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: DATA_TAG))
         (out_dir / PROGRAM_FILE).write_bytes(program.buffer)
@@ -264,15 +263,17 @@ def _version() -> str:
     return version("executorch")
 
 
-def _weights_to_data_file(method: torch.export.ExportedProgram) -> None:
-    """Tag the method's weights for model.ptd: XNNPACK's packed weights by this tag on the parameter (its
-    `delegate_constant_tag`); the constants left to the portable kernels by `external_constants` when the program
-    is written. Buffers (the KV cache) stay in the program."""
-    for node in method.graph.nodes:
-        if node.op == "placeholder" and (node.name in method.graph_signature.inputs_to_parameters
-                                         or node.name in method.graph_signature.inputs_to_lifted_tensor_constants):
-            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+def _weights_to_data_file(graph_module: torch.fx.GraphModule):
+    """A pass on the edge graph, before XNNPACK takes its part: every input carries model.ptd's tag, which XNNPACK
+    reads only for the weights it stores (its `delegate_constant_tag`). On the edge graph, not the exported one: there
+    torchao's int4 weights are already the int8 values and scales XNNPACK packs. The constants left to the portable
+    kernels go to model.ptd by `external_constants` when the program is written; buffers (the KV cache) stay."""
+    from executorch.exir.pass_base import PassResult
 
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+    return PassResult(graph_module, True)
 
 
 def _parts(out_dir: Path) -> dict:
