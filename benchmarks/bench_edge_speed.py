@@ -1,6 +1,7 @@
 """Edge speed on this CPU: file size, load time, prefill and greedy decode tokens/s of the bundled model's variants on
-PyTorch eager, ONNX Runtime (calq's decode.onnx, KV cache), llama.cpp (calq's GGUF) and ExecuTorch (calq's model.pte,
-XNNPACK, KV-cache method), on one thread and on all, in one process so the ratios share a load.
+PyTorch eager, ONNX Runtime (calq's decode.onnx, KV cache), llama.cpp (calq's GGUF) and ExecuTorch (calq's model.pte
+with its weights model.ptd, XNNPACK, KV-cache method), on one thread and on all, in one process so the ratios share a
+load.
 
     python benchmarks/bench_edge_speed.py --data-dir /work/shared/data --out /tmp/bench-edge [--threads 1,2]
 
@@ -8,9 +9,9 @@ Variants: the baseline (float32) and calq's min-max W4A16 g64 (asymmetric; needs
 benchmarks/bench_export.py makes them. Artifacts: ONNX (model.onnx + decode.onnx, MatMulNBits with calq's int4,
 accuracy_level 0: float32 activations; --accuracy-levels 0,4 adds a graph with int8 activations) and GGUF (baseline
 F16; W4A16 as Q4_1 with calq's int4) and ExecuTorch (W4A16 only, --executorch-variants: 8da4w on XNNPACK with calq's
-int4; its static KV cache holds --prompt + --new positions), each exported once into --out (reused when present). The
-prompt is the first --prompt tokens of wikitext-2 test. Size: the artifact's files; load: opening it in its runtime
-(session or program and method), median over --repeats.
+int4; its static KV cache holds --prompt + --new positions, or the reused program's max_seq_len), each exported
+once into --out (reused when present). The prompt is the first --prompt tokens of wikitext-2 test. Size: the
+artifact's files; load: opening it in its runtime (session or program and method), median over --repeats.
 
 Every runtime runs the same loop: one prefill call over the prompt (logits for every position, as in scoring), then
 greedy steps of one token each on its KV cache (PyTorch: transformers' DynamicCache; ONNX Runtime: decode.onnx's
@@ -37,6 +38,7 @@ import torch
 
 from calq import models
 from calq.export import get
+from calq.export.executorch import DATA_FILE
 
 try:
     from bench_export import _version, prepare  # same folder: run as `python benchmarks/bench_edge_speed.py`
@@ -132,7 +134,9 @@ def export_once(fmt: str, folder: Path, out: Path, **options) -> dict:
     """The artifact's export.json, exporting first when there is none or it predates the decode graph."""
     info_file = out / "export.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    if not info or fmt in ("onnx", "executorch") and "decode_graph" not in info:
+    outdated = fmt in ("onnx", "executorch") and "decode_graph" not in info or (
+        fmt == "executorch" and DATA_FILE not in info.get("files", []))  # before the weights moved to model.ptd
+    if not info or outdated:
         return get(fmt).export(folder, out, **options)
     return info
 
@@ -222,7 +226,8 @@ def main():
             for threads in thread_counts:
                 load_s = load_seconds(lambda: get("executorch").session(out, threads=threads), args.repeats)
                 session = get("executorch").session(out, threads=threads)
-                measure(name, f"executorch {_version('executorch')}", "model.pte XNNPACK 8da4w (calq's int4)",
+                measure(name, f"executorch {_version('executorch')}",
+                        "model.pte + model.ptd, XNNPACK 8da4w (calq's int4)",
                         threads, executorch_run(session, prompt, args.new), info, load_s)
                 del session
 

@@ -1,6 +1,7 @@
-"""ExecuTorch export: a tiny random Llama (float, and W4A16 g32 from calq's min-max, asymmetric and symmetric) lowered
-to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the PyTorch variant: scoring (a
-prefill call of the KV-cache method, or the `score` method with ATS) and greedy generation on the KV cache.
+"""ExecuTorch export: a tiny random Llama with a tied embedding as SmolLM2's (float, and W4A16 g32 from calq's min-max,
+asymmetric and symmetric) lowered to XNNPACK with the calibrator fused, run on ExecuTorch's Python runtime against the
+PyTorch variant: scoring (a prefill call of the KV-cache method, or the `score` method with ATS) and greedy generation
+on the KV cache.
 
 Bounds (the PyTorch variant with CalibratedLM is the reference):
 - float: the program computes in float32 on XNNPACK, only the summation order differs: 1e-4 relative (measured 3e-7).
@@ -16,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from tiny import save_byte_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calq.calib.ats import AtsHead
@@ -41,13 +43,25 @@ def ats_head(folder):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_model, tmp_path_factory):
+def tied_model(tiny_model, tmp_path_factory):
+    """The tiny Llama with its output layer tied to the embedding."""
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    save_byte_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tied_model, tmp_path_factory):
     """{'baseline', 'w4a16' (asymmetric, calq's default), 'w4a16_symmetric'}: folders written by calq."""
     llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
     samples = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    folders = {"baseline": tiny_model}
+    folders = {"baseline": tied_model}
     for name, symmetric in (("w4a16", None), ("w4a16_symmetric", True)):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        model = AutoModelForCausalLM.from_pretrained(tied_model).eval()
         methods.config({"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": symmetric}).apply(
             model, samples)
         folders[name] = tmp_path_factory.mktemp(name)
@@ -121,16 +135,33 @@ def test_greedy_generation_on_the_kv_cache(name, checkpoints, programs):
         assert decode["greedy_tokens_equal"] and decode["first_mismatch"] is None
 
 
-def test_export_says_what_the_bytes_hold(checkpoints, programs):
-    """export.json splits model.pte's bytes: the portable kernels' constants (the largest: the embedding lookup's
-    float32 table) and XNNPACK's packed weights (the output layer among them: a second copy of a tied table)."""
-    _, info, out = programs("baseline")
+@pytest.mark.parametrize("name", ["baseline", "w4a16"])
+def test_the_tied_embedding_is_stored_once(name, checkpoints, programs):
+    """The weights are in model.ptd, each content once: the embedding lookup (portable kernel) and the output layer
+    (XNNPACK) read one float32 table, and the program file holds none of XNNPACK's weights."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    _, info, out = programs(name)
+    assert info["files"] == ["model.pte", "model.ptd"]
     parts = info["bytes_by_part"]
-    size = (out / "model.pte").stat().st_size
-    assert parts["portable_constants"] + parts["xnnpack_weights"] + parts["rest"] == size
-    config = AutoConfig.from_pretrained(checkpoints["baseline"])
-    assert parts["largest_portable_constant"] == config.vocab_size * config.hidden_size * 4
-    assert parts["xnnpack_weights"] > parts["portable_constants"]
+    assert parts["program"] + parts["weights"] == info["bytes"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["baseline"])
+    table = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is table
+    assert parts["largest_weight"] == table.numel() * 4 and parts["shared_weights"] >= 1
+    data = FlatTensorSerializer().deserialize(Cord((out / "model.ptd").read_bytes()))
+    copies = [i for i, buffer in enumerate(data.buffers) if bytes(buffer) == table.detach().numpy().tobytes()]
+    assert len(copies) == 1
+    readers = [key for key, entry in data.named_data.items() if entry.buffer_index == copies[0]]
+    assert len(readers) >= 2  # the lookup (one name per method that has it) and the output layer
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary((out / "model.pte").read_bytes())
+    inside = [bytes(b.storage) for b in pte.program.constant_buffer] + [
+        bytes(getattr(b, "buffer", b)) for b in (pte.named_data.buffers if pte.named_data else [])]
+    assert table.detach().numpy().tobytes() not in inside  # no second copy in the program file
+    assert not (pte.named_data and pte.named_data.buffers)  # XNNPACK's weights (int4 too) are all in model.ptd
 
 
 def test_program_layers_hold_calqs_integers(checkpoints):

@@ -1,19 +1,22 @@
-"""ExecuTorch for phones: a `.pte` program lowered to XNNPACK, calq's own integers, the calibrator fused.
+"""ExecuTorch for phones: a `.pte` program lowered to XNNPACK and its `.ptd` weights, calq's own integers, the
+calibrator fused.
 
 Route: the variant's float model (calq.export.variant) has each W4A16 Linear's weight replaced by torchao's
 `IntxUnpackedToInt8Tensor` built directly from calq's integers (no re-quantization): the int4 values as int8
 (q - 8, in -8..7), calq's group scales, block (1, group). `torch.export` traces it, ExecuTorch lowers it to XNNPACK
-and writes one model.pte with the methods:
+and writes model.pte (the methods) and model.ptd (every weight, each stored once) with the methods:
 - `forward` (input_ids [1, S], cache_position [S]) -> logits [1, S, V], S up to `max_seq_len`: the KV-cache program
   (transformers' StaticCache of `max_seq_len` positions as the program's mutable buffers, the signature ExecuTorch's
   LLM runner calls). A call at position 0 is a prefill (scoring a whole window), then one token per call. Its logits
   carry the temperature (logits / T); with ATS they are the raw logits (the head attends over every earlier hidden
   state and has no cache of its own) and
-- `score` (ATS only) input_ids [1, T] -> calibrated logits, the head in the program. The methods' XNNPACK weights are
-  stored once (ExecuTorch's named data, keyed by content).
-The tied embedding of a model like SmolLM2 is stored twice: the token lookup runs on ExecuTorch's portable kernel,
-which reads the program's own constant, and the output layer on XNNPACK, which packs its own copy; XNNPACK has no
-embedding lookup, so one float32 copy could only be kept by running the output layer off XNNPACK (slow).
+- `score` (ATS only) input_ids [1, T] -> calibrated logits, the head in the program.
+The weights go to model.ptd (ExecuTorch's program-data separation), both those XNNPACK packs at load time and the
+constants the portable kernels read, in one store that keeps each content once. That is what stores a tied embedding
+(SmolLM2's) once: the token lookup runs on the portable kernel (XNNPACK has no embedding lookup) and the output layer
+on XNNPACK, and both read the same float32 bytes (inside one .pte, the lookup's constant and XNNPACK's copy would be
+two). An `embedding: int8` variant's matrix is float32 on Q8_0's grid, so it is stored as those float32 values:
+exact, but not smaller (XNNPACK has no kernel for int8 weights with block scales, which Q8_0's blocks of 32 are).
 
 What XNNPACK changes, stated in export.json's `changes` and measured by the re-verification:
 - XNNPACK has no kernel for group-wise int4 weights with float activations (a weight-only program lowers to wrong
@@ -51,6 +54,8 @@ from calq.export.base import (
 )
 
 PROGRAM_FILE = "model.pte"
+DATA_FILE = "model.ptd"  # the weights: ExecuTorch's tensor data file, loaded beside the program
+DATA_TAG = "model"  # write_tensor_data_to_file names the file <tag>.ptd
 DECODE_METHOD = "forward"  # the name ExecuTorch's LLM runner calls: (input_ids, cache_position) -> logits
 SCORE_METHOD = "score"  # with ATS only: input_ids -> calibrated logits, the head in the program
 XNNPACK_GROUP = 32
@@ -120,7 +125,7 @@ class ExecuTorchExporter(Exporter):
     runtime = "executorch.runtime"
     runtime_name = "ExecuTorch"
     crash_fix = RUNTIME_FIX
-    version = 2  # 2: the KV-cache method (generation)
+    version = 3  # 2: the KV-cache method (generation); 3: the weights in model.ptd, a tied embedding once
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
@@ -146,7 +151,7 @@ class ExecuTorchExporter(Exporter):
         self.check(checkpoint_dir, calibrator)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.devtools.backend_debug import get_delegation_info
-        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
         start = time.perf_counter()
         variant = variants.read(checkpoint_dir)
@@ -156,7 +161,8 @@ class ExecuTorchExporter(Exporter):
             variant.model.set_submodule(name, _int4_linear(variant.model.get_submodule(name), layer))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
+        for name in (PROGRAM_FILE, DATA_FILE):
+            (out_dir / name).unlink(missing_ok=True)
 
         kind = calibrator_kind(calibrator)
         temperature = calibrator.temperature if kind == "temperature" else None
@@ -171,17 +177,20 @@ class ExecuTorchExporter(Exporter):
                 methods[SCORE_METHOD] = torch.export.export(
                     FusedScoring(variant.model, calibrator).eval(), (example,),
                     dynamic_shapes=({1: torch.export.Dim("sequence", min=2, max=max_seq_len)},), strict=False)
-        lowered = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(methods, transform_passes=[_weights_to_data_file],
+                                              partitioner=[XnnpackPartitioner()])
         delegation = get_delegation_info(lowered.exported_program(DECODE_METHOD).graph_module)
-        program = lowered.to_executorch().buffer
-        (out_dir / PROGRAM_FILE).write_bytes(program)
+        program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: DATA_TAG))
+        (out_dir / PROGRAM_FILE).write_bytes(program.buffer)
+        program.write_tensor_data_to_file(out_dir)
         return write_info(out_dir, {
             "format": self.name, "scheme": variant.scheme, "calibrator": kind,
-            "files": [PROGRAM_FILE], "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
+            "files": [PROGRAM_FILE, DATA_FILE], "bytes": directory_size(out_dir),
+            "seconds": time.perf_counter() - start,
             "methods": list(methods), "outputs": ["logits"], "max_seq_len": max_seq_len, "backend": "XNNPACK",
             "decode_graph": {"method": DECODE_METHOD, "logits": "raw" if temperature is None else "raw / temperature",
                              "kv_cache": f"static, {max_seq_len} positions"},
-            "executorch": _version(), "delegation": _delegation(delegation), "bytes_by_part": _parts(program),
+            "executorch": _version(), "delegation": _delegation(delegation), "bytes_by_part": _parts(out_dir),
             "changes": _changes(variant, calibrator)})
 
     def session(self, out_dir, threads: int = 1) -> ExecuTorchSession:
@@ -202,16 +211,18 @@ class ExecuTorchExporter(Exporter):
 
 
 class ExecuTorchSession:
-    """model.pte on ExecuTorch's Python runtime (XNNPACK and the portable kernels)."""
+    """model.pte with its weights model.ptd on ExecuTorch's Python runtime (XNNPACK and the portable kernels)."""
 
     def __init__(self, path: Path, threads: int = 1):
         runtime = require("executorch.runtime", "executorch")
-        if not path.is_file():
-            raise CalqError(f"no ExecuTorch program at {path}", str(path), "export the variant first")
+        data = path.with_name(DATA_FILE)
+        if not path.is_file() or not data.is_file():
+            raise CalqError(f"no ExecuTorch program with its weights at {path.parent} ({PROGRAM_FILE} and "
+                            f"{DATA_FILE})", str(path.parent), "export the variant again with this calq")
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
         _unsafe_reset_threadpool(threads)
-        program = runtime.Runtime.get().load_program(path)
+        program = runtime.Runtime.get().load_program(path, data_path=data)
         if DECODE_METHOD not in program.method_names:
             raise CalqError(f"{path} has no KV-cache method '{DECODE_METHOD}'", str(path),
                             "export the variant again with this calq")
@@ -252,18 +263,33 @@ def _version() -> str:
     return version("executorch")
 
 
-def _parts(program: bytes) -> dict:
-    """What model.pte's bytes hold: the constants the portable kernels read (the embedding lookup's table), the
-    weights XNNPACK packs (ExecuTorch's named data: every delegated layer, int4 and float, stored once per content),
-    and the rest (the programs, the XNNPACK graphs)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
+def _weights_to_data_file(graph_module: torch.fx.GraphModule):
+    """A pass on the edge graph, before XNNPACK takes its part: every input carries model.ptd's tag, which XNNPACK
+    reads only for the weights it stores (its `delegate_constant_tag`). On the edge graph, not the exported one: there
+    torchao's int4 weights are already the int8 values and scales XNNPACK packs. The constants left to the portable
+    kernels go to model.ptd by `external_constants` when the program is written; buffers (the KV cache) stay."""
+    from executorch.exir.pass_base import PassResult
 
-    pte = deserialize_pte_binary(program)
-    portable = sum(len(buffer.storage) for buffer in pte.program.constant_buffer)
-    xnnpack = sum(len(getattr(entry, "buffer", entry)) for entry in pte.named_data.buffers) if pte.named_data else 0
-    return {"portable_constants": portable, "largest_portable_constant": max(
-                (len(buffer.storage) for buffer in pte.program.constant_buffer), default=0),
-            "xnnpack_weights": xnnpack, "rest": len(program) - portable - xnnpack}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+    return PassResult(graph_module, True)
+
+
+def _parts(out_dir: Path) -> dict:
+    """What the files' bytes hold: model.pte (the programs, the XNNPACK graphs, anything left inside) and model.ptd
+    (the weights, each content once: `shared_weights` counts the buffers that more than one name reads, a tied
+    embedding's lookup table and output layer among them)."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    data = FlatTensorSerializer().deserialize(Cord((out_dir / DATA_FILE).read_bytes()))
+    readers = [0] * len(data.buffers)
+    for entry in data.named_data.values():
+        readers[entry.buffer_index] += 1
+    return {"program": (out_dir / PROGRAM_FILE).stat().st_size, "weights": (out_dir / DATA_FILE).stat().st_size,
+            "weight_buffers": len(data.buffers), "largest_weight": max(map(len, data.buffers), default=0),
+            "shared_weights": sum(count > 1 for count in readers)}
 
 
 def _delegation(info) -> dict:
