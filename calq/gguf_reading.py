@@ -199,12 +199,8 @@ def llama3_rope(config, rope_freqs: np.ndarray) -> dict:
     llama3 frequencies then equal the file's within 1e-4."""
     import copy
 
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     rope = config.rope_parameters
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    default = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    default = 1.0 / rope["rope_theta"] ** (np.arange(0, _head_dim(config), 2, dtype=np.float64) / _head_dim(config))
     factor = float(rope_freqs.max())
     params = {"rope_type": "llama3", "factor": factor, **LLAMA3_DEFAULTS}
     smooth = (rope_freqs > 1 + 1e-6) & (rope_freqs < factor - 1e-6)
@@ -216,10 +212,26 @@ def llama3_rope(config, rope_freqs: np.ndarray) -> dict:
                       original_max_position_embeddings=int(round(2 * np.pi * a * span)))
     trial = copy.deepcopy(config)
     trial.rope_parameters = {**rope, **params}
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](trial, torch.device("cpu"))
-    ratio = default / scaled.double().numpy()
+    ratio = llama3_rope_freqs(trial)
     if rope_freqs.shape != ratio.shape or not np.allclose(ratio, rope_freqs, rtol=1e-4):
         raise CalqError("the GGUF's rope_freqs tensor is not a Llama 3 rope scaling that transformers can express",
                         "model.id", "use the model's original Hugging Face folder (safetensors and tokenizer.json)")
     return params
+
+
+def llama3_rope_freqs(config) -> np.ndarray:
+    """The rope_freqs tensor of transformers' llama3 rope parameters in `config`, as convert_hf_to_gguf.py writes it:
+    each default rotary frequency over its llama3 one (1 for high frequencies, `factor` for low ones, smoothed
+    between); llama.cpp divides by it."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = _head_dim(config)
+    default = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    return (default / scaled).numpy()
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

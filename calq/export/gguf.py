@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calq import isolation
+from calq import gguf_reading, isolation
 from calq.errors import CalqError
 from calq.export import variant as variants
 from calq.export.base import Exporter, calibrator_kind, register, require, write_info
@@ -131,18 +131,13 @@ def rope_factors(gguf, config) -> dict[str, np.ndarray]:
     frequencies, `factor` for the low ones, smoothed between). LongRoPE: the config's long and short factors;
     llama.cpp uses the long ones when its context (n_ctx) exceeds original_max_position_embeddings, transformers when
     the sequence does."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     rope = rope_parameters(config)
 
     def name(tensor) -> str:
         return f"{gguf.TENSOR_NAMES[tensor]}.weight"
 
     if rope.get("rope_type") == "llama3":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        default = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
-        return {name(gguf.MODEL_TENSOR.ROPE_FREQS): (default / scaled).numpy()}
+        return {name(gguf.MODEL_TENSOR.ROPE_FREQS): gguf_reading.llama3_rope_freqs(config)}
     if rope.get("rope_type") == "longrope":
         return {name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG): np.array(rope["long_factor"], dtype=np.float32),
                 name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT): np.array(rope["short_factor"], dtype=np.float32)}

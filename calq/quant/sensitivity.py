@@ -20,8 +20,7 @@ def scheme_key(variant) -> str:
     """What the measurement depends on in a variant's scheme: variants with the same key share one measurement."""
     weights = variant.config_groups()["group_0"]["weights"]
     group = f"-g{weights['group_size']}" if weights.get("group_size") else ""
-    scheme = f"w{weights['num_bits']}a16" if variant.scheme == "w4a16" else variant.scheme  # w4a16 or w5a16
-    return f"{scheme}{group}-{'sym' if weights['symmetric'] else 'asym'}"
+    return f"{variant.scheme_name}{group}-{'sym' if weights['symmetric'] else 'asym'}"
 
 
 def weight_args(variant):
