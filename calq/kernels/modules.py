@@ -164,9 +164,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def unpack_int8(packed: torch.Tensor, count: int) -> torch.Tensor:
     """int8 values from compressed-tensors' pack-quantized int32 words (4 per word, low byte first, each stored as
     value + 128) along the last dim."""
-    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=packed.device)
-    unsigned = (packed.unsqueeze(-1) >> shifts) & 0xFF
-    return (unsigned.flatten(-2)[..., :count] - 128).to(torch.int8)
+    return (unpack_bits(packed, 8, count).to(torch.int16) - 128).to(torch.int8)
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16):
