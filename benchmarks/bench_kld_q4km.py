@@ -43,7 +43,8 @@ import torch
 
 from calq import models
 from calq.export import get
-from calq.quant import llmc, methods
+from calq.quant import budget, llmc, methods, sensitivity
+from calq.recipe import SensitivitySpec
 
 
 def more_bits(layers: int) -> list[int]:
@@ -79,7 +80,17 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         "minmax-w5a16-g32-sym-int8v": {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32,
                                        "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]]},
         "gptq-w5a16-g32-sym-int8emb": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
-                                       "symmetric": True, "embedding": "int8"}}
+                                       "symmetric": True, "embedding": "int8"},
+        # three levels by hand: q_proj and k_proj down to 4 bits (Q4_0) pay for every attn_v at int8 (Q8_0)
+        "gptq-w5a16-g32-sym-3level": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                      "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]],
+                                      "int4_layers": ["re:.*self_attn\\.(q|k)_proj$"]},
+        # three levels chosen by calq's budget (`demote`) from the 5-bit and 4-bit sensitivity tables: 98.8 MiB of
+        # weights (size_mb counts no tokenizer; the GGUF adds 1.7 MiB of vocabulary and metadata), Q4_K_M's file size
+        **{f"{method}-w5a16-g32-sym-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                              "symmetric": True, "embedding": "int8",
+                                              "budget": {"size_mb": 98.8, "demote": True}}
+           for method in ("gptq", "minmax")}}
 DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 Q4KM = "llama.cpp Q4_K_M of the F16 baseline"  # the artifact every calq file is compared with
@@ -131,11 +142,31 @@ def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: samples * 256]).view(samples, 256)
         torch.manual_seed(0)
         start = time.perf_counter()
-        methods.config(CALQ[name]).apply(model, ids)
+        variant = methods.config(CALQ[name])
+        if variant.budget is not None:
+            variant = with_budget(variant, model, ids)
+        variant.apply(model, ids)
         print(f"{name} on {samples} x 256 tokens: {time.perf_counter() - start:.0f} s", flush=True)
         model.save_pretrained(folder, save_compressed=True)
         tokenizer.save_pretrained(folder)
     return export_gguf(folder, out / f"{name}-gguf")
+
+
+def with_budget(variant, model, ids: torch.Tensor):
+    """A budgeted variant with its choice made as calq's quantize stage makes it: the sensitivity tables of its
+    schemes on the first calibration samples (the recipe's defaults, SensitivitySpec), then calq.quant.budget."""
+    spec = SensitivitySpec()
+    samples = ids[: spec.samples, : spec.seq_len]
+    shapes, other = budget.footprint(model, variant)
+    start = time.perf_counter()
+    tables = [{name: m["mean_kld"] for name, m in sensitivity.measure(
+        model, samples, list(shapes), sensitivity.weight_args(scheme))["layers"].items()}
+        for scheme in budget.measured_schemes(variant)]
+    chosen = budget.select(variant, shapes, other, *tables)
+    print(f"budget: {len(chosen['promoted'])} Linears at int8, {len(chosen['demoted'])} at 4 bits, "
+          f"{chosen['bytes'] / 2**20:.2f} of {chosen['limit_bytes'] / 2**20:.2f} MiB; sensitivity "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return budget.apply_choice(variant, chosen)
 
 
 def _score(gguf: str, tokens: list[int], ctx: int, threads: int, out_file: str) -> None:

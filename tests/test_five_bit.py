@@ -137,3 +137,102 @@ def test_executorch_refuses_five_bits(five_bit):
     folder, _, _ = five_bit
     with pytest.raises(CalqError, match="not 5-bit weights"):
         get("executorch").check(folder)
+
+
+# ---- three levels: 5-bit groups with some Linears at 4 bits (int4_layers) and some at int8 (int8_layers) -------------
+
+THREE = {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32, "symmetric": True,
+         "int4_layers": ["re:.*q_proj$"], "int8_layers": ["re:.*v_proj$"]}
+
+
+@pytest.fixture(scope="module")
+def three_levels(tiny, tmp_path_factory):
+    """(folder of the saved checkpoint, logits of the in-memory quantized model on IDS)."""
+    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    methods.config(THREE).apply(model, None)
+    folder = tmp_path_factory.mktemp("three")
+    model.save_pretrained(folder, save_compressed=True)
+    with torch.no_grad():
+        return folder, model(input_ids=IDS).logits
+
+
+def test_three_levels_one_checkpoint_every_reader(three_levels):
+    from calq.kernels import load_quantized
+
+    folder, in_memory = three_levels
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [4, 5, 8]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, in_memory, rtol=0, atol=0)
+        torch.testing.assert_close(load_quantized(folder, "cpu", torch.float32)(input_ids=IDS).logits, in_memory,
+                                   rtol=1e-5, atol=1e-5)
+    layers = variants.read(folder).layers
+    bits = {name: layer.bits if isinstance(layer, variants.GroupLayer) else type(layer).__name__
+            for name, layer in layers.items()}
+    assert {bits[n] for n in bits if n.endswith("q_proj")} == {4}
+    assert {bits[n] for n in bits if n.endswith("v_proj")} == {"Int8WeightLayer"}
+    assert {bits[n] for n in bits if not n.endswith(("q_proj", "v_proj"))} == {5}
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.dequantize(), reloaded.get_submodule(name).weight, rtol=0, atol=0)
+
+
+def test_three_levels_export_a_type_per_tensor(three_levels, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    folder, in_memory = three_levels
+    info = get("gguf").export(folder, tmp_path / "gguf")
+    assert {k: info["tensor_types"][k] for k in ("Q4_0", "Q5_0", "Q8_0")} == {"Q4_0": 2, "Q5_0": 10, "Q8_0": 2}
+    got = get("gguf").session(tmp_path / "gguf", n_ctx=64).score(IDS)
+    assert float((got - in_memory).abs().max() / in_memory.abs().max()) < 0.05
+    assert float((got.argmax(-1) == in_memory.argmax(-1)).float().mean()) >= 0.9
+    get("onnx").export(folder, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    assert bits == [4] * 2 + [8] * 12  # 5-bit groups and int8 layers both as bits 8
+    _, raw = get("onnx").session(tmp_path / "onnx").run(IDS)
+    torch.testing.assert_close(raw, in_memory, rtol=1e-4, atol=1e-4)
+
+
+def test_budget_with_demote_spends_four_bit_savings_on_int8():
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64)}
+    kld, kld_low = {"a": 0.1, "b": 0.5, "c": 0.01}, {"a": 0.3, "b": 0.9, "c": 0.011}
+    spec = {**THREE, "int4_layers": [], "int8_layers": []}
+    plain = methods.config(spec)
+    five = budget.variant_bytes(plain, shapes)  # every Linear at 5 bits
+    variant = methods.config({**spec, "budget": {"size_mb": five / 2**20, "demote": True}})
+    chosen = budget.select(variant, shapes, 0, kld, kld_low)
+    # a and c at 4 bits pay for b's int8: summed KLD 0.3 + 0.011 against 0.611 with all three at 5 bits (a greedy
+    # step by KLD per byte takes b and a to 5 bits first and is left without room for b's int8)
+    assert chosen == {"promoted": ["b"], "demoted": ["a", "c"], "bytes": chosen["bytes"], "limit_bytes": five}
+    assert chosen["bytes"] == budget.variant_bytes(variant, shapes, ["b"], ["a", "c"]) <= five
+    held = budget.apply_choice(variant, chosen)
+    assert held.label == variant.label and held.int8_layers == ("b",) and held.int4_layers == ("a", "c")
+    without = budget.select(methods.config({**spec, "budget": {"size_mb": five / 2**20}}), shapes, 0, kld)
+    assert without == {"promoted": [], "demoted": [], "bytes": five, "limit_bytes": five}  # no room without demote
+    floor = budget.variant_bytes(variant, shapes, demoted=list(shapes))
+    with pytest.raises(CalqError, match="below the size with every layer quantized"):
+        budget.check(methods.config({**spec, "budget": {"size_mb": (floor - 1) / 2**20, "demote": True}}), shapes, 0)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"bits": None}, "int4_layers holds layers of a 5-bit variant"),
+    ({"int4_layers": [], "bits": 4, "budget": {"bits_per_weight": 6, "demote": True}}, "budget.demote"),
+    ({"method": "awq"}, "awq cannot take int4_layers"),
+])
+def test_three_levels_refused(spec, message):
+    with pytest.raises(CalqError, match=message):
+        methods.config({**THREE, "int8_layers": [], **spec})
+
+
+def test_a_layer_in_two_levels_is_refused_at_plan_time(tiny_recipe, write_recipe):
+    from typer.testing import CliRunner
+
+    from calq.cli import app
+
+    tiny_recipe["variants"] = [{**THREE, "int4_layers": ["re:.*proj$"]}]
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tiny_recipe)), "--dry-run"])
+    assert result.exit_code == 2 and "in both int8_layers and int4_layers" in result.output

@@ -26,9 +26,9 @@ def test_bytes_per_precision_follow_the_storage():
     assert budget.linear_bytes(64, 128, "float") == 64 * 128 * 2
 
 
-def test_budget_promotes_most_kld_per_byte_within_the_limit():
+def test_budget_promotes_the_layers_that_remove_most_kld_within_the_limit():
     shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64), "d": (64, 64)}
-    kld = {"a": 0.1, "b": 0.5, "c": 0.6, "d": 0.0}  # KLD per extra byte: b 0.5, c 0.3 (twice the bytes), a 0.1
+    kld = {"a": 0.1, "b": 0.5, "c": 0.55, "d": 0.0}  # per extra byte: b 0.5, c 0.275 (twice the bytes), a 0.1
     extra = budget.linear_bytes(64, 64, "w8a16") - budget.linear_bytes(64, 64, "w4a16", 32)  # promoted to int8
     floor = budget.variant_bytes(MinMax(**W4), shapes)
     expected = [[], ["b"], ["b", "a"], ["b", "c"], ["b", "c", "a"], ["b", "c", "a"]]
@@ -67,14 +67,19 @@ def test_infeasible_budget_is_refused_at_plan_time(tiny_recipe):
 
 def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     mixed = {**W4, "method": "gptq", "name": "mixed", "budget": {"bits_per_weight": 6}}
-    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed]
+    # three levels, unnamed (the choice keeps the label): 4 bits, 5 bits and int8 within 5.5 bits per weight
+    three = {**W4, "bits": 5, "symmetric": True, "budget": {"bits_per_weight": 5.5, "demote": True}}
+    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed, three]
     recipe = {**tiny_recipe, "variants": variants, "evaluation": {
         **tiny_recipe["evaluation"], "sensitivity": {"samples": 2, "seq_len": 32}}}
     plan = pipeline.plan(parse_recipe(recipe), None)
     names = [s.name for s in plan.stages]
     # one measurement per scheme, shared by the two w4a16 variants; the budgeted variant's quantize stage reads it
-    assert [n for n in names if n.startswith("sensitivity/")] == ["sensitivity/w8a8-sym", "sensitivity/w4a16-g32-asym"]
+    assert [n for n in names if n.startswith("sensitivity/")] == [
+        "sensitivity/w8a8-sym", "sensitivity/w4a16-g32-asym", "sensitivity/w5a16-g32-sym", "sensitivity/w4a16-g32-sym"]
     assert "sensitivity/w4a16-g32-asym" in next(s for s in plan.stages if s.name == "quantize/mixed").needs
+    assert {"sensitivity/w5a16-g32-sym", "sensitivity/w4a16-g32-sym"} <= set(
+        next(s for s in plan.stages if s.name == "quantize/minmax-w5a16-g32").needs)
 
     out = tmp_path / "run"
     calq.run(recipe, out=out)
@@ -95,6 +100,14 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     saved = json.loads((out / "variants" / "mixed" / "config.json").read_text())["quantization_config"]
     int8_group = [g for g in saved["config_groups"].values() if g["weights"]["num_bits"] == 8]
     assert len(int8_group) == 1 and set(promoted) <= set(int8_group[0]["targets"])  # held at int8 in the checkpoint
+
+    info = json.loads((out / ".calq" / "stages" / "quantize" / "minmax-w5a16-g32.json").read_text())["info"]
+    chosen = info["budget"]
+    assert chosen["bytes"] <= chosen["limit_bytes"] and chosen["promoted_to"] == "w8a16"
+    groups = json.loads((out / "variants" / "minmax-w5a16-g32" / "config.json").read_text())[
+        "quantization_config"]["config_groups"].values()
+    targets = {g["weights"]["num_bits"]: set(g["targets"]) for g in groups}
+    assert targets.get(8, set()) == set(chosen["promoted"]) and targets.get(4, set()) == set(chosen["demoted"])
 
     marker = out / ".calq" / "stages" / "sensitivity" / "w4a16-g32-asym.json"
     written = marker.stat().st_mtime_ns

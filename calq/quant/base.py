@@ -74,6 +74,9 @@ class MethodConfig(BaseModel):
         (), description="w4a16: Linear layers held at int8 instead (W8A16: symmetric int8 weights per output channel, "
                         "16-bit activations), matched as `ignore` is (exact names or 're:<regex>'): one checkpoint "
                         "with two config groups")
+    int4_layers: tuple[str, ...] = Field(
+        (), description="bits: 5: Linear layers held at 4 bits instead (the same groups and symmetry), matched as "
+                        "`ignore` is: a third config group, GGUF Q4_0/Q4_1; what a budget with `demote` sets")
     embedding: Literal["float", "int8"] = Field(
         "float", description="int8: the token embedding (and the output head, tied or not) held as int8 in symmetric "
                              "groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 layout, before "
@@ -104,9 +107,9 @@ class MethodConfig(BaseModel):
                              f"{info.data['scheme']} variant")
         return value
 
-    @field_validator("int8_layers", "budget")
+    @field_validator("int8_layers", "int4_layers", "budget")
     @classmethod
-    def _int8_layers(cls, targets, info: ValidationInfo):
+    def _mixed_precision(cls, targets, info: ValidationInfo):
         if targets and cls.no_int8_layers:
             method = cls.model_fields["method"].default
             raise ValueError(f"{method} cannot take {info.field_name}: {cls.no_int8_layers}; use method gptq or "
@@ -114,6 +117,10 @@ class MethodConfig(BaseModel):
         if info.field_name == "int8_layers" and targets and info.data.get("scheme") != "w4a16":
             raise ValueError(f"int8_layers applies to w4a16 only (a {info.data.get('scheme')} variant is int8 "
                              "already); remove it")
+        if info.field_name == "int4_layers" and targets and info.data.get("bits") != 5:
+            raise ValueError("int4_layers holds layers of a 5-bit variant at 4 bits; set bits: 5 or remove it")
+        if info.field_name == "budget" and targets and targets.demote and info.data.get("bits") != 5:
+            raise ValueError("budget.demote holds layers of a 5-bit variant at 4 bits; set bits: 5 or remove demote")
         return targets  # each must match a quantized layer: check_layers, when the plan knows them
 
     @property
@@ -121,7 +128,7 @@ class MethodConfig(BaseModel):
         if self.name:
             return self.name
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
-        mixed = "-int8layers" if self.int8_layers else ""
+        mixed = ("-int8layers" if self.int8_layers else "") + ("-int4layers" if self.int4_layers else "")
         embedding = "-int8emb" if self.embedding == "int8" else ""
         return f"{self.method}-{self.scheme_name}{group}{mixed}{embedding}"
 
@@ -184,13 +191,17 @@ class MethodConfig(BaseModel):
         if self.int8_layers:  # compressed-tensors gives a name or regex target precedence over the class 'Linear'
             groups["group_1"] = {"targets": list(self.int8_layers),
                                  "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}
+        if self.int4_layers:
+            groups["group_2"] = {"targets": list(self.int4_layers), "weights": {**weights, "num_bits": 4}}
         return groups
 
     def int8_layer_names(self, names) -> list[str]:
         """Those of `names` held at int8 by `int8_layers` (W8A16)."""
-        from compressed_tensors.utils import match_name
+        return matching(names, self.int8_layers)
 
-        return [name for name in names if any(match_name(name, target) for target in self.int8_layers)]
+    def int4_layer_names(self, names) -> list[str]:
+        """Those of `names` held at 4 bits by `int4_layers`."""
+        return matching(names, self.int4_layers)
 
     def quantized_layers(self, layers: dict) -> dict:
         """Those of `layers` ({name: module}) that `quantization_modifier` quantizes, matched by compressed-tensors'
@@ -212,11 +223,16 @@ class MethodConfig(BaseModel):
         from compressed_tensors.utils import match_name
 
         self.check_group_size(widths)
-        for target in self.int8_layers:
-            if not any(match_name(name, target) for name in widths):
-                raise CalqError(f"int8_layers entry '{target}' matches none of the {len(widths)} quantized layers "
-                                f"(e.g. {next(iter(widths), 'none')})", "int8_layers",
-                                "give full module names or 're:' regexes matched from the start ('re:.*v_proj')")
+        for key in ("int8_layers", "int4_layers"):
+            for target in getattr(self, key):
+                if not any(match_name(name, target) for name in widths):
+                    raise CalqError(f"{key} entry '{target}' matches none of the {len(widths)} quantized layers "
+                                    f"(e.g. {next(iter(widths), 'none')})", key,
+                                    "give full module names or 're:' regexes matched from the start ('re:.*v_proj')")
+        both = set(self.int8_layer_names(widths)) & set(self.int4_layer_names(widths))
+        if both:
+            raise CalqError(f"{len(both)} layers are in both int8_layers and int4_layers (e.g. {min(both)})",
+                            "int4_layers", "give each layer one precision")
         hidden = getattr(config.get_text_config(), "hidden_size", 0)
         if self.embedding == "int8" and hidden % 32:
             raise CalqError(f"embedding: int8 holds blocks of 32 along the hidden size, and it is {hidden}",
@@ -240,3 +256,10 @@ class MethodConfig(BaseModel):
                else "set group_size to a divisor of " + ", ".join(map(str, sizes)))
         raise CalqError(f"group_size {group} does not divide the input width of {len(bad)} layers: {shown}",
                         "group_size", fix)
+
+
+def matching(names, targets) -> list[str]:
+    """Those of `names` that one of `targets` matches as llm-compressor matches them (exact names or 're:' regexes)."""
+    from compressed_tensors.utils import match_name
+
+    return [name for name in names if any(match_name(name, target) for target in targets)]

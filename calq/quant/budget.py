@@ -5,7 +5,11 @@ The choice reads the sensitivity table (calq.stage_kinds.sensitivity: the mean K
 alone is quantized with the variant's scheme) and promotes Linears in order of KLD removed per extra byte while the
 budget holds. A w4a16 variant promotes to int8 (`w8a16`: the Linear joins the variant's `int8_layers`, a second
 compressed-tensors config group, GGUF Q8_0, ONNX MatMulNBits 8 bits); a w8a8 variant promotes to unquantized
-(`float`: the Linear joins `ignore`, exported as float16). autoawq refuses a budget.
+(`float`: the Linear joins `ignore`, exported as float16). autoawq and awq refuse a budget.
+With `demote` (5-bit variants) there are three levels, as in llama.cpp's K-quant mixes: every Linear starts at 4 bits
+(`int4_layers`, a third config group, GGUF Q4_0/Q4_1), and the steps up to 5 bits and to int8 are taken by KLD removed
+per extra byte, read from two tables (the 5-bit and the 4-bit scheme), so the least sensitive Linears pay for the int8
+ones.
 
 No torch here: the recipe schema imports `Budget`.
 """
@@ -34,6 +38,10 @@ class Budget(BaseModel):
                                                           "ignored layers) as float16")
     objective: Literal["kld"] = Field("kld", description="what the promoted layers minimise: the mean KLD from the "
                                                          "baseline (`ece`, token ECE after calibration, is not built)")
+    demote: bool = Field(False, description="bits: 5 variants: also hold the least sensitive Linears at 4 bits (the "
+                                            "same groups; GGUF Q4_0/Q4_1) to pay for more int8 ones, a three-level "
+                                            "mix as llama.cpp's K-quant types are; the sensitivity stage then "
+                                            "measures the 4-bit scheme too")
 
     @model_validator(mode="after")
     def _one_limit(self):
@@ -73,35 +81,66 @@ def promotion(variant) -> str:
     return "w8a16" if variant.scheme == "w4a16" else "float"
 
 
-def promote(variant, names: list[str]):
-    """`variant` with `names` held at its promotion precision (joined to int8_layers, or to ignore)."""
+def demoted(variant):
+    """`variant` at 4 bits: the scheme a budget with `demote` may hold its least sensitive Linears at."""
+    return variant.model_copy(update={"bits": 4})
+
+
+def measured_schemes(variant) -> list:
+    """The schemes whose sensitivity tables a budgeted `variant` chooses by: its own, and 4 bits with `demote`."""
+    return [variant, demoted(variant)] if variant.budget.demote else [variant]
+
+
+def apply_choice(variant, chosen: dict):
+    """`variant` with the Linears `chosen` by `select` held at their precision (promoted: joined to int8_layers, or to
+    ignore; demoted: to int4_layers), under the same label."""
     key = "int8_layers" if promotion(variant) == "w8a16" else "ignore"
-    return variant.model_copy(update={key: (*getattr(variant, key), *names)})
+    return variant.model_copy(update={key: (*getattr(variant, key), *chosen["promoted"]),
+                                      "int4_layers": (*variant.int4_layers, *chosen.get("demoted", ())),
+                                      "name": variant.label})
 
 
-def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), precision: str | None = None) -> int:
-    """Bytes of the Linears `shapes` ({name: (out, in)}) as `variant` stores them, those in `promoted` at
-    `precision` (default: the variant's promotion)."""
+def level_bytes(variant, shape: tuple[int, int], level: str) -> int:
+    """Bytes of one Linear of `variant` at `level`: 'low' (4-bit groups), 'base' (the variant's scheme), 'high' (its
+    promotion) or 'float'."""
     symmetric = bool(variant.symmetric) if variant.symmetric is not None else variant.scheme == "w8a8"
-    higher = precision or promotion(variant)
-    return sum(linear_bytes(n, k, higher if name in promoted else variant.scheme, variant.group_size, symmetric,
-                            variant.weight_bits) for name, (n, k) in shapes.items())
+    precision = {"low": "w4a16", "base": variant.scheme, "high": promotion(variant), "float": "float"}[level]
+    bits = 4 if level == "low" else variant.weight_bits
+    return linear_bytes(*shape, precision, variant.group_size, symmetric, bits)
+
+
+def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), demoted=(), level: str = "high") -> int:
+    """Bytes of the Linears `shapes` ({name: (out, in)}) as `variant` stores them: those in `promoted` at `level`
+    (default: the variant's promotion), those in `demoted` at 4 bits."""
+    return sum(level_bytes(variant, shape, level if name in promoted else "low" if name in demoted else "base")
+               for name, shape in shapes.items())
 
 
 def footprint(model, variant) -> tuple[dict[str, tuple[int, int]], int]:
     """The Linears `variant` quantizes in `model` ({name: (out, in)}) and the bytes of every other parameter of the
-    model as float16 (tied weights counted once). Works on a meta-device model."""
+    model: float16, but the embedding and output head in Q8_0 blocks (34 bytes per 32 weights) with `embedding: int8`
+    (tied weights counted once). Works on a meta-device model."""
     layers = variant.quantized_layers({n: m for n, m in model.named_modules() if type(m).__name__ == "Linear"})
     shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters())
-    return shapes, (total - sum(n * k for n, k in shapes.values())) * FLOAT_BYTES
+    int8 = ({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None} if variant.embedding == "int8" else {})
+    other = total - sum(n * k for n, k in shapes.values()) - sum(int8.values())
+    return shapes, other * FLOAT_BYTES + sum(n * 34 // 32 for n in int8.values())
+
+
+def levels(variant) -> list[str]:
+    """The levels a Linear of a budgeted `variant` may take, cheapest first."""
+    return ["low", "base", "high"] if variant.budget.demote else ["base", "high"]
 
 
 def check(variant, shapes: dict[str, tuple[int, int]], other_bytes: int) -> float:
-    """The budget in bytes; a CalqError when even every Linear quantized does not fit in it."""
+    """The budget in bytes; a CalqError when even every Linear at the cheapest level does not fit in it."""
     budget = variant.budget
     limit = budget.limit_bytes(sum(n * k for n, k in shapes.values()), other_bytes)
-    floor = variant_bytes(variant, shapes) + (other_bytes if budget.counts_other() else 0)
+    cheapest = levels(variant)[0]
+    floor = (sum(level_bytes(variant, shape, cheapest) for shape in shapes.values())
+             + (other_bytes if budget.counts_other() else 0))
     if floor > limit:
         need = (f"size_mb: {math.ceil(floor / 2**20 * 10) / 10}" if budget.counts_other()
                 else f"bits_per_weight: {math.ceil(8 * floor / sum(n * k for n, k in shapes.values()) * 100) / 100}")
@@ -110,16 +149,42 @@ def check(variant, shapes: dict[str, tuple[int, int]], other_bytes: int) -> floa
     return limit
 
 
-def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: dict[str, float]) -> dict:
-    """The Linears to promote: greedily by mean KLD removed per extra byte, skipping one that no longer fits.
-    Returns the promoted names (most sensitive per byte first), the bytes used and the budget in bytes."""
+def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: dict[str, float],
+           kld_low: dict[str, float] | None = None, steps: int = 65536) -> dict:
+    """The level of each Linear that minimises the summed KLD within the budget: `kld` is the sensitivity table at the
+    variant's scheme, `kld_low` at 4 bits (with `demote`; at least `kld`), and the promotion counts as removing all of
+    it. A multiple-choice knapsack, solved exactly by dynamic programming over the bytes above the cheapest level, in
+    units of the costs' greatest common divisor, or of 1/`steps` of the room when that is finer (costs rounded up, so
+    the choice always fits). Returns the promoted names (most KLD
+    removed per extra byte first), the demoted ones, the bytes used and the budget in bytes."""
+    import numpy as np
+
     limit = check(variant, shapes, other_bytes)
-    used = variant_bytes(variant, shapes) + (other_bytes if variant.budget.counts_other() else 0)
-    extra = {name: variant_bytes(variant, {name: shape}, (name,)) - variant_bytes(variant, {name: shape})
-             for name, shape in shapes.items()}
-    promoted = []
-    for name in sorted((n for n in shapes if kld.get(n, 0) > 0), key=lambda n: kld[n] / extra[n], reverse=True):
-        if used + extra[name] <= limit:
-            promoted.append(name)
-            used += extra[name]
-    return {"promoted": promoted, "bytes": used, "limit_bytes": int(limit)}
+    names, options = list(shapes), levels(variant)
+    at = {"low": lambda n: max((kld_low or {}).get(n, 0.0), kld.get(n, 0.0)), "base": lambda n: kld.get(n, 0.0),
+          "high": lambda n: 0.0}
+    loss = np.array([[at[level](name) for level in options] for name in names])
+    cost = np.array([[level_bytes(variant, shapes[name], level) for level in options] for name in names])
+    floor = int(cost[:, 0].sum()) + (other_bytes if variant.budget.counts_other() else 0)
+    unit = max(float(np.gcd.reduce((cost - cost[:, :1]).ravel())), (limit - floor) / steps, 1.0)
+    extra = np.ceil((cost - cost[:, :1]) / unit).astype(int)
+    room = int((limit - floor) // unit)
+    best, choices = np.zeros(room + 1), []  # best[j]: the least summed KLD of the Linears so far within j units
+    for i in range(len(names)):
+        candidates = np.full((len(options), room + 1), np.inf)
+        for o in range(len(options)):
+            if extra[i, o] <= room:
+                candidates[o, extra[i, o]:] = best[: room + 1 - extra[i, o]] + loss[i, o]
+        # ties go to the cheaper level: what moves nothing buys nothing
+        choices.append(candidates.argmin(0).astype(np.uint8))
+        best = candidates.min(0)
+    chosen, j = {}, room
+    for i in reversed(range(len(names))):
+        o = int(choices[i][j])
+        chosen[names[i]], j = options[o], j - extra[i, o]
+    promoted = sorted((n for n in names if chosen[n] == "high"), reverse=True,
+                      key=lambda n: kld.get(n, 0.0) / (level_bytes(variant, shapes[n], "high")
+                                                        - level_bytes(variant, shapes[n], "base")))
+    used = int(sum(level_bytes(variant, shapes[n], chosen[n]) for n in names)) + floor - int(cost[:, 0].sum())
+    return {"promoted": promoted, "demoted": [n for n in names if chosen[n] == "low"], "bytes": used,
+            "limit_bytes": int(limit)}

@@ -420,8 +420,11 @@ def sensitivity(report: dict) -> Section | None:
                             note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."))
     blocks.append(Plots([Plot(partial(plots.sensitivity_heatmap, t["layers"], key), f"sensitivity per layer, {key}")
                          for key, t in tables.items()]))
-    promoted = [f"{v['variant']}: {len(b['promoted'])} layers kept unquantized within {mb(b['limit_bytes'])} MiB "
-                f"(uses {mb(b['bytes'])} MiB): " + (", ".join(f"`{n}`" for n in b["promoted"]) or "none")
+    held = {"w8a16": "held at int8", "float": "kept unquantized"}
+    promoted = [f"{v['variant']}: {len(b['promoted'])} layers {held[b.get('promoted_to', 'float')]}"
+                + (f", {len(b['demoted'])} at 4 bits" if b.get("demoted") else "")
+                + f" within {mb(b['limit_bytes'])} MiB (uses {mb(b['bytes'])} MiB): "
+                + (", ".join(f"`{n}`" for n in b["promoted"]) or "none")
                 for v in report["variants"] if (b := v.get("budget"))]
     if promoted:
         blocks += [Text("Mixed precision under a budget (most KLD removed per extra byte first):"), Bullets(promoted)]

@@ -29,7 +29,7 @@ class Quantize(StageKind):
             version = [type(v).version] if type(v).version > 1 else []  # a method's first version adds nothing
             needs = ("samples",) if v.needs_data() else table.base
             if v.budget is not None:  # it promotes the layers its scheme's sensitivity table ranks first
-                needs = (*needs, f"sensitivity/{scheme_key(v)}")
+                needs = (*needs, *(f"sensitivity/{scheme_key(s)}" for s in budget.measured_schemes(v)))
             table.add(f"quantize/{v.label}", stage_quantize, v, needs=needs,
                       settings=[v.model_dump(exclude_defaults=True), *version, *table.raised(cls)])
             table.model[v.label] = (f"quantize/{v.label}",)
@@ -43,10 +43,11 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     shapes, other_bytes = budget.footprint(model, variant)
     chosen = None
     if variant.budget is not None:
-        kld = {name: m["mean_kld"] for name, m in read_table(ctx, variant)["layers"].items()}
+        kld = [{name: m["mean_kld"] for name, m in read_table(ctx, scheme)["layers"].items()}
+               for scheme in budget.measured_schemes(variant)]
         with located(where):
-            chosen = budget.select(variant, shapes, other_bytes, kld)
-        variant = budget.promote(variant, chosen["promoted"])
+            chosen = budget.select(variant, shapes, other_bytes, *kld)
+        variant = budget.apply_choice(variant, chosen)
     start = time.perf_counter()
     with located(where):
         variant.apply(model, samples)
@@ -65,7 +66,8 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
         "calibration_seconds": round(seconds, 2), "size_bytes": models.size_on_disk(final), "method": variant.method,
         "scheme": variant.scheme_name, "group_size": variant.group_size, "calibration_samples": list(used),
         # calq.quant.budget's byte accounting: as stored here, and with every layer left as float16 (the baseline)
-        "accounted_bytes": budget.variant_bytes(variant, shapes, chosen["promoted"] if chosen else ()) + other_bytes,
-        **({"promoted_to": budget.promotion(variant)} if chosen else {}),
-        "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes), "float") + other_bytes,
-        **({"budget": chosen} if chosen else {})}
+        "accounted_bytes": budget.variant_bytes(
+            variant, shapes, chosen["promoted"] if chosen and variant.scheme == "w8a8" else
+            variant.int8_layer_names(shapes), variant.int4_layer_names(shapes)) + other_bytes,
+        "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes), level="float") + other_bytes,
+        **({"budget": {**chosen, "promoted_to": budget.promotion(variant)}} if chosen else {})}

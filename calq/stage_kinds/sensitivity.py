@@ -60,9 +60,10 @@ def spec_of(recipe) -> SensitivitySpec | None:
 
 def schemes(variants, linear_layers: dict) -> dict[str, tuple]:
     """scheme key -> (the first variant with that scheme, the Linears any variant of that scheme quantizes, in model
-    order)."""
+    order); a budget with `demote` measures its 4-bit scheme too."""
     first, quantized = {}, {}
-    for v in variants:
+    for v in [scheme for variant in variants
+              for scheme in (budget_mod.measured_schemes(variant) if variant.budget else [variant])]:
         key = sensitivity.scheme_key(v)
         first.setdefault(key, v)
         quantized.setdefault(key, set()).update(v.quantized_layers(linear_layers))
@@ -92,5 +93,5 @@ def stage_sensitivity(ctx: Context, variant, layers: list[str]):
 
 
 def read_table(ctx: Context, variant) -> dict:
-    """The sensitivity table of a variant's scheme (its quantize stage needs that stage)."""
+    """The sensitivity table of a variant's scheme (a budgeted variant's quantize stage needs that stage)."""
     return json.loads(ctx.output("sensitivity", "table", scheme=sensitivity.scheme_key(variant)).read_text())
