@@ -12,13 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import make_tiny_llama
+from tiny import make_tiny_llama, save_quantized
 from transformers import AutoModelForCausalLM
 
 from calq.errors import CalqError
 from calq.export import get
 from calq.export import variant as variants
-from calq.quant import budget, llmc, methods
+from calq.quant import budget, methods
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
 
@@ -31,14 +31,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module", params=[True, False], ids=["symmetric", "asymmetric"])
 def five_bit(request, tiny, tmp_path_factory):
     """(folder of the saved 5-bit checkpoint, logits of the in-memory quantized model on IDS, symmetric)."""
-    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     spec = {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32, "symmetric": request.param}
-    methods.config(spec).apply(model, None)
-    folder = tmp_path_factory.mktemp("five")
-    model.save_pretrained(folder, save_compressed=True)
-    with torch.no_grad():
-        return folder, model(input_ids=IDS).logits, request.param
+    return (*save_quantized(AutoModelForCausalLM.from_pretrained(tiny), spec, tmp_path_factory.mktemp("five"), IDS),
+            request.param)
 
 
 def test_checkpoint_reloads_and_readers_hold_the_same_integers(five_bit):
@@ -148,13 +143,7 @@ THREE = {"method": "minmax", "scheme": "w4a16", "bits": 5, "group_size": 32, "sy
 @pytest.fixture(scope="module")
 def three_levels(tiny, tmp_path_factory):
     """(folder of the saved checkpoint, logits of the in-memory quantized model on IDS)."""
-    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    methods.config(THREE).apply(model, None)
-    folder = tmp_path_factory.mktemp("three")
-    model.save_pretrained(folder, save_compressed=True)
-    with torch.no_grad():
-        return folder, model(input_ids=IDS).logits
+    return save_quantized(AutoModelForCausalLM.from_pretrained(tiny), THREE, tmp_path_factory.mktemp("three"), IDS)
 
 
 def test_three_levels_one_checkpoint_every_reader(three_levels):

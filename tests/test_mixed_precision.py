@@ -13,13 +13,13 @@ import json
 
 import pytest
 import torch
-from tiny import make_tiny_llama
+from tiny import make_tiny_llama, save_quantized
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calq.errors import CalqError
 from calq.export import get
 from calq.export import variant as variants
-from calq.quant import embedding, llmc, methods
+from calq.quant import embedding, methods
 
 IDS = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
 INT8 = ("re:.*v_proj", "model.layers.1.mlp.down_proj")
@@ -44,14 +44,9 @@ def tied(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed(tied, tmp_path_factory):
     """(folder of the saved mixed checkpoint, logits of the in-memory quantized model on IDS)."""
-    llmc.quiet_logs(str(tmp_path_factory.mktemp("logs") / "llmcompressor.log"))
-    model = AutoModelForCausalLM.from_pretrained(tied).eval()
+    model = AutoModelForCausalLM.from_pretrained(tied)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    methods.config(SPEC).apply(model, None)
-    folder = tmp_path_factory.mktemp("mixed")
-    model.save_pretrained(folder, save_compressed=True)
-    with torch.no_grad():
-        return folder, model(input_ids=IDS).logits
+    return save_quantized(model, SPEC, tmp_path_factory.mktemp("mixed"), IDS)
 
 
 def pytorch_logits(folder):

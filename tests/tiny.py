@@ -96,3 +96,15 @@ def train_tiny_llama(folder: Path, text: str, steps: int = 100, lr: float = 3e-3
     model.eval()
     model.save_pretrained(folder)
     return folder
+
+
+def save_quantized(model, spec: dict, folder: Path, ids: torch.Tensor) -> tuple[Path, torch.Tensor]:
+    """`model` quantized in memory by calq's method `spec` (no calibration data) and saved compressed to `folder`:
+    (folder, the in-memory quantized model's logits on `ids`)."""
+    from calq.quant import llmc, methods
+
+    llmc.quiet_logs(str(Path(folder).parent / f"{Path(folder).name}-llmcompressor.log"))
+    methods.config(spec).apply(model.eval(), None)
+    model.save_pretrained(folder, save_compressed=True)
+    with torch.no_grad():
+        return folder, model(input_ids=ids).logits
