@@ -144,7 +144,7 @@ def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int
         start = time.perf_counter()
         variant = methods.config(CALQ[name])
         if variant.budget is not None:
-            variant = with_budget(variant, model, ids)
+            variant = with_budget(variant, model, ids, out)
         variant.apply(model, ids)
         print(f"{name} on {samples} x 256 tokens: {time.perf_counter() - start:.0f} s", flush=True)
         model.save_pretrained(folder, save_compressed=True)
@@ -152,20 +152,26 @@ def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int
     return export_gguf(folder, out / f"{name}-gguf")
 
 
-def with_budget(variant, model, ids: torch.Tensor):
+def with_budget(variant, model, ids: torch.Tensor, out: Path):
     """A budgeted variant with its choice made as calq's quantize stage makes it: the sensitivity tables of its
-    schemes on the first calibration samples (the recipe's defaults, SensitivitySpec), then calq.quant.budget."""
+    schemes on the first calibration samples (the recipe's defaults, SensitivitySpec; kept in --out as
+    sensitivity-<scheme>.json and reused), then calq.quant.budget."""
     spec = SensitivitySpec()
     samples = ids[: spec.samples, : spec.seq_len]
     shapes, other = budget.footprint(model, variant)
-    start = time.perf_counter()
-    tables = [{name: m["mean_kld"] for name, m in sensitivity.measure(
-        model, samples, list(shapes), sensitivity.weight_args(scheme))["layers"].items()}
-        for scheme in budget.measured_schemes(variant)]
+    tables = []
+    for scheme in budget.measured_schemes(variant):
+        path = out / f"sensitivity-{sensitivity.scheme_key(scheme)}.json"
+        if not path.is_file():
+            path.write_text(json.dumps(sensitivity.measure(model, samples, list(shapes),
+                                                           sensitivity.weight_args(scheme))))
+        measured = json.loads(path.read_text())
+        print(f"sensitivity {path.name}: {measured['seconds']:.0f} s", flush=True)
+        tables.append({name: m["mean_kld"] for name, m in measured["layers"].items()})
     chosen = budget.select(variant, shapes, other, *tables)
+    (out / f"budget-{variant.label}.json").write_text(json.dumps(chosen, indent=1))
     print(f"budget: {len(chosen['promoted'])} Linears at int8, {len(chosen['demoted'])} at 4 bits, "
-          f"{chosen['bytes'] / 2**20:.2f} of {chosen['limit_bytes'] / 2**20:.2f} MiB; sensitivity "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+          f"{chosen['bytes'] / 2**20:.2f} of {chosen['limit_bytes'] / 2**20:.2f} MiB", flush=True)
     return budget.apply_choice(variant, chosen)
 
 

@@ -23,6 +23,7 @@ def test_bytes_per_precision_follow_the_storage():
     assert budget.linear_bytes(64, 128, "w4a16", 32) == 64 * 128 // 2 + 64 * 4 * 2 * 2
     assert budget.linear_bytes(64, 128, "w4a16", 32, symmetric=True) == 64 * 128 // 2 + 64 * 4 * 2
     assert budget.linear_bytes(64, 128, "w8a8") == 64 * 128 + 64 * 2
+    assert budget.linear_bytes(64, 128, "w8a16") == 64 * 128 * 34 // 32  # GGUF's Q8_0 blocks
     assert budget.linear_bytes(64, 128, "float") == 64 * 128 * 2
 
 

@@ -61,15 +61,18 @@ class Budget(BaseModel):
 
 def linear_bytes(out_features: int, in_features: int, precision: str, group_size: int | None = None,
                  symmetric: bool = False, bits: int = 4) -> int:
-    """Bytes of one Linear's weight at `precision`: w4a16 packs `bits` (4 or 5) per weight with a float16 scale (and a
-    float16 zero point when asymmetric) per group of `group_size` inputs, as GGUF's blocks of 32 hold them (Q4_0 4.5,
-    Q4_1 5, Q5_0 5.5, Q5_1 6 bits per weight); w8a8 (and w8a16) one byte per weight and a float16 scale per output
-    channel; float is float16."""
+    """Bytes of one Linear's weight at `precision`, as the deployed files hold it: w4a16 packs `bits` (4 or 5) per
+    weight with a float16 scale (and a float16 zero point when asymmetric) per group of `group_size` inputs, as GGUF's
+    blocks of 32 hold them (Q4_0 4.5, Q4_1 5, Q5_0 5.5, Q5_1 6 bits per weight); w8a16 one byte per weight with a
+    float16 scale per block of 32 inputs (GGUF's Q8_0, 8.5 bits per weight);
+    w8a8 one byte per weight and a float16 scale per output channel; float is float16."""
     n, k = out_features, in_features
     if precision == "w4a16":
         groups = n * math.ceil(k / (group_size or 128))
         return math.ceil(n * k * bits / 8) + groups * FLOAT_BYTES * (1 if symmetric else 2)
-    if precision in ("w8a8", "w8a16"):
+    if precision == "w8a16":
+        return n * k + n * math.ceil(k / 32) * FLOAT_BYTES
+    if precision == "w8a8":
         return n * k + n * FLOAT_BYTES
     if precision == "float":
         return n * k * FLOAT_BYTES
