@@ -64,7 +64,7 @@ def test_decode_generates_what_pytorch_generates(name, exported):
     """Greedy tokens equal transformers' `generate` on the PyTorch variant; every prefill and decode step's logits
     equal the PyTorch variant's logits on the same sequence (divided by the temperature decode.onnx carries)."""
     variant, divisor, out, _ = exported[name]
-    tokens, logits = get("onnx").decoder(out).generate(PROMPT, NEW)
+    tokens, logits, _ = get("onnx").decoder(out).generate(PROMPT, NEW)
     with torch.no_grad():
         want = variant.generate(PROMPT[None], attention_mask=torch.ones(1, DECODE_PROMPT, dtype=torch.long),
                                 max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, DECODE_PROMPT:]
@@ -85,6 +85,8 @@ def test_verify_records_decode_agreement(name, exported):
     assert decode["greedy_tokens_equal"] and decode["greedy_token_agreement"] == 1.0
     assert decode["first_mismatch"] is None
     assert decode["max_abs_diff_vs_scoring"] < 1e-4
+    # the speed of that run, on the threads asked for (a figure of this CPU: only its presence is checked)
+    assert decode["threads"] == 1 and decode["prefill_tokens_per_second"] > 0 and decode["decode_tokens_per_second"] > 0
 
 
 def test_decode_logits_say_what_calibrator_they_carry(exported):
@@ -93,7 +95,7 @@ def test_decode_logits_say_what_calibrator_they_carry(exported):
     assert info["baseline"]["decode_graph"]["logits"] == "raw / temperature"
     assert info["w4a16"]["decode_graph"]["logits"] == "raw"
     assert "no KV cache of its own" in info["w4a16"]["decode_graph"]["note"]
-    tokens, logits = get("onnx").decoder(exported["w4a16"][2]).generate(PROMPT, 2)
+    tokens, logits, _ = get("onnx").decoder(exported["w4a16"][2]).generate(PROMPT, 2)
     calibrated, raw = get("onnx").session(exported["w4a16"][2]).run(torch.cat([PROMPT, tokens[:-1]])[None])
     torch.testing.assert_close(logits, raw[0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits, calibrated[0], rtol=1e-3, atol=1e-3)  # the ATS head is not in decode.onnx

@@ -142,12 +142,17 @@ def greedy_reference(reference_logits: Callable, prompt: torch.Tensor, new_token
 
 
 def generation_check(tokens: torch.Tensor, expected: torch.Tensor, decode_logits: str, step_logits: torch.Tensor,
-                     full: torch.Tensor) -> dict:
-    """verify.json's `decode`: a decode graph's greedy `tokens` against the reference's `expected`, and its logits of
-    every prefill and decode step against the artifact's logits over the same whole sequence (`full`)."""
+                     full: torch.Tensor, seconds: dict, threads: int) -> dict:
+    """verify.json's `decode`: a decode graph's greedy `tokens` against the reference's `expected`, its logits of
+    every prefill and decode step against the artifact's logits over the same whole sequence (`full`), and its speed
+    in that run (`seconds` of the prefill and of the decode steps on `threads` threads: one short run, the first
+    calls included; BENCHMARKS.md times the runtimes properly)."""
     mismatches = (tokens != expected).nonzero()
     diff = float((step_logits - full).abs().max())
-    return {"prompt_tokens": full.shape[0] - tokens.numel() + 1, "new_tokens": tokens.numel(),
+    prompt = full.shape[0] - tokens.numel() + 1
+    return {"prompt_tokens": prompt, "new_tokens": tokens.numel(), "threads": threads,
+            "prefill_tokens_per_second": prompt / seconds["prefill"],
+            "decode_tokens_per_second": (tokens.numel() - 1) / seconds["decode"] if tokens.numel() > 1 else None,
             "decode_logits": decode_logits, "greedy_tokens_equal": bool(torch.equal(tokens, expected)),
             "greedy_token_agreement": float((tokens == expected).float().mean()),
             "first_mismatch": int(mismatches[0]) if mismatches.numel() else None,

@@ -204,10 +204,10 @@ class ExecuTorchExporter(Exporter):
         prefill and decode step vs one prefill call over the same whole sequence."""
         decode_logits = json.loads((Path(out_dir) / INFO_FILE).read_text())["decode_graph"]["logits"]
         with self.isolated(self.session, out_dir, threads) as session:
-            tokens, step_logits = session.generate(prompt, new_tokens)
+            tokens, step_logits, seconds = session.generate(prompt, new_tokens)
             full = session.step(torch.cat([prompt, tokens[:-1]])[None], 0)[0]
         return generation_check(tokens, greedy_reference(reference_logits, prompt, new_tokens), decode_logits,
-                                step_logits, full)
+                                step_logits, full, seconds, threads)
 
 
 class ExecuTorchSession:
@@ -247,14 +247,18 @@ class ExecuTorchSession:
                 else self.step(row[None], 0) for row in input_ids]
         return torch.cat(rows)
 
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V])."""
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V], the seconds of
+        the prefill and of the decode steps)."""
+        start = time.perf_counter()
         rows, tokens = [self.step(prompt[None], 0)[0]], []
+        seconds = {"prefill": time.perf_counter() - start}
         for i in range(new_tokens):
             tokens.append(int(rows[-1][-1].argmax()))
             if i + 1 < new_tokens:
                 rows.append(self.step(torch.tensor([[tokens[-1]]]), prompt.numel() + i)[0])
-        return torch.tensor(tokens), torch.cat(rows)
+        seconds["decode"] = time.perf_counter() - start - seconds["prefill"]
+        return torch.tensor(tokens), torch.cat(rows), seconds
 
 
 def _version() -> str:

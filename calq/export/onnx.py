@@ -408,12 +408,12 @@ class OnnxExporter(Exporter):
         out_dir = Path(out_dir)
         decode_logits = json.loads((out_dir / INFO_FILE).read_text())["decode_graph"]["logits"]
         with self.isolated(self.decoder, out_dir, threads) as decoder:
-            tokens, step_logits = decoder.generate(prompt, new_tokens)
+            tokens, step_logits, seconds = decoder.generate(prompt, new_tokens)
         with self.isolated(self.session, out_dir, threads) as session:
             calibrated, raw = session.run(torch.cat([prompt, tokens[:-1]])[None])
         full = raw[0] if decode_logits == "raw" else calibrated[0]
         return generation_check(tokens, greedy_reference(reference_logits, prompt, new_tokens), decode_logits,
-                                step_logits, full)
+                                step_logits, full, seconds, threads)
 
 
 def _save(proto, out_dir: Path, model_file: str, data_file: str) -> None:
@@ -507,16 +507,20 @@ class OnnxDecoder:
         logits, *present = self.session.run(["logits", *self.present], feeds)
         return logits, present
 
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V])."""
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Greedy: (new token ids [new_tokens], logits of every position fed [T + new_tokens - 1, V], the seconds of
+        the prefill and of the decode steps)."""
+        start = time.perf_counter()
         logits, cache = self.step(prompt.numpy()[None], None)
+        seconds = {"prefill": time.perf_counter() - start}
         rows, tokens = [logits[0]], []
         for i in range(new_tokens):
             tokens.append(int(rows[-1][-1].argmax()))
             if i + 1 < new_tokens:
                 logits, cache = self.step(np.array([[tokens[-1]]]), cache)
                 rows.append(logits[0])
-        return torch.tensor(tokens), torch.from_numpy(np.concatenate(rows))
+        seconds["decode"] = time.perf_counter() - start - seconds["prefill"]
+        return torch.tensor(tokens), torch.from_numpy(np.concatenate(rows)), seconds
 
 
 COMPUTE = {0: " (float32 activations, as PyTorch)", 1: " (float32 activations, as PyTorch)",

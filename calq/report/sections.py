@@ -298,8 +298,9 @@ def deployed_decode(d: dict) -> str:
     tokens = ("the same greedy tokens as PyTorch" if d["greedy_tokens_equal"]
               else f"greedy tokens differ from PyTorch's from step {d['first_mismatch']}")
     return (f"its decode graph (KV cache, {d['decode_logits']} logits) generated {d['new_tokens']} tokens after "
-            f"{d['prompt_tokens']}: {tokens}; step logits within {diff:.2g} of the "
-            "scoring graph's")
+            f"{d['prompt_tokens']}: {tokens}; step logits within {diff:.2g} of the scoring graph's"
+            + (f"; {d['prefill_tokens_per_second']:,.0f} prefill and {d['decode_tokens_per_second']:,.1f} decode "
+               f"tokens/s on {d['threads']} thread(s) in that run" if d.get("decode_tokens_per_second") else ""))
 
 
 @section
@@ -314,11 +315,12 @@ def deployed(report: dict) -> Section | None:
         Text("Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant with the "
              "same calibrator, on the same held-out windows.", muted=True),
         Table(["variant", "format", "calibrator", "size (MB)", "export (s)", "top-1 agreement", "max rel. logit diff",
-               "ppl PyTorch → runtime", "ECE PyTorch → runtime", "ECE drift"],
+               "ppl PyTorch → runtime", "ECE PyTorch → runtime", "ECE drift", "decode tokens/s"],
               [[r["variant"], r["format"], r["calibrator"], mb(r["bytes"]), num(r["seconds"], 1), num(r["top1"]),
                 f"{r['max_rel_logit_diff']:.2g}", f"{r['ppl_reference']:.2f} → {r['ppl']:.2f}",
-                f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}"] for r in rows],
-              {3, 4, 5, 6, 7, 8, 9}),
+                f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}",
+                num((r.get("decode") or {}).get("decode_tokens_per_second"), 1)] for r in rows],
+              {3, 4, 5, 6, 7, 8, 9, 10}),
         *([table] if (table := deployed_divergence(rows)) else []),
         *([Text("What each format changed:"), Bullets(changes)] if changes else [])])
 
@@ -351,7 +353,7 @@ def size_quality_points(report: dict) -> list[dict]:
         tokens = (v.get("calibrated") or {}).get("tokens") or {}
         ece = tokens[calibrator]["ece"] if calibrator in tokens else v["ece"]
         kld = ((v.get("divergence") or {}).get("none") or {}).get("mean_kld")
-        speed = next((r["decode"].get("tokens_per_second") for r in files if r.get("decode")), None)
+        speed = next((r["decode"].get("decode_tokens_per_second") for r in files if r.get("decode")), None)
         points.append({"label": v["variant"], "bytes": size, "source": source, "kld": kld, "ece": ece,
                        "calibrator": calibrator, "tokens_per_second": speed})
     return points
