@@ -20,6 +20,10 @@ of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
 5-bit groups (`--variants minmax-w5a16-g32-sym-int8emb,minmax-w5a16-g32-sym-int8v`): symmetric 5-bit groups of 32
 (`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second).
+Three levels (`--variants gptq-w5a16-g32-sym-budget,minmax-w5a16-g32-sym-budget`): the 5-bit variant with a budget
+at Q4_K_M's size and `demote: true`; the script measures calq's two sensitivity tables on the first calibration samples
+(kept in --out as sensitivity-<scheme>.json and reused) and writes calq's choice to budget-<variant>.json
+(`gptq-w5a16-g32-sym-3level` is a mix picked by hand). --samples sets GPTQ's calibration samples (16; 64 beats Q4_K_M).
 --onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, 5-bit groups stored as bits 8, the int8
 embedding dequantized in the graph), scored by ONNX Runtime on the same windows; its size is model.onnx +
 model.onnx.data.
