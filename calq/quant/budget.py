@@ -1,15 +1,14 @@
 """Mixed precision under a size budget: the bytes of a Linear at each precision (one function, `linear_bytes`), a
-variant's footprint, and the greedy choice of the Linears kept at higher precision.
+variant's footprint, and the choice of each Linear's precision.
 
 The choice reads the sensitivity table (calq.stage_kinds.sensitivity: the mean KLD from the baseline when a Linear
-alone is quantized with the variant's scheme) and promotes Linears in order of KLD removed per extra byte while the
-budget holds. A w4a16 variant promotes to int8 (`w8a16`: the Linear joins the variant's `int8_layers`, a second
-compressed-tensors config group, GGUF Q8_0, ONNX MatMulNBits 8 bits); a w8a8 variant promotes to unquantized
-(`float`: the Linear joins `ignore`, exported as float16). autoawq and awq refuse a budget.
-With `demote` (5-bit variants) there are three levels, as in llama.cpp's K-quant mixes: every Linear starts at 4 bits
-(`int4_layers`, a third config group, GGUF Q4_0/Q4_1), and the steps up to 5 bits and to int8 are taken by KLD removed
-per extra byte, read from two tables (the 5-bit and the 4-bit scheme), so the least sensitive Linears pay for the int8
-ones.
+alone is quantized with the variant's scheme) and keeps at higher precision the Linears whose summed KLD is the most
+that fits in the budget (a knapsack, `select`). A w4a16 variant promotes to int8 (`w8a16`: the Linear joins the
+variant's `int8_layers`, a second compressed-tensors config group, GGUF Q8_0, ONNX MatMulNBits 8 bits); a w8a8 variant
+promotes to unquantized (`float`: the Linear joins `ignore`, exported as float16). autoawq and awq refuse a budget.
+With `demote` (5-bit variants) there are three levels, as in llama.cpp's K-quant mixes: 4 bits (`int4_layers`, a
+third config group, GGUF Q4_0/Q4_1), 5 bits and int8, read from two tables (the 5-bit and the 4-bit scheme), so the
+least sensitive Linears pay for the int8 ones.
 
 No torch here: the recipe schema imports `Budget`.
 """
@@ -64,8 +63,8 @@ def linear_bytes(out_features: int, in_features: int, precision: str, group_size
     """Bytes of one Linear's weight at `precision`, as the deployed files hold it: w4a16 packs `bits` (4 or 5) per
     weight with a float16 scale (and a float16 zero point when asymmetric) per group of `group_size` inputs, as GGUF's
     blocks of 32 hold them (Q4_0 4.5, Q4_1 5, Q5_0 5.5, Q5_1 6 bits per weight); w8a16 one byte per weight with a
-    float16 scale per block of 32 inputs (GGUF's Q8_0, 8.5 bits per weight);
-    w8a8 one byte per weight and a float16 scale per output channel; float is float16."""
+    float16 scale per block of 32 inputs (GGUF's Q8_0, 8.5 bits per weight); w8a8 one byte per weight and a float16
+    scale per output channel; float is float16."""
     n, k = out_features, in_features
     if precision == "w4a16":
         groups = n * math.ceil(k / (group_size or 128))
@@ -158,8 +157,8 @@ def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: d
     variant's scheme, `kld_low` at 4 bits (with `demote`; at least `kld`), and the promotion counts as removing all of
     it. A multiple-choice knapsack, solved exactly by dynamic programming over the bytes above the cheapest level, in
     units of the costs' greatest common divisor, or of 1/`steps` of the room when that is finer (costs rounded up, so
-    the choice always fits). Returns the promoted names (most KLD
-    removed per extra byte first), the demoted ones, the bytes used and the budget in bytes."""
+    the choice always fits). Returns the promoted names (most KLD removed per extra byte first), the demoted ones, the
+    bytes used and the budget in bytes."""
     import numpy as np
 
     limit = check(variant, shapes, other_bytes)
@@ -168,7 +167,8 @@ def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: d
           "high": lambda n: 0.0}
     loss = np.array([[at[level](name) for level in options] for name in names])
     cost = np.array([[level_bytes(variant, shapes[name], level) for level in options] for name in names])
-    floor = int(cost[:, 0].sum()) + (other_bytes if variant.budget.counts_other() else 0)
+    other = other_bytes if variant.budget.counts_other() else 0
+    floor = int(cost[:, 0].sum()) + other
     unit = max(float(np.gcd.reduce((cost - cost[:, :1]).ravel())), (limit - floor) / steps, 1.0)
     extra = np.ceil((cost - cost[:, :1]) / unit).astype(int)
     room = int((limit - floor) // unit)
@@ -188,6 +188,6 @@ def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: d
     promoted = sorted((n for n in names if chosen[n] == "high"), reverse=True,
                       key=lambda n: kld.get(n, 0.0) / (level_bytes(variant, shapes[n], "high")
                                                         - level_bytes(variant, shapes[n], "base")))
-    used = int(sum(level_bytes(variant, shapes[n], chosen[n]) for n in names)) + floor - int(cost[:, 0].sum())
+    used = int(sum(cost[i, options.index(chosen[n])] for i, n in enumerate(names))) + other
     return {"promoted": promoted, "demoted": [n for n in names if chosen[n] == "low"], "bytes": used,
             "limit_bytes": int(limit)}
