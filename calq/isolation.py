@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,11 +49,13 @@ def _recv(conn):
 
 def _serve(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
     try:
+        start = time.perf_counter()
         target = factory(*args, **kwargs)
+        seconds = time.perf_counter() - start
     except BaseException as err:
         _send(conn, ("error", _picklable(err)))
         return
-    _send(conn, ("ok", None))
+    _send(conn, ("ok", seconds))
     while (message := _recv(conn)) is not None:
         name, call_args, call_kwargs = message
         try:
@@ -73,7 +76,8 @@ def describe_exit(code: int | None) -> str:
 class Isolated:
     """`factory(*args, **kwargs)` living in a child process; `isolated.method(...)` runs there and returns its
     (picklable) result. `runtime` and `doing` name the crash ("llama.cpp crashed with SIGSEGV while `doing`"),
-    `where` and `fix` complete its line. Use as a context manager, or call close()."""
+    `where` and `fix` complete its line. `load_seconds`: how long `factory` took in the child (the runtime's import
+    and load of the artifact, not the process start). Use as a context manager, or call close()."""
 
     def __init__(self, runtime: str, doing: str, factory: Callable, *args, where: str | None = None,
                  fix: str | None = None, **kwargs):
@@ -84,7 +88,7 @@ class Isolated:
         self._process.start()
         child.close()
         try:
-            self._receive()
+            self.load_seconds = self._receive()  # the factory's own time in the child (what loading the runtime costs)
         except BaseException:  # the factory failed: its child has ended, nothing to keep
             self.close()
             raise

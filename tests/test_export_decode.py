@@ -87,6 +87,7 @@ def test_verify_records_decode_agreement(name, exported):
     assert decode["max_abs_diff_vs_scoring"] < 1e-4
     # the speed of that run, on the threads asked for (a figure of this CPU: only its presence is checked)
     assert decode["threads"] == 1 and decode["prefill_tokens_per_second"] > 0 and decode["decode_tokens_per_second"] > 0
+    assert verified["verify"]["load_seconds"] > 0  # the runtime's load of model.onnx, in its child process
 
 
 def test_decode_logits_say_what_calibrator_they_carry(exported):

@@ -27,7 +27,8 @@ def test_export_stage_report_and_gates(tiny_recipe, tmp_path):
     assert (out / "export" / "minmax-w4a16-g32" / "onnx" / "model.onnx").is_file()
     assert {r["gate"] for r in report.data["gates"]["results"]} == {"min_deployed_top1_agreement",
                                                                     "max_deployed_ece_drift"}
-    assert report.passed and "## Deployed" in (out / "report.md").read_text()
+    assert rows[0]["load_seconds"] > 0  # the runtime's load, shown in the Deployed table
+    assert report.passed and "| load (s) |" in (out / "report.md").read_text()
 
     result = runner.invoke(app, ["export", str(out), "--format", "gguf", "--variant", "minmax-w4a16-g32"])
     assert result.exit_code in (0, 1), result.output  # llama.cpp's int8 activations may drift past 0.01

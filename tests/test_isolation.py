@@ -17,6 +17,7 @@ def test_calls_are_answered_by_the_child():
         with pytest.raises(ValueError, match="a Python error inside the runtime"):
             session.fail()
         assert session.score([1]).shape == (1, 3)  # a Python error does not end the runtime's process
+        assert session.load_seconds > 0  # the factory's time in the child
 
 
 @pytest.mark.parametrize("method, signal_name", [("segfault", "SIGSEGV"), ("abort", "SIGABRT")])

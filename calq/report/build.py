@@ -68,6 +68,7 @@ def deployed_rows(run: RunDir, manifest: dict) -> list[dict]:
         v = r["verify"]
         rows.append({"variant": variant, "format": fmt, "calibrator": r["calibrator"], "note": r.get("note"),
                      "bytes": r["export"].get("bytes"), "seconds": r["export"].get("seconds"),
+                     "load_seconds": v.get("load_seconds"),
                      "top1": v["top1_agreement"], "max_rel_logit_diff": v["max_rel_logit_diff"],
                      "ppl_reference": v["reference"]["ppl"], "ppl": v["artifact"]["ppl"],
                      "ece_reference": v["reference"]["ece"], "ece": v["artifact"]["ece"],

@@ -314,13 +314,14 @@ def deployed(report: dict) -> Section | None:
     return Section("Deployed: each artifact on its own runtime", [
         Text("Token-level numbers of the exported artifact (calibrator fused) against the PyTorch variant with the "
              "same calibrator, on the same held-out windows.", muted=True),
-        Table(["variant", "format", "calibrator", "size (MB)", "export (s)", "top-1 agreement", "max rel. logit diff",
-               "ppl PyTorch → runtime", "ECE PyTorch → runtime", "ECE drift", "decode tokens/s"],
-              [[r["variant"], r["format"], r["calibrator"], mb(r["bytes"]), num(r["seconds"], 1), num(r["top1"]),
+        Table(["variant", "format", "calibrator", "size (MB)", "export (s)", "load (s)", "top-1 agreement",
+               "max rel. logit diff", "ppl PyTorch → runtime", "ECE PyTorch → runtime", "ECE drift", "decode tokens/s"],
+              [[r["variant"], r["format"], r["calibrator"], mb(r["bytes"]), num(r["seconds"], 1),
+                num(r.get("load_seconds"), 2), num(r["top1"]),
                 f"{r['max_rel_logit_diff']:.2g}", f"{r['ppl_reference']:.2f} → {r['ppl']:.2f}",
                 f"{r['ece_reference']:.4f} → {r['ece']:.4f}", f"{r['ece_drift']:+.4f}",
                 num((r.get("decode") or {}).get("decode_tokens_per_second"), 1)] for r in rows],
-              {3, 4, 5, 6, 7, 8, 9, 10}),
+              {3, 4, 5, 6, 7, 8, 9, 10, 11}),
         *([table] if (table := deployed_divergence(rows)) else []),
         *([Text("What each format changed:"), Bullets(changes)] if changes else [])])
 
