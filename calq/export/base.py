@@ -252,7 +252,7 @@ def export_and_verify(fmt: str, checkpoint_dir: str | Path, out_dir: str | Path,
     info = exporter.export(checkpoint_dir, out_dir, calibrator, **options)
     with exporter.isolated(exporter.session, out_dir, threads=threads) as session:
         result = verify(reference_logits, session.score, stream, seq_len, bins)
-    result["load_seconds"] = session.load_seconds
+    result["load_seconds"] = getattr(session, "load_seconds", None)  # an exporter's own `isolated` may not time it
     decode = exporter.verify_generation(out_dir, reference_logits, stream[:DECODE_PROMPT], DECODE_NEW, threads)
     if decode is not None:
         result["decode"] = decode
