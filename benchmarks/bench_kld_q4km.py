@@ -19,7 +19,8 @@ Mixed precision (`--variants gptq-w4a16-g32-sym-mixed,gptq-w4a16-g32-mixed`): GP
 of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp's `use_more_bits` layers) and the
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
 5-bit groups (`--variants minmax-w5a16-g32-sym-int8emb,minmax-w5a16-g32-sym-int8v`): symmetric 5-bit groups of 32
-(`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second).
+(`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second); `-int4emb`: the embedding as
+Q4_0 (`embedding: int4`), alone or under the same budget (`-int4emb-budget`).
 Three levels (`--variants gptq-w5a16-g32-sym-budget,minmax-w5a16-g32-sym-budget`): the 5-bit variant with a budget
 at Q4_K_M's size and `demote: true`; the script measures calq's two sensitivity tables on the first calibration samples
 (kept in --out as sensitivity-<scheme>.json and reused) and writes calq's choice to budget-<variant>.json
@@ -85,6 +86,10 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
                                        "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]]},
         "gptq-w5a16-g32-sym-int8emb": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
                                        "symmetric": True, "embedding": "int8"},
+        # the embedding / head as int4 (Q4_0) instead: 13.6 MiB less, what it costs in divergence
+        **{f"{method}-w5a16-g32-sym-int4emb": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                               "symmetric": True, "embedding": "int4"}
+           for method in ("gptq", "minmax")},
         # three levels by hand: q_proj and k_proj down to 4 bits (Q4_0) pay for every attn_v at int8 (Q8_0)
         "gptq-w5a16-g32-sym-3level": {"method": "gptq", "scheme": "w4a16", "bits": 5, "group_size": 32,
                                       "symmetric": True, "embedding": "int8", "int8_layers": [Q4KM_INT8[0]],
@@ -94,6 +99,11 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         **{f"{method}-w5a16-g32-sym-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
                                               "symmetric": True, "embedding": "int8",
                                               "budget": {"size_mb": 98.8, "demote": True}}
+           for method in ("gptq", "minmax")},
+        # the same budget with the embedding at int4: its 13.6 MiB go to more int8 Linears
+        **{f"{method}-w5a16-g32-sym-int4emb-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                                      "symmetric": True, "embedding": "int4",
+                                                      "budget": {"size_mb": 98.8, "demote": True}}
            for method in ("gptq", "minmax")}}
 DEFAULT_VARIANTS = "awq-w4a16-g64,gptq-w4a16-g64"
 LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}

@@ -1,8 +1,8 @@
-"""Mixed int4/int8 checkpoints (`int8_layers`) and the int8 embedding / head (`embedding: int8`) on a tiny random
-Llama with a tied output head (as SmolLM2): one compressed-tensors checkpoint with two config groups, reloaded by
-transformers, read by calq's kernel loader and export reader as two layer types, exported to GGUF (per-tensor Q4_0 /
-Q8_0 types, the embedding exact) and ONNX (MatMulNBits bits 4 and 8, the embedding held as int8); bad input refused
-before any work.
+"""Mixed int4/int8 checkpoints (`int8_layers`) and the int8 / int4 embedding / head (`embedding: int8 | int4`) on a
+tiny random Llama with a tied output head (as SmolLM2): one compressed-tensors checkpoint with two config groups,
+reloaded by transformers, read by calq's kernel loader and export reader as two layer types, exported to GGUF
+(per-tensor Q4_0 / Q8_0 types, the embedding exact) and ONNX (MatMulNBits bits 4 and 8, the embedding held as int8 or
+int4); bad input refused before any work.
 
 Bounds against the PyTorch variant (transformers' decompressed model), as in tests/test_export.py: ONNX holds calq's
 exact integers with float32 activations: float32 tolerance; llama.cpp quantizes activations to int8 blocks and keeps
@@ -47,6 +47,13 @@ def mixed(tied, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tied)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return save_quantized(model, SPEC, tmp_path_factory.mktemp("mixed"), IDS)
+
+
+@pytest.fixture(scope="module")
+def int4_embedding(tied, tmp_path_factory):
+    """A 4-bit variant with the tied embedding / head as int4 (Q4_0): (folder, in-memory logits on IDS)."""
+    spec = {"method": "minmax", "scheme": "w4a16", "group_size": 32, "symmetric": True, "embedding": "int4"}
+    return save_quantized(AutoModelForCausalLM.from_pretrained(tied), spec, tmp_path_factory.mktemp("int4emb"), IDS)
 
 
 def pytorch_logits(folder):
@@ -117,7 +124,7 @@ def test_gguf_per_tensor_types_and_exact_embedding(mixed, tmp_path):
     assert {name for name, kind in types.items() if kind == "Q8_0"} == {
         "token_embd.weight", "blk.0.attn_v.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
     assert {kind for name, kind in types.items()} == {"Q8_0", "Q4_0"}
-    assert info["int8_matrices_exact"] == {"token_embd.weight": True}
+    assert info["embedding_exact"] == {"token_embd.weight": True}
     embd = tensors["token_embd.weight"]
     back = torch.from_numpy(gguf.quants.dequantize(embd.data, embd.tensor_type).copy())
     assert torch.equal(back, variants.read(folder).model.get_input_embeddings().weight)
@@ -153,7 +160,7 @@ def test_untied_head_is_held_at_int8_too(tmp_path):
     ({"method": "autoawq", "int8_layers": ["re:.*v_proj"]}, "autoawq cannot take int8_layers"),
     ({"method": "awq", "int8_layers": ["re:.*v_proj"]}, "awq cannot take int8_layers"),
     ({"method": "awq", "budget": {"bits_per_weight": 5}}, "awq cannot take budget"),
-    ({"embedding": "int4"}, "embedding"),
+    ({"embedding": "int2"}, "embedding"),
 ])
 def test_recipe_refuses(spec, message):
     with pytest.raises(CalqError, match=message):
@@ -179,3 +186,61 @@ def test_bfloat16_embedding_refused_before_the_method_runs(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny"), dtype=torch.bfloat16)
     with pytest.raises(CalqError, match="float32"):
         methods.config(SPEC).apply(model, None)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grids_are_exact_and_told_apart(bits):
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(bits))
+    q, d = embedding.blocks(weight, bits)
+    assert int(q.min()) >= (-127 if bits == 8 else -8) and int(q.max()) <= (127 if bits == 8 else 7)
+    on = embedding.dequantize(q, d)
+    assert embedding.on_grid(weight) is None
+    found = embedding.on_grid(on)
+    assert found is not None and found[2] == bits and torch.equal(embedding.dequantize(*found[:2]), on)
+    rms = float(((on - weight) ** 2).mean().sqrt() / weight.std())
+    assert rms < (0.01 if bits == 8 else 0.15)  # each block's range in 255 or 16 steps
+
+
+def test_int4_embedding_is_read_exported_to_q4_0_and_onnx_exactly(int4_embedding, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    folder, in_memory = int4_embedding
+    variant = variants.read(folder)
+    assert methods.config({"method": "minmax", "scheme": "w4a16", "embedding": "int4"}).label.endswith("-int4emb")
+    matrix = variant.matrices["model.embed_tokens.weight"]
+    assert matrix.bits == 4 and matrix.gguf_type == "Q4_0" and list(variant.matrices) == ["model.embed_tokens.weight"]
+    weight = variant.model.get_input_embeddings().weight
+    assert torch.equal(embedding.dequantize(matrix.q, matrix.d), weight)
+
+    info = get("gguf").export(folder, tmp_path / "gguf")
+    tensors = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors
+    embd = next(t for t in tensors if t.name == "token_embd.weight")
+    assert embd.tensor_type.name == "Q4_0" and info["embedding_exact"] == {"token_embd.weight": True}
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(embd.data, embd.tensor_type).copy()), weight)
+    got = get("gguf").session(tmp_path / "gguf", n_ctx=64).score(IDS)
+    assert relative(got, in_memory) < 0.05 and agreement(got, in_memory) >= 0.9
+
+    info = get("onnx").export(folder, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    packed = [i for i in graph.initializer if i.name.endswith(".q4")]
+    assert len(packed) == 1 and packed[0].data_type == onnx.TensorProto.UINT8 and list(packed[0].dims) == [256, 2, 16]
+    floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert not any(256 in i.dims for i in floats)  # no float32 copy of the embedding / head
+    assert any("Q4_0" in change for change in info["changes"])
+    calibrated, raw = get("onnx").session(tmp_path / "onnx").run(IDS)
+    torch.testing.assert_close(raw, in_memory, rtol=1e-4, atol=1e-4)
+
+
+def test_the_budget_counts_an_int4_embedding_in_q4_0_blocks(tied):
+    from calq.quant import budget
+
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    spec = {"method": "minmax", "scheme": "w4a16"}
+    sizes = {kind: budget.footprint(model, methods.config({**spec, "embedding": kind}))[1]
+             for kind in ("float", "int8", "int4")}
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    norms = sizes["float"] - vocab * hidden * 2
+    assert sizes["int8"] - norms == vocab * hidden * 34 // 32 and sizes["int4"] - norms == vocab * hidden * 18 // 32

@@ -15,8 +15,8 @@ The weights go to model.ptd (ExecuTorch's program-data separation), both those X
 constants the portable kernels read, in one store that keeps each content once. That is what stores a tied embedding
 (SmolLM2's) once: the token lookup runs on the portable kernel (XNNPACK has no embedding lookup) and the output layer
 on XNNPACK, and both read the same float32 bytes (inside one .pte, the lookup's constant and XNNPACK's copy would be
-two). An `embedding: int8` variant's matrix is float32 on Q8_0's grid, so it is stored as those float32 values:
-exact, but not smaller (XNNPACK has no kernel for int8 weights with block scales, which Q8_0's blocks of 32 are).
+two). An `embedding: int8 | int4` variant's matrix is float32 on Q8_0's / Q4_0's grid, so it is stored as those float32
+values: exact, but not smaller (XNNPACK has no kernel for weights with one scale per block of 32 along the rows).
 
 What XNNPACK changes, stated in export.json's `changes` and measured by the re-verification:
 - XNNPACK has no kernel for group-wise int4 weights with float activations (a weight-only program lowers to wrong

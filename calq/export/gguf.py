@@ -10,8 +10,9 @@ Block formats, each 32 weights along a row (ggml's layout):
   when every zero point is 16 (5.5 bits per weight).
 - W8A8 -> Q8_0 {d float16; 32 int8}, y = q * d: calq's int8 values with d = the row's channel scale in every block.
   The int8 layers of a mixed checkpoint (W8A16, `int8_layers`) the same way: one file, a type per tensor.
-- An int8 embedding / head (`embedding: int8`) -> Q8_0 with its own int8 values and float16 block scales: exactly the
-  weight the PyTorch variant evaluated (`int8_matrices_exact` in the info, checked on gguf's dequantization).
+- An int8 / int4 embedding / head (`embedding: int8 | int4`) -> Q8_0 / Q4_0 with its own integers and float16 block
+  scales: exactly the weight the PyTorch variant evaluated (`embedding_exact` in the info, checked on gguf's
+  dequantization).
 What changes: d and m are float16 in GGUF (calq's scales are float32): each weight moves by at most a few 1e-4 of
 its group's scale (`max_weight_change` in the info, measured against calq's dequantized weights); llama.cpp's CPU
 kernels quantize the activations of Q4/Q8 products to 8 bits per block of 32 (W8A8: that replaces calq's
@@ -171,8 +172,8 @@ def group_blocks(layer: variants.GroupLayer) -> tuple[np.ndarray, str]:
                         "quantize with bits 4 or 5")
     n, k = layer.q.shape
     per = layer.group_size // BLOCK
-    q = layer.q.numpy().reshape(n, k // BLOCK, 2, 16)
-    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).astype(np.uint8)  # [N, blocks, 16]
+    q = layer.q.numpy()
+    qs = _nibbles(q)
     scale = layer.scale.repeat_interleave(per, 1)
     parts = [_half(scale)[..., None].view(np.uint8)]  # d: [N, blocks, 2]
     if not layer.symmetric:
@@ -183,6 +184,23 @@ def group_blocks(layer: variants.GroupLayer) -> tuple[np.ndarray, str]:
         parts.append(qh.astype("<u4")[..., None].view(np.uint8))  # [N, blocks, 4], little-endian
     kind = f"Q{layer.bits}_{0 if layer.symmetric else 1}"
     return np.concatenate([*parts, qs], axis=-1).reshape(n, -1), kind
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/32, 16]: the low four bits of unsigned values q [N, K], weight j of a block in the low nibble of
+    byte j, weight j + 16 in the high one (ggml's Q4 / Q5 layout)."""
+    n, k = q.shape
+    q = q.reshape(n, k // BLOCK, 2, 16)
+    return ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).astype(np.uint8)
+
+
+def matrix_blocks(matrix: variants.BlockMatrix) -> np.ndarray:
+    """uint8 [V, H/32 * block bytes]: an int8 / int4 embedding's own values and float16 block scales as Q8_0 / Q4_0."""
+    if matrix.bits == 8:
+        return q8_0(matrix.q, matrix.d)
+    n, k = matrix.q.shape
+    scales = _half(matrix.d).reshape(n, k // BLOCK, 1).view(np.uint8)
+    return np.concatenate([scales, _nibbles((matrix.q.numpy() + 8).astype(np.uint8))], axis=-1).reshape(n, -1)
 
 
 def q8_blocks(layer: variants.Int8Layer | variants.Int8WeightLayer) -> np.ndarray:
@@ -278,7 +296,7 @@ class GgufExporter(Exporter):
             state.pop("lm_head.weight", None)  # llama.cpp uses token_embd.weight when output.weight is absent
         temperature = getattr(calibrator, "temperature", None)
         worst: dict[str, float] = {}  # by tensor type: largest weight change from calq's values
-        exact_matrices: dict[str, bool] = {}  # int8 embedding / head: GGUF holds exactly the evaluated weight
+        exact_matrices: dict[str, bool] = {}  # int8 / int4 embedding / head: GGUF holds exactly the evaluated weight
         types: dict[str, int] = {}
         for hf_name, tensor in state.items():
             name = gguf_name(names, hf_name)
@@ -291,12 +309,12 @@ class GgufExporter(Exporter):
             if hf_name == "model.norm.weight" and temperature is not None:
                 tensor = tensor / temperature
             matrix = variant.matrices.get(hf_name)
-            if matrix is not None:  # embedding: int8, already in Q8_0's layout
-                blocks = q8_0(matrix.q, matrix.d)
-                writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-                back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+            if matrix is not None:  # embedding: int8 / int4, already in Q8_0's / Q4_0's layout
+                kind = matrix.gguf_type
+                blocks = matrix_blocks(matrix)
+                writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType[kind])
+                back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind])
                 exact_matrices[name] = bool(np.array_equal(back, tensor.numpy()))
-                kind = "Q8_0"
             elif layer is None:
                 data = tensor if rows is None else tensor[rows]
                 kind = "F32" if data.ndim == 1 or self.float_type == "f32" else "F16"
@@ -325,7 +343,7 @@ class GgufExporter(Exporter):
             "format": self.name, "scheme": variant.scheme, "calibrator": calibrator_kind(calibrator),
             "files": [MODEL_FILE], "bytes": (out_dir / MODEL_FILE).stat().st_size,
             "seconds": time.perf_counter() - start, "tensor_types": types, "tokenizer": tokenizer,
-            "max_weight_change": worst, "int8_matrices_exact": exact_matrices,
+            "max_weight_change": worst, "embedding_exact": exact_matrices,
             "changes": _changes(variant, types, worst, exact_matrices, temperature, self.float_type, tokenizer)})
 
     def session(self, out_dir, threads: int = 1, n_ctx: int = 512, kv_cache: str = "f16") -> LlamaCppSession:
@@ -468,12 +486,13 @@ def _file_type(gguf, types: dict[str, int]) -> int:
 def _changes(variant, types, worst, exact_matrices, temperature, float_type, tokenizer) -> list[str]:
     changes = []
     for kind, change in worst.items():
-        layers = types[kind] - (len(exact_matrices) if kind == "Q8_0" else 0)
+        layers = types[kind] - sum(m.gguf_type == kind for m in variant.matrices.values())
         changes.append(f"{layers} layers as {kind} with calq's integers; float16 block scales move each weight "
                        f"by at most {change:.1e} of the layer's largest weight")
+    kinds = {matrix.gguf_type for matrix in variant.matrices.values()}
     for name, exact in exact_matrices.items():
-        changes.append(f"{name} as Q8_0 with the int8 values and float16 block scales the PyTorch variant evaluated"
-                       + (" (exact)" if exact else ": NOT exact, report this"))
+        changes.append(f"{name} as {'/'.join(sorted(kinds))} with the integers and float16 block scales the PyTorch "
+                       "variant evaluated" + (" (exact)" if exact else ": NOT exact, report this"))
     if any(isinstance(layer, variants.Int8WeightLayer) for layer in variant.layers.values()):
         count = sum(isinstance(layer, variants.Int8WeightLayer) for layer in variant.layers.values())
         changes.append(f"{count} int8 weight-only layers (W8A16) as Q8_0, their channel scale in every block; "

@@ -15,9 +15,9 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   z + 112; 128, the 8-bit default, when symmetric): exact, but 8 bits per weight in the file instead of 5.
 - W8A16 (the int8 layers of a mixed checkpoint, `int8_layers`) -> MatMulNBits bits 8: calq's int8 values + 128 and
   channel scales, exact; the same `accuracy_level`.
-- An int8 embedding / head (`embedding: int8`) -> its int8 values and float16 block scales (Q8_0's layout) as
-  initializers, dequantized in the graph (Cast, Mul, Reshape; inserted after the optimizer, which would fold them
-  back into a float32 matrix) for the Gather and the output MatMul that share it.
+- An int8 / int4 embedding / head (`embedding: int8 | int4`) -> its integers (int4: two to a byte) and float16 block
+  scales (Q8_0's / Q4_0's layout) as initializers, dequantized in the graph (Cast, Mul, Reshape; inserted after the
+  optimizer, which would fold them back into a float32 matrix) for the Gather and the output MatMul that share it.
 - W8A8 -> int8 weights in MatMulInteger (int8 x int8 -> int32), the activations quantized in the graph the way
   compressed-tensors does it: per token, scale = max|x| / 127.5 (dynamic), or calq's static per-tensor input
   scale; round half to even, clip to [-128, 127]; then the int32 sums times activation scale times channel scale.
@@ -199,17 +199,34 @@ def _int8_weight_nodes(g: _Graph, prefix: str, x: str, y: str, layer: variants.I
                              K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level)]
 
 
-def _q8_matrix_nodes(g: _Graph, weight: str, matrix: variants.Q8Matrix) -> list:
-    """The int8 embedding / head (Q8_0 layout) in place of its float initializer: int8 values and float16 block scales
-    stored, dequantized in the graph (q * d, exact in float32) for the Gather and the output MatMul that read it."""
+def _matrix_nodes(g: _Graph, weight: str, matrix: variants.BlockMatrix) -> list:
+    """The int8 / int4 embedding / head (Q8_0 / Q4_0 layout) in place of its float initializer: its integers and
+    float16 block scales stored, dequantized in the graph (q * d, exact in float32) for the Gather and the output
+    MatMul that read it. int4 values are stored two to a byte (q + 8: weight j of a block in the low nibble of byte j,
+    weight j + 16 in the high one, Q4_0's order) and unpacked with float arithmetic (high = floor(byte / 16),
+    low = byte - 16 * high: exact)."""
     from onnx import TensorProto, helper
 
     rows, width = matrix.q.shape
-    q = g.constant(f"{weight}.q8", matrix.q.numpy().reshape(rows, width // 32, 32))
     d = g.constant(f"{weight}.d", matrix.d.numpy().reshape(rows, width // 32, 1))
     shape = g.constant(f"{weight}.shape", np.array([rows, width], dtype=np.int64))
     g.graph.initializer.remove(g.initializers.pop(weight))
-    return [helper.make_node("Cast", [q], [f"{weight}.qf"], to=TensorProto.FLOAT),
+    if matrix.bits == 8:
+        q = g.constant(f"{weight}.q8", matrix.q.numpy().reshape(rows, width // 32, 32))
+        values = [helper.make_node("Cast", [q], [f"{weight}.qf"], to=TensorProto.FLOAT)]
+    else:
+        u = (matrix.q.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(rows, width // 32, 2, 16)
+        packed = g.constant(f"{weight}.q4", (u[:, :, 0] | (u[:, :, 1] << 4)).astype(np.uint8))
+        c = {name: g.constant(f"{weight}.{name}", np.array(value, dtype=np.float32))
+             for name, value in {"sixteen": 16.0, "eight": 8.0}.items()}
+        values = [helper.make_node("Cast", [packed], [f"{weight}.bytes"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", [f"{weight}.bytes", c["sixteen"]], [f"{weight}.div"]),
+                  helper.make_node("Floor", [f"{weight}.div"], [f"{weight}.high"]),
+                  helper.make_node("Mul", [f"{weight}.high", c["sixteen"]], [f"{weight}.high16"]),
+                  helper.make_node("Sub", [f"{weight}.bytes", f"{weight}.high16"], [f"{weight}.low"]),
+                  helper.make_node("Concat", [f"{weight}.low", f"{weight}.high"], [f"{weight}.unsigned"], axis=-1),
+                  helper.make_node("Sub", [f"{weight}.unsigned", c["eight"]], [f"{weight}.qf"])]
+    return [*values,
             helper.make_node("Cast", [d], [f"{weight}.df"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{weight}.qf", f"{weight}.df"], [f"{weight}.blocks"]),
             helper.make_node("Reshape", [f"{weight}.blocks", shape], [weight])]
@@ -381,14 +398,14 @@ class OnnxExporter(Exporter):
         if variant.matrices:  # after the optimizer, which would fold the dequantization back into a float32 matrix
             graph = _Graph(proto.graph)
             for name, matrix in variant.matrices.items():
-                for offset, node in enumerate(_q8_matrix_nodes(graph, _initializer_of(graph, variant.model, name),
+                for offset, node in enumerate(_matrix_nodes(graph, _initializer_of(graph, variant.model, name),
                                                                matrix)):
                     proto.graph.node.insert(offset, node)
             shapes = {tuple(m.q.shape) for m in variant.matrices.values()}
             left = [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                     and (tuple(i.dims) in shapes or tuple(i.dims)[::-1] in shapes)]
             if left:
-                raise CalqError(f"the optimized graph keeps a float copy of the int8 embedding/head ({left[0]})",
+                raise CalqError(f"the optimized graph keeps a float copy of the quantized embedding/head ({left[0]})",
                                 "export.onnx", "report this: the onnxscript optimizer's output changed")
         return proto, blocks
 
@@ -549,9 +566,9 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
     if int8_weights:
         changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "
                        f"values and channel scales (exact); accuracy_level {accuracy_level}" + COMPUTE[accuracy_level])
-    for name in variant.matrices:
-        changes.append(f"{name} held as int8 with float16 scales per block of 32 (Q8_0's layout), dequantized in the "
-                       "graph: exactly the weight the PyTorch variant evaluated")
+    for name, matrix in variant.matrices.items():
+        changes.append(f"{name} held as int{matrix.bits} with float16 scales per block of 32 ({matrix.gguf_type}'s "
+                       "layout), dequantized in the graph: exactly the weight the PyTorch variant evaluated")
     if int8:
         static = sum(layer.input_scale is not None for layer in int8)
         changes.append(f"W8A8: {len(int8)} layers as MatMulInteger on calq's int8 weights; activations quantized in "

@@ -60,12 +60,17 @@ class Int8WeightLayer:
 
 
 @dataclass
-class Q8Matrix:
-    """An embedding or output head held as Q8_0 (`embedding: int8`, calq/quant/embedding.py): w = q * d per block of
-    32 along a row."""
+class BlockMatrix:
+    """An embedding or output head held as Q8_0 or Q4_0 (`embedding: int8 | int4`, calq/quant/embedding.py):
+    w = q * d per block of 32 along a row."""
 
-    q: torch.Tensor  # int8 [V, H]
+    q: torch.Tensor  # int8 [V, H]: -127..127 (bits 8) or -8..7 (bits 4)
     d: torch.Tensor  # float16 [V, H / 32]
+    bits: int = 8
+
+    @property
+    def gguf_type(self) -> str:
+        return "Q8_0" if self.bits == 8 else "Q4_0"
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Variant:
     model: nn.Module  # float32 transformers causal LM, eval mode
     layers: dict[str, GroupLayer | Int8Layer | Int8WeightLayer]  # by module name in `model`; empty for the baseline
     folder: Path
-    matrices: dict[str, Q8Matrix] = field(default_factory=dict)  # by parameter name: the int8 embedding / head
+    matrices: dict[str, BlockMatrix] = field(default_factory=dict)  # by parameter name: the int8/int4 embedding
 
     @property
     def scheme(self) -> str:
@@ -83,16 +88,17 @@ class Variant:
                 else "w8a8" if kinds == {Int8Layer} else "mixed")
 
 
-def int8_matrices(model: nn.Module) -> dict[str, Q8Matrix]:
-    """The embedding and output head that `embedding: int8` put on the Q8_0 grid (calq/quant/embedding.py: they are
-    recognised by lying exactly on it), as their int8 values and float16 block scales."""
+def block_matrices(model: nn.Module) -> dict[str, BlockMatrix]:
+    """The embedding and output head that `embedding: int8 | int4` put on the Q8_0 / Q4_0 grid
+    (calq/quant/embedding.py: they are recognised by lying exactly on it), as their integers and float16 block
+    scales."""
     from calq.quant import embedding
 
     found = {}
     for name, weight in embedding.matrices(model).items():
         held = embedding.on_grid(weight)
         if held is not None:
-            found[name] = Q8Matrix(*held)
+            found[name] = BlockMatrix(*held)
     return found
 
 
@@ -111,7 +117,7 @@ def read(folder: str | Path) -> Variant:
     folder = Path(folder)
     if quantization_config(folder) is None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return Variant(model.eval().requires_grad_(False), {}, folder, int8_matrices(model))
+        return Variant(model.eval().requires_grad_(False), {}, folder, block_matrices(model))
 
     # triton (behind calq.kernels) is an optional package: the edge and gpu extras bring it
     from calq.kernels import GroupWeightLinear, W4A16Linear, W8A8Linear, W8A16Linear, load_quantized
@@ -141,4 +147,4 @@ def read(folder: str | Path) -> Variant:
         if module.bias is not None:
             linear.bias.data = module.bias.float()
         model.set_submodule(name, linear)
-    return Variant(model.requires_grad_(False), layers, folder, int8_matrices(model))
+    return Variant(model.requires_grad_(False), layers, folder, block_matrices(model))

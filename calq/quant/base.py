@@ -77,10 +77,10 @@ class MethodConfig(BaseModel):
     int4_layers: tuple[str, ...] = Field(
         (), description="bits: 5: Linear layers held at 4 bits instead (the same groups and symmetry), matched as "
                         "`ignore` is: a third config group, GGUF Q4_0/Q4_1; what a budget with `demote` sets")
-    embedding: Literal["float", "int8"] = Field(
-        "float", description="int8: the token embedding (and the output head, tied or not) held as int8 in symmetric "
-                             "groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 layout, before "
-                             "the method runs (calq/quant/embedding.py)")
+    embedding: Literal["float", "int8", "int4"] = Field(
+        "float", description="int8 / int4: the token embedding (and the output head, tied or not) held as int8 or int4 "
+                             "in symmetric groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 / "
+                             "Q4_0 layout, before the method runs (calq/quant/embedding.py)")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
     budget: Budget | None = Field(None, description="hold the Linears whose quantization moves the output most (the "
                                                     "sensitivity stage) at int8 (w4a16; unquantized for w8a8) within "
@@ -129,7 +129,7 @@ class MethodConfig(BaseModel):
             return self.name
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
         mixed = ("-int8layers" if self.int8_layers else "") + ("-int4layers" if self.int4_layers else "")
-        embedding = "-int8emb" if self.embedding == "int8" else ""
+        embedding = f"-{self.embedding}emb" if self.embedding != "float" else ""
         return f"{self.method}-{self.scheme_name}{group}{mixed}{embedding}"
 
     @property
@@ -163,12 +163,12 @@ class MethodConfig(BaseModel):
 
     def apply(self, model, samples: torch.Tensor | None):
         """Check the model, then quantize it on the calibration samples this variant asked for (the embedding
-        first, with `embedding: int8`, so a method calibrates on what the int8 embedding gives)."""
+        first, with `embedding: int8 | int4`, so a method calibrates on what the quantized embedding gives)."""
         self.check_model(model.config)
-        if self.embedding == "int8":
+        if self.embedding != "float":
             from calq.quant import embedding
 
-            embedding.quantize_embeddings(model)
+            embedding.quantize_embeddings(model, embedding.BITS[self.embedding])
         return self.quantize(model, self.calibration_samples(samples) if self.needs_data() else None)
 
     def calibration_samples(self, samples: torch.Tensor) -> torch.Tensor:
@@ -234,8 +234,8 @@ class MethodConfig(BaseModel):
             raise CalqError(f"{len(both)} layers are in both int8_layers and int4_layers (e.g. {min(both)})",
                             "int4_layers", "give each layer one precision")
         hidden = getattr(config.get_text_config(), "hidden_size", 0)
-        if self.embedding == "int8" and hidden % 32:
-            raise CalqError(f"embedding: int8 holds blocks of 32 along the hidden size, and it is {hidden}",
+        if self.embedding != "float" and hidden % 32:
+            raise CalqError(f"embedding: {self.embedding} holds blocks of 32 along the hidden size, and it is {hidden}",
                             "embedding", "use embedding: float for this model")
 
     def check_group_size(self, widths: dict[str, int]) -> None:

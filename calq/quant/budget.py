@@ -120,15 +120,16 @@ def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), demo
 
 def footprint(model, variant) -> tuple[dict[str, tuple[int, int]], int]:
     """The Linears `variant` quantizes in `model` ({name: (out, in)}) and the bytes of every other parameter of the
-    model: float16, but the embedding and output head in Q8_0 blocks (34 bytes per 32 weights) with `embedding: int8`
-    (tied weights counted once). Works on a meta-device model."""
+    model: float16, but the embedding and output head in Q8_0 blocks (34 bytes per 32 weights) with `embedding: int8`,
+    Q4_0 blocks (18 bytes) with `embedding: int4` (tied weights counted once). Works on a meta-device model."""
     layers = variant.quantized_layers({n: m for n, m in model.named_modules() if type(m).__name__ == "Linear"})
     shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters())
-    int8 = ({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
-             if m is not None} if variant.embedding == "int8" else {})
-    other = total - sum(n * k for n, k in shapes.values()) - sum(int8.values())
-    return shapes, other * FLOAT_BYTES + sum(n * 34 // 32 for n in int8.values())
+    held = ({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None} if variant.embedding != "float" else {})
+    block_bytes = {"int8": 34, "int4": 18}.get(variant.embedding)  # per 32 weights: Q8_0, Q4_0
+    other = total - sum(n * k for n, k in shapes.values()) - sum(held.values())
+    return shapes, other * FLOAT_BYTES + sum(n * block_bytes // 32 for n in held.values())
 
 
 def levels(variant) -> list[str]:

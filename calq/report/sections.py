@@ -379,8 +379,8 @@ def size_quality(report: dict) -> Section | None:
         Text("Each variant's size against its mean KLD from the baseline (uncalibrated) and its token ECE with the "
              "selected calibrator, on the held-out text. Size: the exported file when the export stage ran (GGUF "
              "first), else calq's byte accounting (quantized Linears with their scales and zero points, every other "
-             "parameter as float16, an int8 embedding as Q8_0). On the Pareto front: no other variant is at most as "
-             "large and at most as bad.",
+             "parameter as float16, an int8 / int4 embedding as Q8_0 / Q4_0). On the Pareto front: no other variant "
+             "is at most as large and at most as bad.",
              muted=True),
         Table(["variant", "size (MiB)", "size from", "mean KLD", "token ECE (calibrator)",
                *(["decode tokens/s"] if speed else []), "Pareto front"], rows, {1, 3} | ({5} if speed else set())),
