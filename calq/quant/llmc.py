@@ -28,6 +28,10 @@ def quiet_logs(log_file: str | None, console: bool = False) -> None:
         _hide_compressed_tensors_bars()
         # "is_fx_tracing will return true for both ...", once per run from llm-compressor's tracing
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        # "Could not match `<layer>`", once per named target of a mixed checkpoint (int8_layers, int4_layers, a
+        # budget's choice): compressed-tensors stops at the first target a module matches, and the class target
+        # `Linear` comes first, so it reports name targets it did apply. calq checks them itself at plan time.
+        logging.getLogger("compressed_tensors.utils.match").setLevel(logging.ERROR)
 
 
 def _hide_compressed_tensors_bars() -> None:
