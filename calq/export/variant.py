@@ -70,7 +70,9 @@ class BlockMatrix:
 
     @property
     def gguf_type(self) -> str:
-        return "Q8_0" if self.bits == 8 else "Q4_0"
+        from calq.quant.embedding import GGUF_TYPE
+
+        return GGUF_TYPE[self.bits]
 
 
 @dataclass
