@@ -28,6 +28,8 @@ at Q4_K_M's size and `demote: true`; the script measures calq's two sensitivity 
 --onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, 5-bit groups stored as bits 8, the int8
 embedding dequantized in the graph), scored by ONNX Runtime on the same windows; its size is model.onnx +
 model.onnx.data.
+--gguf NAME=PATH scores a GGUF calq already exported (a run's RUN/export/<variant>/gguf/model.gguf: its calibrator
+folded in, so its KLD is the calibrated file's from the uncalibrated F16); `--variants ""` scores only those.
 Each calq file's mean KLD is also compared with Q4_K_M's on the same positions (`vs_q4km`: the difference and a 95%
 block-bootstrap interval over blocks of 64 positions), so a small gap is not read as a win or a loss.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
@@ -307,7 +309,12 @@ def main() -> None:
                                                             "ONNX Runtime (model.onnx, float32 activations)")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
+    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
+                        help="also score a GGUF file calq exported (e.g. a run's RUN/export/<variant>/gguf/model.gguf, "
+                             "its calibrator folded in); repeatable")
     args = parser.parse_args()
+    variants = [name for name in args.variants.split(",") if name]
+    given = dict(item.split("=", 1) for item in args.gguf)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     llmc.quiet_logs(str(args.out / "llmcompressor.log"))
@@ -319,7 +326,8 @@ def main() -> None:
                     for kind in LLAMA_TYPES},
                  **{f"calq {name} as GGUF": calq_gguf(name, args.out, baseline, args.data_dir, args.samples,
                                                       args.awq if name.startswith("awq") else None)
-                    for name in args.variants.split(",")}}
+                    for name in variants},
+                 **{f"calq {name} (given GGUF)": Path(path) for name, path in given.items()}}
 
     text = (args.data_dir / "wikitext2" / "wiki.test.raw").read_text()
     in_child(_tokenize, str(f16), text[len(text) // 2:], args.tokens, str(args.out / "tokens.npy"))
@@ -328,7 +336,7 @@ def main() -> None:
         raise SystemExit(f"only {tokens.size} tokens in the second half of wiki.test.raw")
 
     onnx = {}
-    for name in args.variants.split(",") if args.onnx else ():
+    for name in variants if args.onnx else ():
         folder = args.out / f"{name}-onnx"
         if not (folder / "model.onnx").is_file():
             in_child(_export_onnx, str(args.awq if name.startswith("awq") and args.awq else args.out / name),
@@ -363,7 +371,7 @@ def main() -> None:
               platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "llama_cpp_python":
               llama_cpp.__version__, "tokens": int(tokens.size), "ctx": args.ctx,
               "text": "wikitext2/wiki.test.raw, second half",
-              "calq": {name: CALQ[name] for name in args.variants.split(",")}, "calibration": {
+              "calq": {name: CALQ[name] for name in variants}, "given_gguf": given, "calibration": {
               "samples": args.samples, "seq_len": 256, "data": "wikitext2/wikitext2_train_5k_HyperTensor.txt"},
               "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
     (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
