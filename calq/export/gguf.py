@@ -173,7 +173,7 @@ def group_blocks(layer: variants.GroupLayer) -> tuple[np.ndarray, str]:
     n, k = layer.q.shape
     per = layer.group_size // BLOCK
     q = layer.q.numpy()
-    qs = _nibbles(q)
+    qs = variants.nibbles(q)
     scale = layer.scale.repeat_interleave(per, 1)
     parts = [_half(scale)[..., None].view(np.uint8)]  # d: [N, blocks, 2]
     if not layer.symmetric:
@@ -186,21 +186,13 @@ def group_blocks(layer: variants.GroupLayer) -> tuple[np.ndarray, str]:
     return np.concatenate([*parts, qs], axis=-1).reshape(n, -1), kind
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """uint8 [N, K/32, 16]: the low four bits of unsigned values q [N, K], weight j of a block in the low nibble of
-    byte j, weight j + 16 in the high one (ggml's Q4 / Q5 layout)."""
-    n, k = q.shape
-    q = q.reshape(n, k // BLOCK, 2, 16)
-    return ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).astype(np.uint8)
-
-
 def matrix_blocks(matrix: variants.BlockMatrix) -> np.ndarray:
     """uint8 [V, H/32 * block bytes]: an int8 / int4 embedding's own values and float16 block scales as Q8_0 / Q4_0."""
     if matrix.bits == 8:
         return q8_0(matrix.q, matrix.d)
     n, k = matrix.q.shape
     scales = _half(matrix.d).reshape(n, k // BLOCK, 1).view(np.uint8)
-    return np.concatenate([scales, _nibbles((matrix.q.numpy() + 8).astype(np.uint8))], axis=-1).reshape(n, -1)
+    return np.concatenate([scales, variants.nibbles((matrix.q.numpy() + 8).astype(np.uint8))], axis=-1).reshape(n, -1)
 
 
 def q8_blocks(layer: variants.Int8Layer | variants.Int8WeightLayer) -> np.ndarray:

@@ -215,8 +215,7 @@ def _matrix_nodes(g: _Graph, weight: str, matrix: variants.BlockMatrix) -> list:
         q = g.constant(f"{weight}.q8", matrix.q.numpy().reshape(rows, width // 32, 32))
         values = [helper.make_node("Cast", [q], [f"{weight}.qf"], to=TensorProto.FLOAT)]
     else:
-        u = (matrix.q.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(rows, width // 32, 2, 16)
-        packed = g.constant(f"{weight}.q4", (u[:, :, 0] | (u[:, :, 1] << 4)).astype(np.uint8))
+        packed = g.constant(f"{weight}.q4", variants.nibbles((matrix.q.numpy() + 8).astype(np.uint8)))
         c = {name: g.constant(f"{weight}.{name}", np.array(value, dtype=np.float32))
              for name, value in {"sixteen": 16.0, "eight": 8.0}.items()}
         values = [helper.make_node("Cast", [packed], [f"{weight}.bytes"], to=TensorProto.FLOAT),

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,6 +58,14 @@ class Int8WeightLayer:
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
+
+
+def nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/32, 16]: the low four bits of unsigned values q [N, K], weight j of a block of 32 in the low nibble
+    of byte j, weight j + 16 in the high one (ggml's Q4 / Q5 layout; the ONNX export packs an int4 embedding so)."""
+    n, k = q.shape
+    q = q.reshape(n, k // 32, 2, 16)
+    return ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).astype(np.uint8)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calq.errors import CalqError
+from calq.quant import embedding
 
 FLOAT_BYTES = 2  # unquantized parameters are counted as float16, as the exporters store them
 
@@ -127,9 +128,9 @@ def footprint(model, variant) -> tuple[dict[str, tuple[int, int]], int]:
     total = sum(p.numel() for p in model.parameters())
     held = ({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
              if m is not None} if variant.embedding != "float" else {})
-    block_bytes = {"int8": 34, "int4": 18}.get(variant.embedding)  # per 32 weights: Q8_0, Q4_0
     other = total - sum(n * k for n, k in shapes.values()) - sum(held.values())
-    return shapes, other * FLOAT_BYTES + sum(n * block_bytes // 32 for n in held.values())
+    bits = embedding.BITS.get(variant.embedding, 0)  # a float16 scale per block of 32 beside the values
+    return shapes, other * FLOAT_BYTES + sum(n * bits // 8 + n // embedding.BLOCK * FLOAT_BYTES for n in held.values())
 
 
 def levels(variant) -> list[str]:
