@@ -43,7 +43,7 @@ install: $(BIN)/calq
 demo: install
 	$(BIN)/calq run recipes/quickstart.yaml --out runs/quickstart $(if $(wildcard $(DATA_DIR)),--data-dir $(DATA_DIR))
 
-# One min-max W4A16 variant exported to ONNX Runtime (model.onnx + decode.onnx), GGUF (llama.cpp) and ExecuTorch
+# One AWQ W4A16 variant exported to ONNX Runtime (model.onnx + decode.onnx), GGUF (llama.cpp) and ExecuTorch
 # (model.pte + model.ptd, XNNPACK), each re-verified on its runtime (recipes/quickstart-edge.yaml). The edge extra builds llama-cpp-python from source (about 8 minutes).
 $(VENV)/.edge-extras: $(BIN)/calq $(LLAMA_STAMP)
 	$(BIN)/pip install -q -e ".[edge]"

@@ -113,6 +113,9 @@ def test_round_trip_on_the_executorch_runtime(name, checkpoints, programs):
     else:
         assert relative(got, want) < 0.05 and agreement(got, want) >= 0.9
         assert any("8da4w" in change for change in info["changes"])
+        # min-max's float32 scales are not bfloat16 values: the export says XNNPACK rounds them (scale_dtype's test
+        # in test_quant_methods shows the other side)
+        assert any("rounded to bfloat16" in change for change in info["changes"])
     assert any("zero points" in change for change in info["changes"]) == (name == "w4a16")
 
 

@@ -218,6 +218,7 @@ def test_unknown_method_or_scheme(spec, where, text):
      "does not apply to method awq (it is a setting of: smoothquant)"),
     (dict(method="minmax", scheme="w4a16", dynamic_activations=True), "dynamic_activations applies to w8a8 only"),
     (dict(method="minmax", scheme="w8a8", group_size=64), "group_size applies to w4a16 only"),
+    (dict(method="minmax", scheme="w8a8", scale_dtype="bfloat16"), "scale_dtype applies to w4a16 only"),
 ])
 def test_a_setting_that_does_not_apply_is_refused(spec, text, tiny_recipe):
     tiny_recipe["variants"] = [spec]
@@ -318,6 +319,30 @@ def test_gptq_settings_reach_llm_compressor(actorder, tiny_model, samples, tmp_p
     assert weights["weights"]["actorder"] == actorder
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if k.endswith("g_idx")]
+
+
+@pytest.mark.parametrize("method", ["minmax", "awq"])
+def test_scale_dtype_rounds_the_scales_before_the_weights(method, tiny_model, samples, tmp_path):
+    """`scale_dtype: bfloat16`: every group scale of the saved checkpoint is a bfloat16 value (what XNNPACK stores),
+    and the int4 values were rounded with those scales: the reloaded model computes what the quantized one did."""
+    from calq.export import variant as variants
+    from calq.export.executorch import _bfloat16_change
+
+    spec = VariantSpec(method=method, scheme="w4a16", group_size=32, scale_dtype="bfloat16", max_samples=4)
+    assert spec.label == f"{method}-w4a16-g32-bf16scales"
+    model = load(tiny_model)
+    spec.apply(model, samples)
+    quantized = logits(model)
+    model.save_pretrained(tmp_path, save_compressed=True)
+    variant = variants.read(tmp_path)
+    assert len(variant.layers) == 14
+    assert all(_bfloat16_change(layer.scale) == 0 for layer in variant.layers.values())
+    torch.testing.assert_close(logits(variant.model), quantized, rtol=1e-4, atol=1e-4)
+
+    plain = load(tiny_model)
+    VariantSpec(method=method, scheme="w4a16", group_size=32, max_samples=4).apply(plain, samples)
+    plain.save_pretrained(tmp_path / "plain", save_compressed=True)
+    assert max(_bfloat16_change(layer.scale) for layer in variants.read(tmp_path / "plain").layers.values()) > 0
 
 
 def test_gptq_w4a16_is_read_by_the_exporters(tiny_model, samples, tmp_path):

@@ -304,6 +304,12 @@ def _delegation(info) -> dict:
                             for op, b in sorted(info.delegation_by_operator.items())}}
 
 
+def _bfloat16_change(scale: torch.Tensor) -> float:
+    """The largest relative change of a float32 scale tensor rounded to bfloat16, as XNNPACK stores it."""
+    scale = scale.float()
+    return ((scale.bfloat16().float() - scale).abs() / scale.abs().clamp(min=1e-30)).max().item()
+
+
 def _changes(variant: variants.Variant, calibrator) -> list[str]:
     changes = []
     layers = list(variant.layers.values())
@@ -312,6 +318,12 @@ def _changes(variant: variants.Variant, calibrator) -> list[str]:
         asymmetric = sum(not layer.symmetric for layer in layers)
         changes.append(f"W4A16: {len(layers)} layers hold calq's int4 values and group scales (groups {groups}) on "
                        "XNNPACK's group-wise int4 kernel, which keeps the scales as bfloat16")
+        moved = [_bfloat16_change(layer.scale) for layer in layers]
+        if any(moved):
+            changes.append(f"{sum(m > 0 for m in moved)} layers' group scales rounded to bfloat16 (up to "
+                           f"{max(moved):.1e} relative): quantize with `scale_dtype: bfloat16` to keep them exact")
+        else:
+            changes.append("every group scale is a bfloat16 value (`scale_dtype: bfloat16`): the weights are exact")
         changes.append("8da4w: XNNPACK has no kernel for group-wise int4 weights with float activations, so the "
                        "activations of the int4 products are quantized to int8 per token at run time "
                        "(the llama.cpp-like bar applies: top-1 agreement >= 0.95)")

@@ -60,6 +60,11 @@ class MethodConfig(BaseModel):
         None, description="w4a16: bits per weight in the groups (default 4); 5 exports as GGUF Q5_0 (symmetric: 5.5 "
                           "bits per weight at group_size 32) or Q5_1 (6)")
     symmetric: bool | None = Field(None, description="symmetric weights (default: true for w8a8, false for w4a16)")
+    scale_dtype: Literal["bfloat16", "float16"] | None = Field(
+        None, description="w4a16: round the group scales to this type before the weights are rounded to them, so a "
+                          "runtime that stores its scales so runs calq's weights exactly: bfloat16 for ExecuTorch "
+                          "(XNNPACK's int4 kernels keep bfloat16 scales), float16 for GGUF's block scales "
+                          "(default: float32 scales)")
     dynamic_activations: bool | None = Field(
         None, description="w8a8: per-token dynamic activation scales instead of static per-tensor scales from "
                           "calibration (default false)")
@@ -98,10 +103,11 @@ class MethodConfig(BaseModel):
                              f"for {scheme} use a method among: {', '.join(others)}")
         return scheme
 
-    @field_validator("group_size", "bits", "dynamic_activations")
+    @field_validator("group_size", "bits", "scale_dtype", "dynamic_activations")
     @classmethod
     def _applies_to_scheme(cls, value, info: ValidationInfo):
-        only = {"group_size": "w4a16", "bits": "w4a16", "dynamic_activations": "w8a8"}[info.field_name]
+        only = {"group_size": "w4a16", "bits": "w4a16", "scale_dtype": "w4a16",
+                "dynamic_activations": "w8a8"}[info.field_name]
         if value is not None and info.data.get("scheme") not in (None, only):
             raise ValueError(f"{info.field_name} applies to {only} only; remove it from this "
                              f"{info.data['scheme']} variant")
@@ -130,7 +136,8 @@ class MethodConfig(BaseModel):
         group = f"-g{self.group_size}" if self.group_size and self.scheme == "w4a16" else ""
         mixed = ("-int8layers" if self.int8_layers else "") + ("-int4layers" if self.int4_layers else "")
         embedding = f"-{self.embedding}emb" if self.embedding != "float" else ""
-        return f"{self.method}-{self.scheme_name}{group}{mixed}{embedding}"
+        scales = {"bfloat16": "-bf16scales", "float16": "-f16scales", None: ""}[self.scale_dtype]
+        return f"{self.method}-{self.scheme_name}{group}{scales}{mixed}{embedding}"
 
     @property
     def weight_bits(self) -> int:
@@ -187,6 +194,8 @@ class MethodConfig(BaseModel):
         weights = {"num_bits": self.weight_bits, "type": "int",
                    "symmetric": False if self.symmetric is None else self.symmetric, "strategy": "group",
                    "group_size": self.group_size or 128}
+        if self.scale_dtype:
+            weights["scale_dtype"] = self.scale_dtype
         groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
         if self.int8_layers:  # compressed-tensors gives a name or regex target precedence over the class 'Linear'
             groups["group_1"] = {"targets": list(self.int8_layers),
