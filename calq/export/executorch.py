@@ -24,7 +24,8 @@ What XNNPACK changes, stated in export.json's `changes` and measured by the re-v
   int8_asym_per_token: 8da4w), like llama.cpp's 8-bit activations; the same bar applies (top-1 agreement >= 0.95).
 - XNNPACK's group-wise int4 kernel is symmetric (it drops zero points) and keeps group scales as bfloat16. An
   asymmetric layer is kept exact in its zero points: w = (q - 8) * s - (z - 8) * s, so the program computes the
-  symmetric int4 product and subtracts a small float product of each group's input sum with (z - 8) * s.
+  symmetric int4 product and subtracts each group's input sum times (z - 8) * s, the sums taken on the same int8
+  activations (an 8da4w layer of ones), so the layer computes int8(x) (q - z) s as a symmetric one would.
 W8A8 is refused (XNNPACK quantizes activations asymmetrically, not calq's scheme; not built yet), and so are groups
 that are not a multiple of XNNPACK's 32.
 """
@@ -65,16 +66,21 @@ RUNTIME_FIX = "reinstall executorch (pip install --force-reinstall executorch); 
 
 class _ZeroPointLinear(nn.Module):
     """An asymmetric int4 layer on XNNPACK's symmetric kernel: x (q - 8)^T s minus each group's input sum times
-    (z - 8) s, which is calq's (q - z) s exactly in the weights. The group sums are a linear layer too (a 0/1 matrix
-    [K / group, K]): XNNPACK has no kernel for a sum over the last dimension, and an operator it cannot run splits the
-    program into one more delegate at every layer (slow to lower, slow to run)."""
+    (z - 8) s, which is calq's (q - z) s exactly in the weights. The group sums are an 8da4w layer too (a 0/1 matrix
+    [K / group, K], exact in int4 with scale 1), so they add up the same int8 activations the product reads: with
+    float sums the correction would not cancel the activations' rounding in the (z - 8) s part of the weights (the
+    README's ExecuTorch section measures what that cost). A linear layer also because XNNPACK has no
+    kernel for a sum over the last dimension, and an operator it cannot run splits the program into one more delegate
+    at every layer (slow to lower, slow to run)."""
 
     def __init__(self, symmetric: nn.Linear, zero_times_scale: torch.Tensor, group_size: int):
         super().__init__()
         self.symmetric = symmetric
         groups, k = zero_times_scale.shape[1], symmetric.in_features
+        ones = (torch.arange(k) // group_size == torch.arange(groups)[:, None]).to(torch.int8)
         self.sums = nn.Linear(k, groups, bias=False)
-        self.sums.weight.data = (torch.arange(k) // group_size == torch.arange(groups)[:, None]).float()
+        self.sums.weight = nn.Parameter(_int4_weight(ones, torch.ones(groups, groups), group_size),
+                                        requires_grad=False)
         self.zero = nn.Linear(groups, zero_times_scale.shape[0], bias=False)
         self.zero.weight.data = zero_times_scale
 
@@ -102,17 +108,22 @@ class _Decode(nn.Module):
         return logits if self.temperature is None else logits / self.temperature
 
 
-def _int4_linear(linear: nn.Linear, layer: variants.GroupLayer) -> nn.Module:
+def _int4_weight(signed: torch.Tensor, scale: torch.Tensor, group_size: int):
+    """torchao's 8da4w weight: int4 values (int8 storage, -8..7) in groups of `group_size` with float32 scales, no zero
+    points; XNNPACK quantizes the activations to int8 per token at run time."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
+    return IntxUnpackedToInt8Tensor(
+        signed, scale.float(), torch.zeros_like(signed[:, ::group_size]), torch.int4, (1, group_size), torch.float32,
+        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+
+
+def _int4_linear(linear: nn.Linear, layer: variants.GroupLayer) -> nn.Module:
     signed = (layer.q.to(torch.int16) - 8).to(torch.int8)
-    weight = IntxUnpackedToInt8Tensor(
-        signed, layer.scale.float(), torch.zeros_like(signed[:, ::layer.group_size]), torch.int4,
-        (1, layer.group_size), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.weight = nn.Parameter(_int4_weight(signed, layer.scale, layer.group_size), requires_grad=False)
     if layer.symmetric:
         return linear
     return _ZeroPointLinear(linear, (layer.zero.float() - 8) * layer.scale.float(), layer.group_size)
@@ -125,7 +136,9 @@ class ExecuTorchExporter(Exporter):
     runtime = "executorch.runtime"
     runtime_name = "ExecuTorch"
     crash_fix = RUNTIME_FIX
-    version = 3  # 2: the KV-cache method (generation); 3: the weights in model.ptd, a tied embedding once
+    # 2: the KV-cache method (generation); 3: the weights in model.ptd, a tied embedding once; 4: the zero-point sums
+    # on the int8 activations
+    version = 4
 
     def check(self, checkpoint_dir, calibrator=None) -> None:
         super().check(checkpoint_dir, calibrator)
@@ -328,8 +341,8 @@ def _changes(variant: variants.Variant, calibrator) -> list[str]:
                        "activations of the int4 products are quantized to int8 per token at run time "
                        "(the llama.cpp-like bar applies: top-1 agreement >= 0.95)")
         if asymmetric:
-            changes.append(f"{asymmetric} asymmetric layers: calq's zero points as a float32 correction (each "
-                           "group's input sum times (z - 8) * scale), since XNNPACK's int4 kernel is symmetric")
+            changes.append(f"{asymmetric} asymmetric layers: calq's zero points as a correction (each group's sum "
+                           "of the int8 activations times (z - 8) * scale), since XNNPACK's int4 kernel is symmetric")
     else:
         changes.append("float32 program on XNNPACK: no change")
     kind = calibrator_kind(calibrator)
