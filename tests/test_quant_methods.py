@@ -88,6 +88,20 @@ def test_method_checkpoint_reloads_with_plain_transformers(name, tiny_model, sam
     torch.testing.assert_close(logits(load(tmp_path)), quantized, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["built from a config", "a folder without config.json (as a GGUF's)"])
+def test_a_model_without_config_on_disk_quantizes(where, tiny_model, samples, tmp_path):
+    """llm-compressor's oneshot re-reads config.json from config.name_or_path; a model from a GGUF file or from a
+    config has none there. calq.quantize lends it the in-memory config and puts the name back."""
+    import calq
+
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_model)).eval()
+    model.config.name_or_path = "" if where.startswith("built") else str(tmp_path)
+    before = model.config.name_or_path
+    calq.quantize(model, {"method": "minmax", "scheme": "w4a16", "group_size": 32}, samples)
+    assert model.config.name_or_path == before
+    assert hasattr(model.model.layers[0].self_attn.q_proj, "weight_scale")
+
+
 def test_the_layers_checked_at_plan_time_are_the_layers_quantized(tiny_model, samples):
     variant = VariantSpec(method="minmax", scheme="w8a8", ignore=["lm_head", "q_proj", r"re:model\.layers\.1\."])
     planned = variant.quantized_layers(models.linear_layers(LlamaConfig.from_pretrained(tiny_model)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,5 +57,24 @@ def run_oneshot(model, recipe: list, samples: torch.Tensor | None, pipeline: str
                       max_seq_length=samples.shape[1], shuffle_calibration_samples=False)
     if pipeline:
         kwargs["pipeline"] = pipeline
-    oneshot(model=model, recipe=recipe, **kwargs)
+    with _config_on_disk(model):
+        oneshot(model=model, recipe=recipe, **kwargs)
     return model
+
+
+@contextlib.contextmanager
+def _config_on_disk(model):
+    """oneshot re-reads the model's config from `config.name_or_path` (to refuse checkpoints quantized by other
+    tools). A model loaded from a GGUF file or built from a config has no config.json there: lend it the in-memory
+    one for the call."""
+    name = model.config.name_or_path
+    if name and (Path(name) / "config.json").is_file():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        model.config.save_pretrained(folder)
+        model.config.name_or_path = folder
+        try:
+            yield
+        finally:
+            model.config.name_or_path = name
