@@ -308,10 +308,13 @@ def test_kernel_model_decodes_the_same_tokens(variant, checkpoints):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CUDA, reason="about 100 s per token of the bundled model in Triton's interpreter")
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
-def test_bundled_model_greedy_tokens_match_on_gpu(scheme, tmp_path):
-    """SmolLM2-135M min-max quantized by calq: 64 greedy tokens from the kernels in bf16 against transformers'
-    decompressed model in bf16, from a real prompt."""
+@pytest.mark.parametrize("scheme,dtype", [("w4a16", torch.bfloat16), ("w8a8", torch.float32)], ids=str)
+def test_bundled_model_greedy_tokens_match_on_gpu(scheme, dtype, tmp_path):
+    """SmolLM2-135M min-max quantized by calq: 64 greedy tokens from the kernels against transformers' decompressed
+    model in the same dtype, from a real prompt. W8A8 (dynamic per-token int8 activations) runs in float32: in bf16
+    the activation quantizer turns rounding into whole int8 steps, and transformers' own bf16 and float32 runs of
+    the same decompressed checkpoint part after 1 token (max logit difference 2.4 against a top-2 gap of 0.75;
+    measured on the CPU, BENCHMARKS.md). On an H200 in bf16: w4a16 64 of 64 tokens equal, w8a8 13 of 64."""
     from transformers import AutoModelForCausalLM
 
     import calq
@@ -324,12 +327,14 @@ def test_bundled_model_greedy_tokens_match_on_gpu(scheme, tmp_path):
     calq.quantize(model, {"method": "minmax", "scheme": scheme,
                           **({"group_size": 64} if scheme == "w4a16" else {"dynamic_activations": True})})
     model.save_pretrained(tmp_path / scheme, save_compressed=True)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / scheme, dtype=torch.bfloat16).cuda()
-    kernels = modules.load_quantized(tmp_path / scheme, "cuda", torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / scheme, dtype=dtype).cuda()
+    kernels = modules.load_quantized(tmp_path / scheme, "cuda", dtype)
     prompt = tokenizer("The history of the city begins in the Middle Ages, when", return_tensors="pt").input_ids
     length = prompt.shape[1] + 64
-    assert agreeing_prefix(Decoder(kernels, length).generate(prompt, 64)[0],
-                           Decoder(reference, length).generate(prompt, 64)[0]) >= 32
+    agree = agreeing_prefix(Decoder(kernels, length).generate(prompt, 64)[0],
+                            Decoder(reference, length).generate(prompt, 64)[0])
+    print(f"\n{scheme} in {dtype}: the kernels' first {agree} of 64 greedy tokens equal transformers'")
+    assert agree >= 32
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")

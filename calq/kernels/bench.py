@@ -2,9 +2,11 @@
 
 Kernels: calq's Triton W4A16 and W8A8 products against torch's bf16 linear (cuBLAS), tinygemm int4
 (torch.ops.aten._weight_int4pack_mm, the format gpt-fast uses) and torch._int_mm, for Llama-sized (K, N) and M
-from batch-1 decode to prefill. Every time is the median of triton.testing.do_bench after its warm-up (it clears
-L2 before each call, so the weights come from device memory as they would in a model). Before timing, each
-product is checked against the float32 product on the same dequantized weights. The device's ceilings (copy
+from batch-1 decode to prefill. Every time is the median over 10 replays of a CUDA graph that calls the product
+many times, cycling through copies of the weights that together exceed L2 (`graph_us`): the weights come from
+device memory as they would in a model, and Python's launch cost, which a decode step under CUDA graphs does not
+pay, stays out (eager do_bench timed it: 51-95 us per call of calq's ops at M = 1, more than the kernels). Before
+timing, each product is checked against the float32 product on the same dequantized weights. The device's ceilings (copy
 bandwidth, bf16 and int8 matmul rates) are measured first, and each calq kernel's time is also given over its
 floor: max(bytes it must move / bandwidth, operations / rate).
 
@@ -16,6 +18,7 @@ own weights decompressed to bf16 (then also: for how many tokens the two greedy 
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,46 @@ def median_ms(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copies_beyond_l2(nbytes: int) -> int:
+    """How many copies of `nbytes` of weights together take twice the L2 cache (at least 2)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, -(-2 * l2 // nbytes))
+
+
+def graph_us(calls: list, replay_ms: float = 5.0) -> float:
+    """Median microseconds per call: `calls` (one per weight copy) captured round-robin in one CUDA graph of about
+    `replay_ms`, replayed 10 times after a warm-up (compilation, allocation)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+    torch.cuda.synchronize()
+    per_round_ms = max(start.elapsed_time(end), 1e-3)
+    rounds = max(1, min(200, round(replay_ms / per_round_ms)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(calls)))
+    return statistics.median(times)
 
 
 def ceilings() -> dict[str, float]:
@@ -79,28 +122,29 @@ def time_shape(k: int, n: int, group: int, ms: list[int], log=print) -> list[dic
     """Median microseconds of every product at each M for one (K, N), with the quantized products' errors."""
     from calq.kernels import w4a16, w8a8
 
-    (qweight, scales, zeros), dense, (tg_weight, tg_scales) = _int4_weights(k, n, group)
-    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    int4 = [_int4_weights(k, n, group) for _ in range(copies_beyond_l2(n * k // 2))]
+    dense = [_int4_weights(k, n, group)[1] for _ in range(copies_beyond_l2(n * k * 2))]
+    w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(copies_beyond_l2(n * k))]
     w8_scale = torch.rand(n, device="cuda") * 0.001
-    w8_dense = (w8.float() * w8_scale[:, None]).to(torch.bfloat16)
+    w8_dense = (w8[0].float() * w8_scale[:, None]).to(torch.bfloat16)
     rows = []
     for m in ms:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         xq, _ = w8a8.quantize_activations(x)
         calls = {
-            "bf16": lambda: F.linear(x, dense),
-            "w4a16": lambda: w4a16.w4a16_linear(x, qweight, scales, zeros, group),
-            "tinygemm": lambda: torch.ops.aten._weight_int4pack_mm(x, tg_weight, group, tg_scales),
-            "w8a8": lambda: w8a8.w8a8_linear(x, w8, w8_scale),
-            "int_mm": lambda: torch._int_mm(xq, w8.t()),
+            "bf16": [lambda w=w: F.linear(x, w) for w in dense],
+            "w4a16": [lambda w=w: w4a16.w4a16_linear(x, *w[0], group) for w in int4],
+            "tinygemm": [lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[2][0], group, w[2][1]) for w in int4],
+            "w8a8": [lambda w=w: w8a8.w8a8_linear(x, w, w8_scale) for w in w8],
+            "int_mm": [lambda w=w: torch._int_mm(xq, w.t()) for w in w8],
         }
-        ref4, ref8 = F.linear(x.float(), dense.float()), F.linear(x.float(), w8_dense.float())
-        errors = {"w4a16": _rel_error(calls["w4a16"](), ref4), "tinygemm": _rel_error(calls["tinygemm"](), ref4),
-                  "w8a8": _rel_error(calls["w8a8"](), ref8)}
+        ref4, ref8 = F.linear(x.float(), int4[0][1].float()), F.linear(x.float(), w8_dense.float())
+        errors = {"w4a16": _rel_error(calls["w4a16"][0](), ref4), "tinygemm": _rel_error(calls["tinygemm"][0](), ref4),
+                  "w8a8": _rel_error(calls["w8a8"][0](), ref8)}
         times = {}
-        for name, fn in calls.items():
+        for name, fns in calls.items():
             try:
-                times[name] = median_ms(fn) * 1e3
+                times[name] = graph_us(fns)
             except RuntimeError as err:  # _int_mm wants M > 16; tinygemm has shape limits too
                 times[name] = None
                 log(f"{name} K={k} N={n} M={m}: n/a ({str(err).splitlines()[0][:80]})")

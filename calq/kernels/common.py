@@ -45,9 +45,9 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def split_k(device: torch.device, tiles_mn: int, k_tiles: int) -> int:
-    """Split K until there are about two programs per multiprocessor (memory-bound small-M products)."""
-    wanted = triton.cdiv(2 * _multiprocessors(device), tiles_mn)
+def split_k(device: torch.device, tiles_mn: int, k_tiles: int, per_sm: int = 2) -> int:
+    """Split K until there are about `per_sm` programs per multiprocessor (memory-bound small-M products)."""
+    wanted = triton.cdiv(per_sm * _multiprocessors(device), tiles_mn)
     return max(1, min(wanted, k_tiles))
 
 

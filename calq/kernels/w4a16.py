@@ -29,6 +29,10 @@ import triton.language as tl
 from calq.kernels import common
 
 DECODE_MAX_M = 16
+# Launch configurations of the two paths. DECODE is the fastest of benchmarks/sweep_kernels.py's on an H200
+# (BENCHMARKS.md, "Kernels and decoding"); PREFILL is not swept yet.
+DECODE = {"BN": 128, "warps": 4, "stages": 4, "per_sm": 4}
+PREFILL = {"BM": 128, "BN": 128, "warps": 8, "stages": 3}
 
 
 def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
@@ -142,14 +146,13 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
-    if m <= DECODE_MAX_M:
-        bm, bn, bk, warps, stages = 16, 64, _k_block(group_size, 128), 4, 4
-    else:
-        bm, bn, bk, warps, stages = 128, 128, _k_block(group_size, 64), 8, 3
+    decode = m <= DECODE_MAX_M
+    cfg = DECODE if decode else PREFILL
+    bm, bk = (16, _k_block(group_size, 128)) if decode else (cfg["BM"], _k_block(group_size, 64))
     k_tiles = k // bk
-    grid_mn = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid_mn = (triton.cdiv(m, bm), triton.cdiv(n, cfg["BN"]))
     if split_k is None:
-        split_k = common.split_k(x.device, grid_mn[0] * grid_mn[1], k_tiles) if m <= DECODE_MAX_M else 1
+        split_k = common.split_k(x.device, grid_mn[0] * grid_mn[1], k_tiles, cfg["per_sm"]) if decode else 1
     per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
@@ -157,7 +160,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         x2, qweight, scales, zeros, bias if bias is not None else scales, target, m, n, k,
         x2.stride(0), target.stride(-2), target.stride(0) if split_k > 1 else 0, per_split,
         GROUP=group_size, HAS_BIAS=bias is not None, UPCAST=common.upcast_dot(x.dtype),
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        BM=bm, BN=cfg["BN"], BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"])
     if split_k > 1:
         out.copy_(target.sum(0))
     return out.reshape(*x.shape[:-1], n)

@@ -24,6 +24,10 @@ import triton.language as tl
 from calq.kernels import common
 
 DECODE_MAX_M = 16
+# Launch configurations of the two paths. DECODE is the fastest of benchmarks/sweep_kernels.py's on an H200
+# (BENCHMARKS.md, "Kernels and decoding"); PREFILL is not swept yet.
+DECODE = {"BN": 32, "BK": 128, "warps": 4, "stages": 4, "per_sm": 2}
+PREFILL = {"BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 3}
 
 
 def quantize_activations_reference(x: torch.Tensor,
@@ -135,22 +139,21 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
-    if m <= DECODE_MAX_M:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    k_tiles = triton.cdiv(k, bk)
-    grid_mn = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    decode = m <= DECODE_MAX_M
+    cfg = DECODE if decode else PREFILL
+    bm = 16 if decode else cfg["BM"]
+    k_tiles = triton.cdiv(k, cfg["BK"])
+    grid_mn = (triton.cdiv(m, bm), triton.cdiv(n, cfg["BN"]))
     if split_k is None:
-        split_k = common.split_k(x.device, grid_mn[0] * grid_mn[1], k_tiles) if m <= DECODE_MAX_M else 1
+        split_k = common.split_k(x.device, grid_mn[0] * grid_mn[1], k_tiles, cfg["per_sm"]) if decode else 1
     per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _w8a8_kernel[(*grid_mn, split_k)](
         q, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, target, m, n, k,
         target.stride(-2), target.stride(0) if split_k > 1 else 0, per_split,
-        PER_TOKEN=input_scale is None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
-        num_warps=warps, num_stages=stages)
+        PER_TOKEN=input_scale is None, HAS_BIAS=bias is not None, BM=bm, BN=cfg["BN"], BK=cfg["BK"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
     if split_k > 1:
         out.copy_(target.sum(0))
     return out.reshape(*x.shape[:-1], n)
