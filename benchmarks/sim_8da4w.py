@@ -33,11 +33,12 @@ from calq import models
 
 
 def int8_per_token(module, args):
-    x = args[0]
-    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-    scale = ((high - low) / 255).clamp(min=1e-9)
-    zero = -128 - (low / scale).round()
-    return ((x / scale).round() + zero).clamp(-128, 127).sub(zero).mul(scale),
+    """The 8da4w linear's own activation rounding (torchao's, as its eager IntxUnpackedToInt8Tensor applies it)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        _apply_int8_act_asym_per_token_quant_dequant,
+    )
+
+    return (_apply_int8_act_asym_per_token_quant_dequant(args[0]),)
 
 
 def float_correction(module, args, output):
@@ -70,7 +71,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as folder:  # llm-compressor reads the model's config from a folder
+    with tempfile.TemporaryDirectory() as folder:  # a fresh float model per variant, loaded in a second
         model, tokenizer = models.load(models.resolve("smollm2-135m"))
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
