@@ -20,14 +20,16 @@ of higher-precision layers held at int8 (every attn_v, the ffn_down of llama.cpp
 tied embedding / output head at int8 (Q8_0 layout): one compressed-tensors checkpoint, one GGUF with per-tensor types.
 5-bit groups (`--variants minmax-w5a16-g32-sym-int8emb,minmax-w5a16-g32-sym-int8v`): symmetric 5-bit groups of 32
 (`bits: 5`) -> Q5_0, the embedding as Q8_0 (and every attn_v at int8 in the second); `-int4emb`: the embedding as
-Q4_0 (`embedding: int4`), alone or under the same budget (`-int4emb-budget`).
+Q4_0 (`embedding: int4`), alone or under the same budget (`-int4emb-budget`), or chosen by the budget with the
+Linears (`-autoemb-budget`, `embedding: auto`: the embedding's own sensitivity table, sensitivity-embedding.json).
 Three levels (`--variants gptq-w5a16-g32-sym-budget,minmax-w5a16-g32-sym-budget`): the 5-bit variant with a budget
 at Q4_K_M's size and `demote: true`; the script measures calq's two sensitivity tables on the first calibration samples
 (kept in --out as sensitivity-<scheme>.json and reused) and writes calq's choice to budget-<variant>.json
 (`gptq-w5a16-g32-sym-3level` is a mix picked by hand). --samples sets GPTQ's calibration samples (16; 64 beats Q4_K_M).
 --onnx adds each calq variant exported to ONNX (MatMulNBits bits 4 and 8, 5-bit groups stored as bits 8, the int8
-embedding dequantized in the graph), scored by ONNX Runtime on the same windows; its size is model.onnx +
-model.onnx.data.
+embedding dequantized in the graph; scales as float16 unless --onnx-scale-dtype float32), scored by ONNX Runtime on
+the same windows; its size is model.onnx + model.onnx.data. For ONNX at Q4_K_M's size, the two-level variants
+(`--variants gptq-w4a16-g32-sym-budget --onnx`): 4-bit groups and int8 Linears chosen by calq's budget.
 --gguf NAME=PATH scores a GGUF calq already exported (a run's RUN/export/<variant>/gguf/model.gguf: its calibrator
 folded in, so its KLD is the calibrated file's from the uncalibrated F16); `--variants ""` scores only those.
 Each calq file's mean KLD is also compared with Q4_K_M's on the same positions (`vs_q4km`: the difference and a 95%
@@ -101,6 +103,20 @@ CALQ = {"awq-w4a16-g64": {"method": "awq", "scheme": "w4a16", "group_size": 64},
         **{f"{method}-w5a16-g32-sym-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
                                               "symmetric": True, "embedding": "int8",
                                               "budget": {"size_mb": 98.8, "demote": True}}
+           for method in ("gptq", "minmax")},
+        # two levels for ONNX Runtime (its CPU MatMulNBits runs 2, 4 and 8 bits, no 5): 4-bit groups, the most
+        # sensitive Linears at int8, under the same budget (calq's byte count: float16 scales, `--onnx-scale-dtype`)
+        **{f"{method}-w4a16-g32-sym-budget": {"method": method, "scheme": "w4a16", "group_size": 32,
+                                              "symmetric": True, "embedding": "int8", "budget": {"size_mb": 98.8}}
+           for method in ("gptq", "minmax")},
+        # the same at the ONNX file's own room: model.onnx + data come to about 0.4 MiB under the budget (int8
+        # Linears hold one scale per 64 or 128 inputs there, not Q8_0's per 32) with no GGUF vocabulary to add
+        "gptq-w4a16-g32-sym-onnx-budget": {"method": "gptq", "scheme": "w4a16", "group_size": 32, "symmetric": True,
+                                           "embedding": "int8", "budget": {"size_mb": 100.8}},
+        # the same budget choosing the embedding's level too (`embedding: auto`: int4, int8 or float16)
+        **{f"{method}-w5a16-g32-sym-autoemb-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
+                                                      "symmetric": True, "embedding": "auto",
+                                                      "budget": {"size_mb": 98.8, "demote": True}}
            for method in ("gptq", "minmax")},
         # the same budget with the embedding at int4: its 13.6 MiB go to more int8 Linears
         **{f"{method}-w5a16-g32-sym-int4emb-budget": {"method": method, "scheme": "w4a16", "bits": 5, "group_size": 32,
@@ -184,9 +200,18 @@ def with_budget(variant, model, ids: torch.Tensor, out: Path):
         measured = json.loads(path.read_text())
         print(f"sensitivity {path.name}: {measured['seconds']:.0f} s", flush=True)
         tables.append({name: m["mean_kld"] for name, m in measured["layers"].items()})
-    chosen = budget.select(variant, shapes, other, *tables)
+    auto = variant.embedding == "auto"
+    if auto:
+        path = out / "sensitivity-embedding.json"
+        if not path.is_file():
+            path.write_text(json.dumps(sensitivity.measure_embedding(model, samples)))
+        embedding_kld = {level: m["mean_kld"] for level, m in json.loads(path.read_text())["layers"].items()}
+        print(f"sensitivity {path.name}: {embedding_kld}", flush=True)
+    chosen = budget.select(variant, shapes, other, *tables, embedding_kld=embedding_kld if auto else None,
+                           embedding_weights=budget.embedding_numel(model) if auto else 0)
     (out / f"budget-{variant.label}.json").write_text(json.dumps(chosen, indent=1))
     print(f"budget: {len(chosen['promoted'])} Linears at int8, {len(chosen['demoted'])} at 4 bits, "
+          f"embedding {chosen.get('embedding', variant.embedding)}, "
           f"{chosen['bytes'] / 2**20:.2f} of {chosen['limit_bytes'] / 2**20:.2f} MiB", flush=True)
     return budget.apply_choice(variant, chosen)
 
@@ -204,8 +229,8 @@ def _score(gguf: str, tokens: list[int], ctx: int, threads: int, out_file: str) 
     np.save(out_file, torch.cat(rows).numpy())
 
 
-def _export_onnx(checkpoint: str, out_dir: str) -> None:
-    get("onnx").export(checkpoint, out_dir, None)
+def _export_onnx(checkpoint: str, out_dir: str, scale_dtype: str) -> None:
+    get("onnx").export(checkpoint, out_dir, None, scale_dtype=scale_dtype)
 
 
 def _score_onnx(folder: str, tokens: list[int], ctx: int, threads: int, out_file: str) -> None:
@@ -307,6 +332,9 @@ def main() -> None:
                                                                    "(about 200 MB each) and reuse them next time")
     parser.add_argument("--onnx", action="store_true", help="also export each calq variant to ONNX and score it on "
                                                             "ONNX Runtime (model.onnx, float32 activations)")
+    parser.add_argument("--onnx-scale-dtype", choices=["float16", "float32"], default="float16",
+                        help="MatMulNBits scales in the ONNX file: float16 (GGUF's precision, the bytes calq's budget "
+                             "counts) or float32 (calq's scales exactly)")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
@@ -337,11 +365,11 @@ def main() -> None:
 
     onnx = {}
     for name in variants if args.onnx else ():
-        folder = args.out / f"{name}-onnx"
+        folder = args.out / f"{name}-onnx-{args.onnx_scale_dtype}"
         if not (folder / "model.onnx").is_file():
             in_child(_export_onnx, str(args.awq if name.startswith("awq") and args.awq else args.out / name),
-                     str(folder))
-        onnx[f"calq {name} as ONNX (ONNX Runtime)"] = folder
+                     str(folder), args.onnx_scale_dtype)
+        onnx[f"calq {name} as ONNX (ONNX Runtime, {args.onnx_scale_dtype} scales)"] = folder
     artifacts.update(onnx)
 
     logprobs = {}

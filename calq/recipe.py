@@ -232,6 +232,10 @@ class ExportSpec(Strict):
         0, description="ONNX Runtime MatMulNBits compute for int4 layers: 0 float32 activations (calq's numbers); 4 "
                        "int8 activations per block (faster on CPUs, as llama.cpp's 8-bit activations; re-verified); "
                        "1-3 float32, float16, bfloat16")
+    onnx_scale_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="ONNX Runtime MatMulNBits scales as stored: float32 (calq's scales, exact) or float16 "
+                               "(GGUF's precision and calq's budget's byte count: 4.5 bits per weight at groups of "
+                               "32 instead of 5; re-verified)")
 
     @field_validator("calibrator")
     @classmethod

@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -289,7 +290,7 @@ def test_onnx_accuracy_level_goes_into_matmulnbits(level):
     variant = variants.Variant(linear, {"proj": layer}, None)  # the layers are what the graph edit reads
     x = torch.randn(2, 5, 128, generator=generator)
     proto, blocks = onnx_export.OnnxExporter()._quantized_graph(
-        _OneLinear(linear), (x,), variant, level, input_names=["x"], output_names=["y"],
+        _OneLinear(linear), (x,), variant, level, "float32", input_names=["x"], output_names=["y"],
         dynamic_shapes=({0: "batch", 1: "sequence"},))
     node, = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in node.attribute}["accuracy_level"] == level
@@ -304,6 +305,36 @@ def test_onnx_accuracy_level_goes_into_matmulnbits(level):
     assert f"accuracy_level {level}" in change and ("int8" in change) == (level == 4)
 
 
+def test_onnx_float16_scales_halve_the_scale_bytes(checkpoints, tmp_path):
+    """`scale_dtype: float16`: every MatMulNBits reads its scales through a Cast from a float16 initializer holding
+    calq's scales rounded to float16 (nothing else moves), the weights shrink by those bytes, decode.onnx still reads
+    model.onnx.data's weights, and the runtime's logits are the variant's up to that rounding (measured: 3e-4 of the
+    largest logit on this model; bound 1%), with the export's changes saying so."""
+    import onnx
+    from onnx import numpy_helper
+
+    def weights(folder):
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        return graph, {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+    info = get("onnx").export(checkpoints["w4a16"], tmp_path / "float16", None, scale_dtype="float16")
+    get("onnx").export(checkpoints["w4a16"], tmp_path / "float32", None)
+    graph, inits = weights(tmp_path / "float16")
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    layer = variants.read(checkpoints["w4a16"]).layers["model.layers.0.mlp.down_proj"]
+    node = next(n for n in graph.node if n.op_type == "MatMulNBits" and "layers.0.mlp.down_proj" in n.input[1])
+    half = inits[casts[node.input[2]]]
+    assert half.dtype == np.float16 and np.array_equal(half, layer.scale.numpy().astype(np.float16))
+    scale_bytes = sum(inits[casts[n.input[2]]].nbytes for n in graph.node if n.op_type == "MatMulNBits")
+    assert sum(a.nbytes for a in weights(tmp_path / "float32")[1].values()) - sum(a.nbytes for a in inits.values()) \
+        == scale_bytes
+    assert info["scale_dtype"] == "float16" and any("float16" in change for change in info["changes"])
+    assert not (tmp_path / "float16" / "decode.onnx.data").exists()  # every stored weight is model.onnx.data's
+    raw = get("onnx").session(tmp_path / "float16").run(IDS)[1]
+    want = pytorch_logits(checkpoints["w4a16"])[0]
+    assert 0 < relative(raw, want) < 0.01
+
+
 @pytest.mark.parametrize("level,ok", [(4, True), (0, True), (5, False), ("int8", False)])
 def test_recipe_onnx_accuracy_level(level, ok, tiny_recipe):
     from calq.recipe import parse_recipe
@@ -316,3 +347,18 @@ def test_recipe_onnx_accuracy_level(level, ok, tiny_recipe):
             parse_recipe(tiny_recipe)
     with pytest.raises(CalqError, match="accuracy_level 7 is not one of 0, 1, 2, 3, 4"):
         get("onnx").export(tiny_recipe["model"]["id"], "unused", accuracy_level=7)
+
+
+@pytest.mark.parametrize("dtype,ok", [("float16", True), ("float32", True), ("bfloat16", False)])
+def test_recipe_onnx_scale_dtype(dtype, ok, tiny_recipe):
+    """The recipe's `export.onnx_scale_dtype` reaches the exporter's `scale_dtype`; anything else is refused."""
+    from calq.recipe import parse_recipe
+
+    tiny_recipe["export"] = {"formats": ["onnx"], "onnx_scale_dtype": dtype}
+    if ok:
+        assert get("onnx").options(parse_recipe(tiny_recipe))["scale_dtype"] == dtype
+    else:
+        with pytest.raises(CalqError, match=r"export\.onnx_scale_dtype"):
+            parse_recipe(tiny_recipe)
+        with pytest.raises(CalqError, match="scale_dtype 'bfloat16' is not one of float32, float16"):
+            get("onnx").export(tiny_recipe["model"]["id"], "unused", scale_dtype=dtype)

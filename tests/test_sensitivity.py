@@ -9,7 +9,7 @@ import torch
 import calq
 from calq import models, pipeline
 from calq.errors import CalqError
-from calq.quant import budget, sensitivity
+from calq.quant import budget, embedding, sensitivity
 from calq.quant.base import MethodConfig
 from calq.quant.minmax import MinMax
 from calq.recipe import parse_recipe
@@ -41,6 +41,37 @@ def test_budget_promotes_the_layers_that_remove_most_kld_within_the_limit():
         assert "d" not in chosen["promoted"]  # promoting what moves nothing buys nothing
 
 
+def test_budget_chooses_the_embedding_level_as_one_more_item():
+    """`embedding: auto`: the embedding / head is an item at int4, int8 or float16 beside the Linears, bought where it
+    removes the most KLD within the bytes."""
+    shapes, kld = {"a": (64, 64), "b": (64, 64)}, {"a": 0.1, "b": 0.5}
+    weights, embedding_kld = 64 * 32, {"int4": 0.9, "int8": 0.2}  # int8 removes 0.7 for 1,024 bytes, float 0.2 more
+    promote = budget.linear_bytes(64, 64, "w8a16") - budget.linear_bytes(64, 64, "w4a16", 32)  # 1,792 bytes
+    to_int8 = budget.embedding_bytes(weights, "int8") - budget.embedding_bytes(weights, "int4")
+    to_float = budget.embedding_bytes(weights, "float") - budget.embedding_bytes(weights, "int4")
+    assert (to_int8, to_float) == (1024, 2944)
+    other = budget.embedding_bytes(weights, "int4")  # footprint counts the embedding at its cheapest level
+    floor = budget.variant_bytes(MinMax(**W4), shapes) + other
+    expected = {0: ("int4", []), to_int8: ("int8", []), promote: ("int8", []), to_int8 + promote: ("int8", ["b"]),
+                to_float: ("int8", ["b"]), to_int8 + 2 * promote: ("int8", ["b", "a"]),
+                to_float + 2 * promote: ("float", ["b", "a"])}
+    for room, (level, promoted) in expected.items():
+        variant = MinMax(**W4, embedding="auto", budget={"size_mb": (floor + room) / 2**20})
+        chosen = budget.select(variant, shapes, other, kld, embedding_kld=embedding_kld, embedding_weights=weights)
+        assert (chosen["embedding"], chosen["promoted"]) == (level, promoted), room
+        assert chosen["bytes"] <= chosen["limit_bytes"]
+        assert budget.apply_choice(variant, chosen).embedding == level
+
+
+def test_auto_embedding_needs_a_size_budget():
+    for budget_spec in (None, {"bits_per_weight": 6}):
+        with pytest.raises(ValueError, match="embedding: auto is chosen by a size budget"):
+            MinMax(**W4, embedding="auto", budget=budget_spec)
+    variant = MinMax(**W4, embedding="auto", budget={"size_mb": 1})
+    with pytest.raises(CalqError, match="embedding: auto is chosen by the budget"):
+        variant.apply(torch.nn.Linear(2, 2), None)
+
+
 def test_budget_takes_exactly_one_limit():
     with pytest.raises(ValueError, match="exactly one"):
         MinMax(**W4, budget={"bits_per_weight": 5, "size_mb": 10})
@@ -70,14 +101,18 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     mixed = {**W4, "method": "gptq", "name": "mixed", "budget": {"bits_per_weight": 6}}
     # three levels, unnamed (the choice keeps the label): 4 bits, 5 bits and int8 within 5.5 bits per weight
     three = {**W4, "bits": 5, "symmetric": True, "budget": {"bits_per_weight": 5.5, "demote": True}}
-    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed, three]
+    # the embedding / head's level chosen with the Linears' (the tiny model's head is untied: two matrices)
+    auto = {**W4, "name": "auto", "embedding": "auto", "budget": {"size_mb": 0.1}}
+    variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed, three, auto]
     recipe = {**tiny_recipe, "variants": variants, "evaluation": {
         **tiny_recipe["evaluation"], "sensitivity": {"samples": 2, "seq_len": 32}}}
     plan = pipeline.plan(parse_recipe(recipe), None)
     names = [s.name for s in plan.stages]
     # one measurement per scheme, shared by the two w4a16 variants; the budgeted variant's quantize stage reads it
     assert [n for n in names if n.startswith("sensitivity/")] == [
-        "sensitivity/w8a8-sym", "sensitivity/w4a16-g32-asym", "sensitivity/w5a16-g32-sym", "sensitivity/w4a16-g32-sym"]
+        "sensitivity/w8a8-sym", "sensitivity/w4a16-g32-asym", "sensitivity/w5a16-g32-sym", "sensitivity/w4a16-g32-sym",
+        "sensitivity/embedding"]
+    assert "sensitivity/embedding" in next(s for s in plan.stages if s.name == "quantize/auto").needs
     assert "sensitivity/w4a16-g32-asym" in next(s for s in plan.stages if s.name == "quantize/mixed").needs
     assert {"sensitivity/w5a16-g32-sym", "sensitivity/w4a16-g32-sym"} <= set(
         next(s for s in plan.stages if s.name == "quantize/minmax-w5a16-g32").needs)
@@ -110,6 +145,14 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     targets = {g["weights"]["num_bits"]: set(g["targets"]) for g in groups}
     assert targets.get(8, set()) == set(chosen["promoted"]) and targets.get(4, set()) == set(chosen["demoted"])
 
+    table = json.loads((out / "sensitivity" / "embedding.json").read_text())
+    assert set(table["layers"]) == {"int4", "int8"} and all(m["mean_kld"] >= 0 for m in table["layers"].values())
+    chosen = json.loads((out / ".calq" / "stages" / "quantize" / "auto.json").read_text())["info"]["budget"]
+    assert chosen["embedding"] in ("int4", "int8", "float") and chosen["bytes"] <= chosen["limit_bytes"]
+    model = models.load(models.ModelSource(str(out / "variants" / "auto"), kind="folder"))[0]
+    grids = [embedding.on_grid(w) for w in embedding.matrices(model).values()]
+    assert len(grids) == 2 and all((g[2] if g else None) == embedding.BITS.get(chosen["embedding"]) for g in grids)
+
     marker = out / ".calq" / "stages" / "sensitivity" / "w4a16-g32-asym.json"
     written = marker.stat().st_mtime_ns
     calq.run(recipe, out=out)
@@ -117,6 +160,7 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
 
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Per-layer sensitivity" in md and "## Size and quality" in md and promoted[0] in md
+    assert "the token embedding and output head alone" in md and f"the embedding / head {chosen['embedding']}" in md
     assert 'alt="sensitivity per layer, w4a16-g32-asym"' in html
     assert 'alt="size against mean KLD and calibrated token ECE, Pareto front marked"' in html
 

@@ -10,6 +10,11 @@ traced as one module by `torch.onnx.export(dynamo=True)` without graph optimizat
   `export.onnx_accuracy_level`): 0 (default) computes with float32 activations, as in PyTorch; 4 lets ONNX Runtime
   quantize the activations to int8 per block and multiply in int8 (faster on CPUs, as llama.cpp's kernels do; the
   re-verification measures what it changes); 1, 2, 3: float32, float16, bfloat16 compute where the CPU has it.
+  MatMulNBits takes its scales in the activations' type (float32). The export option `scale_dtype` (recipe
+  `export.onnx_scale_dtype`): float32 (default) stores calq's scales as they are; float16 stores them as GGUF's
+  blocks do (2 bytes a group instead of 4: 4.5 bits per weight at groups of 32 instead of 5, the size calq's budget
+  counts), cast to float32 in the graph (ONNX Runtime folds the Cast when it loads the graph); the re-verification
+  measures the rounding.
 - 5-bit groups (`bits: 5`) -> MatMulNBits bits 8: ONNX Runtime 1.32's CPU kernel runs bits 2, 4 and 8 only ("Only
   2b, 4b and 8b quantization is supported"), so each unsigned 5-bit value is stored in a byte as q + 112 (zero point
   z + 112; 128, the 8-bit default, when symmetric): exact, but 8 bits per weight in the file instead of 5.
@@ -69,6 +74,7 @@ DECODE_FILE = "decode.onnx"
 DECODE_DATA_FILE = "decode.onnx.data"
 MAX_BLOCK = 128
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' compute type: unset (float32), float32, float16, bfloat16, int8
+SCALE_DTYPES = ("float32", "float16")  # MatMulNBits' scales as stored in the file
 
 
 class _Decode(nn.Module):
@@ -308,13 +314,18 @@ class OnnxExporter(Exporter):
                                 "cannot trace", where, "export it to gguf")
 
     def options(self, recipe) -> dict:
-        return {"accuracy_level": recipe.export.onnx_accuracy_level}
+        return {"accuracy_level": recipe.export.onnx_accuracy_level, "scale_dtype": recipe.export.onnx_scale_dtype}
 
-    def export(self, checkpoint_dir, out_dir, calibrator=None, accuracy_level: int = 0) -> dict:
-        """`accuracy_level`: MatMulNBits' (module docstring); 4 computes the int4 products with int8 activations."""
+    def export(self, checkpoint_dir, out_dir, calibrator=None, accuracy_level: int = 0,
+               scale_dtype: str = "float32") -> dict:
+        """`accuracy_level`: MatMulNBits' (module docstring); 4 computes the int4 products with int8 activations.
+        `scale_dtype`: float16 stores MatMulNBits' scales in half the bytes (module docstring)."""
         if accuracy_level not in ACCURACY_LEVELS:
             raise CalqError(f"accuracy_level {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}",
                             "export.onnx_accuracy_level", "use 0 (float32 activations) or 4 (int8 activations)")
+        if scale_dtype not in SCALE_DTYPES:
+            raise CalqError(f"scale_dtype {scale_dtype!r} is not one of {', '.join(SCALE_DTYPES)}",
+                            "export.onnx_scale_dtype", "use float32 (calq's scales) or float16 (GGUF's size)")
         self.check(checkpoint_dir, calibrator)
         start = time.perf_counter()
         variant = variants.read(checkpoint_dir)
@@ -330,7 +341,7 @@ class OnnxExporter(Exporter):
         proto, blocks = self._quantized_graph(
             FusedScoring(variant.model, calibrator, with_raw=True), (example,), variant, input_names=["input_ids"],
             output_names=["logits", "raw_logits"], dynamic_shapes=({0: "batch", 1: "sequence"},),
-            accuracy_level=accuracy_level)
+            accuracy_level=accuracy_level, scale_dtype=scale_dtype)
         _save(proto, out_dir, MODEL_FILE, DATA_FILE)
         scoring_seconds = time.perf_counter() - start
 
@@ -350,7 +361,7 @@ class OnnxExporter(Exporter):
             output_names=["logits", *past_names(layers, "present")],
             dynamic_shapes=({0: "batch", 1: "sequence"}, {0: "batch", 1: "total_sequence"},
                             {0: "batch", 1: "sequence"}, [{0: "batch", 2: "past_sequence"}] * (2 * layers)),
-            accuracy_level=accuracy_level)
+            accuracy_level=accuracy_level, scale_dtype=scale_dtype)
         shared = _point_at_stored(proto, out_dir, MODEL_FILE)
         _save(proto, out_dir, DECODE_FILE, DECODE_DATA_FILE)
         kind = calibrator_kind(calibrator)
@@ -362,14 +373,15 @@ class OnnxExporter(Exporter):
             "bytes": directory_size(out_dir), "seconds": time.perf_counter() - start,
             "seconds_scoring_graph": scoring_seconds, "outputs": ["logits", "raw_logits"],
             "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-            "accuracy_level": accuracy_level, "changes": _changes(variant, blocks, calibrator, accuracy_level),
+            "accuracy_level": accuracy_level, "scale_dtype": scale_dtype,
+            "changes": _changes(variant, blocks, calibrator, accuracy_level, scale_dtype),
             "decode_graph": {
                 "file": DECODE_FILE, "logits": decode_logits, "weights_shared_with_model_onnx": shared,
                 "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "float32"},
                 "note": _decode_note(kind)}})
 
     def _quantized_graph(self, module: nn.Module, args: tuple, variant: variants.Variant, accuracy_level: int,
-                         **names) -> tuple:
+                         scale_dtype: str, **names) -> tuple:
         """`module` traced by torch.onnx (dynamo), each quantized Linear's MatMul replaced by calq's integers, then
         optimized by onnxscript: (ModelProto, MatMulNBits block sizes used)."""
         import onnx
@@ -394,6 +406,10 @@ class OnnxExporter(Exporter):
         if variant.layers:
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         proto = onnxscript.optimizer.optimize(proto)
+        for node in proto.graph.node:  # torch.onnx's trace-back to the PyTorch source: about 1.5 kB a node
+            del node.metadata_props[:]
+        if scale_dtype == "float16":  # after the optimizer, which would fold the Cast back into float32 scales
+            _float16_scales(proto)
         if variant.matrices:  # after the optimizer, which would fold the dequantization back into a float32 matrix
             graph = _Graph(proto.graph)
             for name, matrix in variant.matrices.items():
@@ -437,6 +453,25 @@ def _save(proto, out_dir: Path, model_file: str, data_file: str) -> None:
 
     onnx.save_model(proto, str(out_dir / model_file), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)
+
+
+def _float16_scales(proto) -> None:
+    """Each MatMulNBits' scales stored as float16 and cast to float32 in front of it (ONNX Runtime folds the Cast
+    into a float32 initializer when it loads the graph, before MatMulNBits packs its weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {init.name: init for init in proto.graph.initializer}
+    casts = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or node.input[2] not in initializers:
+            continue
+        stored = initializers.pop(node.input[2])
+        half = numpy_helper.from_array(numpy_helper.to_array(stored).astype(np.float16), f"{stored.name}.float16")
+        proto.graph.initializer.remove(stored)
+        proto.graph.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [stored.name], to=TensorProto.FLOAT))
+    for offset, cast in enumerate(casts):
+        proto.graph.node.insert(offset, cast)
 
 
 def _point_at_stored(proto, out_dir: Path, model_file: str) -> int:
@@ -545,7 +580,8 @@ COMPUTE = {0: " (float32 activations, as PyTorch)", 1: " (float32 activations, a
               "as llama.cpp's 8-bit activations do (faster; the re-verification measures what it changes)"}
 
 
-def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int) -> list[str]:
+def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_level: int,
+             scale_dtype: str = "float32") -> list[str]:
     changes = []
     grouped = [layer for layer in variant.layers.values() if isinstance(layer, variants.GroupLayer)]
     int4 = [layer for layer in grouped if layer.bits == 4]
@@ -565,6 +601,10 @@ def _changes(variant: variants.Variant, blocks: set[int], calibrator, accuracy_l
     if int8_weights:
         changes.append(f"W8A16: {len(int8_weights)} int8 weight-only layers as MatMulNBits bits 8 with calq's int8 "
                        f"values and channel scales (exact); accuracy_level {accuracy_level}" + COMPUTE[accuracy_level])
+    if scale_dtype == "float16" and (grouped or int8_weights):
+        changes.append("MatMulNBits scales stored as float16 (as GGUF's blocks), cast to float32 in the graph: each "
+                       "scale rounded to 11 significant bits, so the weights differ from calq's by up to 1/2048 "
+                       "relative (the values above are exact up to that rounding)")
     for name, matrix in variant.matrices.items():
         changes.append(f"{name} held as int{matrix.bits} with float16 scales per block of 32 ({matrix.gguf_type}'s "
                        "layout), dequantized in the graph: exactly the weight the PyTorch variant evaluated")

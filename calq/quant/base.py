@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from calq.errors import CalqError
 from calq.quant.budget import Budget
@@ -82,10 +82,11 @@ class MethodConfig(BaseModel):
     int4_layers: tuple[str, ...] = Field(
         (), description="bits: 5: Linear layers held at 4 bits instead (the same groups and symmetry), matched as "
                         "`ignore` is: a third config group, GGUF Q4_0/Q4_1; what a budget with `demote` sets")
-    embedding: Literal["float", "int8", "int4"] = Field(
+    embedding: Literal["float", "int8", "int4", "auto"] = Field(
         "float", description="int8 / int4: the token embedding (and the output head, tied or not) held as int8 or int4 "
                              "in symmetric groups of 32 along the hidden dimension with float16 scales, GGUF's Q8_0 / "
-                             "Q4_0 layout, before the method runs (calq/quant/embedding.py)")
+                             "Q4_0 layout, before the method runs (calq/quant/embedding.py); auto: the budget "
+                             "(size_mb) chooses int4, int8 or float by the embedding's measured divergence")
     name: str | None = Field(None, description="variant name in reports (default '<method>-<scheme>[-g<group>]')")
     budget: Budget | None = Field(None, description="hold the Linears whose quantization moves the output most (the "
                                                     "sensitivity stage) at int8 (w4a16; unquantized for w8a8) within "
@@ -129,6 +130,13 @@ class MethodConfig(BaseModel):
             raise ValueError("budget.demote holds layers of a 5-bit variant at 4 bits; set bits: 5 or remove demote")
         return targets  # each must match a quantized layer: check_layers, when the plan knows them
 
+    @model_validator(mode="after")
+    def _auto_embedding(self):
+        if self.embedding == "auto" and (self.budget is None or self.budget.size_mb is None):
+            raise ValueError("embedding: auto is chosen by a size budget over the whole model; add budget: {size_mb: "
+                             "...} or set embedding to float, int8 or int4")
+        return self
+
     @property
     def label(self) -> str:
         if self.name:
@@ -171,6 +179,10 @@ class MethodConfig(BaseModel):
     def apply(self, model, samples: torch.Tensor | None):
         """Check the model, then quantize it on the calibration samples this variant asked for (the embedding
         first, with `embedding: int8 | int4`, so a method calibrates on what the quantized embedding gives)."""
+        if self.embedding == "auto":
+            raise CalqError("embedding: auto is chosen by the budget (calq.quant.budget.select, then apply_choice), "
+                            "which this variant has not been through", "embedding",
+                            "run it in a recipe (the quantize stage chooses), or set embedding to float, int8 or int4")
         self.check_model(model.config)
         if self.embedding != "float":
             from calq.quant import embedding

@@ -8,7 +8,10 @@ variant's `int8_layers`, a second compressed-tensors config group, GGUF Q8_0, ON
 promotes to unquantized (`float`: the Linear joins `ignore`, exported as float16). autoawq and awq refuse a budget.
 With `demote` (5-bit variants) there are three levels, as in llama.cpp's K-quant mixes: 4 bits (`int4_layers`, a
 third config group, GGUF Q4_0/Q4_1), 5 bits and int8, read from two tables (the 5-bit and the 4-bit scheme), so the
-least sensitive Linears pay for the int8 ones.
+least sensitive Linears pay for the int8 ones. With `embedding: auto` the token embedding / output head is one more
+item of the same knapsack: int4 (Q4_0 blocks), int8 (Q8_0) or float16, at the divergence the sensitivity stage
+measured for each (`sensitivity/embedding`), so a budget spends its bytes on the head when that removes more KLD per
+byte than any Linear does.
 
 No torch here: the recipe schema imports `Budget`.
 """
@@ -96,10 +99,11 @@ def measured_schemes(variant) -> list:
 
 def apply_choice(variant, chosen: dict):
     """`variant` with the Linears `chosen` by `select` held at their precision (promoted: joined to int8_layers, or to
-    ignore; demoted: to int4_layers), under the same label."""
+    ignore; demoted: to int4_layers), the embedding at its chosen level (`embedding: auto`), under the same label."""
     key = "int8_layers" if promotion(variant) == "w8a16" else "ignore"
     return variant.model_copy(update={key: (*getattr(variant, key), *chosen["promoted"]),
                                       "int4_layers": (*variant.int4_layers, *chosen.get("demoted", ())),
+                                      "embedding": chosen.get("embedding", variant.embedding),
                                       "name": variant.label})
 
 
@@ -119,18 +123,36 @@ def variant_bytes(variant, shapes: dict[str, tuple[int, int]], promoted=(), demo
                for name, shape in shapes.items())
 
 
+EMBEDDING_LEVELS = ("int4", "int8", "float")  # what `embedding: auto` chooses among, cheapest first
+
+
+def embedding_bytes(numel: int, level: str) -> int:
+    """Bytes of the embedding / head (`numel` weights) at `level`: Q4_0 or Q8_0 blocks (a float16 scale per 32
+    values) or float16."""
+    if level == "float":
+        return numel * FLOAT_BYTES
+    return numel * embedding.BITS[level] // 8 + numel // embedding.BLOCK * FLOAT_BYTES
+
+
+def embedding_numel(model) -> int:
+    """Weights of the input embedding and output head (tied weights counted once). Works on a meta-device model."""
+    held = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None}
+    return sum(held.values())
+
+
 def footprint(model, variant) -> tuple[dict[str, tuple[int, int]], int]:
     """The Linears `variant` quantizes in `model` ({name: (out, in)}) and the bytes of every other parameter of the
     model: float16, but the embedding and output head in Q8_0 blocks (34 bytes per 32 weights) with `embedding: int8`,
-    Q4_0 blocks (18 bytes) with `embedding: int4` (tied weights counted once). Works on a meta-device model."""
+    Q4_0 blocks (18 bytes) with `embedding: int4` and with `embedding: auto` (its cheapest level: `select` adds what
+    a higher one costs). Works on a meta-device model."""
     layers = variant.quantized_layers({n: m for n, m in model.named_modules() if type(m).__name__ == "Linear"})
     shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters())
-    held = ({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
-             if m is not None} if variant.embedding != "float" else {})
-    other = total - sum(n * k for n, k in shapes.values()) - sum(held.values())
-    bits = embedding.BITS.get(variant.embedding, 0)  # a float16 scale per block of 32 beside the values
-    return shapes, other * FLOAT_BYTES + sum(n * bits // 8 + n // embedding.BLOCK * FLOAT_BYTES for n in held.values())
+    held = embedding_numel(model) if variant.embedding != "float" else 0
+    other = total - sum(n * k for n, k in shapes.values()) - held
+    level = EMBEDDING_LEVELS[0] if variant.embedding == "auto" else variant.embedding
+    return shapes, other * FLOAT_BYTES + (embedding_bytes(held, level) if held else 0)
 
 
 def levels(variant) -> list[str]:
@@ -154,42 +176,59 @@ def check(variant, shapes: dict[str, tuple[int, int]], other_bytes: int) -> floa
 
 
 def select(variant, shapes: dict[str, tuple[int, int]], other_bytes: int, kld: dict[str, float],
-           kld_low: dict[str, float] | None = None, steps: int = 65536) -> dict:
+           kld_low: dict[str, float] | None = None, steps: int = 65536, embedding_kld: dict[str, float] | None = None,
+           embedding_weights: int = 0) -> dict:
     """The level of each Linear that minimises the summed KLD within the budget: `kld` is the sensitivity table at the
     variant's scheme, `kld_low` at 4 bits (with `demote`; at least `kld`), and the promotion counts as removing all of
-    it. A multiple-choice knapsack, solved exactly by dynamic programming over the bytes above the cheapest level, in
-    units of the costs' greatest common divisor, or of 1/`steps` of the room when that is finer (costs rounded up, so
-    the choice always fits). Returns the promoted names (most KLD removed per extra byte first), the demoted ones, the
-    bytes used and the budget in bytes."""
+    it. With `embedding: auto`, the embedding / head (`embedding_weights` weights, counted in `other_bytes` at int4)
+    is one more item at int4, int8 or float16 with the KLD `embedding_kld` ({'int4': .., 'int8': ..}) measured at
+    each. A multiple-choice knapsack, solved exactly by dynamic programming over the bytes above each item's cheapest
+    level, in units of the costs' greatest common divisor, or of 1/`steps` of the room when that is finer (costs
+    rounded up, so the choice always fits). Returns the promoted names (most KLD removed per extra byte first), the
+    demoted ones, the embedding's level (with `embedding: auto`), the bytes used and the budget in bytes."""
     import numpy as np
 
     limit = check(variant, shapes, other_bytes)
     names, options = list(shapes), levels(variant)
     at = {"low": lambda n: max((kld_low or {}).get(n, 0.0), kld.get(n, 0.0)), "base": lambda n: kld.get(n, 0.0),
           "high": lambda n: 0.0}
-    loss = np.array([[at[level](name) for level in options] for name in names])
-    cost = np.array([[level_bytes(variant, shapes[name], level) for level in options] for name in names])
+    items = [(options, [at[level](n) for level in options],
+              [level_bytes(variant, shapes[n], level) for level in options]) for n in names]
+    if variant.embedding == "auto":
+        if not embedding_kld:
+            raise ValueError("embedding: auto chooses by the embedding's sensitivity table: pass embedding_kld")
+        measured = {**embedding_kld, "float": 0.0}
+        items.append((EMBEDDING_LEVELS, [measured[level] for level in EMBEDDING_LEVELS],
+                      [embedding_bytes(embedding_weights, level) for level in EMBEDDING_LEVELS]))
+        other_bytes -= embedding_bytes(embedding_weights, EMBEDDING_LEVELS[0])  # footprint counted it: now an item
     other = other_bytes if variant.budget.counts_other() else 0
-    floor = int(cost[:, 0].sum()) + other
-    unit = max(float(np.gcd.reduce((cost - cost[:, :1]).ravel())), (limit - floor) / steps, 1.0)
-    extra = np.ceil((cost - cost[:, :1]) / unit).astype(int)
+    floor = sum(costs[0] for _, _, costs in items) + other
+    extras = [np.array(costs) - costs[0] for _, _, costs in items]
+    unit = max(float(np.gcd.reduce(np.concatenate(extras))), (limit - floor) / steps, 1.0)
     room = int((limit - floor) // unit)
-    best, choices = np.zeros(room + 1), []  # best[j]: the least summed KLD of the Linears so far within j units
-    for i in range(len(names)):
-        candidates = np.full((len(options), room + 1), np.inf)
-        for o in range(len(options)):
-            if extra[i, o] <= room:
-                candidates[o, extra[i, o]:] = best[: room + 1 - extra[i, o]] + loss[i, o]
+    best, choices = np.zeros(room + 1), []  # best[j]: the least summed KLD of the items so far within j units
+    for (levels_i, loss, _), extra in zip(items, extras):
+        extra = np.ceil(extra / unit).astype(int)
+        candidates = np.full((len(levels_i), room + 1), np.inf)
+        for o, e in enumerate(extra):
+            if e <= room:
+                candidates[o, e:] = best[: room + 1 - e] + loss[o]
         # ties go to the cheaper level: what moves nothing buys nothing
-        choices.append(candidates.argmin(0).astype(np.uint8))
+        choices.append((candidates.argmin(0).astype(np.uint8), extra))
         best = candidates.min(0)
-    chosen, j = {}, room
-    for i in reversed(range(len(names))):
-        o = int(choices[i][j])
-        chosen[names[i]], j = options[o], j - extra[i, o]
+    levels_chosen, j = [], room
+    for (levels_i, _, costs), (choice, extra) in reversed(list(zip(items, choices))):
+        o = int(choice[j])
+        levels_chosen.append((levels_i[o], costs[o]))
+        j -= extra[o]
+    levels_chosen.reverse()
+    chosen = {n: level for n, (level, _) in zip(names, levels_chosen)}
     promoted = sorted((n for n in names if chosen[n] == "high"), reverse=True,
                       key=lambda n: kld.get(n, 0.0) / (level_bytes(variant, shapes[n], "high")
                                                         - level_bytes(variant, shapes[n], "base")))
-    used = int(sum(cost[i, options.index(chosen[n])] for i, n in enumerate(names))) + other
-    return {"promoted": promoted, "demoted": [n for n in names if chosen[n] == "low"], "bytes": used,
-            "limit_bytes": int(limit)}
+    used = sum(cost for _, cost in levels_chosen) + other
+    result = {"promoted": promoted, "demoted": [n for n in names if chosen[n] == "low"], "bytes": int(used),
+              "limit_bytes": int(limit)}
+    if variant.embedding == "auto":
+        result["embedding"] = levels_chosen[-1][0]
+    return result

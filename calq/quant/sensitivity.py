@@ -49,34 +49,53 @@ def measure(model, samples: torch.Tensor, layers: list[str], args, batch_size: i
             progress: Callable[..., None] | None = None) -> dict:
     """{layer: DivergenceStats summary} on `samples` [n, seq] for each named Linear quantized alone, plus the seconds
     it took. The baseline's logits are computed once and kept (samples x seq x vocab float32)."""
+    modules = dict(model.named_modules())
+    edits = {name: (lambda weight=modules[name].weight: [(weight, fake_quantize(weight.data, args))])
+             for name in layers}
+    return _measure(model, samples, edits, batch_size, progress)
+
+
+def measure_embedding(model, samples: torch.Tensor, batch_size: int = 4,
+                      progress: Callable[..., None] | None = None) -> dict:
+    """The same for the token embedding and output head (one matrix when tied) alone in Q4_0 and Q8_0 blocks
+    (calq.quant.embedding, what `embedding: int4 | int8` holds): {'layers': {'int4': .., 'int8': ..}, 'seconds'}."""
+    from calq.quant import embedding
+
+    matrices = list(embedding.matrices(model).values())
+    edits = {f"int{bits}": (lambda bits=bits: [(w, embedding.dequantize(*embedding.blocks(w.data, bits)).to(w.dtype))
+                                               for w in matrices])
+             for bits in (4, 8)}
+    return _measure(model, samples, edits, batch_size, progress)
+
+
+def _measure(model, samples, edits: dict[str, Callable[[], list]], batch_size, progress) -> dict:
+    """Each edit ({name: () -> [(parameter, replacement data)]}) applied alone, the model's divergence from its own
+    logits measured, the parameters restored."""
     import torch
 
-    with torch.no_grad():
-        return _measure(model, samples, layers, args, batch_size, progress)
-
-
-def _measure(model, samples, layers, args, batch_size, progress) -> dict:
     from calq.metrics import DivergenceStats
 
     model.eval()
     start = time.perf_counter()
-    batches = list(samples.split(batch_size))
-    reference = [model(batch).logits[:, :-1].float() for batch in batches]
-    modules = dict(model.named_modules())
     result = {}
-    for i, name in enumerate(layers):
-        linear = modules[name]
-        original = linear.weight.data
-        linear.weight.data = fake_quantize(original, args)
-        stats = DivergenceStats()
-        try:
-            for batch, ref in zip(batches, reference):
-                stats.update(ref, model(batch).logits[:, :-1], batch[:, 1:])
-        finally:
-            linear.weight.data = original
-        s = stats.summary()
-        result[name] = {"mean_kld": s["mean_kld"], "p99_kld": s["p99_kld"], "same_top1": s["same_top1"],
-                        "shape": list(original.shape)}
-        if progress:
-            progress(i + 1)
+    with torch.no_grad():
+        batches = list(samples.split(batch_size))
+        reference = [model(batch).logits[:, :-1].float() for batch in batches]
+        for i, (name, edit) in enumerate(edits.items()):
+            replaced = edit()
+            originals = [parameter.data for parameter, _ in replaced]
+            stats = DivergenceStats()
+            try:
+                for parameter, data in replaced:
+                    parameter.data = data
+                for batch, ref in zip(batches, reference):
+                    stats.update(ref, model(batch).logits[:, :-1], batch[:, 1:])
+            finally:
+                for (parameter, _), original in zip(replaced, originals):
+                    parameter.data = original
+            s = stats.summary()
+            result[name] = {"mean_kld": s["mean_kld"], "p99_kld": s["p99_kld"], "same_top1": s["same_top1"],
+                            "shape": list(originals[0].shape)}
+            if progress:
+                progress(i + 1)
     return {"layers": result, "seconds": round(time.perf_counter() - start, 2)}

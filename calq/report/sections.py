@@ -415,6 +415,14 @@ def sensitivity(report: dict) -> Section | None:
     blocks = [Text("Mean KL(baseline ‖ model) per token on the calibration samples with one Linear alone quantized "
                    "round-to-nearest with the scheme's weights (activations unquantized), the others unquantized.",
                    muted=True)]
+    tables = {key: t for key, t in tables.items() if key != "embedding"}
+    if "embedding" in report["sensitivity"]:
+        t = report["sensitivity"]["embedding"]
+        blocks.append(Table(["embedding / head", "mean KLD", "99% KLD", "same top token"],
+                            [[level, f"{m['mean_kld']:.4g}", f"{m['p99_kld']:.4g}", f"{m['same_top1']:.1%}"]
+                             for level, m in t["layers"].items()], {1, 2, 3},
+                            title="the token embedding and output head alone in Q4_0 / Q8_0 blocks (`embedding: auto`)",
+                            note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."))
     for key, t in tables.items():
         ranked = sorted(t["layers"].items(), key=lambda item: item[1]["mean_kld"], reverse=True)
         blocks.append(Table(["layer", "mean KLD", "99% KLD", "same top token"],
@@ -427,6 +435,7 @@ def sensitivity(report: dict) -> Section | None:
     held = {"w8a16": "held at int8", "float": "kept unquantized"}
     promoted = [f"{v['variant']}: {len(b['promoted'])} layers {held[b.get('promoted_to', 'float')]}"
                 + (f", {len(b['demoted'])} at 4 bits" if b.get("demoted") else "")
+                + (f", the embedding / head {b['embedding']}" if b.get("embedding") else "")
                 + f" within {mb(b['limit_bytes'])} MiB (uses {mb(b['bytes'])} MiB): "
                 + (", ".join(f"`{n}`" for n in b["promoted"]) or "none")
                 for v in report["variants"] if (b := v.get("budget"))]

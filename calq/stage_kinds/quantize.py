@@ -13,7 +13,7 @@ from calq.quant.base import MethodConfig
 from calq.quant.sensitivity import scheme_key
 from calq.runs import atomic_path, write_json
 from calq.stage_kinds.samples import load_samples
-from calq.stage_kinds.sensitivity import read_table
+from calq.stage_kinds.sensitivity import EMBEDDING, read_table
 from calq.stages import KINDS, StageKind
 
 
@@ -29,7 +29,8 @@ class Quantize(StageKind):
             version = [type(v).version] if type(v).version > 1 else []  # a method's first version adds nothing
             needs = ("samples",) if v.needs_data() else table.base
             if v.budget is not None:  # it promotes the layers its scheme's sensitivity table ranks first
-                needs = (*needs, *(f"sensitivity/{scheme_key(s)}" for s in budget.measured_schemes(v)))
+                needs = (*needs, *(f"sensitivity/{scheme_key(s)}" for s in budget.measured_schemes(v)),
+                         *([f"sensitivity/{EMBEDDING}"] if v.embedding == "auto" else []))
             table.add(f"quantize/{v.label}", stage_quantize, v, needs=needs,
                       settings=[v.model_dump(exclude_defaults=True), *version, *table.raised(cls)])
             table.model[v.label] = (f"quantize/{v.label}",)
@@ -45,9 +46,13 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     if variant.budget is not None:
         kld = [{name: m["mean_kld"] for name, m in read_table(ctx, scheme)["layers"].items()}
                for scheme in budget.measured_schemes(variant)]
+        auto = variant.embedding == "auto"
+        embedding_kld = ({level: m["mean_kld"] for level, m in read_table(ctx)["layers"].items()} if auto else None)
         with located(where):
-            chosen = budget.select(variant, shapes, other_bytes, *kld)
+            chosen = budget.select(variant, shapes, other_bytes, *kld, embedding_kld=embedding_kld,
+                                   embedding_weights=budget.embedding_numel(model) if auto else 0)
         variant = budget.apply_choice(variant, chosen)
+        other_bytes = budget.footprint(model, variant)[1]  # `embedding: auto` at the level chosen
     start = time.perf_counter()
     with located(where):
         variant.apply(model, samples)

@@ -1,6 +1,7 @@
 """Per-layer sensitivity of the base model to each variant's scheme on the calibration samples (calq.quant.sensitivity):
 one stage per scheme, shared by the variants with that scheme; the quantize stage of a variant with a budget reads it
-(calq.quant.budget)."""
+(calq.quant.budget). A variant with `embedding: auto` adds `sensitivity/embedding`: the embedding / head alone at
+int4 and int8."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ class Sensitivity(StageKind):
         for key, (variant, layers) in measured.items():
             table.add(f"sensitivity/{key}", stage_sensitivity, variant, layers, needs=("samples",),
                       settings=[spec.samples, spec.seq_len, key, layers, *table.raised(cls)])
+        if any(v.embedding == "auto" for v in table.variants):
+            table.add(f"sensitivity/{EMBEDDING}", stage_embedding_sensitivity, needs=("samples",),
+                      settings=[spec.samples, spec.seq_len, EMBEDDING, *table.raised(cls)])
+
+
+EMBEDDING = "embedding"  # the table of the embedding / head (no scheme key looks like it)
 
 
 def spec_of(recipe) -> SensitivitySpec | None:
@@ -92,6 +99,19 @@ def stage_sensitivity(ctx: Context, variant, layers: list[str]):
     return {"table": out}, {"layers": len(layers), "seconds": measured["seconds"], "most_sensitive": top}
 
 
-def read_table(ctx: Context, variant) -> dict:
-    """The sensitivity table of a variant's scheme (a budgeted variant's quantize stage needs that stage)."""
-    return json.loads(ctx.output("sensitivity", "table", scheme=sensitivity.scheme_key(variant)).read_text())
+def stage_embedding_sensitivity(ctx: Context):
+    spec = spec_of(ctx.recipe)
+    model, _ = models.load(ctx.source, ctx.recipe.model.dtype)
+    samples = load_samples(ctx)[: spec.samples, : spec.seq_len]
+    measured = sensitivity.measure_embedding(model, samples, progress=ctx.track("sensitivity embedding", 2))
+    out = write_json(ctx.output("sensitivity", "table", scheme=EMBEDDING),
+                     {"scheme": EMBEDDING, "samples": list(samples.shape), **measured})
+    return {"table": out}, {"seconds": measured["seconds"],
+                            **{f"{level}_mean_kld": m["mean_kld"] for level, m in measured["layers"].items()}}
+
+
+def read_table(ctx: Context, variant=None) -> dict:
+    """The sensitivity table of a variant's scheme (a budgeted variant's quantize stage needs that stage), or with no
+    variant the embedding's."""
+    key = sensitivity.scheme_key(variant) if variant is not None else EMBEDDING
+    return json.loads(ctx.output("sensitivity", "table", scheme=key).read_text())
