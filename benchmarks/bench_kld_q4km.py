@@ -31,7 +31,8 @@ embedding dequantized in the graph; scales as float16 unless --onnx-scale-dtype 
 the same windows; its size is model.onnx + model.onnx.data. For ONNX at Q4_K_M's size, the two-level variants
 (`--variants gptq-w4a16-g32-sym-budget --onnx`): 4-bit groups and int8 Linears chosen by calq's budget.
 --gguf NAME=PATH scores a GGUF calq already exported (a run's RUN/export/<variant>/gguf/model.gguf: its calibrator
-folded in, so its KLD is the calibrated file's from the uncalibrated F16); `--variants ""` scores only those.
+folded in, so its KLD is the calibrated file's from the uncalibrated F16), and --onnx-dir NAME=FOLDER an ONNX export
+(a run's RUN/export/<variant>/onnx: its `logits` output, the calibrator fused); `--variants ""` scores only those.
 Each calq file's mean KLD is also compared with Q4_K_M's on the same positions (`vs_q4km`: the difference and a 95%
 block-bootstrap interval over blocks of 64 positions), so a small gap is not read as a win or a loss.
 Writes <out>/kld-q4km.json and prints a markdown table (BENCHMARKS.md, "Divergence from the baseline").
@@ -176,7 +177,7 @@ def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int
         start = time.perf_counter()
         variant = methods.config(CALQ[name])
         if variant.budget is not None:
-            variant = with_budget(variant, model, ids, out)
+            variant = with_budget(variant, model, ids, out, name)
         variant.apply(model, ids)
         print(f"{name} on {samples} x 256 tokens: {time.perf_counter() - start:.0f} s", flush=True)
         model.save_pretrained(folder, save_compressed=True)
@@ -184,10 +185,10 @@ def calq_gguf(name: str, out: Path, baseline: Path, data_dir: Path, samples: int
     return export_gguf(folder, out / f"{name}-gguf")
 
 
-def with_budget(variant, model, ids: torch.Tensor, out: Path):
+def with_budget(variant, model, ids: torch.Tensor, out: Path, name: str):
     """A budgeted variant with its choice made as calq's quantize stage makes it: the sensitivity tables of its
     schemes on the first calibration samples (the recipe's defaults, SensitivitySpec; kept in --out as
-    sensitivity-<scheme>.json and reused), then calq.quant.budget."""
+    sensitivity-<scheme>.json and reused), then calq.quant.budget; the choice goes to budget-<name>.json."""
     spec = SensitivitySpec()
     samples = ids[: spec.samples, : spec.seq_len]
     shapes, other = budget.footprint(model, variant)
@@ -209,7 +210,7 @@ def with_budget(variant, model, ids: torch.Tensor, out: Path):
         print(f"sensitivity {path.name}: {embedding_kld}", flush=True)
     chosen = budget.select(variant, shapes, other, *tables, embedding_kld=embedding_kld if auto else None,
                            embedding_weights=budget.embedding_numel(model) if auto else 0)
-    (out / f"budget-{variant.label}.json").write_text(json.dumps(chosen, indent=1))
+    (out / f"budget-{name}.json").write_text(json.dumps(chosen, indent=1))
     print(f"budget: {len(chosen['promoted'])} Linears at int8, {len(chosen['demoted'])} at 4 bits, "
           f"embedding {chosen.get('embedding', variant.embedding)}, "
           f"{chosen['bytes'] / 2**20:.2f} of {chosen['limit_bytes'] / 2**20:.2f} MiB", flush=True)
@@ -335,6 +336,9 @@ def main() -> None:
     parser.add_argument("--onnx-scale-dtype", choices=["float16", "float32"], default="float16",
                         help="MatMulNBits scales in the ONNX file: float16 (GGUF's precision, the bytes calq's budget "
                              "counts) or float32 (calq's scales exactly)")
+    parser.add_argument("--onnx-dir", action="append", default=[], metavar="NAME=FOLDER",
+                        help="also score an ONNX export calq made (a run's RUN/export/<variant>/onnx: its `logits`, "
+                             "the calibrator fused); repeatable")
     parser.add_argument("--awq", type=Path, help="an existing calq AWQ W4A16 g64 variant (checkpoint folder or GGUF) "
                                                  "instead of a new AWQ run")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
@@ -370,6 +374,8 @@ def main() -> None:
             in_child(_export_onnx, str(args.awq if name.startswith("awq") and args.awq else args.out / name),
                      str(folder), args.onnx_scale_dtype)
         onnx[f"calq {name} as ONNX (ONNX Runtime, {args.onnx_scale_dtype} scales)"] = folder
+    onnx.update({f"calq {name} (given ONNX)": Path(path) for name, path in
+                 (item.split("=", 1) for item in args.onnx_dir)})
     artifacts.update(onnx)
 
     logprobs = {}
@@ -399,7 +405,7 @@ def main() -> None:
               platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "llama_cpp_python":
               llama_cpp.__version__, "tokens": int(tokens.size), "ctx": args.ctx,
               "text": "wikitext2/wiki.test.raw, second half",
-              "calq": {name: CALQ[name] for name in variants}, "given_gguf": given, "calibration": {
+              "calq": {name: CALQ[name] for name in variants}, "given_gguf": given, "given_onnx": args.onnx_dir, "calibration": {
               "samples": args.samples, "seq_len": 256, "data": "wikitext2/wikitext2_train_5k_HyperTensor.txt"},
               "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
     (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
