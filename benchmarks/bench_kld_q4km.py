@@ -405,7 +405,8 @@ def main() -> None:
               platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "llama_cpp_python":
               llama_cpp.__version__, "tokens": int(tokens.size), "ctx": args.ctx,
               "text": "wikitext2/wiki.test.raw, second half",
-              "calq": {name: CALQ[name] for name in variants}, "given_gguf": given, "given_onnx": args.onnx_dir, "calibration": {
+              "calq": {name: CALQ[name] for name in variants}, "given_gguf": given, "given_onnx": args.onnx_dir,
+              "calibration": {
               "samples": args.samples, "seq_len": 256, "data": "wikitext2/wikitext2_train_5k_HyperTensor.txt"},
               "awq_variant": str(args.awq) if args.awq else "made by this run", "rows": rows}
     (args.out / "kld-q4km.json").write_text(json.dumps(result, indent=2))
