@@ -192,23 +192,20 @@ def with_budget(variant, model, ids: torch.Tensor, out: Path, name: str):
     spec = SensitivitySpec()
     samples = ids[: spec.samples, : spec.seq_len]
     shapes, other = budget.footprint(model, variant)
-    tables = []
-    for scheme in budget.measured_schemes(variant):
-        path = out / f"sensitivity-{sensitivity.scheme_key(scheme)}.json"
+
+    def kld_table(key: str, measure) -> dict[str, float]:
+        path = out / f"sensitivity-{key}.json"
         if not path.is_file():
-            path.write_text(json.dumps(sensitivity.measure(model, samples, list(shapes),
-                                                           sensitivity.weight_args(scheme))))
+            path.write_text(json.dumps(measure()))
         measured = json.loads(path.read_text())
         print(f"sensitivity {path.name}: {measured['seconds']:.0f} s", flush=True)
-        tables.append({name: m["mean_kld"] for name, m in measured["layers"].items()})
+        return sensitivity.mean_kld(measured)
+
+    tables = [kld_table(sensitivity.scheme_key(scheme), lambda scheme=scheme: sensitivity.measure(
+        model, samples, list(shapes), sensitivity.weight_args(scheme))) for scheme in budget.measured_schemes(variant)]
     auto = variant.embedding == "auto"
-    if auto:
-        path = out / "sensitivity-embedding.json"
-        if not path.is_file():
-            path.write_text(json.dumps(sensitivity.measure_embedding(model, samples)))
-        embedding_kld = {level: m["mean_kld"] for level, m in json.loads(path.read_text())["layers"].items()}
-        print(f"sensitivity {path.name}: {embedding_kld}", flush=True)
-    chosen = budget.select(variant, shapes, other, *tables, embedding_kld=embedding_kld if auto else None,
+    embedding_kld = kld_table("embedding", lambda: sensitivity.measure_embedding(model, samples)) if auto else None
+    chosen = budget.select(variant, shapes, other, *tables, embedding_kld=embedding_kld,
                            embedding_weights=budget.embedding_numel(model) if auto else 0)
     (out / f"budget-{name}.json").write_text(json.dumps(chosen, indent=1))
     print(f"budget: {len(chosen['promoted'])} Linears at int8, {len(chosen['demoted'])} at 4 bits, "

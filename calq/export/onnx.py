@@ -460,16 +460,15 @@ def _float16_scales(proto) -> None:
     into a float32 initializer when it loads the graph, before MatMulNBits packs its weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    initializers = {init.name: init for init in proto.graph.initializer}
+    g = _Graph(proto.graph)
     casts = []
     for node in proto.graph.node:
-        if node.op_type != "MatMulNBits" or node.input[2] not in initializers:
+        if node.op_type != "MatMulNBits" or node.input[2] not in g.initializers:
             continue
-        stored = initializers.pop(node.input[2])
-        half = numpy_helper.from_array(numpy_helper.to_array(stored).astype(np.float16), f"{stored.name}.float16")
-        proto.graph.initializer.remove(stored)
-        proto.graph.initializer.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [stored.name], to=TensorProto.FLOAT))
+        stored = g.initializers.pop(node.input[2])
+        g.graph.initializer.remove(stored)
+        half = g.constant(f"{stored.name}.float16", numpy_helper.to_array(stored).astype(np.float16))
+        casts.append(helper.make_node("Cast", [half], [stored.name], to=TensorProto.FLOAT))
     for offset, cast in enumerate(casts):
         proto.graph.node.insert(offset, cast)
 

@@ -29,6 +29,11 @@ def weight_args(variant):
     return QuantizationArgs(**variant.config_groups()["group_0"]["weights"])
 
 
+def mean_kld(table: dict) -> dict[str, float]:
+    """{layer (or embedding level): mean KLD} of a table `measure` or `measure_embedding` wrote."""
+    return {name: m["mean_kld"] for name, m in table["layers"].items()}
+
+
 def fake_quantize(weight: torch.Tensor, args) -> torch.Tensor:
     """`weight` [out, in] quantized and dequantized round-to-nearest: min-max per output channel, or per group of
     `args.group_size` inputs."""

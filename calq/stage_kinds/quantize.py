@@ -10,7 +10,7 @@ from calq.errors import located
 from calq.pipeline import Context
 from calq.quant import budget, llmc
 from calq.quant.base import MethodConfig
-from calq.quant.sensitivity import scheme_key
+from calq.quant.sensitivity import mean_kld, scheme_key
 from calq.runs import atomic_path, write_json
 from calq.stage_kinds.samples import load_samples
 from calq.stage_kinds.sensitivity import EMBEDDING, read_table
@@ -44,10 +44,9 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     shapes, other_bytes = budget.footprint(model, variant)
     chosen = None
     if variant.budget is not None:
-        kld = [{name: m["mean_kld"] for name, m in read_table(ctx, scheme)["layers"].items()}
-               for scheme in budget.measured_schemes(variant)]
+        kld = [mean_kld(read_table(ctx, scheme)) for scheme in budget.measured_schemes(variant)]
         auto = variant.embedding == "auto"
-        embedding_kld = ({level: m["mean_kld"] for level, m in read_table(ctx)["layers"].items()} if auto else None)
+        embedding_kld = mean_kld(read_table(ctx)) if auto else None
         with located(where):
             chosen = budget.select(variant, shapes, other_bytes, *kld, embedding_kld=embedding_kld,
                                    embedding_weights=budget.embedding_numel(model) if auto else 0)
