@@ -55,7 +55,7 @@ class Report:
     @property
     def failed_gates(self) -> list[str]:
         gates = self.data.get("gates") or {"results": []}
-        return [r["name"] for r in gates["results"] if not r["passed"]]
+        return [r["name"] + (f" ({r['note']})" if r.get("note") else "") for r in gates["results"] if not r["passed"]]
 
 
 @dataclass

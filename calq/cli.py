@@ -159,14 +159,18 @@ def _crashed(exc: Exception, run_dir, debug: bool):
 
 def _exit_on_gates(report):
     if report.passed is False:
-        Console().print(f"[bold red]gates failed[/]: {', '.join(report.failed_gates)}")
+        from rich.markup import escape
+
+        # the names carry brackets ("max_kld [q4/none]") that rich would read as markup
+        Console().print(f"[bold red]gates failed[/]: {escape(', '.join(report.failed_gates))}")
         raise typer.Exit(1)
     if report.passed:
         from calq.report.gates import CONSTANT
 
         constant = sum(r.get("note") == CONSTANT for r in report.data["gates"]["results"])
         Console().print("[green]all gates passed[/]" + (
-            f" ({constant} rest on a constant predictor: answer confidence collapsed to uniform, see the report)"
+            f" ({constant} rest on a constant predictor, allowed by allow_constant_answers: answer confidence "
+            "collapsed to uniform, see the report)"
             if constant else ""))
 
 

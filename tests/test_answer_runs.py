@@ -55,7 +55,7 @@ def answer_recipe(tiny_recipe, mc_tasks, **answers) -> dict:
 
 def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe, mc_tasks, tmp_path):
     recipe = answer_recipe(tiny_recipe, mc_tasks)
-    recipe["gates"] = {"max_answer_ece": 1.0, "min_coverage": 0.0, "min_auroc": 0.0}
+    recipe["gates"] = {"max_answer_ece": 1.0, "min_coverage": 0.0, "min_auroc": 0.0, "allow_constant_answers": True}
     out = tmp_path / "run"
     result = calq.run(recipe, out=out, data_dir=tmp_path)
     report = json.loads((out / "report.json").read_text())
@@ -92,6 +92,14 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
     assert result.exit_code == 0
     md = (out / "report.md").read_text()
     assert "## Answer-level calibration" in md and "Selection (leave one fit task out)" in md
+    from calq.report.answers import summary_rows
+
+    for row in summary_rows(answers):  # the per-task condition, counted as the rows say
+        mine = [r for r in answers["results"] if r["variant"] == row["variant"]]
+        expected = sum(s["ece"] <= min(r["ece"] for r in mine if r["task"] == s["task"]
+                                       and r["calibrator"] in ("none", "answer_temperature")) + 1e-9
+                       for s in mine if s["selected"])
+        assert row["no_worse"] == expected and f"{expected} of 2" in md
     assert "risk-coverage" in (out / "report.html").read_text()
     # the tiny model is at chance on its fit tasks: one temperature runs to its bound, confidences to 1/choices,
     # and the report says so, as does every max_answer_ece pass that rests on such a constant predictor
@@ -105,6 +113,12 @@ def test_answer_calibration_in_a_run_fits_selects_reports_and_gates(tiny_recipe,
     # the fit tasks are not evaluation rows anywhere: the task table holds the evaluation tasks only
     assert {r["task"] for r in report["tasks"]["results"]} == {"eval_x", "eval_y"}
 
+    # without allow_constant_answers the collapsed calibrators' checks fail the run (exit 1), on the stored results
+    del recipe["gates"]["allow_constant_answers"]
+    strict = calq.run(recipe, out=out, data_dir=tmp_path)
+    collapsed = sum(c for (variant, _), c in selected.items() if variant != "baseline")  # gates: quantized variants
+    assert strict.exit_code == 1 and len(strict.failed_gates) == collapsed
+    assert all(g.startswith("max_answer_ece") and g.endswith("(constant predictor)") for g in strict.failed_gates)
     # a gate the calibrated answers cannot pass fails the run (exit 1), on the stored results
     recipe["gates"] = {"max_answer_ece": 0.0}
     again = calq.run(recipe, out=out, data_dir=tmp_path)

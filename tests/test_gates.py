@@ -188,27 +188,47 @@ def test_gate_values_thresholds_and_margins():
     assert len(nothing) == 1 and nothing[0].value is None and not nothing[0].passed
 
 
-def test_an_answer_ece_pass_by_a_collapsed_calibrator_says_it_rests_on_a_constant_predictor(capsys):
+def test_an_answer_ece_check_on_a_collapsed_calibrator_fails_unless_allowed_and_says_why(capsys):
     def answer_row(task, collapsed):
         return {"variant": "q4", "calibrator": "answer_temperature", "task": task, "selected": True, "ece": 0.05,
                 "auroc": 0.5, "collapsed": collapsed, "coverage": {}}
 
-    report = {"variants": [], "answers": {"settings": {}, "results": [answer_row("arc", True),
-                                                                      answer_row("piqa", False)]}}
-    results = {r.task: r for r in evaluate_gates(Gates(max_answer_ece=0.1), report)}
-    assert results["arc"].passed and results["arc"].note == "constant predictor"
-    assert results["piqa"].passed and results["piqa"].note is None
-    gates = sections.gates({"gates": gates_section(Gates(max_answer_ece=0.1), report)})
-    table = gates.blocks[0]
-    assert [row[-1] for row in table.rows] == ["pass (constant predictor)", "pass"]
-    assert "exit code is unchanged" in gates.blocks[1].text
-    verdict = sections.verdict(gates_section(Gates(max_answer_ece=0.1), report))
-    assert verdict.kind == "pass" and "1 of them rest on a constant predictor" in verdict.text
     from calq import cli
     from calq.api import Report
 
-    cli._exit_on_gates(Report({"gates": gates_section(Gates(max_answer_ece=0.1), report)}, None))
+    report = {"variants": [], "answers": {"settings": {}, "results": [answer_row("arc", True),
+                                                                      answer_row("piqa", False)]}}
+    # by default the ECE under the threshold does not pass: it is |accuracy - 1/choices| of a constant predictor
+    strict = Gates(max_answer_ece=0.1)
+    results = {r.task: r for r in evaluate_gates(strict, report)}
+    assert not results["arc"].passed and results["arc"].note == "constant predictor" and results["arc"].margin > 0
+    assert results["piqa"].passed and results["piqa"].note is None
+    section = gates_section(strict, report)
+    table = sections.gates({"gates": section})
+    assert [row[-1] for row in table.blocks[0].rows] == ["**FAIL** (constant predictor)", "pass"]
+    assert "fails unless the gates set allow_constant_answers" in table.blocks[1].text
+    verdict = sections.verdict(section)
+    assert verdict.kind == "fail" and verdict.items == [
+        "max_answer_ece [q4/answer_temperature/arc]: 0.0500, a constant predictor (answer confidence collapsed to "
+        "uniform)"]
+    with pytest.raises(cli.typer.Exit):
+        cli._exit_on_gates(Report({"gates": section}, None))
+    assert "max_answer_ece [q4/answer_temperature/arc] (constant predictor)" in capsys.readouterr().out
+
+    # allowed: it passes, labelled, and every summary says what the pass rests on
+    allowed = Gates(max_answer_ece=0.1, allow_constant_answers=True)
+    results = {r.task: r for r in evaluate_gates(allowed, report)}
+    assert results["arc"].passed and results["arc"].note == "constant predictor"
+    section = gates_section(allowed, report)
+    assert [row[-1] for row in sections.gates({"gates": section}).blocks[0].rows] == ["pass (constant predictor)",
+                                                                                      "pass"]
+    verdict = sections.verdict(section)
+    assert verdict.kind == "pass" and "1 of them rest on a constant predictor" in verdict.text
+    cli._exit_on_gates(Report({"gates": section}, None))
     assert "all gates passed (1 rest on a constant predictor" in capsys.readouterr().out
+    # a collapsed calibrator over the threshold fails either way
+    report["answers"]["results"][0]["ece"] = 0.3
+    assert not evaluate_gates(allowed, report)[0].passed
 
 
 def test_gate_names_are_checked_before_a_run():

@@ -48,6 +48,7 @@ def ranks(row: dict) -> str:
 
 
 COLLAPSED = "collapsed to uniform: confidence carries no information"
+ONE_T = "answer_temperature"
 
 
 def at_bound_notes(section: dict) -> list[str]:
@@ -91,7 +92,11 @@ def summary_rows(section: dict) -> list[dict]:
         mine = [r for r in section["results"] if r["variant"] == variant]
         chosen = [r for r in mine if r["selected"]]
         none = [r for r in mine if r["calibrator"] == "none"]
-        out.append({"variant": variant, "selected": info["selected"],
+        # the per-task condition: the selected is no worse than one temperature and than none on each task
+        others = {(r["task"], r["calibrator"]): r["ece"] for r in mine if r["calibrator"] in ("none", ONE_T)}
+        no_worse = sum(r["ece"] <= min(e for (task, _), e in others.items() if task == r["task"]) + 1e-9
+                       for r in chosen)
+        out.append({"variant": variant, "selected": info["selected"], "no_worse": no_worse,
                     "mean_ece_none": _mean([r["ece"] for r in none]),
                     "mean_ece": _mean([r["ece"] for r in chosen]),
                     "max_ece": max((r["ece"] for r in chosen), default=None),
@@ -115,15 +120,19 @@ def tables(section: dict) -> list[dict]:
                        f"another has a lower mean and is no worse than both on every held-out fit task. ECE: "
                        f"{s['bins']} equal-width bins; intervals: 95% bootstrap over questions (seed {s['seed']}). "
                        f"Collapsed: on at least {COLLAPSED_SHARE:.0%} of a task's questions the confidence is within "
-                       f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing."
+                       f"{UNIFORM_TOLERANCE} of 1/choices, so its ECE is |accuracy − 1/choices| and says nothing. "
+                       f"Selected ≤ one T and none: evaluation tasks where the selected calibrator's ECE is at most "
+                       f"both `{ONE_T}`'s and `none`'s (a flexible calibrator should never lose to either)."
                        + "".join(f" {n}." for n in screening_notes(section) + at_bound_notes(section)),
                "header": ["variant", "selected", "mean ECE none", "mean ECE selected", "worst task ECE",
-                          "mean AUROC", "mean ECE − calibrated baseline's", "selected confidence"],
+                          "tasks where selected ≤ one T and none", "mean AUROC", "mean ECE − calibrated baseline's",
+                          "selected confidence"],
                "rows": [[r["variant"], r["selected"], _f(r["mean_ece_none"]), _f(r["mean_ece"]), _f(r["max_ece"]),
+                         f"{r['no_worse']} of {r['tasks']}",
                          _f(r["mean_auroc"]), _f(r["mean_ece_vs_baseline"], 4) if r["variant"] != BASELINE else "–",
                          "–" if r["collapsed"] is None else
                          f"{COLLAPSED} ({r['collapsed']} of {r['tasks']} tasks)" if r["collapsed"] else "varies"]
-                        for r in summary_rows(section)], "numeric": {2, 3, 4, 5, 6}}
+                        for r in summary_rows(section)], "numeric": {2, 3, 4, 6, 7}}
     every = {"title": "Every answer calibrator on every evaluation task",
              "note": "* = the variant's selected one. AUROC and AURC rank questions by confidence, ties broken by the "
                      "uncalibrated score margin (top-1 − top-2 log-likelihood); ranks right above wrong: AUROC's "

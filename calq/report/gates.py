@@ -10,8 +10,8 @@ A recipe's `gates:` picks candidates (a variant and a calibrator, or all of them
       max_token_ece: 0.05
       max_kld: 0.1                # mean KL(baseline ‖ variant) per token on the held-out text, every calibrator
       min_same_top1: 0.8          # share of held-out positions where the variant's top token is the baseline's
-      max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator (a pass by
-                                  # one collapsed to uniform confidence is noted "constant predictor")
+      max_answer_ece: 0.10        # per evaluation task, with each variant's selected answer calibrator; one
+                                  # collapsed to uniform confidence fails it ("constant predictor")
       min_coverage: 0.2           # answered share at the threshold fitted for the first target accuracy
 
 Each threshold yields one check per candidate (and task); a threshold with nothing to check fails, so a
@@ -65,6 +65,11 @@ class Gates(BaseModel):
     max_answer_ece: float | None = Field(
         None, ge=0, le=1, description="largest allowed answer-level ECE on an evaluation task, with the answer "
                                       "calibrator (needs evaluation.tasks.answer_calibration)")
+    allow_constant_answers: bool = Field(
+        False, description="let max_answer_ece pass an answer calibrator whose confidence collapsed to 1/choices (its "
+                           "ECE is then |accuracy − 1/choices|: it says nothing about which answers are right); the "
+                           "check is still labelled 'constant predictor'. For tasks where the model is at chance and "
+                           "uniform confidence is the honest answer")
     min_auroc: float | None = Field(
         None, ge=0, le=1, description="smallest allowed AUROC of the answer confidence for right vs wrong answers")
     min_coverage: float | None = Field(
@@ -84,7 +89,7 @@ class Gates(BaseModel):
 
 
 ANSWER_GATES = ("max_answer_ece", "min_auroc", "min_coverage")
-CONSTANT = "constant predictor"  # note of a max_answer_ece pass by an answer calibrator collapsed to uniform
+CONSTANT = "constant predictor"  # note of a max_answer_ece check on an answer calibrator collapsed to uniform
 
 
 @dataclass(frozen=True)
@@ -233,9 +238,9 @@ def _answer_gates(gates: Gates, report: dict, selected) -> list[GateResult]:
             if value is None:  # AUROC of a task answered all right or all wrong: nothing to rank
                 continue
             ok = value >= threshold - TOLERANCE if at_least else value <= threshold + TOLERANCE
-            # a collapsed calibrator's ECE is |accuracy - 1/choices|: labelled, not failed, so that the exit code
-            # changes only by a separate decision
-            note = CONSTANT if gate == "max_answer_ece" and ok and r.get("collapsed") else None
+            # a collapsed calibrator's ECE is |accuracy - 1/choices|: no calibration to pass on
+            note = CONSTANT if gate == "max_answer_ece" and r.get("collapsed") else None
+            ok = ok and (note is None or gates.allow_constant_answers)
             checks.append(GateResult(gate, r["variant"], r["calibrator"], r["task"], value, threshold, ok,
                                      value - threshold if at_least else threshold - value, note))
         results += checks or [GateResult(gate, gates.variant, gates.answer_calibrator, None, None, threshold, False,

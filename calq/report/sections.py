@@ -55,10 +55,12 @@ def verdict(gates: dict | None) -> Verdict:
     if not failed:
         constant = sum(bool(r.get("note")) for r in results)
         return Verdict("pass", f"**PASS**: all {len(results)} gate checks passed" + (
-            f"; {constant} of them rest on a constant predictor (answer confidence collapsed to uniform)."
-            if constant else "."))
+            f"; {constant} of them rest on a constant predictor (answer confidence collapsed to uniform, allowed by "
+            "allow_constant_answers)." if constant else "."))
     return Verdict("fail", f"**FAIL**: {len(failed)} of {len(results)} gate checks failed.",
                    [f"{r['name']}: nothing to check" if r["value"] is None else
+                    f"{r['name']}: {r['value']:.4f}, a constant predictor (answer confidence collapsed to uniform)"
+                    if r.get("note") and r["margin"] >= 0 else
                     f"{r['name']}: {r['value']:.4f} against at most {r['threshold']:.4f} (over by {-r['margin']:.4f})"
                     for r in failed])
 
@@ -70,12 +72,12 @@ def gates(report: dict) -> Section | None:
         return None
     rows = [[r["gate"], r["variant"] or "–", r["calibrator"] or "–", r["task"] or "–", num(r["value"]),
              num(r["threshold"]), num(r["margin"]),
-             ("pass" + (f" ({r['note']})" if r.get("note") else "")) if r["passed"] else "**FAIL**"]
+             ("pass" if r["passed"] else "**FAIL**") + (f" ({r['note']})" if r.get("note") else "")]
             for r in g["results"]]
     settings = ", ".join(f"{k}: {v}" for k, v in g["config"].items() if v is not None)
-    constant = (" A pass marked \"constant predictor\" is by an answer calibrator whose confidence collapsed to "
-                "1/choices: its ECE is |accuracy − 1/choices| and says nothing about which answers are right. It "
-                "still passes, so the exit code is unchanged; failing it is left to a separate decision."
+    constant = (" \"Constant predictor\": the answer calibrator's confidence collapsed to 1/choices, so its ECE is "
+                "|accuracy − 1/choices| and says nothing about which answers are right; such a check fails unless "
+                "the gates set allow_constant_answers (for tasks where the model is at chance)."
                 if any(r.get("note") for r in g["results"]) else "")
     return Section("Gates", [
         Table(["gate", "variant", "calibrator", "task", "value", "threshold", "margin", "result"], rows, {4, 5, 6}),
