@@ -126,3 +126,24 @@ def test_divergence_of_a_large_vocabulary_in_chunks():
     assert chunked.summary() == pytest.approx(whole.summary(), rel=1e-9)
     assert chunked.summary()["mean_kld"] == pytest.approx(_direct_divergence(ref[0], logits[0], targets[0])["mean_kld"],
                                                          rel=1e-4)
+
+
+def test_tempered_kld_is_the_divergence_left_at_the_best_temperature():
+    from calq.metrics import tempered_kld
+
+    torch.manual_seed(0)
+    reference = torch.randn(2, 40, 300) * 3
+    t, left = tempered_kld([(reference, reference * 0.5)])  # a colder copy: T = 0.5 repairs it entirely
+    assert t == pytest.approx(0.5, rel=1e-4) and left < 1e-6
+    noisy = reference * 1.7 + torch.randn_like(reference)
+    t, left = tempered_kld([(reference[:1], noisy[:1]), (reference[1:], noisy[1:])])
+
+    def kld_at(temperature):
+        stats = DivergenceStats()
+        stats.update(reference, noisy / temperature, torch.zeros(2, 40, dtype=torch.long))
+        return stats.summary()["mean_kld"]
+
+    grid = [0.5 + i * 0.005 for i in range(501)]  # T in [0.5, 3]
+    best = min(grid, key=kld_at)
+    assert t == pytest.approx(best, abs=0.006) and left == pytest.approx(kld_at(t), rel=1e-4)
+    assert left <= kld_at(best) + 1e-6 and left < kld_at(1.0)

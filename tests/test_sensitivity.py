@@ -14,6 +14,7 @@ from calq.quant.base import MethodConfig
 from calq.quant.minmax import MinMax
 from calq.recipe import parse_recipe
 from calq.report import plots
+from calq.stage_kinds import sensitivity as sensitivity_stage
 
 W4 = {"method": "minmax", "scheme": "w4a16", "group_size": 32}
 
@@ -76,7 +77,7 @@ def test_budget_takes_exactly_one_limit():
     with pytest.raises(ValueError, match="exactly one"):
         MinMax(**W4, budget={"bits_per_weight": 5, "size_mb": 10})
     with pytest.raises(ValueError, match="objective"):
-        MinMax(**W4, budget={"bits_per_weight": 5, "objective": "ece"})
+        MinMax(**W4, budget={"bits_per_weight": 5, "objective": "nll"})
 
 
 def test_fake_quantization_is_compressed_tensors_minmax():
@@ -102,7 +103,8 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     # three levels, unnamed (the choice keeps the label): 4 bits, 5 bits and int8 within 5.5 bits per weight
     three = {**W4, "bits": 5, "symmetric": True, "budget": {"bits_per_weight": 5.5, "demote": True}}
     # the embedding / head's level chosen with the Linears' (the tiny model's head is untied: two matrices)
-    auto = {**W4, "name": "auto", "embedding": "auto", "budget": {"size_mb": 0.1}}
+    # ... by the divergence left after the best temperature (objective: ece)
+    auto = {**W4, "name": "auto", "embedding": "auto", "budget": {"size_mb": 0.1, "objective": "ece"}}
     variants = [{"method": "minmax", "scheme": "w8a8"}, W4, mixed, three, auto]
     recipe = {**tiny_recipe, "variants": variants, "evaluation": {
         **tiny_recipe["evaluation"], "sensitivity": {"samples": 2, "seq_len": 32}}}
@@ -124,6 +126,10 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     table = json.loads((out / "sensitivity" / "w4a16-g32-asym.json").read_text())
     assert list(table["layers"]) == list(layers)  # one value per quantized Linear, in model order
     assert all(m["mean_kld"] >= 0 for m in table["layers"].values())
+    # what a temperature cannot repair: never more than the divergence itself, at a T within the search's range
+    assert all(0 <= m["tempered_kld"] <= m["mean_kld"] and 0.04 < m["temperature"] < 21
+               for m in table["layers"].values())
+    assert sensitivity.mean_kld(table, "ece") == {n: m["tempered_kld"] for n, m in table["layers"].items()}
 
     info = json.loads((out / ".calq" / "stages" / "quantize" / "mixed.json").read_text())["info"]
     kld = {n: m["mean_kld"] for n, m in table["layers"].items()}
@@ -149,6 +155,17 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     assert set(table["layers"]) == {"int4", "int8"} and all(m["mean_kld"] >= 0 for m in table["layers"].values())
     chosen = json.loads((out / ".calq" / "stages" / "quantize" / "auto.json").read_text())["info"]["budget"]
     assert chosen["embedding"] in ("int4", "int8", "float") and chosen["bytes"] <= chosen["limit_bytes"]
+    assert chosen["objective"] == "ece" and all(0 <= m["tempered_kld"] <= m["mean_kld"]
+                                                for m in table["layers"].values())
+    # the choice is the knapsack's on the tempered costs (the same sizes as the variant's footprint)
+    auto_variant = parse_recipe(recipe).variants[-1]
+    meta = sensitivity_stage.meta_model(config)
+    shapes, other = budget.footprint(meta, auto_variant)
+    tables = {key: json.loads((out / "sensitivity" / f"{key}.json").read_text()) for key in ("w4a16-g32-asym",)}
+    expected = budget.select(auto_variant, shapes, other, sensitivity.mean_kld(tables["w4a16-g32-asym"], "ece"),
+                             embedding_kld=sensitivity.mean_kld(table, "ece"),
+                             embedding_weights=budget.embedding_numel(meta))
+    assert (expected["promoted"], expected["embedding"]) == (chosen["promoted"], chosen["embedding"])
     model = models.load(models.ModelSource(str(out / "variants" / "auto"), kind="folder"))[0]
     grids = [embedding.on_grid(w) for w in embedding.matrices(model).values()]
     assert len(grids) == 2 and all((g[2] if g else None) == embedding.BITS.get(chosen["embedding"]) for g in grids)
@@ -161,6 +178,7 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Per-layer sensitivity" in md and "## Size and quality" in md and promoted[0] in md
     assert "the token embedding and output head alone" in md and f"the embedding / head {chosen['embedding']}" in md
+    assert "by the KLD left after the best temperature: `objective: ece`" in md and "KLD after best T" in md
     assert 'alt="sensitivity per layer, w4a16-g32-asym"' in html
     assert 'alt="size against mean KLD and calibrated token ECE, Pareto front marked"' in html
 

@@ -2,7 +2,8 @@
 variant's footprint, and the choice of each Linear's precision.
 
 The choice reads the sensitivity table (calq.stage_kinds.sensitivity: the mean KLD from the baseline when a Linear
-alone is quantized with the variant's scheme) and keeps at higher precision the Linears whose summed KLD is the most
+alone is quantized with the variant's scheme, or with `objective: ece` what is left of it after the best global
+temperature) and keeps at higher precision the Linears whose summed KLD is the most
 that fits in the budget (a knapsack, `select`). A w4a16 variant promotes to int8 (`w8a16`: the Linear joins the
 variant's `int8_layers`, a second compressed-tensors config group, GGUF Q8_0, ONNX MatMulNBits 8 bits); a w8a8 variant
 promotes to unquantized (`float`: the Linear joins `ignore`, exported as float16). autoawq and awq refuse a budget.
@@ -39,8 +40,11 @@ class Budget(BaseModel):
     size_mb: float | None = Field(None, gt=0, description="the whole model in MiB: the quantized Linears at their "
                                                           "precision, every other parameter (embedding, norms, "
                                                           "ignored layers) as float16")
-    objective: Literal["kld"] = Field("kld", description="what the promoted layers minimise: the mean KLD from the "
-                                                         "baseline (`ece`, token ECE after calibration, is not built)")
+    objective: Literal["kld", "ece"] = Field(
+        "kld", description="what the choice minimises, summed over the Linears: `kld` the mean KLD from the baseline; "
+                           "`ece` the mean KLD left after the best global temperature (what a temperature calibrator "
+                           "cannot repair; by Pinsker's inequality it bounds how far the calibrated variant's "
+                           "probabilities, and so its confidence, can move from the baseline's)")
     demote: bool = Field(False, description="bits: 5 variants: also hold the least sensitive Linears at 4 bits (the "
                                             "same groups; GGUF Q4_0/Q4_1) to pay for more int8 ones, a three-level "
                                             "mix as llama.cpp's K-quant types are; the sensitivity stage then "

@@ -1,6 +1,8 @@
 """Per-layer sensitivity: how far the model's next-token distribution moves from the baseline's when one Linear alone
 is quantized round-to-nearest with a variant's weight scheme (compressed-tensors' own min-max parameters and fake
-quantization, as llm-compressor's min-max observer sets them), measured as calq.metrics.DivergenceStats.
+quantization, as llm-compressor's min-max observer sets them), measured as calq.metrics.DivergenceStats, and as the
+divergence left after the best global temperature (calq.metrics.tempered_kld: what a temperature calibrator cannot
+repair, the cost a budget with `objective: ece` minimises).
 
 Activations are not quantized: for w8a8 this measures the per-channel int8 weights only. torch is imported inside
 the functions: calq.quant.methods imports every module of this package while the recipe is read.
@@ -29,9 +31,13 @@ def weight_args(variant):
     return QuantizationArgs(**variant.config_groups()["group_0"]["weights"])
 
 
-def mean_kld(table: dict) -> dict[str, float]:
-    """{layer (or embedding level): mean KLD} of a table `measure` or `measure_embedding` wrote."""
-    return {name: m["mean_kld"] for name, m in table["layers"].items()}
+COST = {"kld": "mean_kld", "ece": "tempered_kld"}  # what a budget's objective minimises, per table row
+
+
+def mean_kld(table: dict, objective: str = "kld") -> dict[str, float]:
+    """{layer (or embedding level): its cost} of a table `measure` or `measure_embedding` wrote: the mean KLD, or
+    with objective `ece` the mean KLD left after the best global temperature (`tempered_kld`)."""
+    return {name: m[COST[objective]] for name, m in table["layers"].items()}
 
 
 def fake_quantize(weight: torch.Tensor, args) -> torch.Tensor:
@@ -78,7 +84,7 @@ def _measure(model, samples, edits: dict[str, Callable[[], list]], batch_size, p
     logits measured, the parameters restored."""
     import torch
 
-    from calq.metrics import DivergenceStats
+    from calq.metrics import DivergenceStats, tempered_kld
 
     model.eval()
     start = time.perf_counter()
@@ -89,18 +95,20 @@ def _measure(model, samples, edits: dict[str, Callable[[], list]], batch_size, p
         for i, (name, edit) in enumerate(edits.items()):
             replaced = edit()
             originals = [parameter.data for parameter, _ in replaced]
-            stats = DivergenceStats()
+            stats, outputs = DivergenceStats(), []
             try:
                 for parameter, data in replaced:
                     parameter.data = data
                 for batch, ref in zip(batches, reference):
-                    stats.update(ref, model(batch).logits[:, :-1], batch[:, 1:])
+                    outputs.append(model(batch).logits[:, :-1])
+                    stats.update(ref, outputs[-1], batch[:, 1:])
             finally:
                 for (parameter, _), original in zip(replaced, originals):
                     parameter.data = original
             s = stats.summary()
+            temperature, tempered = tempered_kld(list(zip(reference, outputs)))
             result[name] = {"mean_kld": s["mean_kld"], "p99_kld": s["p99_kld"], "same_top1": s["same_top1"],
-                            "shape": list(originals[0].shape)}
+                            "tempered_kld": tempered, "temperature": temperature, "shape": list(originals[0].shape)}
             if progress:
                 progress(i + 1)
     return {"layers": result, "seconds": round(time.perf_counter() - start, 2)}

@@ -427,18 +427,26 @@ def sensitivity(report: dict) -> Section | None:
                             note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."))
     for key, t in tables.items():
         ranked = sorted(t["layers"].items(), key=lambda item: item[1]["mean_kld"], reverse=True)
-        blocks.append(Table(["layer", "mean KLD", "99% KLD", "same top token"],
-                            [[name, f"{m['mean_kld']:.4g}", f"{m['p99_kld']:.4g}", f"{m['same_top1']:.1%}"]
-                             for name, m in ranked[:top]], {1, 2, 3},
+        tempered = all("tempered_kld" in m for m in t["layers"].values())  # tables measured before it lack it
+        blocks.append(Table(["layer", "mean KLD", "99% KLD", "same top token",
+                             *(["KLD after best T", "best T"] if tempered else [])],
+                            [[name, f"{m['mean_kld']:.4g}", f"{m['p99_kld']:.4g}", f"{m['same_top1']:.1%}",
+                              *([f"{m['tempered_kld']:.4g}", f"{m['temperature']:.3f}"] if tempered else [])]
+                             for name, m in ranked[:top]], {1, 2, 3, 4, 5},
                             title=f"{key}: the {min(top, len(ranked))} most sensitive of {len(ranked)} layers",
-                            note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."))
+                            note=f"{t['samples'][0]} samples of {t['samples'][1]} tokens, {t['seconds']:,.0f} s."
+                                 + (" KLD after best T: what is left with the layer's logits divided by the one "
+                                    "temperature that minimises it (what a temperature calibrator cannot repair; "
+                                    "`objective: ece` budgets by it)." if tempered else "")))
     blocks.append(Plots([Plot(partial(plots.sensitivity_heatmap, t["layers"], key), f"sensitivity per layer, {key}")
                          for key, t in tables.items()]))
     held = {"w8a16": "held at int8", "float": "kept unquantized"}
     promoted = [f"{v['variant']}: {len(b['promoted'])} layers {held[b.get('promoted_to', 'float')]}"
                 + (f", {len(b['demoted'])} at 4 bits" if b.get("demoted") else "")
                 + (f", the embedding / head {b['embedding']}" if b.get("embedding") else "")
-                + f" within {mb(b['limit_bytes'])} MiB (uses {mb(b['bytes'])} MiB): "
+                + f" within {mb(b['limit_bytes'])} MiB (uses {mb(b['bytes'])} MiB"
+                + (", by the KLD left after the best temperature: `objective: ece`" if b.get("objective") == "ece"
+                   else "") + "): "
                 + (", ".join(f"`{n}`" for n in b["promoted"]) or "none")
                 for v in report["variants"] if (b := v.get("budget"))]
     if promoted:

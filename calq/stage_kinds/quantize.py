@@ -44,9 +44,10 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     shapes, other_bytes = budget.footprint(model, variant)
     chosen = None
     if variant.budget is not None:
-        kld = [mean_kld(read_table(ctx, scheme)) for scheme in budget.measured_schemes(variant)]
+        objective = variant.budget.objective
+        kld = [mean_kld(read_table(ctx, scheme), objective) for scheme in budget.measured_schemes(variant)]
         auto = variant.embedding == "auto"
-        embedding_kld = mean_kld(read_table(ctx)) if auto else None
+        embedding_kld = mean_kld(read_table(ctx), objective) if auto else None
         with located(where):
             chosen = budget.select(variant, shapes, other_bytes, *kld, embedding_kld=embedding_kld,
                                    embedding_weights=budget.embedding_numel(model) if auto else 0)
@@ -74,4 +75,5 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
             variant, shapes, chosen["promoted"] if chosen and variant.scheme == "w8a8" else
             variant.int8_layer_names(shapes), variant.int4_layer_names(shapes)) + other_bytes,
         "float_bytes": budget.variant_bytes(variant, shapes, tuple(shapes), level="float") + other_bytes,
-        **({"budget": {**chosen, "promoted_to": budget.promotion(variant)}} if chosen else {})}
+        **({"budget": {**chosen, "promoted_to": budget.promotion(variant), "objective": variant.budget.objective}}
+           if chosen else {})}

@@ -22,6 +22,7 @@ from calq.stages import KINDS, StageKind
 class Sensitivity(StageKind):
     kind, pattern, group, words, order = "sensitivity", "sensitivity/<scheme>", "ranges", "sensitivity", 45
     outputs = {"table": "sensitivity/{scheme}.json"}
+    version = 2  # 2: the divergence left after the best temperature (tempered_kld), what `objective: ece` reads
 
     @classmethod
     def check(cls, recipe, data_root, variants, config) -> None:
