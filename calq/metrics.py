@@ -197,40 +197,47 @@ class DivergenceStats:
                 "mean_delta_p": self.dp_sum / self.n, "rms_delta_p": math.sqrt(self.dp2_sum / self.n)}
 
 
-def tempered_kld(pairs: list[tuple[torch.Tensor, torch.Tensor]], steps: int = 8) -> tuple[float, float]:
+def tempered_kld(pairs: list[tuple[torch.Tensor, torch.Tensor]], untempered: float | None = None,
+                 steps: int = 8) -> tuple[float, float]:
     """(T, mean KL(reference || softmax(logits / T))) at the T that minimises it: the divergence one global
     temperature cannot remove. `pairs`: (reference logits, logits) [..., V] for the same positions, all of them scored.
 
     Newton's method on log T: with u = logits / T, d KL / d log T = E_ref[u] - E_model[u] and the second derivative
-    is E_model[u] - E_ref[u] + Var_model[u] (per position, averaged); T stays within [e^-3, e^3] and the result is
-    never worse than T = 1."""
+    is E_model[u] - E_ref[u] + Var_model[u] (per position, averaged); E_ref[u] is E_ref[logits] / T, computed once.
+    T stays within [e^-3, e^3]; the KL is computed as DivergenceStats computes it, at T and at 1 (`untempered`, when the
+    caller has it from DivergenceStats), and the result is never worse than T = 1."""
     rows = [(ref_rows, model_rows) for ref, model in pairs for ref_rows, model_rows in zip(_rows(ref), _rows(model))]
+    ref_mean = [(torch.softmax(ref.float(), -1) * model.float()).sum(-1) for ref, model in rows]  # E_ref[logits]
+    n = sum(m.numel() for m in ref_mean)
 
-    def moments(log_t: float, need_kl: bool = False) -> tuple[float, float, float, int]:
-        grad = hess = kl = 0.0
-        n = 0
-        for ref, model in rows:
-            ref_logp = torch.log_softmax(ref.float(), -1)
-            u = model.float() * math.exp(-log_t)
-            logq = torch.log_softmax(u, -1)
-            q = logq.exp()
-            e_ref, e_q = (ref_logp.exp() * u).sum(-1), (q * u).sum(-1)
-            var_q = (q * u * u).sum(-1) - e_q * e_q
+    def newton_step(log_t: float) -> float:
+        grad = hess = 0.0
+        scale = math.exp(-log_t)
+        for (_, model), mean in zip(rows, ref_mean):
+            u = model.float() * scale
+            qu = torch.softmax(u, -1) * u
+            e_q = qu.sum(-1)
+            e_ref = mean * scale
             grad += float((e_ref - e_q).sum())
-            hess += float((e_q - e_ref + var_q).sum())
-            if need_kl:
-                kl += float(torch.nn.functional.kl_div(logq, ref_logp, reduction="none", log_target=True).sum())
-            n += u.shape[0]
-        return grad / n, hess / n, kl / n, n
+            hess += float((e_q - e_ref + (qu * u).sum(-1) - e_q * e_q).sum())
+        return grad / hess if hess > 0 else math.copysign(0.5, grad)
+
+    def kl(log_t: float) -> float:
+        total = 0.0
+        for ref, model in rows:
+            logq = torch.log_softmax(model.float() * math.exp(-log_t), -1)
+            ref_logp = torch.log_softmax(ref.float(), -1)
+            total += float(torch.nn.functional.kl_div(logq, ref_logp, reduction="none", log_target=True).sum())
+        return total / n
 
     log_t = 0.0
     for _ in range(steps):
-        grad, hess, _, _ = moments(log_t)
-        step = grad / hess if hess > 0 else math.copysign(0.5, grad)
+        step = newton_step(log_t)
         log_t = min(max(log_t - step, -3.0), 3.0)
         if abs(step) < 1e-4:
             break
-    untempered, tempered = moments(0.0, True)[2], moments(log_t, True)[2]
+    untempered = kl(0.0) if untempered is None else untempered
+    tempered = kl(log_t)
     return (math.exp(log_t), tempered) if tempered < untempered else (1.0, untempered)
 
 

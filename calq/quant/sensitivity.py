@@ -106,7 +106,7 @@ def _measure(model, samples, edits: dict[str, Callable[[], list]], batch_size, p
                 for (parameter, _), original in zip(replaced, originals):
                     parameter.data = original
             s = stats.summary()
-            temperature, tempered = tempered_kld(list(zip(reference, outputs)))
+            temperature, tempered = tempered_kld(list(zip(reference, outputs)), s["mean_kld"])
             result[name] = {"mean_kld": s["mean_kld"], "p99_kld": s["p99_kld"], "same_top1": s["same_top1"],
                             "tempered_kld": tempered, "temperature": temperature, "shape": list(originals[0].shape)}
             if progress:
