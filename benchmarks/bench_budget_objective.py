@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 from calq import models
 from calq.calib.temperature import Temperature, fit_temperature
@@ -98,10 +99,8 @@ def main():
         if args.table:
             args.table.write_text(json.dumps(table))
     print(f"sensitivity of {len(names)} Linears on {list(samples.shape)}: {table['seconds']:.0f} s", flush=True)
-    kld, tempered = sensitivity.mean_kld(table, "kld"), sensitivity.mean_kld(table, "ece")
-    ranks = {n: r for r, n in enumerate(sorted(names, key=kld.get, reverse=True))}
-    tranks = {n: r for r, n in enumerate(sorted(names, key=tempered.get, reverse=True))}
-    spearman = 1 - 6 * sum((ranks[n] - tranks[n]) ** 2 for n in names) / (len(names) * (len(names) ** 2 - 1))
+    kld, tempered = sensitivity.costs(table, "kld"), sensitivity.costs(table, "ece")
+    spearman = float(spearmanr([kld[n] for n in names], [tempered[n] for n in names]).statistic)
     print(f"rank correlation of the two costs over the Linears: Spearman {spearman:.3f}; summed KLD "
           f"{sum(kld.values()):.4f}, summed tempered KLD {sum(tempered.values()):.4f}", flush=True)
 
@@ -116,7 +115,7 @@ def main():
                          budget={"bits_per_weight": bpw})
         chosen = {}
         for objective in ("kld", "ece"):
-            chosen[objective] = budget.select(variant, shapes, other, sensitivity.mean_kld(table, objective))
+            chosen[objective] = budget.select(variant, shapes, other, sensitivity.costs(table, objective))
             promoted = set(chosen[objective]["promoted"])
             model = build(baseline, names, promoted, args4, args8)
             rows.append({"model": f"budget {bpw} bits/weight, objective {objective}", "promoted": len(promoted),

@@ -199,7 +199,7 @@ def with_budget(variant, model, ids: torch.Tensor, out: Path, name: str):
             path.write_text(json.dumps(measure()))
         measured = json.loads(path.read_text())
         print(f"sensitivity {path.name}: {measured['seconds']:.0f} s", flush=True)
-        return sensitivity.mean_kld(measured)
+        return sensitivity.costs(measured)
 
     tables = [kld_table(sensitivity.scheme_key(scheme), lambda scheme=scheme: sensitivity.measure(
         model, samples, list(shapes), sensitivity.weight_args(scheme))) for scheme in budget.measured_schemes(variant)]

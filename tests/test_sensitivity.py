@@ -129,7 +129,7 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     # what a temperature cannot repair: never more than the divergence itself, at a T within the search's range
     assert all(0 <= m["tempered_kld"] <= m["mean_kld"] and 0.04 < m["temperature"] < 21
                for m in table["layers"].values())
-    assert sensitivity.mean_kld(table, "ece") == {n: m["tempered_kld"] for n, m in table["layers"].items()}
+    assert sensitivity.costs(table, "ece") == {n: m["tempered_kld"] for n, m in table["layers"].items()}
 
     info = json.loads((out / ".calq" / "stages" / "quantize" / "mixed.json").read_text())["info"]
     kld = {n: m["mean_kld"] for n, m in table["layers"].items()}
@@ -162,8 +162,8 @@ def test_sensitivity_budget_and_report(tiny_recipe, tmp_path):
     meta = sensitivity_stage.meta_model(config)
     shapes, other = budget.footprint(meta, auto_variant)
     tables = {key: json.loads((out / "sensitivity" / f"{key}.json").read_text()) for key in ("w4a16-g32-asym",)}
-    expected = budget.select(auto_variant, shapes, other, sensitivity.mean_kld(tables["w4a16-g32-asym"], "ece"),
-                             embedding_kld=sensitivity.mean_kld(table, "ece"),
+    expected = budget.select(auto_variant, shapes, other, sensitivity.costs(tables["w4a16-g32-asym"], "ece"),
+                             embedding_kld=sensitivity.costs(table, "ece"),
                              embedding_weights=budget.embedding_numel(meta))
     assert (expected["promoted"], expected["embedding"]) == (chosen["promoted"], chosen["embedding"])
     model = models.load(models.ModelSource(str(out / "variants" / "auto"), kind="folder"))[0]

@@ -34,7 +34,7 @@ def weight_args(variant):
 COST = {"kld": "mean_kld", "ece": "tempered_kld"}  # what a budget's objective minimises, per table row
 
 
-def mean_kld(table: dict, objective: str = "kld") -> dict[str, float]:
+def costs(table: dict, objective: str = "kld") -> dict[str, float]:
     """{layer (or embedding level): its cost} of a table `measure` or `measure_embedding` wrote: the mean KLD, or
     with objective `ece` the mean KLD left after the best global temperature (`tempered_kld`)."""
     return {name: m[COST[objective]] for name, m in table["layers"].items()}

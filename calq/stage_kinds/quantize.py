@@ -10,7 +10,7 @@ from calq.errors import located
 from calq.pipeline import Context
 from calq.quant import budget, llmc
 from calq.quant.base import MethodConfig
-from calq.quant.sensitivity import mean_kld, scheme_key
+from calq.quant.sensitivity import costs, scheme_key
 from calq.runs import atomic_path, write_json
 from calq.stage_kinds.samples import load_samples
 from calq.stage_kinds.sensitivity import EMBEDDING, read_table
@@ -45,9 +45,9 @@ def stage_quantize(ctx: Context, variant: MethodConfig):
     chosen = None
     if variant.budget is not None:
         objective = variant.budget.objective
-        kld = [mean_kld(read_table(ctx, scheme), objective) for scheme in budget.measured_schemes(variant)]
+        kld = [costs(read_table(ctx, scheme), objective) for scheme in budget.measured_schemes(variant)]
         auto = variant.embedding == "auto"
-        embedding_kld = mean_kld(read_table(ctx), objective) if auto else None
+        embedding_kld = costs(read_table(ctx), objective) if auto else None
         with located(where):
             chosen = budget.select(variant, shapes, other_bytes, *kld, embedding_kld=embedding_kld,
                                    embedding_weights=budget.embedding_numel(model) if auto else 0)

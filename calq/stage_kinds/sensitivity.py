@@ -108,7 +108,7 @@ def stage_embedding_sensitivity(ctx: Context):
     out = write_json(ctx.output("sensitivity", "table", scheme=EMBEDDING),
                      {"scheme": EMBEDDING, "samples": list(samples.shape), **measured})
     return {"table": out}, {"seconds": measured["seconds"],
-                            **{f"{level}_mean_kld": kld for level, kld in sensitivity.mean_kld(measured).items()}}
+                            **{f"{level}_mean_kld": kld for level, kld in sensitivity.costs(measured).items()}}
 
 
 def read_table(ctx: Context, variant=None) -> dict:
