@@ -197,6 +197,15 @@ def test_awq_workaround_is_scoped(tiny_model, samples):
     assert IntermediatesCache.pin_memory is original
 
 
+def test_awq_grid_size_reaches_llm_compressor():
+    """n_grid is AWQModifier's own: the number of scale ratios its search tries (20 unless set)."""
+    assert VariantSpec(method="awq", scheme="w4a16").modifiers()[0].n_grid == 20
+    assert VariantSpec(method="awq", scheme="w4a16", n_grid=10).modifiers()[0].n_grid == 10
+    with pytest.raises(CalqError, match="greater than or equal to 2") as err:
+        VariantSpec(method="awq", scheme="w4a16", n_grid=1)
+    assert err.value.where == "n_grid"
+
+
 def test_awq_refuses_architecture_without_mappings():
     from transformers import GPT2Config
 

@@ -1,4 +1,4 @@
-"""End to end on the real bundled SmolLM2-135M (about 22 minutes on 2 cores): the quickstart recipe as `make demo`
+"""End to end on the real bundled SmolLM2-135M (about 10 minutes on 2 cores): the quickstart recipe as `make demo`
 runs it."""
 
 import json
@@ -24,12 +24,11 @@ def test_quickstart_on_the_bundled_model(tmp_path):
     assert result.exit_code == 0, result.output  # the recipe's gates pass
     report = json.loads((out / "report.json").read_text())
     by = {v["variant"]: v for v in report["variants"]}
-    base, sq, awq = by["baseline"], by["smoothquant-w8a8"], by["awq-w4a16-g64"]
+    base, gptq = by["baseline"], by["gptq-w4a16-g64"]
     # a working 135M model on English prose: perplexity in the tens, top-1 accuracy around a third
     assert 10 < base["ppl"] < 60 and 0.25 < base["accuracy"] < 0.5
-    # both compressed variants stay usable: within 1.5x the baseline's perplexity
-    assert sq["ppl"] < 1.5 * base["ppl"] and awq["ppl"] < 1.5 * base["ppl"]
-    assert awq["size_bytes"] < sq["size_bytes"] < base["size_bytes"]
+    # the 4-bit variant stays usable: within 1.5x the baseline's perplexity, at under half its size
+    assert gptq["ppl"] < 1.5 * base["ppl"] and gptq["size_bytes"] < 0.5 * base["size_bytes"]
     assert "GGUF" in report["model"]["note"]
     for v in report["variants"]:
         assert v["selected"] in ("none", "temperature", "ats")
@@ -37,7 +36,7 @@ def test_quickstart_on_the_bundled_model(tmp_path):
             accuracies = {m["accuracy"] for m in v["calibrated"][part].values()}
             assert len(accuracies) == 1  # calibrators rescale; they never change the argmax
     rows = report["tasks"]["results"]
-    assert len(rows) == 3 * 3 and all(r["task"] == "arc_easy" and r["n"] == 50 for r in rows)
+    assert len(rows) == 2 * 3 and all(r["task"] == "arc_easy" and r["n"] == 50 for r in rows)
     answers = report["answers"]["results"]
     for variant in by:  # the selected answer calibrator, fitted on other tasks, repairs ARC-Easy's answer ECE
         mine = {r["calibrator"]: r for r in answers if r["variant"] == variant and r["task"] == "arc_easy"}

@@ -51,6 +51,16 @@ def test_the_quickstart_keys_stay_the_same():
     assert plan.keys == json.loads((ROOT / "tests" / "quickstart_keys.json").read_text())
 
 
+def test_a_variant_renamed_to_another_method_is_quantized_again(tiny_recipe, tmp_path):
+    """The method is its config class's default value: the quantize key must name it all the same, or a variant
+    whose `name` stays while its method changes would reuse the other method's checkpoint."""
+    keys = []
+    for method in ("awq", "gptq"):  # both calibrate on the samples: the same inputs
+        recipe = {**tiny_recipe, "variants": [{"method": method, "scheme": "w4a16", "group_size": 32, "name": "v"}]}
+        keys.append(pipeline.plan(parse_recipe(recipe), tmp_path).keys["quantize/v"])
+    assert keys[0] != keys[1]
+
+
 # ---- a stage kind added from this file alone ---------------------------------------------------------------
 
 counted: list[str] = []

@@ -60,6 +60,7 @@ class AtsHead(nn.Module, Calibrator):
     """
 
     name = "ats"
+    version = 2  # 2: warm-started from the temperature's Newton fit
     fuse = "ats"  # exporters run the head (an nn.Module) in the graph
     Config = AtsConfig
 

@@ -1,13 +1,13 @@
-"""Global temperature scaling: logits / T, one scalar T fitted by minimizing NLL (LBFGS on log T)."""
+"""Global temperature scaling: logits / T, one scalar T fitted by minimizing NLL (Newton's method on 1/T)."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from calq.calib.base import Calibrator, FitData, register
 from calq.calib.hidden import CachedLogits
@@ -21,6 +21,7 @@ class Temperature(Calibrator):
     """The calibrator `logits / T` (hidden states unused)."""
 
     name = "temperature"
+    version = 2  # 2: fitted by Newton's method to the NLL's minimum (1: L-BFGS, stopping up to 0.1% of T short)
     fuse = "temperature"  # exporters divide the logits by its `temperature`
     needs_hidden = False
 
@@ -75,25 +76,29 @@ def global_temperature(data: FitData) -> float:
 def fit_temperature(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], max_iter: int = 50) -> float:
     """T minimizing the mean NLL over `chunks`, a re-iterable of (logits [n, V], targets [n]; -100 is skipped).
 
-    Every LBFGS evaluation streams `chunks` once and backpropagates chunk by chunk, so memory is one chunk of logits.
+    The NLL is convex in s = 1/T: its derivative is E_p[z] - z_target and its second derivative Var_p[z] (p the
+    tempered softmax, z the logits), so Newton's method on s converges in a few passes over `chunks` (each pass one
+    chunk of logits in memory), where a generic optimizer needs 20 or more. A step that would leave s <= 0 halves
+    s instead; s stays within [e^-5, e^5].
     """
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
-
-    def closure():
-        opt.zero_grad()
-        total, count = 0.0, 0
+    s = 1.0
+    for _ in range(max_iter):
+        grad = hess = 0.0
+        count = 0
         for logits, targets in chunks:
-            inv_t = torch.exp(-log_t).to(logits.device, torch.float32)
-            loss = F.cross_entropy(logits.float() * inv_t, targets, reduction="sum", ignore_index=-100)
-            loss.backward()
-            total += loss.item()
-            count += int((targets != -100).sum())
+            keep = targets != -100
+            z = logits[keep].float()
+            p = torch.softmax(z * s, -1)
+            mean = (p * z).sum(-1, keepdim=True)
+            grad += float((mean.squeeze(-1) - z.gather(-1, targets[keep, None]).squeeze(-1)).sum())
+            hess += float((p * (z - mean).square()).sum())
+            count += int(keep.sum())
         if count == 0:
             raise ValueError("no scored positions to fit a temperature on")
-        log_t.grad /= count
-        return torch.tensor(total / count, dtype=torch.float64)
-
-    opt.step(closure)
-    return float(log_t.detach().exp())
+        if hess <= 0:  # every position's logits are flat: the NLL does not depend on T
+            break
+        step = grad / hess
+        s = s / 2 if s - step <= 0 else min(max(s - step, math.exp(-5)), math.exp(5))
+        if abs(step) < 1e-4 * s:  # the error left after this step is of the order of its square
+            break
+    return 1 / s

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from typing import ClassVar, Literal
 from unittest import mock
 
+from pydantic import Field
+
 from calq.errors import CalqError
 from calq.quant import llmc
 from calq.quant.base import MethodConfig, register
@@ -20,11 +22,14 @@ class Awq(MethodConfig):
     # measured with llm-compressor's AWQModifier: the grid search for a mapping whose balanced layers mix int4 groups
     # and int8 channels fails on a shape mismatch, and with promoted layers left unquantized it divides by zero
     no_int8_layers: ClassVar = "llm-compressor's AWQ search balances each mapping's layers with one int4 scheme"
+    n_grid: int = Field(20, ge=2, description="scale ratios AWQ's search tries per mapping (llm-compressor's n_grid; "
+                                              "each is a forward pass of the mapping's block over the samples, "
+                                              "so the search time is proportional to it)")
 
     def modifiers(self) -> list:
         from llmcompressor.modifiers.transform import AWQModifier
 
-        return [AWQModifier(), self.quantization_modifier()]
+        return [AWQModifier(n_grid=self.n_grid), self.quantization_modifier()]
 
     def quantize(self, model, samples):
         with no_pinning_without_accelerator():

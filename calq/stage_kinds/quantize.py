@@ -32,7 +32,9 @@ class Quantize(StageKind):
                 needs = (*needs, *(f"sensitivity/{scheme_key(s)}" for s in budget.measured_schemes(v)),
                          *([f"sensitivity/{EMBEDDING}"] if v.embedding == "auto" else []))
             table.add(f"quantize/{v.label}", stage_quantize, v, needs=needs,
-                      settings=[v.model_dump(exclude_defaults=True), *version, *table.raised(cls)])
+                      # the method by name: it is its class's default, which exclude_defaults leaves out
+                      settings=[{"method": v.method, **v.model_dump(exclude_defaults=True)}, *version,
+                                *table.raised(cls)])
             table.model[v.label] = (f"quantize/{v.label}",)
 
 
