@@ -116,6 +116,35 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert fit_temperature(chunks) == pytest.approx(2.0, rel=0.03)
 
 
+class CountedPasses(list):
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_temperature_fit_is_the_nll_minimum_in_a_few_passes():
+    """Newton's method on 1/T stops where the NLL's derivative vanishes (checked against a finite difference), in a
+    handful of passes; with logits that carry no signal the NLL falls all the way to T -> infinity, and the fit stops
+    at its bound (T = e^5) instead of halving 1/T towards zero."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4000, 50, generator=gen) * 4
+    targets = torch.multinomial(torch.softmax(logits / 0.7, -1), 1, generator=gen)[:, 0]
+    targets[:7] = -100
+    chunks = CountedPasses([(logits[i:i + 1000], targets[i:i + 1000]) for i in range(0, 4000, 1000)])
+    t = fit_temperature(chunks)
+
+    def nll(temperature):
+        return torch.nn.functional.cross_entropy(logits.double() / temperature, targets, ignore_index=-100).item()
+
+    slope = (nll(t * 1.001) - nll(t / 1.001)) / (nll(1.001) - nll(1 / 1.001))
+    assert abs(slope) < 1e-3 and chunks.passes <= 6
+
+    noise = CountedPasses([(logits, torch.randint(0, 50, (4000,), generator=gen))])
+    assert fit_temperature(noise) == pytest.approx(math.exp(5)) and noise.passes <= 12
+
+
 def test_cache_scores_only_response_tokens(tiny, cached):
     _, tok = tiny
     rec = records(1)[0]

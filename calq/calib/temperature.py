@@ -14,6 +14,7 @@ from calq.calib.hidden import CachedLogits
 from calq.errors import CalqError
 
 FILE = "temperature.json"
+MIN_SCALE, MAX_SCALE = math.exp(-5), math.exp(5)  # bounds of 1/T
 
 
 @register
@@ -79,7 +80,7 @@ def fit_temperature(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], max_ite
     The NLL is convex in s = 1/T: its derivative is E_p[z] - z_target and its second derivative Var_p[z] (p the
     tempered softmax, z the logits), so Newton's method on s converges in a few passes over `chunks` (each pass one
     chunk of logits in memory), where a generic optimizer needs 20 or more. A step that would leave s <= 0 halves
-    s instead; s stays within [e^-5, e^5].
+    s instead; s stays within [e^-5, e^5] (T from 0.0067 to 148).
     """
     s = 1.0
     for _ in range(max_iter):
@@ -97,8 +98,12 @@ def fit_temperature(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], max_ite
             raise ValueError("no scored positions to fit a temperature on")
         if hess <= 0:  # every position's logits are flat: the NLL does not depend on T
             break
-        step = grad / hess
-        s = s / 2 if s - step <= 0 else min(max(s - step, math.exp(-5)), math.exp(5))
-        if abs(step) < 1e-4 * s:  # the error left after this step is of the order of its square
+        newton = s - grad / hess
+        moved = min(max(newton if newton > 0 else s / 2, MIN_SCALE), MAX_SCALE)
+        # the error left after a Newton step is of the order of its square; at a bound the NLL keeps falling past it
+        # (a model with no signal wants T -> infinity)
+        done = abs(moved - s) < 1e-4 * s or moved == s
+        s = moved
+        if done:
             break
     return 1 / s
