@@ -55,6 +55,7 @@ class Sharp(Temperature):
     """A temperature under another name: it inherits how an exporter fuses it."""
 
     name = "sharp"
+    version = 1  # its own first version, not Temperature's
 
 
 class Unfusable(NoCalibration):
