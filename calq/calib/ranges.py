@@ -91,7 +91,8 @@ def collect(model, samples: torch.Tensor, batch_size: int = 8, progress=None) ->
                 if trim:
                     collector.observe(head_name, last)
                 elif start == 0:  # the output layer does not read the last hidden state as it is: start again
-                    collector.stats.clear(), collector.tokens.clear()
+                    collector.stats.clear()
+                    collector.tokens.clear()
                     model(input_ids=batch)
                 else:
                     raise CalqError("the output layer's input stopped being the last hidden state", "calibration",
